@@ -1,0 +1,232 @@
+"""Gemma-2 encoder: parity with transformers Gemma2Model, converter, strict errors."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import Gemma2Config as HFConfig
+from transformers import Gemma2ForCausalLM, Gemma2Model
+
+from sana_jax.models import text_encoder as te
+from sana_jax.weights import gemma as gw
+
+# Every dimension differs: hidden 48, heads 4 x head_dim 20 = 80, kv 2 x 20 = 40,
+# intermediate 72, vocab 97, 4 layers; sliding window 5 < sequence 13.
+SMALL = dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=20, sliding_window=5,
+             query_pre_attn_scalar=18, attn_logit_softcapping=3.0, rms_norm_eps=1e-5,
+             rope_parameters={"rope_theta": 500.0, "rope_type": "default"})
+LENGTH, VALID = 13, (9, 12)  # batch 2, different right padding
+
+
+def hf_model(cls=Gemma2Model, seed=0, **overrides):
+    cfg = HFConfig(**{**SMALL, **overrides})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # random norms too (they init to 0, i.e. identity)
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.3 if "norm" in name else 0.2)
+    return model
+
+
+def inputs(vocab=97):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, vocab, (2, LENGTH)).astype(np.int32)
+    mask = np.zeros((2, LENGTH), np.int32)
+    for b, n in enumerate(VALID):
+        mask[b, :n] = 1
+    return ids, mask
+
+
+def reference(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids).long(),
+                    attention_mask=torch.from_numpy(mask).long())
+    return out.last_hidden_state.numpy()
+
+
+def max_rel_err(ours, ref, mask):
+    """Max over unpadded tokens of max|ours - ref| / max|ref| (per token)."""
+    err = np.abs(ours - ref).max(-1) / np.abs(ref).max(-1)
+    return float(err[mask.astype(bool)].max())
+
+
+def torch_state(model):
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("layer_types", [None, ["full_attention", "sliding_attention",
+                                                "sliding_attention", "full_attention"]])
+def test_parity_with_transformers(layer_types):
+    model = hf_model(layer_types=layer_types)
+    ids, mask = inputs()
+    ref = reference(model, ids, mask)
+    cfg = gw.config_from_hf(model.config.to_dict())
+    assert cfg.resolved_layer_types == tuple(model.config.layer_types)
+    params = gw.hf_to_params(torch_state(model), cfg)
+    ours = np.asarray(te.make_encode_fn(cfg)(params, ids, mask))
+    assert ours.shape == (2, LENGTH, 48) and ours.dtype == np.float32
+    err = max_rel_err(ours, ref, mask)
+    assert err <= 1e-5, err
+    # The masking semantics also reproduce padded positions (what SANA keeps).
+    assert max_rel_err(ours, ref, np.ones_like(mask)) <= 1e-5
+
+
+def test_sliding_window_matters():
+    """Guard that the parity config actually exercises the sliding window and softcap."""
+    model = hf_model()
+    ids, mask = inputs()
+    ref = reference(model, ids, mask)
+    params = gw.hf_to_params(torch_state(model), gw.config_from_hf(model.config.to_dict()))
+    for change in (dict(sliding_window=None, layer_types=("full_attention",) * 4),
+                   dict(attn_logit_softcapping=None)):
+        cfg = dataclasses.replace(gw.config_from_hf(model.config.to_dict()), **change)
+        ours = np.asarray(te.make_encode_fn(cfg)(params, ids, mask))
+        assert max_rel_err(ours, ref, mask) > 1e-3, change
+
+
+def _check_folder(folder, model, cls_name):
+    ids, mask = inputs()
+    ref = reference(model if cls_name == "Gemma2Model" else model.model, ids, mask)
+    params, cfg = gw.load_hf_folder(folder)
+    ours = np.asarray(te.make_encode_fn(cfg)(params, ids, mask))
+    assert max_rel_err(ours, ref, mask) <= 1e-5
+
+
+def test_convert_saved_folders(tmp_path):
+    base = hf_model()
+    base.save_pretrained(tmp_path / "model")
+    _check_folder(str(tmp_path / "model"), base, "Gemma2Model")
+
+    # Untied head: lm_head.weight is present in the folder and must be skipped.
+    causal = hf_model(Gemma2ForCausalLM, seed=3, tie_word_embeddings=False)
+    causal.save_pretrained(tmp_path / "causal")
+    _check_folder(str(tmp_path / "causal"), causal, "Gemma2ForCausalLM")
+
+    causal.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    files = os.listdir(tmp_path / "sharded")
+    assert "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 3
+    _check_folder(str(tmp_path / "sharded"), causal, "Gemma2ForCausalLM")
+
+
+def test_bf16_checkpoint_read_without_torch(tmp_path):
+    model = hf_model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    params, cfg = gw.load_hf_folder(str(tmp_path / "bf16"))
+    want = model.state_dict()["layers.2.self_attn.k_proj.weight"].float().numpy()
+    np.testing.assert_array_equal(params["layers"]["attn"]["k"]["kernel"][2], want.T)
+
+
+def test_param_tree_matches_table_and_roundtrips(tmp_path):
+    model = hf_model()
+    cfg = gw.config_from_hf(model.config.to_dict())
+    init = te.init_params(cfg)
+    assert gw.flatten(jax.tree.map(lambda a: np.zeros(a.shape), init)).keys() == \
+        gw.param_shapes(cfg).keys()
+    assert {k: v.shape for k, v in gw.flatten(init).items()} == gw.param_shapes(cfg)
+
+    state = torch_state(model)
+    params = gw.hf_to_params(state, cfg)
+    back = gw.params_to_hf(params, cfg)
+    assert back.keys() == state.keys()
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k])
+
+    gw.save_params(params, cfg, str(tmp_path / "ours"))
+    loaded, cfg2 = gw.load_params(str(tmp_path / "ours"))
+    assert cfg2 == cfg
+    for k, v in gw.flatten(params).items():
+        np.testing.assert_array_equal(gw.flatten(loaded)[k], v)
+
+
+def test_bfloat16_compute_close_to_fp32():
+    model = hf_model()
+    ids, mask = inputs()
+    cfg = gw.config_from_hf(model.config.to_dict())
+    params = gw.hf_to_params(torch_state(model), cfg)
+    f32 = np.asarray(te.make_encode_fn(cfg)(params, ids, mask))
+    bf16_cfg = dataclasses.replace(cfg, dtype="bfloat16")
+    bf16 = te.make_encode_fn(bf16_cfg)(params, ids, mask)
+    assert bf16.dtype == jnp.float32
+    assert 0 < max_rel_err(np.asarray(bf16), f32, mask) < 0.1
+
+
+def test_remat_same_output():
+    model = hf_model()
+    ids, mask = inputs()
+    cfg = gw.config_from_hf(model.config.to_dict())
+    params = gw.hf_to_params(torch_state(model), cfg)
+    a = te.make_encode_fn(cfg)(params, ids, mask)
+    b = te.make_encode_fn(dataclasses.replace(cfg, remat=True))(params, ids, mask)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_wrong_checkpoint_for_config(tmp_path):
+    model = hf_model()
+    model.save_pretrained(tmp_path / "m")
+    cfg = gw.load_hf_config(str(tmp_path / "m"))
+    wrong = dataclasses.replace(cfg, intermediate_size=64, num_layers=5, layer_types=None)
+    with pytest.raises(ValueError) as e:
+        gw.load_hf_folder(str(tmp_path / "m"), wrong)
+    msg = str(e.value)
+    assert "intermediate_size=64" in msg
+    assert "layers.0.mlp.gate_proj.weight: checkpoint (72, 48) vs config (64, 48)" in msg
+    assert "missing (11): layers.4." in msg
+
+
+def test_missing_and_unexpected_tensors():
+    model = hf_model()
+    cfg = gw.config_from_hf(model.config.to_dict())
+    state = torch_state(model)
+    del state["layers.1.self_attn.v_proj.weight"]
+    state["layers.1.self_attn.extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"missing \(1\): layers.1.self_attn.v_proj.weight"
+                                         r"[\s\S]*unexpected \(1\): layers.1.self_attn.extra"):
+        gw.hf_to_params(state, cfg)
+
+
+def test_missing_folder_and_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        gw.load_hf_folder(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(
+        json.dumps({**hf_model().config.to_dict()}))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
+        gw.load_hf_folder(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no params.safetensors"):
+        gw.load_params(str(tmp_path / "empty"))
+
+
+def test_our_format_wrong_config(tmp_path):
+    cfg = gw.config_from_hf(hf_model().config.to_dict())
+    gw.save_params(te.init_params(cfg), cfg, str(tmp_path / "ours"))
+    with pytest.raises(ValueError, match=r"layers/attn/q/kernel: file \(4, 48, 80\) vs "
+                                         r"config \(4, 48, 60\)"):
+        gw.load_params(str(tmp_path / "ours"), dataclasses.replace(cfg, num_heads=3,
+                                                                    num_kv_heads=1))
+
+
+def test_bad_configs_and_inputs():
+    with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+        te.Gemma2Config(num_heads=5, num_kv_heads=2)
+    with pytest.raises(ValueError, match="len\\(layer_types\\)=1 != num_layers=26"):
+        te.Gemma2Config(layer_types=("full_attention",))
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        gw.config_from_hf({"model_type": "llama"})
+    with pytest.raises(ValueError, match="rope_type='linear'"):
+        gw.config_from_hf({**hf_model().config.to_dict(),
+                           "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
+    cfg = gw.config_from_hf(hf_model().config.to_dict())
+    params = te.init_params(cfg)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        te.encode(cfg, params, np.zeros((2, 5), np.int32), np.ones((2, 4), np.int32))
