@@ -1,0 +1,448 @@
+"""CAME and CAME-8bit as optax transformations.
+
+CAME (Luo et al. 2023, "Confidence-guided Adaptive Memory Efficient Optimization"), the
+optimizer SANA trains with, and CAME-8bit (SANA-1.5, section 2.3): CAME with the first
+moment stored in 8 bits per block. The algorithm per parameter (fp32, no bias correction):
+
+    u = g^2 + eps1
+    factored:  r = b2 r + (1-b2) mean_cols(u);  c = b2 c + (1-b2) mean_rows(u)
+               U = g * rsqrt(r / mean(r))[:, None] * rsqrt(c)[None, :]
+    otherwise: v = b2 v + (1-b2) u;  U = g * rsqrt(v)
+    U = U / max(rms(U) / clip_threshold, 1)
+    m = b1 m + (1-b1) U
+    res = (U - m)^2 + eps2
+    factored:  R, C = b3-EMAs of row / col means of res;
+               step = m * rsqrt(R / mean(R))[:, None] * rsqrt(C)[None, :]
+    otherwise: step = m
+    p <- p - lr * wd * p - lr * step          (decoupled weight decay, as the reference)
+
+How a parameter is treated is a :class:`LeafSpec`: ``factored`` (second moments factored
+per matrix over the last two axes, all leading axes are independent matrices), else
+``batch_ndim`` leading axes index independent tensors (each gets its own RMS clip). So a
+stacked ``(L, in, out)`` kernel behaves exactly like L independent ``(in, out)`` parameters.
+Factoring an (in, out) Flax kernel instead of the reference's (out, in) torch weight gives
+the same update: U and step depend on r_i c_j / mean(r), and mean(r) == mean(c) (both are
+the same EMA of mean(u)), so the expression is symmetric under transposition.
+
+Only jax, optax and numpy are imported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sana_jax.optim import quant8
+
+__all__ = [
+    "LeafSpec", "reference_spec", "CameState", "FactoredMoments", "FullMoment",
+    "scale_by_came", "came", "came_8bit", "state_sharding", "leaf_specs",
+]
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+class LeafSpec(NamedTuple):
+  """How CAME treats one parameter.
+
+  factored: factor the second moments over the last two axes (rank >= 2); every leading
+    axis indexes an independent matrix (own statistics, own RMS clip).
+  batch_ndim: for unfactored leaves, the number of leading axes that index independent
+    tensors (own RMS clip); the remaining axes are one flattened tensor.
+  """
+
+  factored: bool
+  batch_ndim: int = 0
+
+
+SpecFn = Callable[[str, Any], LeafSpec]
+
+
+def reference_spec(stacked: Optional[Callable[[str], Union[bool, int]]] = None) -> SpecFn:
+  """The official CAMEWrapper's rule on Flax layouts, with optional stacked layer axes.
+
+  ``stacked(path) -> bool | int`` says how many leading axes of the parameter at ``path``
+  ("blocks/attn/qkv/kernel") are layer axes (True = 1). On the per-layer shape s:
+    - len(s) == 2 (Dense kernel (in, out), tables such as (6, C))     -> factored
+    - len(s) >= 3 with all s[:-2] == 1 (1x1 conv kernel (1, 1, in, out)) -> factored
+    - otherwise (biases, norms, spatial / depthwise convs such as (3, 3, C) or
+      (3, 3, 1, C))                                                  -> not factored,
+      flattened per layer (the reference flattens convs other than 1x1).
+  """
+
+  def spec(path: str, leaf) -> LeafSpec:
+    k = int(stacked(path)) if stacked is not None else 0
+    shape = tuple(leaf.shape)
+    if k > len(shape):
+      raise ValueError(f"{path}: {k} stacked axes requested but the shape is {shape}")
+    s = shape[k:]
+    if len(s) == 2 or (len(s) > 2 and all(d == 1 for d in s[:-2])):
+      return LeafSpec(True, len(shape) - 2)
+    return LeafSpec(False, k)
+
+  return spec
+
+
+def _path_str(path) -> str:
+  parts = []
+  for p in path:
+    if isinstance(p, jax.tree_util.DictKey):
+      parts.append(str(p.key))
+    elif isinstance(p, jax.tree_util.GetAttrKey):
+      parts.append(p.name)
+    elif isinstance(p, jax.tree_util.SequenceKey):
+      parts.append(str(p.idx))
+    elif isinstance(p, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(p.key))
+    else:
+      parts.append(str(p))
+  return "/".join(parts)
+
+
+def leaf_specs(params, spec: Union[None, SpecFn, Any] = None) -> list[LeafSpec]:
+  """The LeafSpec of every leaf of ``params`` (flatten order), validated."""
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  if spec is None:
+    spec = reference_spec()
+  if callable(spec):
+    specs = [spec(_path_str(p), x) for p, x in path_leaves]
+  else:
+    specs = treedef.flatten_up_to(spec)
+  for (p, x), s in zip(path_leaves, specs):
+    if not isinstance(s, LeafSpec):
+      raise ValueError(f"{_path_str(p)}: spec must be a LeafSpec, got {s!r}")
+    nd = len(x.shape)
+    if s.factored and nd < 2:
+      raise ValueError(f"{_path_str(p)}: factored needs rank >= 2, got shape {x.shape}")
+    if not 0 <= s.batch_ndim <= nd:
+      raise ValueError(f"{_path_str(p)}: batch_ndim {s.batch_ndim} invalid for shape {x.shape}")
+  return specs
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class FactoredMoments(NamedTuple):
+  """Second-moment and instability statistics of a factored leaf (..., a, b), fp32."""
+
+  v_row: jax.Array  # (..., a)  EMA of mean over the last axis of g^2 + eps1
+  v_col: jax.Array  # (..., b)  EMA of mean over axis -2
+  res_row: jax.Array  # (..., a)  EMA of row means of the instability (U - m)^2 + eps2
+  res_col: jax.Array  # (..., b)
+
+
+class FullMoment(NamedTuple):
+  """Second moment of an unfactored leaf, fp32, the leaf's shape."""
+
+  v: jax.Array
+
+
+class CameState(NamedTuple):
+  """State of scale_by_came. Each field is a tree with the parameters' structure whose
+  entries are per-parameter: ``mu`` an fp32 array or a :class:`quant8.QuantizedArray`;
+  ``nu`` a :class:`FactoredMoments` or :class:`FullMoment`."""
+
+  mu: Any
+  nu: Any
+
+
+def _use_8bit(shape, spec: LeafSpec, quantize: bool, min_8bit_size: int) -> bool:
+  return quantize and spec.factored and shape[-2] * shape[-1] > min_8bit_size
+
+
+def _check_static_int(name, value):
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+    raise TypeError(
+        f"{name} must be a Python int (it fixes array shapes), got {type(value).__name__};"
+        f" with optax.inject_hyperparams pass static_args=({name!r}, ...)")
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def _approx_rsqrt(row, col):
+  """rsqrt(row / mean(row))[..., :, None] * rsqrt(col)[..., None, :] (Adafactor factor)."""
+  r = jax.lax.rsqrt(row / jnp.mean(row, axis=-1, keepdims=True))
+  return r[..., :, None] * jax.lax.rsqrt(col)[..., None, :]
+
+
+def _leaf_update(g, mu, nu, spec: LeafSpec, b1, b2, b3, eps, clip_threshold, block):
+  out_dtype = g.dtype
+  g = g.astype(jnp.float32)
+  u = g * g + eps[0]
+  if spec.factored:
+    v_row = b2 * nu.v_row + (1.0 - b2) * jnp.mean(u, axis=-1)
+    v_col = b2 * nu.v_col + (1.0 - b2) * jnp.mean(u, axis=-2)
+    upd = g * _approx_rsqrt(v_row, v_col)
+    axes = (-2, -1)
+  else:
+    v = b2 * nu.v + (1.0 - b2) * u
+    upd = g * jax.lax.rsqrt(v)
+    axes = tuple(range(spec.batch_ndim, g.ndim))
+  rms = jnp.sqrt(jnp.mean(upd * upd, axis=axes, keepdims=True))
+  upd = upd / jnp.maximum(rms / clip_threshold, 1.0)
+
+  quantized = isinstance(mu, quant8.QuantizedArray)
+  m = quant8.dequantize(mu) if quantized else mu
+  m = b1 * m + (1.0 - b1) * upd
+  res = (upd - m) ** 2 + eps[1]
+  if spec.factored:
+    res_row = b3 * nu.res_row + (1.0 - b3) * jnp.mean(res, axis=-1)
+    res_col = b3 * nu.res_col + (1.0 - b3) * jnp.mean(res, axis=-2)
+    step = m * _approx_rsqrt(res_row, res_col)
+    new_nu = FactoredMoments(v_row, v_col, res_row, res_col)
+  else:
+    step = m
+    new_nu = FullMoment(v)
+  new_mu = quant8.quantize(m, block) if quantized else m
+  return step.astype(out_dtype), new_mu, new_nu
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def scale_by_came(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    eps: tuple[float, float] = (1e-30, 1e-16),
+    clip_threshold: float = 1.0,
+    spec: Union[None, SpecFn, Any] = None,
+    quantize_mu: bool = False,
+    block_size: int = 2048,
+    min_8bit_size: int = 16384,
+    align: int = 8,
+) -> optax.GradientTransformation:
+  """CAME's preconditioned direction (without learning rate or weight decay).
+
+  Args:
+    b1, b2, b3: EMA rates of the first moment, the squared gradient and the instability.
+    eps: (eps1, eps2) added to g^2 and to the instability (U - m)^2.
+    clip_threshold: the update U is divided by max(rms(U) / clip_threshold, 1), per matrix
+      (factored) or per ``batch_ndim`` slice (unfactored).
+    spec: None (:func:`reference_spec` without stacked axes), a callable
+      ``(path: str, leaf) -> LeafSpec``, or a tree of LeafSpec matching the parameters.
+      (With ``optax.inject_hyperparams``, list a callable spec in ``static_args``.)
+    quantize_mu: store m in 8 bits (CAME-8bit) for factored leaves with more than
+      ``min_8bit_size`` elements per matrix, in blocks of about ``block_size`` elements.
+    align: prefer block counts per axis that are multiples of this (see quant8.block_shape).
+
+  Returns:
+    An optax.GradientTransformation with :class:`CameState`. Updates keep the gradients'
+    dtype; all statistics are fp32.
+  """
+  for name, val in (("block_size", block_size), ("min_8bit_size", min_8bit_size),
+                    ("align", align)):
+    _check_static_int(name, val)
+  if len(eps) != 2:
+    raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}")
+
+  def init_fn(params):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    specs = leaf_specs(params, spec)
+    mus, nus = [], []
+    for p, s in zip(leaves, specs):
+      shape = tuple(p.shape)
+      zeros = jnp.zeros(shape, jnp.float32)
+      if _use_8bit(shape, s, quantize_mu, min_8bit_size):
+        blk = quant8.block_shape(shape[-2], shape[-1], block_size, align)
+        mus.append(quant8.quantize(zeros, blk))
+      else:
+        mus.append(zeros)
+      if s.factored:
+        row = jnp.zeros(shape[:-1], jnp.float32)
+        col = jnp.zeros(shape[:-2] + shape[-1:], jnp.float32)
+        nus.append(FactoredMoments(row, col, row, col))
+      else:
+        nus.append(FullMoment(zeros))
+    return CameState(mu=treedef.unflatten(mus), nu=treedef.unflatten(nus))
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    specs = leaf_specs(updates, spec)
+    mus = treedef.flatten_up_to(state.mu)
+    nus = treedef.flatten_up_to(state.nu)
+    out_u, out_mu, out_nu = [], [], []
+    for g, mu, nu, s in zip(leaves, mus, nus, specs):
+      blk = None
+      if isinstance(mu, quant8.QuantizedArray):
+        blk = quant8.block_shape(g.shape[-2], g.shape[-1], block_size, align)
+      u, mu, nu = _leaf_update(g, mu, nu, s, b1, b2, b3, eps, clip_threshold, blk)
+      out_u.append(u)
+      out_mu.append(mu)
+      out_nu.append(nu)
+    return treedef.unflatten(out_u), CameState(treedef.unflatten(out_mu),
+                                               treedef.unflatten(out_nu))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def came(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    eps: tuple[float, float] = (1e-30, 1e-16),
+    clip_threshold: float = 1.0,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    spec: Union[None, SpecFn, Any] = None,
+) -> optax.GradientTransformation:
+  """CAME: scale_by_came, decoupled weight decay (times lr), then -learning_rate.
+
+  ``learning_rate`` and ``weight_decay`` may be schedules (callables of the step count).
+  """
+  return optax.chain(
+      scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def came_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float = 0.9999,
+    eps: tuple[float, float] = (1e-30, 1e-16),
+    clip_threshold: float = 1.0,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    spec: Union[None, SpecFn, Any] = None,
+    block_size: int = 2048,
+    min_8bit_size: int = 16384,
+    align: int = 8,
+) -> optax.GradientTransformation:
+  """CAME-8bit: as :func:`came`, with m of large factored matrices stored in 8 bits.
+
+  Each step dequantises m, updates it in fp32, uses that fp32 m for the step and stores it
+  requantised. ``block_size`` counts elements per block (not rows as in the official code).
+  """
+  return optax.chain(
+      scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec, quantize_mu=True,
+                    block_size=block_size, min_8bit_size=min_8bit_size, align=align),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def _axis_size(mesh, entry) -> int:
+  if entry is None:
+    return 1
+  names = entry if isinstance(entry, tuple) else (entry,)
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def _fit(mesh, entries, shape):
+  """Drop spec entries whose mesh size does not divide the dimension."""
+  return tuple(e if e is not None and shape[i] % _axis_size(mesh, e) == 0 else None
+               for i, e in enumerate(entries))
+
+
+def _reduced_spec(mesh, entries, shape, keep_axes, dropped_axes):
+  """Spec of a reduction of an array sharded as ``entries``: kept axes keep their entry;
+  the mesh axes of dropped axes move onto a kept axis that is unsharded and divisible, so
+  the statistic stays sharded where the parameter is."""
+  out = [entries[i] for i in keep_axes]
+  out_shape = [shape[i] for i in keep_axes]
+  out = list(_fit(mesh, out, out_shape))
+  for d in dropped_axes:
+    e = entries[d]
+    if e is None:
+      continue
+    for j in reversed(range(len(out))):
+      if out[j] is None and out_shape[j] % _axis_size(mesh, e) == 0:
+        out[j] = e
+        break
+  return tuple(out)
+
+
+def _named(mesh, entries):
+  return NamedSharding(mesh, PartitionSpec(*entries))
+
+
+def _came_leaf_shardings(sharding: NamedSharding, mu, nu):
+  mesh = sharding.mesh
+  shape = tuple(mu.shape)
+  nd = len(shape)
+  entries = tuple(sharding.spec) + (None,) * (nd - len(sharding.spec))
+  if isinstance(mu, quant8.QuantizedArray):
+    mshape = tuple(mu.minimum.shape)
+    ms = _named(mesh, _fit(mesh, entries, mshape))
+    mu_s = quant8.QuantizedArray(sharding, ms, ms)
+  else:
+    mu_s = sharding
+  if isinstance(nu, FactoredMoments):
+    row_shape = shape[:-1]
+    col_shape = shape[:-2] + shape[-1:]
+    row = _named(mesh, _reduced_spec(mesh, entries, shape, list(range(nd - 1)), [nd - 1]))
+    col = _named(mesh, _reduced_spec(mesh, entries, shape,
+                                     list(range(nd - 2)) + [nd - 1], [nd - 2]))
+    del row_shape, col_shape
+    nu_s = FactoredMoments(row, col, row, col)
+  else:
+    nu_s = FullMoment(sharding)
+  return mu_s, nu_s
+
+
+def state_sharding(state, param_shardings):
+  """Shardings for an optimizer state (concrete or from ``jax.eval_shape(opt.init, ...)``).
+
+  ``param_shardings``: a tree of NamedSharding matching the parameters. Every CameState
+  anywhere in ``state`` (inside optax.chain, MultiSteps, masked, inject_hyperparams, ...)
+  gets per-parameter shardings: m (and its uint8 codes) exactly like its parameter, block
+  min/scale along the same axes where the block counts divide, row/column statistics on
+  the parameter's remaining axes (a mesh axis of the reduced dimension moves onto a free
+  divisible one). Any other state leaf whose key path ends with a parameter's key path and
+  has its shape gets that parameter's sharding (e.g. MultiSteps' accumulators); all else
+  (step counts, hyperparameters) is replicated.
+  """
+  p_leaves = jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+  if not p_leaves:
+    raise ValueError("param_shardings has no leaves")
+  by_path = {tuple(p): s for p, s in p_leaves}
+  mesh = p_leaves[0][1].mesh
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def param_of(path):
+    for k in range(len(path)):
+      s = by_path.get(tuple(path[k:]))
+      if s is not None:
+        return s
+    return None
+
+  def for_came(st: CameState):
+    is_entry = lambda x: isinstance(x, (quant8.QuantizedArray, FactoredMoments, FullMoment))
+    mu_leaves, mu_def = jax.tree_util.tree_flatten_with_path(st.mu, is_leaf=is_entry)
+    nu_leaves = mu_def.flatten_up_to(st.nu)
+    mu_out, nu_out = [], []
+    for (path, mu), nu in zip(mu_leaves, nu_leaves):
+      s = by_path.get(tuple(path))
+      if s is None:
+        raise ValueError(f"no parameter sharding for CameState entry {_path_str(path)}")
+      a, b = _came_leaf_shardings(s, mu, nu)
+      mu_out.append(a)
+      nu_out.append(b)
+    return CameState(mu_def.unflatten(mu_out), mu_def.unflatten(nu_out))
+
+  def visit(path, node):
+    if isinstance(node, CameState):
+      return for_came(node)
+    s = param_of(path)
+    if s is not None and len(s.spec) <= len(node.shape):
+      return s
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(
+      visit, state, is_leaf=lambda x: isinstance(x, CameState))
