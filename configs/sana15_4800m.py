@@ -1,0 +1,9 @@
+"""SANA-1.5 4.8B at 1024 px: 60 blocks of the 1.6B width, qk_norm and cross_norm."""
+
+from configs import common
+
+
+def get_config():
+  model = common.dit(hidden_size=2240, depth=60, cross_heads=20, cross_head_dim=112,
+                     sample_size=32, qk_norm=True, cross_norm=True)
+  return common.base_config(model, flow_shift=3.0, name="sana15_4800m", image_size=1024)

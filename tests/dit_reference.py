@@ -1,0 +1,49 @@
+"""Builds small random diffusers SanaTransformer2DModels and our converted twins (test oracle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sana_jax.models.dit_config import DiTConfig
+from sana_jax.weights import dit as dit_weights
+
+
+def diffusers_model(cfg: DiTConfig, seed: int = 0):
+  """A diffusers SanaTransformer2DModel with cfg's geometry, every tensor perturbed.
+
+  The perturbation makes norm weights, biases and tables non-trivial so that a mapping
+  that swaps or drops one of them changes the output.
+  """
+  from diffusers import SanaTransformer2DModel
+  config = dit_weights.to_diffusers_config(cfg)
+  config.pop("_class_name")
+  torch.manual_seed(seed)
+  model = SanaTransformer2DModel(**config).eval()
+  gen = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn(p.shape, generator=gen))
+  return model
+
+
+def state_dict_numpy(model) -> dict[str, np.ndarray]:
+  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def run_diffusers(model, latents_nhwc, timestep, caption, mask) -> np.ndarray:
+  """Diffusers forward on NHWC numpy inputs; returns NHWC numpy."""
+  with torch.no_grad():
+    out = model(
+        hidden_states=torch.from_numpy(np.ascontiguousarray(latents_nhwc.transpose(0, 3, 1, 2))),
+        encoder_hidden_states=torch.from_numpy(caption),
+        timestep=torch.from_numpy(np.asarray(timestep, np.float32)),
+        encoder_attention_mask=torch.from_numpy(mask.astype(np.float32)),
+        return_dict=False)[0]
+  return out.numpy().transpose(0, 2, 3, 1)
+
+
+def rel_err(ours, ref) -> float:
+  """max |ours - ref| / max |ref|."""
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
