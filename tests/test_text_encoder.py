@@ -116,6 +116,27 @@ def test_convert_saved_folders(tmp_path):
     _check_folder(str(tmp_path / "sharded"), causal, "Gemma2ForCausalLM")
 
 
+def test_convert_cli(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_gemma", os.path.join(os.path.dirname(__file__), "..", "convert", "gemma.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    model = hf_model(Gemma2ForCausalLM, seed=5)
+    model.save_pretrained(tmp_path / "hf", max_shard_size="30KB")
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    assert cli.main(["--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "out"),
+                     "--tokenizer"]) == 0
+    assert os.listdir(tmp_path / "out" / "tokenizer") == ["tokenizer.json"]
+    params, cfg = gw.load_params(str(tmp_path / "out"))
+    ids, mask = inputs()
+    ours = np.asarray(te.make_encode_fn(cfg)(params, ids, mask))
+    assert max_rel_err(ours, reference(model.model, ids, mask), mask) <= 1e-5
+    with pytest.raises(FileNotFoundError):
+        cli.main(["--src", str(tmp_path / "nothing"), "--dst", str(tmp_path / "x")])
+
+
 def test_bf16_checkpoint_read_without_torch(tmp_path):
     model = hf_model().to(torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
