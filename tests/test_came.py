@@ -22,20 +22,31 @@ torch = pytest.importorskip("torch")
 came_pytorch = pytest.importorskip("came_pytorch")
 
 TOL = 1e-5
-STACKED = lambda path: path.startswith("blocks/")
-SPEC = came_lib.reference_spec(stacked=STACKED)
 
-# name -> (Flax shape, kind); dimensions all differ so a wrong transpose cannot pass.
-LEAVES = {
-    "dense/kernel": ((37, 53), "matrix_t"),  # torch weight (53, 37)
+# name -> (Flax shape, view kind); dimensions all differ so a wrong transpose cannot pass.
+# The sana_jax DiT naming, classified by came.sana_spec().
+SANA_LEAVES = {
+    "t_block/kernel": ((37, 53), "matrix_t"),  # torch Linear weight (53, 37)
+    "t_block/bias": ((53,), "flat"),
+    "patch_embed/kernel": ((13, 17), "matrix_t"),  # torch 1x1 conv (17, 13, 1, 1) -> (17, 13)
+    "final_scale_shift_table": ((2, 41), "matrix"),  # torch parameter (2, C), same view
+    "blocks/scale_shift_table": ((3, 6, 41), "stacked"),  # 3 x torch (6, 41)
+    "blocks/self_attn/qkv/kernel": ((3, 19, 3, 23), "stacked_dg"),  # 3 x torch (69, 19)
+    "blocks/self_attn/out/kernel": ((3, 29, 19), "stacked_t"),  # 3 x torch (19, 29)
+    "blocks/self_attn/q_norm": ((3, 19), "stacked_flat"),  # 3 x torch (19,)
+    "blocks/mlp/inverted/bias": ((3, 2, 23), "stacked_flat"),  # 3 x torch (46,)
+    "blocks/mlp/depthwise_kernel": ((3, 3, 3, 2, 23), "stacked_flat"),  # 3 x (46,1,3,3) flat
+}
+# Generic Flax layouts, classified by came.reference_spec() (no stacked axes).
+GENERIC_LEAVES = {
+    "dense/kernel": ((37, 53), "matrix_t"),
     "dense/bias": ((53,), "flat"),
-    "table": ((6, 41), "matrix"),  # a (6, C) modulation table, same view in torch
+    "table": ((6, 41), "matrix"),
     "conv1x1/kernel": ((1, 1, 13, 17), "conv1x1"),  # torch (17, 13, 1, 1) -> (17, 13)
     "dwconv/kernel": ((3, 3, 1, 11), "flat"),  # unfactored, flattened
-    "blocks/kernel": ((3, 19, 23), "stacked_t"),  # 3 x torch (23, 19)
-    "blocks/bias": ((3, 23), "stacked_flat"),  # 3 x torch (23,)
-    "blocks/dw": ((3, 3, 3, 29), "stacked_flat"),  # 3 x torch (261,)
 }
+CASES = {"sana": (SANA_LEAVES, came_lib.sana_spec()),
+         "generic": (GENERIC_LEAVES, came_lib.reference_spec())}
 
 
 def _tree(flat):
@@ -64,8 +75,12 @@ def to_torch_views(x, kind):
     return [x[0, 0].T]
   if kind == "flat":
     return [x.reshape(-1)]
+  if kind == "stacked":
+    return list(x)
   if kind == "stacked_t":
     return [layer.T for layer in x]
+  if kind == "stacked_dg":
+    return [layer.reshape(layer.shape[0], -1).T for layer in x]
   if kind == "stacked_flat":
     return [layer.reshape(-1) for layer in x]
   raise ValueError(kind)
@@ -80,19 +95,23 @@ def from_torch_views(views, kind, shape):
     return views[0].T.reshape(shape)
   if kind == "flat":
     return views[0].reshape(shape)
+  if kind == "stacked":
+    return np.stack(views)
   if kind == "stacked_t":
     return np.stack([v.T for v in views])
+  if kind == "stacked_dg":
+    return np.stack([v.T.reshape(shape[1:]) for v in views])
   if kind == "stacked_flat":
     return np.stack([v.reshape(shape[1:]) for v in views])
   raise ValueError(kind)
 
 
-def make_problem(seed=0, steps=50):
+def make_problem(leaves, seed=0, steps=50):
   """Initial params, targets, and per-step noise with row/col-dependent scales (so the
   factored statistics are far from uniform)."""
   rng = np.random.default_rng(seed)
   init, target, noise = {}, {}, {}
-  for name, (shape, _) in LEAVES.items():
+  for name, (shape, _) in leaves.items():
     init[name] = rng.normal(size=shape).astype(np.float32)
     target[name] = rng.normal(size=shape).astype(np.float32)
     scale = np.exp(rng.normal(size=shape[-1:]))
@@ -112,12 +131,13 @@ def rel_err(a, b):
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def run_parity(weight_decay, lr, steps=50, seed=0):
-  init, target, noise = make_problem(seed, steps)
+def run_parity(case, weight_decay, lr, steps=50, seed=0):
+  LEAVES, spec = CASES[case]
+  init, target, noise = make_problem(LEAVES, seed, steps)
   lr_fn = lr if callable(lr) else (lambda t: lr)
 
   # --- JAX
-  opt = came_lib.came(lr, weight_decay=weight_decay, spec=SPEC)
+  opt = came_lib.came(lr, weight_decay=weight_decay, spec=spec)
   params = jax.tree.map(jnp.asarray, _tree(init))
   state = opt.init(params)
 
@@ -158,51 +178,100 @@ def run_parity(weight_decay, lr, steps=50, seed=0):
       worst["params"] = max(worst["params"], rel_err(ours_p[k], theirs_p))
       worst["mu"] = max(worst["mu"], rel_err(ours_mu[k], theirs_mu))
     # factored statistics: Flax (in, out) row stats are torch's (out, in) column stats
-    nu = came_state.nu
-    d = nu["dense"]["kernel"]
-    st = topt.state[tparams["dense/kernel"][0]]
-    for ours, key in ((d.v_row, "exp_avg_sq_col"), (d.v_col, "exp_avg_sq_row"),
-                      (d.res_row, "exp_avg_res_col"), (d.res_col, "exp_avg_res_row")):
-      worst["stats"] = max(worst["stats"], rel_err(ours, st[key].numpy()))
-    b = nu["blocks"]["kernel"]
-    for i, p in enumerate(tparams["blocks/kernel"]):
-      st = topt.state[p]
-      worst["stats"] = max(worst["stats"], rel_err(b.v_row[i], st["exp_avg_sq_col"].numpy()),
-                           rel_err(b.res_col[i], st["exp_avg_res_row"].numpy()))
+    nu = _flat_nu(came_state.nu)
+    for k, ps in tparams.items():
+      kind = LEAVES[k][1]
+      if kind not in ("matrix_t", "stacked_t", "stacked_dg", "conv1x1"):
+        continue
+      d = nu[k]
+      for i, p in enumerate(ps):
+        st = topt.state[p]
+        sl = (lambda x: x[i]) if kind.startswith("stacked") else (lambda x: x)
+        for ours, key in ((d.v_row, "exp_avg_sq_col"), (d.v_col, "exp_avg_sq_row"),
+                          (d.res_row, "exp_avg_res_col"), (d.res_col, "exp_avg_res_row")):
+          worst["stats"] = max(worst["stats"],
+                               rel_err(np.asarray(sl(ours)).reshape(-1), st[key].numpy()))
   return worst
 
 
+def _flat_nu(nu):
+  is_entry = lambda x: isinstance(x, (came_lib.FactoredMoments, came_lib.FullMoment))
+  return {came_lib._path_str(p): x
+          for p, x in jax.tree_util.tree_flatten_with_path(nu, is_leaf=is_entry)[0]}
+
+
+SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 3e-2, 10, 50, 1e-3)
+
+
 @pytest.mark.parametrize(
-    "weight_decay,lr",
+    "case,weight_decay,lr",
     [
-        (0.0, 1e-2),
-        (0.1, 1e-2),
-        (0.05, optax.warmup_cosine_decay_schedule(0.0, 3e-2, 10, 50, 1e-3)),
+        ("sana", 0.0, 1e-2),
+        ("sana", 0.1, 1e-2),
+        ("sana", 0.05, SCHEDULE),
+        ("generic", 0.05, SCHEDULE),
     ],
-    ids=["plain", "weight_decay", "schedule+wd"],
+    ids=["sana-plain", "sana-weight_decay", "sana-schedule+wd", "generic-schedule+wd"],
 )
-def test_matches_came_pytorch_50_steps(weight_decay, lr):
-  worst = run_parity(weight_decay, lr)
+def test_matches_came_pytorch_50_steps(case, weight_decay, lr):
+  worst = run_parity(case, weight_decay, lr)
   print(worst)
   for what, err in worst.items():
     assert err <= TOL, f"{what}: max rel err {err:.3g} > {TOL}"
 
 
+def _specs(leaves, spec):
+  tree = _tree({k: jnp.zeros(sh) for k, (sh, _) in leaves.items()})
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {came_lib._path_str(p): s for (p, _), s in zip(flat, came_lib.leaf_specs(tree, spec))}
+
+
 def test_classification_reference_rule():
-  shapes = {k: jnp.zeros(s) for k, (s, _) in LEAVES.items()}
-  tree = _tree(shapes)
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  specs = came_lib.leaf_specs(tree, SPEC)
-  got = {came_lib._path_str(p): s for (p, _), s in zip(leaves, specs)}
-  assert got["dense/kernel"] == came_lib.LeafSpec(True, 0)
-  assert got["table"] == came_lib.LeafSpec(True, 0)
-  assert got["conv1x1/kernel"] == came_lib.LeafSpec(True, 2)
-  assert got["dwconv/kernel"] == came_lib.LeafSpec(False, 0)
-  assert got["blocks/kernel"] == came_lib.LeafSpec(True, 1)
-  assert got["blocks/bias"] == came_lib.LeafSpec(False, 1)
-  assert got["blocks/dw"] == came_lib.LeafSpec(False, 1)
-  # Without the stacked rule a stacked kernel is a rank-3 non-1x1 tensor: unfactored.
-  assert came_lib.leaf_specs({"k": jnp.zeros((3, 4, 5))})[0] == came_lib.LeafSpec(False, 0)
+  LS = came_lib.LeafSpec
+  got = _specs(SANA_LEAVES, came_lib.sana_spec())
+  assert got == {
+      "t_block/kernel": LS(True, 0, 1),
+      "t_block/bias": LS(False, 0),
+      "patch_embed/kernel": LS(True, 0, 1),
+      "final_scale_shift_table": LS(True, 0, 1),
+      "blocks/scale_shift_table": LS(True, 1, 1),
+      "blocks/self_attn/qkv/kernel": LS(True, 1, 1),
+      "blocks/self_attn/out/kernel": LS(True, 1, 1),
+      "blocks/self_attn/q_norm": LS(False, 1),
+      "blocks/mlp/inverted/bias": LS(False, 1),
+      "blocks/mlp/depthwise_kernel": LS(False, 1),
+  }
+  got = _specs(GENERIC_LEAVES, came_lib.reference_spec())
+  assert got == {
+      "dense/kernel": LS(True, 0, 1),
+      "dense/bias": LS(False, 0),
+      "table": LS(True, 0, 1),
+      "conv1x1/kernel": LS(True, 2, 1),
+      "dwconv/kernel": LS(False, 0),
+  }
+  # Without a stacked rule a stacked kernel is a rank-3 non-1x1 tensor: unfactored.
+  assert came_lib.leaf_specs({"k": jnp.zeros((3, 4, 5))})[0] == LS(False, 0)
+
+
+def test_sana_spec_on_the_dit_tree():
+  """On the real DiT tree (tiny config): every kernel is factored as (in, prod(out)) per
+  layer, biases / norms / depthwise conv are not; the factored element count equals the
+  torch 2-D / 1x1-conv weights' count."""
+  dit = pytest.importorskip("sana_jax.models.dit")
+  from configs import tiny
+  cfg = tiny.get_config()
+  tree = dit.abstract_params(cfg.model)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  specs = came_lib.leaf_specs(tree, came_lib.sana_spec())
+  for (p, x), s in zip(flat, specs):
+    path = came_lib._path_str(p)
+    stacked = path.startswith("blocks/")
+    assert s.batch_ndim == int(stacked), path
+    name = path.rsplit("/", 1)[-1]
+    is_matrix = name == "kernel" or name.endswith("scale_shift_table")
+    assert s.factored == is_matrix, path
+    if s.factored:
+      assert s.row_ndim == 1, path
 
 
 def test_transposed_view_gives_transposed_update():
@@ -249,7 +318,7 @@ def test_stacked_equals_independent_layers():
 
 
 def test_bad_spec_raises():
-  with pytest.raises(ValueError, match="factored needs rank >= 2"):
+  with pytest.raises(ValueError, match="factored needs"):
     came_lib.scale_by_came(spec=lambda path, x: came_lib.LeafSpec(True)).init(
         {"b": jnp.zeros(3)})
   with pytest.raises(ValueError, match="stacked axes"):

@@ -10,11 +10,12 @@ from sana_jax.optim.came import (
     came_8bit,
     leaf_specs,
     reference_spec,
+    sana_spec,
     scale_by_came,
     state_sharding,
 )
 
 __all__ = [
     "CameState", "FactoredMoments", "FullMoment", "LeafSpec", "came", "came_8bit",
-    "leaf_specs", "quant8", "reference_spec", "scale_by_came", "state_sharding",
+    "leaf_specs", "quant8", "reference_spec", "sana_spec", "scale_by_came", "state_sharding",
 ]

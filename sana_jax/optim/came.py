@@ -16,10 +16,13 @@ moment stored in 8 bits per block. The algorithm per parameter (fp32, no bias co
     otherwise: step = m
     p <- p - lr * wd * p - lr * step          (decoupled weight decay, as the reference)
 
-How a parameter is treated is a :class:`LeafSpec`: ``factored`` (second moments factored
-per matrix over the last two axes, all leading axes are independent matrices), else
-``batch_ndim`` leading axes index independent tensors (each gets its own RMS clip). So a
-stacked ``(L, in, out)`` kernel behaves exactly like L independent ``(in, out)`` parameters.
+How a parameter is treated is a :class:`LeafSpec`. Its axes split into ``batch_ndim``
+leading axes (a stacked layer axis: independent tensors with their own statistics and RMS
+clip) and the rest; a factored leaf further splits the rest into ``row_ndim`` row axes and
+the column axes, i.e. it is a batch of (prod(rows), prod(cols)) matrices whose statistics
+are kept in the unflattened axes (no reshapes, so sharded axes stay sharded). A stacked
+``(L, in, out)`` kernel therefore behaves exactly like L independent ``(in, out)``
+parameters, and a DenseGeneral ``(in, 3, C)`` kernel like the torch ``(3C, in)`` weight.
 Factoring an (in, out) Flax kernel instead of the reference's (out, in) torch weight gives
 the same update: U and step depend on r_i c_j / mean(r), and mean(r) == mean(c) (both are
 the same EMA of mean(u)), so the expression is symmetric under transposition.
@@ -42,7 +45,7 @@ from sana_jax.optim import quant8
 
 __all__ = [
     "LeafSpec", "reference_spec", "CameState", "FactoredMoments", "FullMoment",
-    "scale_by_came", "came", "came_8bit", "state_sharding", "leaf_specs",
+    "scale_by_came", "came", "came_8bit", "state_sharding", "leaf_specs", "sana_spec",
 ]
 
 
@@ -50,44 +53,76 @@ __all__ = [
 
 
 class LeafSpec(NamedTuple):
-  """How CAME treats one parameter.
+  """How CAME treats one parameter of rank n.
 
-  factored: factor the second moments over the last two axes (rank >= 2); every leading
-    axis indexes an independent matrix (own statistics, own RMS clip).
-  batch_ndim: for unfactored leaves, the number of leading axes that index independent
-    tensors (own RMS clip); the remaining axes are one flattened tensor.
+  batch_ndim: leading axes that index independent tensors (stacked layers, or the size-1
+    spatial axes of a 1x1 conv): each slice has its own statistics and RMS clip.
+  factored: factor the second moments. Axes [batch_ndim, batch_ndim + row_ndim) are the
+    rows, the remaining (at least one) axes the columns.
+  row_ndim: number of row axes of a factored leaf.
   """
 
   factored: bool
   batch_ndim: int = 0
+  row_ndim: int = 1
 
 
 SpecFn = Callable[[str, Any], LeafSpec]
 
 
-def reference_spec(stacked: Optional[Callable[[str], Union[bool, int]]] = None) -> SpecFn:
-  """The official CAMEWrapper's rule on Flax layouts, with optional stacked layer axes.
+def reference_spec(
+    stacked: Optional[Callable[[str], Union[bool, int]]] = None,
+    matrix: Optional[Callable[[str, tuple], Optional[int]]] = None,
+) -> SpecFn:
+  """The official CAMEWrapper's classification, on Flax layouts.
 
-  ``stacked(path) -> bool | int`` says how many leading axes of the parameter at ``path``
-  ("blocks/attn/qkv/kernel") are layer axes (True = 1). On the per-layer shape s:
-    - len(s) == 2 (Dense kernel (in, out), tables such as (6, C))     -> factored
-    - len(s) >= 3 with all s[:-2] == 1 (1x1 conv kernel (1, 1, in, out)) -> factored
-    - otherwise (biases, norms, spatial / depthwise convs such as (3, 3, C) or
-      (3, 3, 1, C))                                                  -> not factored,
-      flattened per layer (the reference flattens convs other than 1x1).
+  stacked(path) -> bool | int: how many leading axes of the parameter at ``path``
+    ("blocks/self_attn/qkv/kernel") are layer axes (True = 1). Default: none.
+  matrix(path, per_layer_shape) -> int | None: the number of row (input) axes if the
+    parameter is a matrix to factor, else None. Default, on the per-layer shape s:
+      - len(s) == 2 (a Dense kernel (in, out), a (6, C) table)          -> factored
+      - len(s) >= 3 with all s[:-2] == 1 (a 1x1 conv kernel (1, 1, in, out)) -> factored
+      - anything else (biases, norms, spatial and depthwise conv kernels) -> unfactored,
+        one flattened tensor per layer (the reference flattens convs other than 1x1).
   """
 
   def spec(path: str, leaf) -> LeafSpec:
-    k = int(stacked(path)) if stacked is not None else 0
     shape = tuple(leaf.shape)
-    if k > len(shape):
+    k = int(stacked(path)) if stacked is not None else 0
+    if not 0 <= k <= len(shape):
       raise ValueError(f"{path}: {k} stacked axes requested but the shape is {shape}")
     s = shape[k:]
-    if len(s) == 2 or (len(s) > 2 and all(d == 1 for d in s[:-2])):
-      return LeafSpec(True, len(shape) - 2)
+    if matrix is not None:
+      rows = matrix(path, s)
+      return LeafSpec(True, k, int(rows)) if rows else LeafSpec(False, k)
+    if len(s) == 2:
+      return LeafSpec(True, k, 1)
+    if len(s) > 2 and all(d == 1 for d in s[:-2]):
+      return LeafSpec(True, len(shape) - 2, 1)
     return LeafSpec(False, k)
 
   return spec
+
+
+def _sana_matrix(path: str, s: tuple) -> Optional[int]:
+  name = path.rsplit("/", 1)[-1]
+  if name == "kernel" and len(s) >= 2:  # Dense / DenseGeneral kernel (in, *out)
+    return 1
+  if name.endswith("scale_shift_table") and len(s) == 2:  # (6, C) / (2, C) tables
+    return 1
+  return None  # biases, norm scales, depthwise_kernel (3, 3, 2, H), depthwise_bias
+
+
+def sana_spec() -> SpecFn:
+  """The reference classification for the sana_jax DiT tree (``sana_jax.models.dit``).
+
+  Blocks are scanned under "blocks/" (leading layer axis). Every ``kernel`` is a Dense /
+  DenseGeneral kernel (in, *out) standing for the torch (prod(out), in) weight: factored
+  with one row axis (qkv (C, 3, C) is the torch (3C, C) weight). The modulation tables
+  are 2-D torch parameters: factored. Biases (also (2, H)-shaped ones), norm scales and
+  the depthwise 3x3 conv (3, 3, 2, H) are unfactored, flattened per layer.
+  """
+  return reference_spec(stacked=lambda path: path.startswith("blocks/"), matrix=_sana_matrix)
 
 
 def _path_str(path) -> str:
@@ -119,10 +154,12 @@ def leaf_specs(params, spec: Union[None, SpecFn, Any] = None) -> list[LeafSpec]:
     if not isinstance(s, LeafSpec):
       raise ValueError(f"{_path_str(p)}: spec must be a LeafSpec, got {s!r}")
     nd = len(x.shape)
-    if s.factored and nd < 2:
-      raise ValueError(f"{_path_str(p)}: factored needs rank >= 2, got shape {x.shape}")
     if not 0 <= s.batch_ndim <= nd:
       raise ValueError(f"{_path_str(p)}: batch_ndim {s.batch_ndim} invalid for shape {x.shape}")
+    if s.factored and not (s.row_ndim >= 1 and s.batch_ndim + s.row_ndim < nd):
+      raise ValueError(
+          f"{_path_str(p)}: factored needs batch_ndim + row_ndim < rank and row_ndim >= 1"
+          f" (at least one row and one column axis), got {s} for shape {x.shape}")
   return specs
 
 
@@ -130,12 +167,12 @@ def leaf_specs(params, spec: Union[None, SpecFn, Any] = None) -> list[LeafSpec]:
 
 
 class FactoredMoments(NamedTuple):
-  """Second-moment and instability statistics of a factored leaf (..., a, b), fp32."""
+  """Statistics of a factored leaf of shape batch + rows + cols, fp32."""
 
-  v_row: jax.Array  # (..., a)  EMA of mean over the last axis of g^2 + eps1
-  v_col: jax.Array  # (..., b)  EMA of mean over axis -2
-  res_row: jax.Array  # (..., a)  EMA of row means of the instability (U - m)^2 + eps2
-  res_col: jax.Array  # (..., b)
+  v_row: jax.Array  # batch + rows: EMA of the column-mean of g^2 + eps1
+  v_col: jax.Array  # batch + cols: EMA of the row-mean of g^2 + eps1
+  res_row: jax.Array  # batch + rows: same for the instability (U - m)^2 + eps2
+  res_col: jax.Array  # batch + cols
 
 
 class FullMoment(NamedTuple):
@@ -154,7 +191,19 @@ class CameState(NamedTuple):
 
 
 def _use_8bit(shape, spec: LeafSpec, quantize: bool, min_8bit_size: int) -> bool:
-  return quantize and spec.factored and shape[-2] * shape[-1] > min_8bit_size
+  return quantize and spec.factored and math.prod(shape[spec.batch_ndim:]) > min_8bit_size
+
+
+def _tile(shape, spec: LeafSpec, block_size: int, align: int) -> tuple:
+  """Blocks of one matrix: tile 1 on the batch axes, block_shape on the matrix axes."""
+  bn = spec.batch_ndim
+  return (1,) * bn + quant8.block_shape(tuple(shape[bn:]), block_size, align)
+
+
+def _axes(spec: LeafSpec, nd: int):
+  """(batch, rows, cols) axis tuples of a factored leaf."""
+  bn, rn = spec.batch_ndim, spec.row_ndim
+  return tuple(range(bn)), tuple(range(bn, bn + rn)), tuple(range(bn + rn, nd))
 
 
 def _check_static_int(name, value):
@@ -167,26 +216,31 @@ def _check_static_int(name, value):
 # ----------------------------------------------------------------------------- math
 
 
-def _approx_rsqrt(row, col):
-  """rsqrt(row / mean(row))[..., :, None] * rsqrt(col)[..., None, :] (Adafactor factor)."""
-  r = jax.lax.rsqrt(row / jnp.mean(row, axis=-1, keepdims=True))
-  return r[..., :, None] * jax.lax.rsqrt(col)[..., None, :]
+def _approx_rsqrt(row, col, spec: LeafSpec, nd: int):
+  """rsqrt(row / mean_rows(row)) * rsqrt(col), broadcast to batch + rows + cols."""
+  _, rows, cols = _axes(spec, nd)
+  r = jax.lax.rsqrt(row / jnp.mean(row, axis=rows, keepdims=True))
+  r = r.reshape(r.shape + (1,) * len(cols))
+  c = jax.lax.rsqrt(col)
+  c = c.reshape(c.shape[:spec.batch_ndim] + (1,) * len(rows) + c.shape[spec.batch_ndim:])
+  return r * c
 
 
-def _leaf_update(g, mu, nu, spec: LeafSpec, b1, b2, b3, eps, clip_threshold, block):
+def _leaf_update(g, mu, nu, spec: LeafSpec, b1, b2, b3, eps, clip_threshold):
   out_dtype = g.dtype
+  nd = g.ndim
   g = g.astype(jnp.float32)
   u = g * g + eps[0]
   if spec.factored:
-    v_row = b2 * nu.v_row + (1.0 - b2) * jnp.mean(u, axis=-1)
-    v_col = b2 * nu.v_col + (1.0 - b2) * jnp.mean(u, axis=-2)
-    upd = g * _approx_rsqrt(v_row, v_col)
-    axes = (-2, -1)
+    _, rows, cols = _axes(spec, nd)
+    v_row = b2 * nu.v_row + (1.0 - b2) * jnp.mean(u, axis=cols)
+    v_col = b2 * nu.v_col + (1.0 - b2) * jnp.mean(u, axis=rows)
+    upd = g * _approx_rsqrt(v_row, v_col, spec, nd)
   else:
     v = b2 * nu.v + (1.0 - b2) * u
     upd = g * jax.lax.rsqrt(v)
-    axes = tuple(range(spec.batch_ndim, g.ndim))
-  rms = jnp.sqrt(jnp.mean(upd * upd, axis=axes, keepdims=True))
+  clip_axes = tuple(range(spec.batch_ndim, nd))
+  rms = jnp.sqrt(jnp.mean(upd * upd, axis=clip_axes, keepdims=True))
   upd = upd / jnp.maximum(rms / clip_threshold, 1.0)
 
   quantized = isinstance(mu, quant8.QuantizedArray)
@@ -194,14 +248,14 @@ def _leaf_update(g, mu, nu, spec: LeafSpec, b1, b2, b3, eps, clip_threshold, blo
   m = b1 * m + (1.0 - b1) * upd
   res = (upd - m) ** 2 + eps[1]
   if spec.factored:
-    res_row = b3 * nu.res_row + (1.0 - b3) * jnp.mean(res, axis=-1)
-    res_col = b3 * nu.res_col + (1.0 - b3) * jnp.mean(res, axis=-2)
-    step = m * _approx_rsqrt(res_row, res_col)
+    res_row = b3 * nu.res_row + (1.0 - b3) * jnp.mean(res, axis=cols)
+    res_col = b3 * nu.res_col + (1.0 - b3) * jnp.mean(res, axis=rows)
+    step = m * _approx_rsqrt(res_row, res_col, spec, nd)
     new_nu = FactoredMoments(v_row, v_col, res_row, res_col)
   else:
     step = m
     new_nu = FullMoment(v)
-  new_mu = quant8.quantize(m, block) if quantized else m
+  new_mu = quant8.quantize(m, mu.tile) if quantized else m
   return step.astype(out_dtype), new_mu, new_nu
 
 
@@ -225,13 +279,14 @@ def scale_by_came(
   Args:
     b1, b2, b3: EMA rates of the first moment, the squared gradient and the instability.
     eps: (eps1, eps2) added to g^2 and to the instability (U - m)^2.
-    clip_threshold: the update U is divided by max(rms(U) / clip_threshold, 1), per matrix
-      (factored) or per ``batch_ndim`` slice (unfactored).
+    clip_threshold: the update U is divided by max(rms(U) / clip_threshold, 1), per
+      ``batch_ndim`` slice.
     spec: None (:func:`reference_spec` without stacked axes), a callable
       ``(path: str, leaf) -> LeafSpec``, or a tree of LeafSpec matching the parameters.
       (With ``optax.inject_hyperparams``, list a callable spec in ``static_args``.)
     quantize_mu: store m in 8 bits (CAME-8bit) for factored leaves with more than
-      ``min_8bit_size`` elements per matrix, in blocks of about ``block_size`` elements.
+      ``min_8bit_size`` elements per matrix, in blocks of about ``block_size`` elements
+      that never cross a matrix.
     align: prefer block counts per axis that are multiples of this (see quant8.block_shape).
 
   Returns:
@@ -252,13 +307,13 @@ def scale_by_came(
       shape = tuple(p.shape)
       zeros = jnp.zeros(shape, jnp.float32)
       if _use_8bit(shape, s, quantize_mu, min_8bit_size):
-        blk = quant8.block_shape(shape[-2], shape[-1], block_size, align)
-        mus.append(quant8.quantize(zeros, blk))
+        mus.append(quant8.quantize(zeros, _tile(shape, s, block_size, align)))
       else:
         mus.append(zeros)
       if s.factored:
-        row = jnp.zeros(shape[:-1], jnp.float32)
-        col = jnp.zeros(shape[:-2] + shape[-1:], jnp.float32)
+        bn, rn = s.batch_ndim, s.row_ndim
+        row = jnp.zeros(shape[:bn + rn], jnp.float32)
+        col = jnp.zeros(shape[:bn] + shape[bn + rn:], jnp.float32)
         nus.append(FactoredMoments(row, col, row, col))
       else:
         nus.append(FullMoment(zeros))
@@ -272,10 +327,7 @@ def scale_by_came(
     nus = treedef.flatten_up_to(state.nu)
     out_u, out_mu, out_nu = [], [], []
     for g, mu, nu, s in zip(leaves, mus, nus, specs):
-      blk = None
-      if isinstance(mu, quant8.QuantizedArray):
-        blk = quant8.block_shape(g.shape[-2], g.shape[-1], block_size, align)
-      u, mu, nu = _leaf_update(g, mu, nu, s, b1, b2, b3, eps, clip_threshold, blk)
+      u, mu, nu = _leaf_update(g, mu, nu, s, b1, b2, b3, eps, clip_threshold)
       out_u.append(u)
       out_mu.append(mu)
       out_nu.append(nu)
@@ -384,12 +436,12 @@ def _came_leaf_shardings(sharding: NamedSharding, mu, nu):
   else:
     mu_s = sharding
   if isinstance(nu, FactoredMoments):
-    row_shape = shape[:-1]
-    col_shape = shape[:-2] + shape[-1:]
-    row = _named(mesh, _reduced_spec(mesh, entries, shape, list(range(nd - 1)), [nd - 1]))
-    col = _named(mesh, _reduced_spec(mesh, entries, shape,
-                                     list(range(nd - 2)) + [nd - 1], [nd - 2]))
-    del row_shape, col_shape
+    bn = nu.v_row.ndim - (nd - nu.v_col.ndim)  # v_row: batch + rows, v_col: batch + cols
+    rows = list(range(bn, nu.v_row.ndim))
+    cols = list(range(nu.v_row.ndim, nd))
+    batch = list(range(bn))
+    row = _named(mesh, _reduced_spec(mesh, entries, shape, batch + rows, cols))
+    col = _named(mesh, _reduced_spec(mesh, entries, shape, batch + cols, rows))
     nu_s = FactoredMoments(row, col, row, col)
   else:
     nu_s = FullMoment(sharding)

@@ -1,12 +1,12 @@
 """8-bit min-max block codec for optimizer state (CAME-8bit's first moment).
 
-A tensor of shape (..., a, b) is cut into tiles of (ta, tb) elements with ta | a and
-tb | b, so a block never crosses a matrix: leading axes (a stacked layer axis) index
-independent matrices and the state of one layer is a slice of the state along that axis.
-Each block stores
+A tensor is cut into rectangular tiles: ``tile`` gives the tile extent along every axis
+and must divide it. Leading axes with tile 1 (a stacked layer axis, or the batch of
+matrices of a factored parameter) mean a block never crosses a matrix, so the state of
+one layer is a slice of the state along that axis. Each block stores
 
     q     = round((x - min) / scale)   uint8, same shape as x
-    min   = block minimum              fp32, shape (..., a // ta, b // tb)
+    min   = block minimum              fp32, shape x.shape // tile (per axis)
     scale = (max - min) / 255          fp32, same shape as min
 
 and decodes as ``q * scale + min`` (SANA-1.5 paper, eq. 1). A constant block has scale 0;
@@ -15,15 +15,16 @@ it encodes to q = 0 and decodes exactly to its value (no division by zero, no Na
 Round-trip error is at most half a quantisation step, scale / 2, per element (plus float
 rounding of the decode, below one ulp of the decoded value).
 
-Tiles are chosen by :func:`block_shape`: as close to ``block_size`` elements as the divisors
-of (a, b) allow, and, where possible, with block counts along both axes that are multiples
-of ``align`` so that blocks stay inside one shard when either axis is sharded over ``align``
-devices (min/max are then shard-local, and min/scale shard like the tensor).
+Tiles come from :func:`block_shape`: as close to ``block_size`` elements as the divisors
+of the dimensions allow, and, where a dimension is divisible by ``align``, with a block
+count along it that is a multiple of ``align``, so blocks stay inside one shard when that
+axis is split over ``align`` devices (min/max are shard-local and min/scale shard like x).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import NamedTuple
 
@@ -36,15 +37,19 @@ _LEVELS = 255.0
 
 
 class QuantizedArray(NamedTuple):
-  """An fp32 tensor (..., a, b) stored as uint8 codes with a per-block min and scale."""
+  """An fp32 tensor stored as uint8 codes with a per-block min and scale."""
 
-  q: jax.Array  # uint8, (..., a, b)
-  minimum: jax.Array  # fp32, (..., a // ta, b // tb)
-  scale: jax.Array  # fp32, (..., a // ta, b // tb)
+  q: jax.Array  # uint8, the tensor's shape
+  minimum: jax.Array  # fp32, shape // tile
+  scale: jax.Array  # fp32, shape // tile
 
   @property
   def shape(self):
     return self.q.shape
+
+  @property
+  def tile(self) -> tuple[int, ...]:
+    return tuple(s // n for s, n in zip(self.q.shape, self.minimum.shape))
 
 
 def _divisors(n: int) -> list[int]:
@@ -53,67 +58,69 @@ def _divisors(n: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def block_shape(a: int, b: int, block_size: int, align: int = 8) -> tuple[int, int]:
-  """Tile (ta, tb) for an (a, b) matrix: ta | a, tb | b, ta * tb close to block_size.
+def block_shape(shape: tuple[int, ...], block_size: int, align: int = 8) -> tuple[int, ...]:
+  """Tile for a tensor of ``shape`` (all of it one matrix): t_i | shape_i, prod(t) close
+  to ``block_size``.
 
-  Preference order: block counts a // ta and b // tb multiples of ``align`` (so blocks stay
-  shard-local when that axis is split over ``align`` devices), then the tile size nearest to
-  ``block_size`` in log scale without exceeding 2 * block_size where avoidable, then wider
-  tiles (contiguous memory along the last axis).
+  Preference order: for every dimension divisible by ``align``, a block count along it
+  that is a multiple of ``align`` (blocks stay shard-local when that axis is sharded over
+  ``align`` devices); then a block of at most 2 * block_size; then the size nearest to
+  ``block_size`` in log scale; then wider tiles along the last axes (contiguous memory).
   """
-  if a < 1 or b < 1:
-    raise ValueError(f"block_shape needs a positive matrix shape, got ({a}, {b})")
+  shape = tuple(int(d) for d in shape)
+  if not shape or min(shape) < 1:
+    raise ValueError(f"block_shape needs a non-empty positive shape, got {shape}")
   if block_size < 1 or align < 1:
     raise ValueError(f"block_size and align must be >= 1, got {block_size}, {align}")
   best, best_key = None, None
-  for ta in _divisors(a):
-    for tb in _divisors(b):
-      n = ta * tb
-      key = (
-          (a // ta) % align == 0,
-          (b // tb) % align == 0,
-          n <= 2 * block_size,
-          -abs(math.log2(n / block_size)),
-          tb,
-      )
-      if best_key is None or key > best_key:
-        best, best_key = (ta, tb), key
+  for tile in itertools.product(*(_divisors(d) for d in shape)):
+    n = math.prod(tile)
+    ok = sum((d % align != 0) or ((d // t) % align == 0) for d, t in zip(shape, tile))
+    key = (ok, n <= 2 * block_size, -abs(math.log2(n / block_size)), tile[::-1])
+    if best_key is None or key > best_key:
+      best, best_key = tile, key
   return best
 
 
-def _tiles(x: jax.Array, na: int, nb: int) -> jax.Array:
-  *lead, a, b = x.shape
-  return x.reshape(*lead, na, a // na, nb, b // nb)
+def _check_tile(shape, tile):
+  if len(tile) != len(shape) or any(t < 1 or s % t for s, t in zip(shape, tile)):
+    raise ValueError(f"tile {tuple(tile)} does not tile the shape {tuple(shape)}")
 
 
-def quantize(x: jax.Array, block: tuple[int, int]) -> QuantizedArray:
-  """Encode x (..., a, b) (any float dtype, computed in fp32) with (ta, tb) blocks."""
-  if x.ndim < 2:
-    raise ValueError(f"quantize needs a tensor of rank >= 2 (..., a, b), got shape {x.shape}")
-  ta, tb = block
-  a, b = x.shape[-2:]
-  if a % ta or b % tb:
-    raise ValueError(f"block {block} does not tile the matrix shape {(a, b)}")
-  na, nb = a // ta, b // tb
-  t = _tiles(x.astype(jnp.float32), na, nb)  # (..., na, ta, nb, tb)
-  mn = jnp.min(t, axis=(-3, -1))  # (..., na, nb)
-  mx = jnp.max(t, axis=(-3, -1))
+def _split(shape, tile):
+  """(n0, t0, n1, t1, ...) split of a shape and the positions of the tile axes."""
+  split = tuple(x for s, t in zip(shape, tile) for x in (s // t, t))
+  return split, tuple(range(1, 2 * len(shape), 2))
+
+
+def _expand(a):
+  """(n0, n1, ...) -> (n0, 1, n1, 1, ...) for broadcasting against the split tensor."""
+  return a.reshape(tuple(x for n in a.shape for x in (n, 1)))
+
+
+def quantize(x: jax.Array, tile: tuple[int, ...]) -> QuantizedArray:
+  """Encode x (any float dtype; computed in fp32) with blocks of extent ``tile``."""
+  tile = tuple(int(t) for t in tile)
+  _check_tile(x.shape, tile)
+  split, tile_axes = _split(x.shape, tile)
+  t = x.astype(jnp.float32).reshape(split)
+  mn = jnp.min(t, axis=tile_axes)
+  mx = jnp.max(t, axis=tile_axes)
   scale = (mx - mn) / _LEVELS
   safe = jnp.where(scale > 0, scale, 1.0)
-  code = (t - mn[..., :, None, :, None]) / safe[..., :, None, :, None]
+  code = (t - _expand(mn)) / _expand(safe)
   q = jnp.clip(jnp.round(code), 0, _LEVELS).astype(jnp.uint8)
   return QuantizedArray(q.reshape(x.shape), mn, scale)
 
 
 def dequantize(qa: QuantizedArray) -> jax.Array:
   """Decode to fp32: q * scale + min, blockwise."""
-  na, nb = qa.minimum.shape[-2:]
-  t = _tiles(qa.q, na, nb).astype(jnp.float32)
-  x = t * qa.scale[..., :, None, :, None] + qa.minimum[..., :, None, :, None]
-  return x.reshape(qa.q.shape)
+  split, _ = _split(qa.q.shape, qa.tile)
+  t = qa.q.reshape(split).astype(jnp.float32)
+  return (t * _expand(qa.scale) + _expand(qa.minimum)).reshape(qa.q.shape)
 
 
-def nbytes(shape: tuple[int, ...], block: tuple[int, int]) -> int:
-  """Bytes of a QuantizedArray of this shape and block: 1 B/element + 8 B/block."""
+def nbytes(shape: tuple[int, ...], tile: tuple[int, ...]) -> int:
+  """Bytes of a QuantizedArray: 1 B per element + 8 B (fp32 min and scale) per block."""
   n = math.prod(shape)
-  return n + 8 * (n // (block[0] * block[1]))
+  return n + 8 * (n // math.prod(tile))
