@@ -31,6 +31,7 @@ import math
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -321,8 +322,9 @@ class NvilaSubprocessJudge(Judge):
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._stderr.clear()
+        # own session: on failure the worker and anything it started are killed together
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=env)
+                                      stderr=subprocess.PIPE, env=env, start_new_session=True)
         self._lines = queue.Queue()
         threading.Thread(target=_pump_lines, args=(self._proc.stdout, self._lines.put),
                          daemon=True).start()
@@ -341,17 +343,18 @@ class NvilaSubprocessJudge(Judge):
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.kill()
+        try:  # the worker's process group (its own session, see start)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover
             pass
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            try:
-                stream.close()
-            except Exception:  # noqa: BLE001
-                pass
+        try:  # stdout / stderr are closed by their reader threads at end of file
+            proc.stdin.close()
+        except Exception:  # noqa: BLE001
+            pass
 
     def close(self) -> None:
         proc = self._proc
@@ -406,8 +409,9 @@ class NvilaSubprocessJudge(Judge):
             time.sleep(0.2)
             raise self._fail("could not send a request (the worker is gone)") from None
         msg = self._read(self.timeout_s, f"judging {len(images)} image(s)")
-        if "error" in msg:
-            raise self._fail("the worker reported an error", str(msg["error"])[-3000:])
+        if "error" in msg and msg.get("id") == rid:  # the worker is fine: keep it
+            raise JudgeError(f"NVILA judge worker (model {self.model_path}) reported an error:\n"
+                             f"{str(msg['error'])[-3000:]}")
         results = msg.get("results")
         if msg.get("id") != rid or not isinstance(results, list) or len(results) != len(images):
             raise self._fail("malformed answer", f"expected id {rid} with {len(images)} results, "
@@ -443,6 +447,10 @@ def _pump_lines(stream, put: Callable[[Any], None]) -> None:
         pass
     finally:
         put(None)
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 # --------------------------------------------------------------------------------------
