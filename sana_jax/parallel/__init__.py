@@ -1,0 +1,8 @@
+"""Mesh construction and logical-axis rules."""
+
+from sana_jax.parallel.mesh import (LOGICAL_RULES, MESH_AXES, batch_sharding, fit_shardings,
+                                    logical_sharding, make_mesh, maybe_initialize_distributed,
+                                    mesh_shape, param_shardings)
+
+__all__ = ["LOGICAL_RULES", "MESH_AXES", "batch_sharding", "fit_shardings", "logical_sharding",
+           "make_mesh", "maybe_initialize_distributed", "mesh_shape", "param_shardings"]
