@@ -193,17 +193,18 @@ def bracket_picture(images: Sequence[np.ndarray], result: Tournament,
     n = result.n
     if len(images) != n:
         raise ValueError(f"{len(images)} images for a bracket of {n}")
-    cols = cols or min(n, max(1, math.ceil(math.sqrt(n * 1.5))))
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
     nr = len(result.rounds)
     box, pad, label_h = 10, 6, 24
     cell_w, cell_h = thumb + 2 * pad, thumb + 2 * pad + box + 4 + label_h
-    head = 28
+    head = 40
     canvas = Image.new("RGB", (cols * cell_w, head + rows * cell_h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 4), (title + "  " if title else "") +
-              f"best {result.k} of {n}: green won, red lost, blue bye, gold kept", fill=(0, 0, 0))
-    draw.text((pad, 15), f"{nr} round(s); kept: {list(result.winners)}", fill=(0, 0, 0))
+    draw.text((pad, 3), title, fill=(0, 0, 0))
+    draw.text((pad, 14), f"best {result.k} of {n}, {nr} round(s): green won, red lost, blue bye",
+              fill=(0, 0, 0))
+    draw.text((pad, 25), f"kept (gold): {list(result.winners)}", fill=(0, 0, 0))
     status = np.zeros((n, nr), np.int8)  # 0 out, 1 won, 2 lost, 3 bye
     for r, rnd in enumerate(result.rounds):
         for m in rnd:
@@ -336,7 +337,7 @@ def run_best_of_n(prompt: str, generate_fn: GenerateFn, judge: Judge, out_dir, *
         shutil.copyfile(out_dir / candidate_file(i), p)
         winner_paths.append(p)
     if picture:
-        bracket_picture(images, result, verdicts, seeds, title=prompt[:60]).save(out_dir / "bracket.png")
+        bracket_picture(images, result, verdicts, seeds, title=prompt[:80]).save(out_dir / "bracket.png")
     return BestOfNResult(prompt, seeds, verdicts, result, out_dir, winner_paths)
 
 

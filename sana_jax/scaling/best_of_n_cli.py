@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def parse_args(argv=None):
     ap.add_argument("--judge_python", help="nvila: the verifier environment's Python executable")
     ap.add_argument("--judge_timeout", type=float, default=300.0, help="nvila: seconds per request")
     ap.add_argument("--judge_batch", type=int, default=None, help="images per judge call")
+    ap.add_argument("--judge_cuda_devices",
+                    help="nvila: CUDA_VISIBLE_DEVICES for the worker only (e.g. '1')")
+    ap.add_argument("--judge_yes_word", default="yes", help="transformers: the 'yes' answer word")
+    ap.add_argument("--judge_no_word", default="no", help="transformers: the 'no' answer word")
     ap.add_argument("--shapes_metadata",
                     help="shapes: JSON-lines file of ShapesEval specifications with a 'prompt' "
                          "field each; its prompts are used when no --prompt is given")
@@ -107,7 +112,12 @@ def build(args):
             raise ValueError(f"no ShapesEval specification for prompts {missing[:5]}")
         judge = ShapesJudge(specs=specs)
     else:
-        kw = {"timeout_s": args.judge_timeout} if args.judge == "nvila" else {}
+        if args.judge == "nvila":
+            kw = {"timeout_s": args.judge_timeout}
+            if args.judge_cuda_devices is not None:
+                kw["env"] = dict(os.environ, CUDA_VISIBLE_DEVICES=args.judge_cuda_devices)
+        else:
+            kw = {"yes_word": args.judge_yes_word, "no_word": args.judge_no_word}
         if args.judge_batch:
             kw["batch_size"] = args.judge_batch
         judge = make_judge(args.judge, path=args.judge_path, python=args.judge_python, **kw)
