@@ -25,6 +25,16 @@ SHIFTS = (3.0, 6.0)
 B, C, H, W, L, CY = 2, 4, 3, 5, 7, 6  # all different, so a wrong axis cannot pass
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+  """Tiny torch models on a shared 2-core box: multi-threading makes each call ~100x
+  slower (thread contention), so run torch single-threaded here."""
+  n = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(n)
+
+
 def rel_err(a, b):
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
@@ -274,6 +284,23 @@ def test_progress_callback_reports_every_step_in_order():
   assert seen == [(i, 7) for i in range(7)]
 
 
+@pytest.mark.parametrize("solver", samplers.SOLVERS)
+def test_padded_grid_equals_exact_grid(solver):
+  """pad_to runs the same steps (extra ones skipped): same latents, progress only reports
+  the real steps, and one compiled program serves several step counts."""
+  noise, cap, null, mask, null_mask = _inputs()
+  for steps in (1, 2, 7):
+    seen = []
+    exact = _ours(solver, 3.0, steps, noise, cap, null, mask, null_mask, 4.5, False)
+    padded = _ours(solver, 3.0, steps, noise, cap, null, mask, null_mask, 4.5, False,
+                   pad_to=9, progress=lambda i, n: seen.append((i, n)))
+    jax.effects_barrier()
+    np.testing.assert_allclose(padded, exact, rtol=1e-6, atol=1e-6)
+    assert seen == [(i, steps) for i in range(steps)]
+  with pytest.raises(ValueError, match="pad"):
+    samplers.make_sampler(toy_jax, num_steps=10, shift=3.0, pad_to=9)
+
+
 def test_one_step_dpm_and_euler_return_x0_prediction():
   """With one step both solvers land on x0 = x - sigma_0 v(x, t_0) (sigma_0 ~ 1)."""
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 5)), jnp.float32)
@@ -293,6 +320,72 @@ def test_guidance_bad_input():
   with pytest.raises(ValueError, match="mask"):
     samplers.guided_velocity_fn(toy_jax, cap, jnp.ones((B, L + 1)), jnp.zeros((L, CY)),
                                 guidance_scale=4.5)
+  with pytest.raises(ValueError, match="guidance_scale"):
+    samplers.guided_velocity_fn(toy_jax, cap, mask, jnp.zeros((L, CY)), guidance_scale=-1.0)
+  with pytest.raises(ValueError, match="guidance_scale"):
+    samplers.make_sampler(toy_jax, num_steps=2, shift=3.0, guidance_scale=-0.5)
+  with pytest.raises(ValueError, match="null caption's mask"):
+    samplers.make_sampler(toy_jax, num_steps=2, shift=3.0, use_null_mask=True)(
+        _toy_params(), jnp.zeros((B, H, W, C)), cap, mask, jnp.zeros((L, CY)))
   with pytest.raises(ValueError, match="guidance_interval"):
     samplers.guided_velocity_fn(toy_jax, cap, mask, jnp.zeros((L, CY)), guidance_scale=4.5,
                                 guidance_interval=(800, 200))
+
+
+# -------------------------------------------------- phase B: the tiny DiT, both frameworks
+
+
+def _tiny_dit():
+  from configs import tiny
+  from sana_jax.models import dit
+  from sana_jax.models.dit_config import DiTConfig
+  from sana_jax.weights import dit as dit_weights
+  from tests import dit_reference
+
+  cfg = DiTConfig.coerce(tiny.get_config().model).diffusers_compatible()
+  assert cfg.floor_timestep is False
+  torch_model = dit_reference.diffusers_model(cfg, seed=3)
+  params = dit_weights.diffusers_to_params(dit_reference.state_dict_numpy(torch_model), cfg)
+  model = dit.SanaDiT(cfg)
+  return cfg, torch_model, params, model
+
+
+@pytest.fixture(scope="module")
+def tiny_dit():
+  return _tiny_dit()
+
+
+def _dit_apply(model):
+  return lambda params, x, t, c, m: model.apply({"params": params}, x, t, c, m)
+
+
+@pytest.mark.parametrize("solver", samplers.SOLVERS)
+def test_dit_sampler_parity_with_sana_pipeline(tiny_dit, solver):
+  """The tiny diffusers SanaTransformer2DModel in SanaPipeline (NCHW) vs our converted
+  Flax DiT under our sampler (NHWC): same noise, CFG 4.5, steps 1/2/20/50, shifts 3/6."""
+  cfg, torch_model, params, model = tiny_dit
+  rng = np.random.default_rng(7)
+  hl, wl, lc = 4, 6, 9
+  noise = rng.standard_normal((B, cfg.in_channels, hl, wl)).astype(np.float32)
+  cap = rng.standard_normal((B, lc, cfg.caption_channels)).astype(np.float32)
+  null = rng.standard_normal((1, lc, cfg.caption_channels)).astype(np.float32)
+  mask = np.zeros((B, lc), np.int64)
+  mask[0, :5] = 1
+  mask[1, :8] = 1
+  null_mask = np.zeros((B, lc), np.int64)
+  null_mask[:, :2] = 1
+  apply_fn = _dit_apply(model)
+  pipe_kw = dict(noise=noise, cap=cap, null=null, mask=mask, guidance_scale=4.5)
+  for shift in SHIFTS:
+    for k, steps in enumerate(STEPS):
+      official = k % 2 == 1  # alternate the two null-mask conventions
+      ref = _diffusers_latents(torch_model, solver, shift, steps,
+                               null_mask=mask if official else null_mask, **pipe_kw)
+      run = samplers.make_sampler(apply_fn, num_steps=steps, shift=shift, solver=solver,
+                                  guidance_scale=4.5, use_null_mask=not official,
+                                  pad_to=max(STEPS))  # one compiled program per solver
+      out = run(params, jnp.asarray(noise.transpose(0, 2, 3, 1)), cap, mask, null, null_mask)
+      out = np.asarray(out).transpose(0, 3, 1, 2)
+      err = rel_err(out, ref)
+      print(f"DiT {solver} shift={shift} steps={steps} official_mask={official}: {err:.2e}")
+      assert err <= 1e-5, (solver, shift, steps, err)

@@ -14,6 +14,7 @@ use_flow_sigmas=True, flow_shift=k, prediction_type="flow_prediction")` or
     x = scheduler.step(v, t, x)
 """
 
+import functools
 from typing import Callable, Optional, Sequence, Union
 
 import jax
@@ -32,24 +33,47 @@ def _print_progress(step, total):
   print(f"sampling step {int(step) + 1}/{int(total)}", flush=True)
 
 
-def _report(progress: Progress, step, total: int):
+def _report(progress: Progress, step, total):
   if not progress:
     return
   fn = _print_progress if progress is True else progress
-  jax.debug.callback(lambda s: fn(int(s), total), step, ordered=True)
+  jax.debug.callback(lambda s, n: fn(int(s), int(n)), step, total, ordered=True)
 
 
 def _as_f32(a):
-  return jnp.asarray(np.asarray(a, np.float32))
+  return jnp.asarray(a, jnp.float32)
+
+
+def _scan_steps(step_fn, carry, xs, num_steps, num_valid, progress):
+  """lax.scan of step_fn(carry, inp) -> carry over xs (leading axis = step, first entry the
+  step index). With num_valid (a traced int), steps i >= num_valid leave the carry
+  unchanged without evaluating the model (lax.cond), so grids padded to one length share
+  one compiled program."""
+  total = num_steps if num_valid is None else num_valid
+
+  def body(carry, inp):
+    def run(c):
+      _report(progress, inp[0], total)
+      return step_fn(c, inp)
+
+    if num_valid is None:
+      return run(carry), None
+    return jax.lax.cond(inp[0] < num_valid, run, lambda c: c, carry), None
+
+  carry, _ = jax.lax.scan(body, carry, xs)
+  return carry
 
 
 def dpm_solver_loop(velocity_fn: VelocityFn, x, schedule: schedules.FlowSchedule,
                     coefficients: Optional[schedules.DPMSolverCoefficients] = None,
-                    progress: Progress = False):
+                    progress: Progress = False, num_valid=None):
   """Flow DPM-Solver++ (2nd-order multistep, midpoint; 1st order on first and last step).
 
   x: (B, ...) float32 initial noise at sigmas[0]. Returns x at sigma = 0. Mirrors
   diffusers: x0_pred = x - sigma * v, then x <- ratio x - phi D0 - half_phi D1.
+  `schedule` and `coefficients` may be traced arrays (jit arguments); `coefficients` can
+  only be derived here when the sigmas are concrete. num_valid: see `_scan_steps`.
+  progress: True prints each step; a callable gets (step, total); via jax.debug.callback.
   """
   if coefficients is None:
     coefficients = schedules.dpm_solver_coefficients(np.asarray(schedule.sigmas))
@@ -59,37 +83,46 @@ def dpm_solver_loop(velocity_fn: VelocityFn, x, schedule: schedules.FlowSchedule
         _as_f32(coefficients.half_phi), _as_f32(coefficients.inv_r0))
   x = jnp.asarray(x, jnp.float32)
 
-  def body(carry, inp):
+  def step(carry, inp):
     x, prev_x0 = carry
-    i, t, sigma, ratio, phi, half_phi, inv_r0 = inp
+    _, t, sigma, ratio, phi, half_phi, inv_r0 = inp
     v = velocity_fn(x, t).astype(jnp.float32)
     x0 = x - sigma * v
     d1 = inv_r0 * (x0 - prev_x0)
-    x_next = ratio * x - phi * x0 - half_phi * d1
-    _report(progress, i, n)
-    return (x_next, x0), None
+    return ratio * x - phi * x0 - half_phi * d1, x0
 
-  (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
+  x, _ = _scan_steps(step, (x, jnp.zeros_like(x)), xs, n, num_valid, progress)
   return x
 
 
 def euler_loop(velocity_fn: VelocityFn, x, schedule: schedules.FlowSchedule,
-               progress: Progress = False):
+               progress: Progress = False, num_valid=None):
   """Flow Euler: x <- x + (sigma_next - sigma) v. x: (B, ...) float32 noise."""
-  sig = np.asarray(schedule.sigmas, np.float32)
-  dt = (sig[1:] - sig[:-1]).astype(np.float32)
+  sig = _as_f32(schedule.sigmas)
+  dt = sig[1:] - sig[:-1]  # float32, as diffusers' `sigma_next - sigma`
   n = int(dt.shape[0])
-  xs = (jnp.arange(n), _as_f32(schedule.model_times), _as_f32(dt))
+  xs = (jnp.arange(n), _as_f32(schedule.model_times), dt)
   x = jnp.asarray(x, jnp.float32)
 
-  def body(x, inp):
-    i, t, dt = inp
-    v = velocity_fn(x, t).astype(jnp.float32)
-    _report(progress, i, n)
-    return x + dt * v, None
+  def step(x, inp):
+    _, t, dt = inp
+    return x + dt * velocity_fn(x, t).astype(jnp.float32)
 
-  x, _ = jax.lax.scan(body, x, xs)
-  return x
+  return _scan_steps(step, x, xs, n, num_valid, progress)
+
+
+def pad_schedule(schedule: schedules.FlowSchedule, coefficients, length: int):
+  """Pad a grid (and DPM coefficients, or None) to `length` steps with inert entries
+  (sigma 0, zero coefficients) for use with num_valid = schedule.num_steps."""
+  n = schedule.num_steps
+  if length < n:
+    raise ValueError(f"cannot pad {n} steps to {length}")
+  pad = lambda a, k: np.concatenate([np.asarray(a, np.float32), np.zeros(k, np.float32)])
+  schedule = schedules.FlowSchedule(pad(schedule.sigmas, length - n),
+                                    pad(schedule.model_times, length - n))
+  if coefficients is not None:
+    coefficients = schedules.DPMSolverCoefficients(*(pad(a, length - n) for a in coefficients))
+  return schedule, coefficients
 
 
 def make_schedule(solver: str, num_steps: int, shift: float) -> schedules.FlowSchedule:
@@ -139,6 +172,8 @@ def guided_velocity_fn(apply_fn, caption, caption_mask, null_caption, *,
     multiply by 1000), else a single conditional pass.
   Returns velocity_fn(x (B, ...), t scalar) -> v (B, ...).
   """
+  if isinstance(guidance_scale, (int, float)) and not guidance_scale >= 0:
+    raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
   caption = jnp.asarray(caption)
   caption_mask = jnp.asarray(caption_mask)
   if caption.ndim != 3 or caption_mask.shape != caption.shape[:2]:
@@ -182,27 +217,61 @@ def guided_velocity_fn(apply_fn, caption, caption_mask, null_caption, *,
   return velocity_fn
 
 
-def make_sampler(apply_fn, *, num_steps: int, shift: float, solver: str = "dpm_solver",
-                 guidance_scale: float = 4.5, guidance_interval=None,
-                 use_null_mask: bool = False, progress: Progress = False):
-  """A jitted end-to-end sampler around a model apply fn.
+@functools.lru_cache(maxsize=64)
+def _jitted_sampler(apply_fn, solver, guidance_scale, guidance_interval, use_null_mask,
+                    progress):
+  """One jitted program per (model fn, solver, guidance settings); the grid and its
+  coefficients are arguments, so flow shifts with the same step count share it."""
 
-  apply_fn(params, x, t, caption, mask) -> v. Returns
-  `run(params, noise, caption, caption_mask, null_caption, null_mask=None) -> latents`,
-  a `jax.jit` function (parameters and captions are arguments). With use_null_mask=False
-  (official) `null_mask` is ignored and the conditional mask is used for the null half.
-  """
-  schedule = make_schedule(solver, num_steps, shift)
-  coeffs = schedules.dpm_solver_coefficients(schedule.sigmas) if solver == "dpm_solver" else None
-
-  def run(params, noise, caption, caption_mask, null_caption, null_mask=None):
+  def run(params, noise, caption, caption_mask, null_caption, null_mask, schedule, coeffs,
+          num_valid):
     vf = guided_velocity_fn(
         lambda x, t, c, m: apply_fn(params, x, t, c, m), caption, caption_mask,
         null_caption, guidance_scale=guidance_scale,
         null_mask=null_mask if use_null_mask else None,
         guidance_interval=guidance_interval)
     if solver == "dpm_solver":
-      return dpm_solver_loop(vf, noise, schedule, coeffs, progress=progress)
-    return euler_loop(vf, noise, schedule, progress=progress)
+      return dpm_solver_loop(vf, noise, schedule, coeffs, progress=progress,
+                             num_valid=num_valid)
+    return euler_loop(vf, noise, schedule, progress=progress, num_valid=num_valid)
 
   return jax.jit(run)
+
+
+def make_sampler(apply_fn, *, num_steps: int, shift: float, solver: str = "dpm_solver",
+                 guidance_scale: float = 4.5, guidance_interval=None,
+                 use_null_mask: bool = False, progress: Progress = False,
+                 pad_to: Optional[int] = None):
+  """A jitted end-to-end sampler around a model apply fn.
+
+  apply_fn(params, x, t, caption, mask) -> v (x (2B, H, W, C), t (2B,)). Returns
+  `run(params, noise, caption, caption_mask, null_caption, null_mask=None) -> latents`;
+  parameters and captions are jit arguments (not baked-in constants), and the compiled
+  program is cached per (apply_fn, solver, guidance settings, step count). With
+  use_null_mask=False (official) `null_mask` is ignored and the conditional mask is used
+  for the null half; with True it is required (diffusers' SanaPipeline behaviour).
+  pad_to: run a grid padded to this many steps (extra steps are skipped with lax.cond), so
+  every step count <= pad_to reuses one compiled program.
+  """
+  schedule = make_schedule(solver, num_steps, shift)
+  coeffs = schedules.dpm_solver_coefficients(schedule.sigmas) if solver == "dpm_solver" else None
+  interval = _check_interval(guidance_interval)
+  if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+    raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+  fn = _jitted_sampler(apply_fn, solver, float(guidance_scale), interval,
+                       bool(use_null_mask), progress)
+  num_valid = None
+  if pad_to is not None:
+    schedule, coeffs = pad_schedule(schedule, coeffs, pad_to)
+    num_valid = jnp.int32(num_steps)
+  sched = schedules.FlowSchedule(*(jnp.asarray(a) for a in schedule))
+  coeffs = None if coeffs is None else schedules.DPMSolverCoefficients(
+      *(jnp.asarray(a) for a in coeffs))
+
+  def run(params, noise, caption, caption_mask, null_caption, null_mask=None):
+    if use_null_mask and null_mask is None:
+      raise ValueError("use_null_mask=True needs the null caption's mask")
+    return fn(params, noise, caption, caption_mask, null_caption,
+              null_mask if use_null_mask else None, sched, coeffs, num_valid)
+
+  return run
