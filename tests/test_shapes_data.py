@@ -158,10 +158,9 @@ def test_grid_cli(tmp_path):
 # ----------------------------------------------------------------------------- TFDS
 
 
-def _build(data_dir, name="tiny", image_size=32, num_train=60, seed=1):
+def _build(data_dir, image_size=32, num_train=60, seed=1):
   from sana_jax.data import shapes_tfds
-  cfg = shapes_tfds.ShapesEvalConfig(name=name, image_size=image_size, num_train=num_train,
-                                     seed=seed)
+  cfg = shapes_tfds.make_config(image_size, num_train, seed)
   builder = shapes_tfds.ShapesEval(config=cfg, data_dir=str(data_dir))
   builder.download_and_prepare()
   return builder
@@ -185,25 +184,31 @@ def test_tfds_builder_writes_array_record_readable_without_tensorflow(tmp_path):
   files = _record_files(tmp_path / "a")
   assert sorted(files) == ["shapes_eval-eval.array_record-00000-of-00001",
                            "shapes_eval-train.array_record-00000-of-00001"]
-  ds = tfds.data_source("shapes_eval/tiny", data_dir=str(tmp_path / "a"))
+  ds = tfds.data_source("shapes_eval/32px_n60_s1", data_dir=str(tmp_path / "a"))
   train, evals = ds["train"], ds["eval"]
   assert len(train) == 60 and len(evals) == len(S.eval_prompts())
 
-  # Every record is the example the pure-numpy generator makes for that spec.
-  expected = {json.dumps(e["spec"]): e for e in (S.example(i, 32, seed=1) for i in range(60))}
+  # Record i is example i of the pure-numpy generator (stored in key order).
   seen = collections.Counter()
   for i in range(len(train)):
     rec = shapes_tfds.decode(train[i])
+    ex = S.example(i, 32, seed=1)
     assert rec["image"].dtype == np.uint8 and rec["image"].shape == (32, 32, 3)
-    ex = expected[json.dumps(rec["spec"])]
     np.testing.assert_array_equal(rec["image"], ex["image"])
+    assert rec["spec"] == ex["spec"]
     assert rec["caption"] == ex["caption"] == rec["spec"]["prompt"]
     assert rec["category"] == ex["category"] == rec["spec"]["tag"]
     seen[rec["category"]] += 1
   assert seen == {c: 10 for c in S.CATEGORIES}  # balanced
 
-  eval_specs = [shapes_tfds.decode(evals[i])["spec"] for i in range(len(evals))]
-  assert sorted(map(json.dumps, eval_specs)) == sorted(map(json.dumps, S.eval_prompts()))
+  # The eval split renders the evaluation prompts, in order; the evaluator passes them.
+  from sana_jax.eval import shapes as E
+  eval_specs = S.eval_prompts()
+  for i in range(len(evals)):
+    rec = shapes_tfds.decode(evals[i])
+    assert rec["spec"] == eval_specs[i]
+    if i % 10 == 0:
+      assert E.evaluate(rec["image"], rec["spec"]).correct
   train_keys = {S.normalize_prompt(shapes_tfds.decode(train[i])["caption"]) for i in range(60)}
   assert not train_keys & {S.normalize_prompt(s["prompt"]) for s in eval_specs}
 
@@ -227,3 +232,19 @@ def test_tfds_registered_configs():
   b = shapes_tfds.ShapesEval(config="128px", data_dir="/nonexistent-not-written")
   assert b.info.features["image"].shape == (128, 128, 3)
   assert b.builder_config.num_train == shapes_tfds.DEFAULT_NUM_TRAIN
+
+
+def test_all_specs_and_vocabulary_cover_the_grammar():
+  vocab = set(S.vocabulary())
+  assert {"circle", "crosses", "purple", "left", "above", "three", "4"} <= vocab
+  for ci, cat in enumerate(S.CATEGORIES):
+    support = {json.dumps(s, sort_keys=True) for s in S.all_specs(cat)}
+    rng = np.random.default_rng([5, ci])
+    for _ in range(400):
+      spec = S.sample_spec(cat, rng)
+      assert set(spec["prompt"].split()) <= vocab, spec["prompt"]
+      content = {k: v for k, v in spec.items() if k != "prompt"}
+      assert json.dumps(content, sort_keys=True) in support
+  for spec in S.eval_prompts():
+    assert set(spec["prompt"].split()) <= vocab
+  assert len(S.all_specs("color_attr")) == 4 * 3 * 6 * 5

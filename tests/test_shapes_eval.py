@@ -298,11 +298,11 @@ def test_cli_on_geneval_folder(tmp_path, capsys):
   meta.write_text("".join(json.dumps(p) + "\n" for p in prompts))
   for i in chosen:
     spec = prompts[i]
-    imgs = [S.render(spec, 32, np.random.default_rng([i, j])) for j in range(2)]
+    imgs = [S.render(spec, 48, np.random.default_rng([i, j])) for j in range(2)]
     if spec["tag"] == "counting":  # one sample with an extra instance: must fail
       bad = copy.deepcopy(spec)
       bad["include"][0]["count"] += 1
-      imgs[1] = S.render(bad, 32, np.random.default_rng(i))
+      imgs[1] = S.render(bad, 48, np.random.default_rng(i))
     E.save_geneval_folder(str(tmp_path / "imgs"), i, spec, imgs)
   out = tmp_path / "results.jsonl"
   rep = E.main(["--images", str(tmp_path / "imgs"), "--metadata", str(meta), "--out", str(out)])

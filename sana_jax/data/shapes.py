@@ -226,6 +226,49 @@ def caption(spec: dict, rng: np.random.Generator) -> str:
   return frame.format(object_phrase(spec, int(rng.integers(12))))
 
 
+def all_specs(category: str) -> list[dict]:
+  """Every distinct spec (without prompt) `spec_for(category, .)` can return."""
+  out = []
+  pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b]
+  cpairs = [(a, b) for a in COLORS for b in COLORS if a != b]
+  if category == "single_object":
+    out = [{"tag": category, "include": [{"class": s, "count": 1}]} for s in SHAPES]
+  elif category == "two_object":
+    out = [{"tag": category, "include": [{"class": a, "count": 1}, {"class": b, "count": 1}]}
+           for a, b in pairs]
+  elif category == "counting":
+    out = [{"tag": category, "include": [{"class": s, "count": n}],
+            "exclude": [{"class": s, "count": n + 1}]} for s in SHAPES for n in COUNTING_RANGE]
+  elif category == "colors":
+    out = [{"tag": category, "include": [{"class": s, "count": 1, "color": c}]}
+           for s in SHAPES for c in COLORS]
+  elif category == "position":
+    out = [{"tag": category, "include": [{"class": a, "count": 1},
+                                         {"class": b, "count": 1, "position": [r, 0]}]}
+           for a, b in pairs for r in RELATIONS]
+  elif category == "color_attr":
+    out = [{"tag": category, "include": [{"class": a, "count": 1, "color": ca},
+                                         {"class": b, "count": 1, "color": cb}]}
+           for a, b in pairs for ca, cb in cpairs]
+  else:
+    raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+  return out
+
+
+@functools.lru_cache(maxsize=1)
+def vocabulary() -> tuple:
+  """Every word a ShapesEval caption or evaluation prompt can contain (sorted), for a
+  word-level tokenizer. Words are split on whitespace; captions are lower case."""
+  words = set()
+  for frame in FRAMES:
+    words.update(frame.replace("{}", " ").split())
+  for category in CATEGORIES:
+    for spec in all_specs(category):
+      for style in range(12):
+        words.update(object_phrase(spec, style).split())
+  return tuple(sorted(words))
+
+
 def normalize_prompt(prompt: str) -> str:
   """Lower case, single spaces, no punctuation: the key of the train/eval disjointness."""
   kept = "".join(ch if ch.isalnum() or ch == " " else " " for ch in prompt.lower())
@@ -302,7 +345,7 @@ def _size_range(n_objects: int) -> tuple[float, float]:
   return 0.22, 0.30
 
 
-MIN_SIZE_PX = 7.0  # smallest shape, so every class stays recognisable at 32 px
+MIN_SIZE_PX = 8.0  # smallest shape (px), so every class stays recognisable at 32 px
 POSITION_MARGIN = 0.1  # GenEval's POSITION_THRESHOLD
 
 
