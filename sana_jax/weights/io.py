@@ -175,7 +175,7 @@ def torch_to_numpy(tensor) -> np.ndarray:
 
 def numpy_to_torch(array: np.ndarray):
   import torch
-  array = np.ascontiguousarray(array)
+  array = np.array(array, copy=True, order="C")  # torch wants writable memory
   if array.dtype == ml_dtypes.bfloat16:
     return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
   return torch.from_numpy(array)

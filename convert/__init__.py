@@ -1,0 +1,1 @@
+"""Command-line converters over sana_jax.weights."""

@@ -1,0 +1,208 @@
+"""Weight conversion: bit-exact round trips, diffusers loading, the diffusers oracle, errors."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from convert import dit as cli
+from sana_jax.models.dit_config import DiTConfig
+from sana_jax.weights import dit as W
+from sana_jax.weights import io
+from sana_jax.weights.io import CheckpointError
+from tests import dit_reference as ref
+
+PLAIN = DiTConfig(in_channels=5, out_channels=5, hidden_size=48, depth=2, self_head_dim=8,
+                  cross_heads=4, cross_head_dim=10, caption_channels=20, caption_len=7,
+                  sample_size=9)
+QK = DiTConfig(in_channels=6, out_channels=6, patch_size=2, hidden_size=64, depth=3,
+               self_head_dim=16, cross_heads=3, cross_head_dim=12, caption_channels=28,
+               caption_len=11, sample_size=7, qk_norm=True, cross_norm=True)
+
+
+@pytest.fixture(scope="module", params=["plain", "qk"])
+def setup(request):
+  cfg = {"plain": PLAIN, "qk": QK}[request.param]
+  model = ref.diffusers_model(cfg, seed=3)
+  diff_sd = ref.state_dict_numpy(model)
+  official = W.diffusers_to_official(diff_sd, cfg)
+  rng = np.random.default_rng(0)
+  official["y_embedder.y_embedding"] = rng.standard_normal(
+      (cfg.caption_len, cfg.caption_channels)).astype(np.float32)
+  return cfg, model, diff_sd, official
+
+
+def _assert_same(a: dict, b: dict):
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype, k
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_official_flax_official_bit_exact(setup):
+  cfg, _, _, official = setup
+  params, extras = W.official_to_params(official, cfg)
+  _assert_same(W.params_to_official(params, cfg, extras), official)
+
+
+def test_bf16_official_round_trip_keeps_dtype(setup):
+  import ml_dtypes
+  cfg, _, _, official = setup
+  official = {k: v.astype(ml_dtypes.bfloat16) for k, v in official.items()}
+  params, extras = W.official_to_params(official, cfg)
+  _assert_same(W.params_to_official(params, cfg, extras), official)
+
+
+def test_diffusers_flax_diffusers_bit_exact(setup, tmp_path):
+  cfg, model, diff_sd, _ = setup
+  model.save_pretrained(tmp_path / "src")
+  params, cfg2 = W.load_diffusers(tmp_path / "src")
+  assert cfg2 == cfg.diffusers_compatible().replace(caption_len=300)  # not in diffusers config
+  W.save_diffusers(tmp_path / "out", params, cfg2, max_shard_bytes=20_000)  # sharded
+  assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").exists()
+  _assert_same(io.read_safetensors_folder(tmp_path / "out"), diff_sd)
+
+
+def test_diffusers_output_loads_with_from_pretrained(setup, tmp_path):
+  from diffusers import SanaTransformer2DModel
+  cfg, model, diff_sd, _ = setup
+  params = W.diffusers_to_params(diff_sd, cfg)
+  W.save_diffusers(tmp_path / "out", params, cfg)
+  loaded = SanaTransformer2DModel.from_pretrained(tmp_path / "out").eval()
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((1, 4, 6, cfg.in_channels)).astype(np.float32)
+  y = rng.standard_normal((1, 5, cfg.caption_channels)).astype(np.float32)
+  m = np.ones((1, 5), np.int32)
+  _assert_same(ref.state_dict_numpy(loaded), diff_sd)  # every tensor, bit for bit
+  assert ref.rel_err(ref.run_diffusers(loaded, x, [500.0], y, m),
+                     ref.run_diffusers(model, x, [500.0], y, m)) <= 1e-6
+
+
+def test_official_to_diffusers_matches_diffusers_converter(setup):
+  from diffusers.loaders.single_file_utils import convert_sana_transformer_to_diffusers
+  cfg, _, _, official = setup
+  ours = W.official_to_diffusers(official, cfg)
+  oracle_in = {k: torch.from_numpy(v.copy()) for k, v in official.items()}
+  oracle_in["pos_embed"] = torch.zeros(1, 4, cfg.hidden_size)
+  theirs = {k: v.numpy() for k, v in convert_sana_transformer_to_diffusers(oracle_in).items()}
+  # The oracle omits the qk-norm keys; every key it writes must agree exactly.
+  assert set(theirs) <= set(ours)
+  assert set(ours) - set(theirs) == {k for k in ours if "norm_q" in k or "norm_k" in k}
+  for k in theirs:
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+
+
+def test_cli_pth_round_trip_and_ema(setup, tmp_path):
+  cfg, _, _, official = setup
+  ema = {k: v + 1 for k, v in official.items()}
+  to_t = lambda sd: {k: torch.from_numpy(v.copy()) for k, v in sd.items()}  # noqa: E731
+  torch.save({"state_dict": to_t(official), "state_dict_ema": to_t(ema), "step": 7},
+             tmp_path / "ckpt.pth")
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text("import ml_collections\ndef get_config():\n  return ml_collections."
+                      f"ConfigDict({{'model': {cfg.to_dict()!r}}})\n")
+  for which in ("", "--ema"):
+    args = ["--src", str(tmp_path / "ckpt.pth"), "--to", "flax", "--dst",
+            str(tmp_path / f"flax{which}"), "--config", str(cfg_file)] + ([which] if which else [])
+    assert cli.main(args) == 0
+    assert cli.main(["--src", str(tmp_path / f"flax{which}"), "--to", "official", "--dst",
+                     str(tmp_path / f"back{which}.pth")]) == 0
+    back = torch.load(tmp_path / f"back{which}.pth", weights_only=True)["state_dict"]
+    _assert_same({k: v.numpy() for k, v in back.items()}, ema if which else official)
+  # official -> diffusers through the CLI, then back to official with the null embedding.
+  assert cli.main(["--src", str(tmp_path / "flax"), "--to", "diffusers", "--dst",
+                   str(tmp_path / "diff")]) == 0
+  with pytest.raises(CheckpointError, match="null-embedding"):
+    cli.main(["--src", str(tmp_path / "diff"), "--to", "official", "--dst",
+              str(tmp_path / "x.pth")])
+  assert not (tmp_path / "x.pth").exists()
+  np.save(tmp_path / "null.npy", official["y_embedder.y_embedding"])
+  assert cli.main(["--src", str(tmp_path / "diff"), "--to", "official", "--dst",
+                   str(tmp_path / "y.pth"), "--null-embedding", str(tmp_path / "null.npy")]) == 0
+  back = torch.load(tmp_path / "y.pth", weights_only=True)["state_dict"]
+  _assert_same({k: v.numpy() for k, v in back.items()}, official)
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+def _expect_no_output(fn, dst, exc, match):
+  with pytest.raises(exc, match=match):
+    fn()
+  assert not dst.exists()
+  assert not list(dst.parent.glob(f".{dst.name}.*"))  # no leftover temporaries
+
+
+@pytest.fixture()
+def qk_official():
+  model = ref.diffusers_model(QK, seed=5)
+  return W.diffusers_to_official(ref.state_dict_numpy(model), QK)
+
+
+def test_missing_unexpected_misshaped(qk_official):
+  sd = dict(qk_official)
+  del sd["blocks.1.attn.qkv.weight"]
+  with pytest.raises(CheckpointError, match=r"missing.*blocks\.1\.attn\.qkv\.weight"):
+    W.official_to_params(sd, QK)
+  sd = dict(qk_official, **{"blocks.0.extra.weight": np.zeros(3)})
+  with pytest.raises(CheckpointError, match=r"unexpected.*blocks\.0\.extra\.weight"):
+    W.official_to_params(sd, QK)
+  sd = dict(qk_official)
+  sd["blocks.2.cross_attn.proj.weight"] = np.zeros((64, 35), np.float32)
+  with pytest.raises(CheckpointError, match=r"cross_attn\.proj\.weight.*\(64, 35\).*\(64, 36\)"):
+    W.official_to_params(sd, QK)
+
+
+def test_config_that_does_not_fit_names_the_field(qk_official):
+  with pytest.raises(CheckpointError, match="depth"):
+    W.official_to_params(qk_official, QK.replace(depth=4))
+  with pytest.raises(CheckpointError, match="qk_norm"):
+    W.official_to_params(qk_official, QK.replace(qk_norm=False))
+  with pytest.raises(CheckpointError, match="mlp_ratio"):
+    W.official_to_params(qk_official, QK.replace(mlp_ratio=3.0))
+
+
+def test_truncated_and_missing_files(tmp_path, qk_official):
+  params, _ = W.official_to_params(qk_official, QK)
+  W.save_diffusers(tmp_path / "d", params, QK)
+  f = tmp_path / "d" / "diffusion_pytorch_model.safetensors"
+  f.write_bytes(f.read_bytes()[:-100])
+  _expect_no_output(lambda: cli.main(["--src", str(tmp_path / "d"), "--to", "flax", "--dst",
+                                      str(tmp_path / "out")]),
+                    tmp_path / "out", CheckpointError, "truncated")
+  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in qk_official.items()}},
+             tmp_path / "c.pth")
+  data = (tmp_path / "c.pth").read_bytes()
+  (tmp_path / "c.pth").write_bytes(data[: len(data) // 2])
+  _expect_no_output(lambda: cli.main(["--src", str(tmp_path / "c.pth"), "--to", "flax", "--dst",
+                                      str(tmp_path / "out")]),
+                    tmp_path / "out", CheckpointError, "cannot read")
+  _expect_no_output(lambda: cli.main(["--src", str(tmp_path / "nope.pth"), "--to", "flax",
+                                      "--dst", str(tmp_path / "out")]),
+                    tmp_path / "out", FileNotFoundError, "nope.pth")
+
+
+class _Evil:
+  def __reduce__(self):
+    import os
+    return (os.system, ("touch /tmp/sana_jax_pwned",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+  import os
+  if os.path.exists("/tmp/sana_jax_pwned"):
+    os.remove("/tmp/sana_jax_pwned")
+  with open(tmp_path / "evil.pth", "wb") as f:
+    pickle.dump({"state_dict": _Evil()}, f)
+  with pytest.raises(CheckpointError, match="refused"):
+    W.load_official(tmp_path / "evil.pth")
+  assert not os.path.exists("/tmp/sana_jax_pwned")
+
+
+def test_not_a_checkpoint_folder(tmp_path):
+  (tmp_path / "f").mkdir()
+  (tmp_path / "f" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+  with pytest.raises(CheckpointError, match="neither"):
+    cli.detect_format(tmp_path / "f")
