@@ -301,6 +301,35 @@ def test_padded_grid_equals_exact_grid(solver):
     samplers.make_sampler(toy_jax, num_steps=10, shift=3.0, pad_to=9)
 
 
+def test_sampling_sharded_over_devices_with_progress():
+  """Batch sharded over the 8 simulated devices: same latents as one device, and the
+  progress callback (unordered debug callback) fires once per step, not per device."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  n_dev = len(jax.devices())
+  if n_dev < 2:
+    pytest.skip("needs several devices")
+  rng = np.random.default_rng(3)
+  batch = n_dev
+  noise = rng.standard_normal((batch, H, W, C)).astype(np.float32)
+  cap = rng.standard_normal((batch, L, CY)).astype(np.float32)
+  mask = np.ones((batch, L), np.int32)
+  null = rng.standard_normal((L, CY)).astype(np.float32)
+  seen = []
+  run = samplers.make_sampler(toy_jax, num_steps=5, shift=3.0, guidance_scale=4.5,
+                              progress=lambda i, n: seen.append((i, n)))
+  single = np.asarray(run(_toy_params(), noise, cap, mask, null))
+  jax.effects_barrier()
+  seen.clear()
+  mesh = jax.make_mesh((n_dev,), ("data",))
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+  out = run(_toy_params(), put(noise), put(cap), put(mask), null)
+  jax.block_until_ready(out)
+  jax.effects_barrier()
+  assert len(out.sharding.device_set) == n_dev
+  np.testing.assert_allclose(np.asarray(out), single, rtol=1e-6, atol=1e-6)
+  assert seen == [(i, 5) for i in range(5)]
+
+
 def test_one_step_dpm_and_euler_return_x0_prediction():
   """With one step both solvers land on x0 = x - sigma_0 v(x, t_0) (sigma_0 ~ 1)."""
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 5)), jnp.float32)
