@@ -190,8 +190,9 @@ class CameState(NamedTuple):
   nu: Any
 
 
-def _use_8bit(shape, spec: LeafSpec, quantize: bool, min_8bit_size: int) -> bool:
-  return quantize and spec.factored and math.prod(shape[spec.batch_ndim:]) > min_8bit_size
+def _use_8bit(shape, spec: LeafSpec, quantize: bool, unfactored: bool, min_8bit_size: int) -> bool:
+  return (quantize and (spec.factored or unfactored)
+          and math.prod(shape[spec.batch_ndim:]) > min_8bit_size)
 
 
 def _tile(shape, spec: LeafSpec, block_size: int, align: int) -> tuple:
@@ -273,6 +274,7 @@ def scale_by_came(
     block_size: int = 2048,
     min_8bit_size: int = 16384,
     align: int = 8,
+    quantize_unfactored: bool = False,
 ) -> optax.GradientTransformation:
   """CAME's preconditioned direction (without learning rate or weight decay).
 
@@ -288,6 +290,9 @@ def scale_by_came(
       ``min_8bit_size`` elements per matrix, in blocks of about ``block_size`` elements
       that never cross a matrix.
     align: prefer block counts per axis that are multiples of this (see quant8.block_shape).
+    quantize_unfactored: also store m in 8 bits for unfactored leaves with more than
+      ``min_8bit_size`` elements per ``batch_ndim`` slice (the depthwise conv); off in the
+      reference. Their second moment v stays fp32.
 
   Returns:
     An optax.GradientTransformation with :class:`CameState`. Updates keep the gradients'
@@ -306,7 +311,7 @@ def scale_by_came(
     for p, s in zip(leaves, specs):
       shape = tuple(p.shape)
       zeros = jnp.zeros(shape, jnp.float32)
-      if _use_8bit(shape, s, quantize_mu, min_8bit_size):
+      if _use_8bit(shape, s, quantize_mu, quantize_unfactored, min_8bit_size):
         mus.append(quant8.quantize(zeros, _tile(shape, s, block_size, align)))
       else:
         mus.append(zeros)
@@ -372,15 +377,19 @@ def came_8bit(
     block_size: int = 2048,
     min_8bit_size: int = 16384,
     align: int = 8,
+    quantize_unfactored: bool = False,
 ) -> optax.GradientTransformation:
   """CAME-8bit: as :func:`came`, with m of large factored matrices stored in 8 bits.
 
   Each step dequantises m, updates it in fp32, uses that fp32 m for the step and stores it
-  requantised. ``block_size`` counts elements per block (not rows as in the official code).
+  requantised. ``block_size`` counts elements per block (not rows as in the official code);
+  blocks never cross a matrix (or a layer). ``quantize_unfactored`` also quantises m of
+  large unfactored leaves (beyond the reference; see docs/came.md).
   """
   return optax.chain(
       scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec, quantize_mu=True,
-                    block_size=block_size, min_8bit_size=min_8bit_size, align=align),
+                    block_size=block_size, min_8bit_size=min_8bit_size, align=align,
+                    quantize_unfactored=quantize_unfactored),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
