@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -625,17 +626,40 @@ def check_latents(config: DCAEConfig, shape) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def init_params(config: DCAEConfig, rng: Array, image_size: tuple[int, int] | None = None):
-  """Random parameters (a plain nested dict) for `AutoencoderDC(config)`."""
-  f = config.spatial_compression_ratio
-  h, w = image_size or (f, f)
-  x = jnp.zeros((1, h, w, config.in_channels), jnp.float32)
-  return AutoencoderDC(config).init(rng, x)["params"]
+def init_params(config: DCAEConfig, rng: Array | int = 0) -> dict:
+  """Random parameters (a plain nested dict of fp32 arrays) for `AutoencoderDC(config)`.
+
+  Shapes come from `jax.eval_shape(module.init)`; values are drawn here directly (kernels
+  normal with std 1/sqrt(fan_in), norm scales 1, biases 0, batch-norm mean 0 / var 1), since
+  running Flax `init` compiles the whole forward pass (over a minute on a small CPU).
+  """
+  seed = int(jax.random.randint(rng, (), 0, 2**31 - 1)) if not isinstance(rng, int) else rng
+  gen = np.random.default_rng(seed)
+
+  def leaf(path, sds):
+    name = path[-1].key
+    shape = sds.shape
+    if name == "kernel":
+      owner = path[-2].key
+      if len(shape) == 3 and owner in ("proj_in", "conv_depth"):  # depthwise (k, k, C)
+        fan_in = shape[0] * shape[1]
+      elif len(shape) == 3:  # grouped (G, in, out)
+        fan_in = shape[1]
+      else:
+        fan_in = math.prod(shape[:-1])
+      return jnp.asarray(gen.standard_normal(shape, np.float32) / np.sqrt(fan_in))
+    if name in ("scale", "var"):
+      return jnp.ones(shape, jnp.float32)
+    return jnp.zeros(shape, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, param_shapes(config))
 
 
 def param_shapes(config: DCAEConfig) -> dict:
-  """Shapes/dtypes of every parameter, without allocating (jax.eval_shape)."""
-  return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+  """Shapes/dtypes of every parameter, without allocating or compiling (jax.eval_shape)."""
+  f = config.spatial_compression_ratio
+  x = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
+  return jax.eval_shape(AutoencoderDC(config).init, jax.random.PRNGKey(0), x)["params"]
 
 
 _JITTED: dict = {}

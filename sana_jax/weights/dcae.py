@@ -211,7 +211,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: DCAEConfig,
     w = np.asarray(value)
     if w.dtype != np.float32:
       w = w.astype(np.float32)
-    flat[path] = np.ascontiguousarray(to_flax(_kind(path), w, fshape))
+    flat[path] = to_flax(_kind(path), w, fshape)
   missing = sorted(k for k in expected if expected[k][0] not in flat and
                    not any(m.startswith(k + ":") for m in misshaped))
   if missing or unexpected or misshaped:
@@ -226,9 +226,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: DCAEConfig,
       msg.append(f"  {len(misshaped)} mis-shaped: {_fmt(sorted(misshaped))}")
     raise DCAECheckpointError("\n".join(msg))
   tree = _unflatten(flat)
-  if as_jax:
-    tree = jax.tree_util.tree_map(jax.numpy.asarray, tree)
-  return tree
+  return jax.tree_util.tree_map(jax.numpy.asarray if as_jax else np.ascontiguousarray, tree)
 
 
 def to_diffusers_state_dict(params: Mapping, config: DCAEConfig | None = None) -> dict[str, np.ndarray]:
