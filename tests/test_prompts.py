@@ -142,3 +142,18 @@ def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(Exception):
         P.load_tokenizer(str(tmp_path / "empty"))
     assert not os.listdir(tmp_path / "empty")
+
+
+def test_tiny_shapes_encoder(tmp_path):
+    """The tiny word-level setup other parts use: shapes captions, no CHI."""
+    from sana_jax.models import text_encoder as te
+
+    captions = ["a red circle left of a blue square", "a green triangle above a red square"]
+    build_word_level_tokenizer(words_of(captions), str(tmp_path / "tok"))
+    tok = P.load_tokenizer(str(tmp_path / "tok"))
+    cfg = te.gemma2_tiny(len(tok))
+    enc = P.PromptEncoder.from_params(tok, cfg, te.init_params(cfg, 1),
+                                      P.PromptConfig(max_length=12, chi=None))
+    emb, mask = enc.encode(captions)
+    assert emb.shape == (2, 12, 64) and mask.sum(1).tolist() == [9, 8]
+    assert np.isfinite(emb).all() and not np.allclose(emb[0], emb[1])

@@ -189,6 +189,25 @@ def test_remat_same_output():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
+def test_batch_sharded_on_8_devices():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    assert jax.device_count() == 8
+    model = hf_model()
+    cfg = gw.config_from_hf(model.config.to_dict())
+    params = gw.hf_to_params(torch_state(model), cfg)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 97, (8, LENGTH)).astype(np.int32)
+    mask = (np.arange(LENGTH)[None] < rng.integers(1, LENGTH + 1, (8, 1))).astype(np.int32)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch = NamedSharding(mesh, PartitionSpec("data"))
+    fn = te.make_encode_fn(cfg)
+    sharded = fn(params, jax.device_put(ids, batch), jax.device_put(mask, batch))
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(fn(params, ids, mask)),
+                               rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

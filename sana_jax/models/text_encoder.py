@@ -132,6 +132,15 @@ def gemma2_2b(**overrides) -> Gemma2Config:
     return dataclasses.replace(Gemma2Config(), **overrides)
 
 
+def gemma2_tiny(vocab_size: int, **overrides) -> Gemma2Config:
+    """A small Gemma-2-architecture encoder (tests, the shapes task): hidden 64, 2 layers
+    (sliding, full; window 16), 4 heads x 16 with 2 kv heads, MLP 128."""
+    base = Gemma2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                        query_pre_attn_scalar=16, sliding_window=16)
+    return dataclasses.replace(base, **overrides)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """Gemma RMSNorm in float32: x * rsqrt(mean(x^2) + eps) * (1 + w); returns x.dtype."""
     xf = x.astype(jnp.float32)
