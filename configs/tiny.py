@@ -1,4 +1,7 @@
-"""A tiny SANA-1.5-style DiT for tests: every dimension differs from the others."""
+"""A tiny SANA-1.5-style DiT for tests: every dimension differs from the others.
+
+Training: `python train.py --config configs/tiny.py --workdir W --config.data.dir=DATA`.
+"""
 
 from configs import common
 
@@ -8,5 +11,6 @@ def get_config():
                      cross_heads=4, cross_head_dim=10, caption_channels=20, caption_len=12,
                      mlp_ratio=2.5, sample_size=8, qk_norm=True, cross_norm=True)
   config = common.base_config(model, flow_shift=3.0, name="tiny", image_size=256)
-  config.vae_downsample = 32
-  return config
+  return common.add_training(config, steps=200, global_batch=8, optimizer="came_8bit",
+                             lr=1e-3, warmup_steps=10, grad_clip=1.0, ema_decay=0.99,
+                             log_every=10, checkpoint_every=50, async_checkpoints=True)
