@@ -43,12 +43,14 @@ STRATEGIES = ("constant", "cyclic", "block_expand")
 _OFFICIAL_ONLY = ("progressive", "interpolation", "random")
 
 # Paths inside params['blocks'] (tuples of keys).
-_ZERO_GATE = (("scale_shift_table",), ("self_attn", "out", "kernel"), ("self_attn", "out", "bias"),
+_ZERO_GATE = (("scale_shift_table",),
+              ("self_attn", "out", "kernel"), ("self_attn", "out", "bias"),
               ("cross_attn", "out", "kernel"), ("cross_attn", "out", "bias"),
               ("mlp", "point", "kernel"))
 _FRESH_ZERO = (("self_attn", "out", "kernel"), ("cross_attn", "out", "kernel"),
-               ("mlp", "point", "kernel"), ("self_attn", "out", "bias"), ("cross_attn", "q", "bias"),
-               ("cross_attn", "kv", "bias"), ("cross_attn", "out", "bias"))
+               ("mlp", "point", "kernel"), ("self_attn", "out", "bias"),
+               ("cross_attn", "q", "bias"), ("cross_attn", "kv", "bias"),
+               ("cross_attn", "out", "bias"))
 _FRESH_ONE = (("self_attn", "q_norm"), ("self_attn", "k_norm"), ("cross_attn", "q_norm"),
               ("cross_attn", "k_norm"))
 _FRESH_DEPTHWISE = (("mlp", "depthwise_kernel"), ("mlp", "depthwise_bias"))

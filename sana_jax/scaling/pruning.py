@@ -16,7 +16,7 @@ t = 1000 s. Each calibration sample is (caption n, timestep t_j, noise draw d):
     no latents are given, a second independent N(0, 1) draw from the same key: without images
     the model sees pure Gaussian noise with the variance an x_t of unit-variance latents
     has at that timestep ((1 - s)^2 + s^2), which is what "pure noise at the timestep" means
-    here. Real latents give a more faithful ranking; the paper used generated samples.
+    here. Latents of real images, when available, put x_t on the training distribution.
 The expectation is the plain mean over all N_captions x N_timesteps x N_draws samples.
 
 Pruning keeps a subset of blocks: `jnp.take` on axis 0 of every leaf under params['blocks'],
