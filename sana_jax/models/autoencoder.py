@@ -394,7 +394,10 @@ class MultiscaleLinearAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, core_mask: Array | None = None) -> Array:
+    """core_mask (gh, gw), optional: for tiled runs. The layer then stores the attention
+    sums over the masked (core) tokens in collection 'attn_partial' (when mutable), and uses
+    global sums from collection 'attn_global' when present (see `sana_jax.models.tiling`)."""
     b, h, w, c = x.shape
     d = self.attention_head_dim
     heads = c // d
@@ -409,7 +412,19 @@ class MultiscaleLinearAttention(nn.Module):
     t = jnp.concatenate(scales, axis=-1).astype(jnp.float32)
     t = t.reshape(b, h * w, -1, 3, d)
     q, k, v = nn.relu(t[:, :, :, 0]), nn.relu(t[:, :, :, 1]), t[:, :, :, 2]
-    if h * w > d:
+    if core_mask is not None and self.is_mutable_collection("attn_partial"):
+      rep = h // core_mask.shape[0]
+      m = jnp.repeat(jnp.repeat(core_mask, rep, axis=0), rep, axis=1).reshape(1, h * w, 1, 1)
+      km = k * m.astype(k.dtype)
+      self.put_variable("attn_partial", "kv", jnp.einsum("bmgf,bmge->bgfe", km, v))
+      self.put_variable("attn_partial", "ksum", jnp.sum(km, axis=1))
+    if self.has_variable("attn_global", "kv"):
+      kv = self.get_variable("attn_global", "kv")
+      ksum = self.get_variable("attn_global", "ksum")
+      num = jnp.einsum("bngf,bgfe->bnge", q, kv)
+      den = jnp.einsum("bngf,bgf->bng", q, ksum)
+      o = num / (den[..., None] + self.eps)
+    elif h * w > d:
       o = _linear_attention(q, k, v, self.eps)
     else:
       o = _quadratic_attention(q, k, v, self.eps)
@@ -458,9 +473,9 @@ class EfficientViTBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, core_mask: Array | None = None) -> Array:
     x = MultiscaleLinearAttention(self.attention_head_dim, self.qkv_multiscales,
-                                  self.norm_type, dtype=self.dtype, name="attn")(x)
+                                  self.norm_type, dtype=self.dtype, name="attn")(x, core_mask)
     return GLUMBConv(dtype=self.dtype, name="conv_out")(x)
 
 
@@ -512,18 +527,21 @@ class UpBlock(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
-def _block(block_type, attention_head_dim, norm_type, act_fn, multiscales, dtype, name):
+def _block(x, core_mask, block_type, attention_head_dim, norm_type, act_fn, multiscales, dtype,
+           name):
   if block_type == "ResBlock":
-    return ResBlock(norm_type, act_fn, dtype=dtype, name=name)
-  return EfficientViTBlock(attention_head_dim, multiscales, norm_type, dtype=dtype, name=name)
+    return ResBlock(norm_type, act_fn, dtype=dtype, name=name)(x)
+  return EfficientViTBlock(attention_head_dim, multiscales, norm_type, dtype=dtype,
+                           name=name)(x, core_mask)
 
 
 class Encoder(nn.Module):
-  """(B, H, W, in_channels) -> (B, H/f, W/f, latent_channels), unscaled."""
+  """(B, H, W, in_channels) -> (B, H/f, W/f, latent_channels), unscaled. core_mask: see
+  `MultiscaleLinearAttention` (latent-grid resolution)."""
   config: DCAEConfig
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, core_mask: Array | None = None) -> Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.compute_dtype)
     ch, layers = cfg.encoder_block_out_channels, cfg.encoder_layers_per_block
@@ -534,8 +552,8 @@ class Encoder(nn.Module):
       x = DownBlock(ch[1], unshuffle, shortcut=False, dtype=dtype, name="conv_in")(x)
     for i, (c, n) in enumerate(zip(ch, layers)):
       for j in range(n):
-        x = _block(cfg.encoder_block_types[i], cfg.attention_head_dim, "rms_norm", "silu",
-                   cfg.encoder_qkv_multiscales[i], dtype, f"down_blocks_{i}_{j}")(x)
+        x = _block(x, core_mask, cfg.encoder_block_types[i], cfg.attention_head_dim, "rms_norm",
+                   "silu", cfg.encoder_qkv_multiscales[i], dtype, f"down_blocks_{i}_{j}")
       if i < len(ch) - 1 and n > 0:
         x = DownBlock(ch[i + 1], unshuffle, dtype=dtype, name=f"down_blocks_{i}_{n}")(x)
     y = Conv(cfg.latent_channels, dtype=dtype, name="conv_out")(x)
@@ -546,11 +564,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """(B, h, w, latent_channels) unscaled -> (B, h*f, w*f, in_channels)."""
+  """(B, h, w, latent_channels) unscaled -> (B, h*f, w*f, in_channels). core_mask: see
+  `MultiscaleLinearAttention`."""
   config: DCAEConfig
 
   @nn.compact
-  def __call__(self, z: Array) -> Array:
+  def __call__(self, z: Array, core_mask: Array | None = None) -> Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.compute_dtype)
     ch, layers = cfg.decoder_block_out_channels, cfg.decoder_layers_per_block
@@ -566,9 +585,9 @@ class Decoder(nn.Module):
                     name=f"up_blocks_{i}_0")(x)
         j = 1
       for k in range(n):
-        x = _block(cfg.decoder_block_types[i], cfg.attention_head_dim, cfg.decoder_norm_types[i],
-                   cfg.decoder_act_fns[i], cfg.decoder_qkv_multiscales[i], dtype,
-                   f"up_blocks_{i}_{j + k}")(x)
+        x = _block(x, core_mask, cfg.decoder_block_types[i], cfg.attention_head_dim,
+                   cfg.decoder_norm_types[i], cfg.decoder_act_fns[i],
+                   cfg.decoder_qkv_multiscales[i], dtype, f"up_blocks_{i}_{j + k}")
     x = Norm("rms_norm", name="norm_out")(x)
     x = activation(cfg.decoder_conv_act_fn)(x)
     if layers[0] > 0:
@@ -592,13 +611,13 @@ class AutoencoderDC(nn.Module):
     self.encoder = Encoder(self.config)
     self.decoder = Decoder(self.config)
 
-  def encode(self, images: Array) -> Array:
+  def encode(self, images: Array, core_mask: Array | None = None) -> Array:
     check_images(self.config, images.shape)
-    return self.encoder(images) * self.config.scaling_factor
+    return self.encoder(images, core_mask) * self.config.scaling_factor
 
-  def decode(self, latents: Array) -> Array:
+  def decode(self, latents: Array, core_mask: Array | None = None) -> Array:
     check_latents(self.config, latents.shape)
-    return self.decoder(latents / self.config.scaling_factor)
+    return self.decoder(latents / self.config.scaling_factor, core_mask)
 
   def __call__(self, images: Array) -> Array:
     return self.decode(self.encode(images))
