@@ -6,6 +6,7 @@ that load from other processes hits both alike; the table shows medians.
   python benchmarks/bench_autoencoder.py                 # 512 px, 3 runs each
   python benchmarks/bench_autoencoder.py --sizes 512 1024 --runs 5
   python benchmarks/bench_autoencoder.py --compare-upsample   # also the literal repeat+conv
+  python benchmarks/bench_autoencoder.py --memory --sizes      # XLA memory: tile vs 4K, no run
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def main():
   ap.add_argument("--runs", type=int, default=3)
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   ap.add_argument("--compare-upsample", action="store_true")
+  ap.add_argument("--memory", action="store_true",
+                  help="only print XLA's compiled memory for one 1024 px tile vs a whole 4096 px decode")
   args = ap.parse_args()
+  if args.memory:
+    return memory()
 
   import torch
   from diffusers.models.autoencoders.autoencoder_dc import Decoder as TorchDecoder
@@ -90,6 +95,20 @@ def main():
   for size, impl, tt, tj, ratio, comp, rt, rj in rows:
     print(f"{size:>5} {impl:>12} {tt:>9.2f} {tj:>8.2f} {ratio:>6.2f} {comp:>10.1f}  "
           f"{[round(x, 2) for x in rt]} / {[round(x, 2) for x in rj]}")
+
+
+def memory():
+  from sana_jax.models import autoencoder as ae
+  from sana_jax.models import tiling
+
+  cfg = ae.dcae_f32c32_config()
+  shapes = ae.param_shapes(cfg)
+  params = {"decoder": shapes["decoder"]}
+  print("\nDC-AE f32c32 decoder, fp32, batch 1: XLA compiled memory (GiB)")
+  print(f"{'decode':>28} {'temp':>8} {'params':>8} {'output':>8}")
+  for name, lat in [("one tile, 1024 px (tiled)", 32), ("whole image, 4096 px", 128)]:
+    m = tiling.tile_memory_bytes(cfg, params, (1, lat, lat))
+    print(f"{name:>28} {m['temp'] / 2**30:>8.2f} {m['argument'] / 2**30:>8.2f} {m['output'] / 2**30:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -262,7 +262,7 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 def read_state_dict(folder: str | os.PathLike) -> dict[str, np.ndarray]:
   """`diffusion_pytorch_model.safetensors`, or its shards via `*.safetensors.index.json`."""
-  folder = pathlib.Path(folder)
+  folder = _resolve(folder)
   index = folder / f"{WEIGHTS_STEM}.safetensors.index.json"
   single = folder / f"{WEIGHTS_STEM}.safetensors"
   if index.exists():
@@ -281,7 +281,7 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def config_from_folder(folder: str | os.PathLike, **overrides) -> DCAEConfig:
-  path = pathlib.Path(folder) / CONFIG_NAME
+  path = _resolve(folder) / CONFIG_NAME
   if not path.exists():
     raise FileNotFoundError(f"{path} not found (a diffusers AutoencoderDC folder is expected)")
   d = json.loads(path.read_text())
@@ -291,17 +291,72 @@ def config_from_folder(folder: str | os.PathLike, **overrides) -> DCAEConfig:
   return DCAEConfig.from_diffusers(d, **overrides)
 
 
+def _resolve(folder: str | os.PathLike) -> pathlib.Path:
+  """A SANA pipeline root holding `vae/` resolves to that subfolder."""
+  folder = pathlib.Path(folder)
+  if not (folder / CONFIG_NAME).exists() and (folder / "vae" / CONFIG_NAME).exists():
+    return folder / "vae"
+  return folder
+
+
 def load_autoencoder(folder: str | os.PathLike, parts: Iterable[str] = ("encoder", "decoder"),
                      **config_overrides) -> tuple[AutoencoderDC, dict, DCAEConfig]:
-  """diffusers AutoencoderDC folder -> (module, params, config).
+  """A DC-AE folder -> (module, params, config).
 
-  `config_overrides` set execution fields (e.g. compute_dtype="bfloat16"). Use
-  `sana_jax.models.autoencoder.encode/decode(config, params, x)` or
-  `module.apply({'params': params}, x, method=module.encode)`.
+  `folder`: a diffusers AutoencoderDC folder (config.json + diffusion_pytorch_model
+  safetensors, single or sharded), a SANA pipeline root with such a `vae/` subfolder, or our
+  format (`save_params`: params.safetensors + config.json). `config_overrides` set execution
+  fields (e.g. compute_dtype="bfloat16"). Then use `sana_jax.models.autoencoder.encode /
+  decode(config, params, x)` or `module.apply({'params': params}, x, method=module.decode)`.
   """
+  folder = _resolve(folder)
+  if (folder / PARAMS_NAME).exists():
+    params, config = load_params(folder, parts, **config_overrides)
+    return AutoencoderDC(config), params, config
   config = config_from_folder(folder, **config_overrides)
   params = convert_state_dict(read_state_dict(folder), config, parts)
   return AutoencoderDC(config), params, config
+
+
+PARAMS_NAME = "params.safetensors"
+
+
+def save_params(params: Mapping, config: DCAEConfig, folder: str | os.PathLike) -> None:
+  """Our format: params.safetensors (keys 'decoder/up_blocks_3_0/attn/to_q/kernel', ...) and
+  config.json (DCAEConfig fields, with `_class_name` 'sana_jax.DCAEConfig')."""
+  from safetensors.numpy import save_file
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  flat = {"/".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
+          for k, v in _flatten(params).items()}
+  save_file(flat, str(folder / PARAMS_NAME))
+  cfg = {"_class_name": "sana_jax.DCAEConfig", **config.to_diffusers(),
+         "compute_dtype": config.compute_dtype, "upsample_impl": config.upsample_impl}
+  (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+
+
+def load_params(folder: str | os.PathLike, parts: Iterable[str] = ("encoder", "decoder"),
+                **config_overrides) -> tuple[dict, DCAEConfig]:
+  """Reads `save_params` output strictly (same checks as the diffusers converter)."""
+  folder = pathlib.Path(folder)
+  d = json.loads((folder / CONFIG_NAME).read_text())
+  config = DCAEConfig.from_diffusers(d, **config_overrides)
+  parts = tuple(parts)
+  flat = {tuple(k.split("/")): v for k, v in _read_safetensors(folder / PARAMS_NAME).items()}
+  expected = {p: tuple(s.shape) for p, s in _flatten(param_shapes(config)).items() if p[0] in parts}
+  got = {p: v for p, v in flat.items() if p[0] in parts}
+  missing = sorted("/".join(p) for p in expected if p not in got)
+  unexpected = sorted("/".join(p) for p in got if p not in expected)
+  misshaped = sorted(f"{'/'.join(p)}: checkpoint {tuple(v.shape)}, expected {expected[p]}"
+                     for p, v in got.items() if p in expected and tuple(v.shape) != expected[p])
+  if missing or unexpected or misshaped:
+    msg = [f"{folder}: parameters do not fit the config:"]
+    for name, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+      if items:
+        msg.append(f"  {len(items)} {name}: {_fmt(items)}")
+    raise DCAECheckpointError("\n".join(msg))
+  tree = _unflatten({p: jax.numpy.asarray(v, np.float32) for p, v in got.items()})
+  return tree, config
 
 
 def save_diffusers(params: Mapping, config: DCAEConfig, folder: str | os.PathLike) -> None:
