@@ -38,7 +38,7 @@ from sana_jax.data import latents_tfds  # noqa: E402
 from sana_jax.diffusion import flow  # noqa: E402
 from sana_jax.models import dit  # noqa: E402
 from sana_jax.models.dit_config import DiTConfig  # noqa: E402
-from sana_jax.scaling import growth, prune_cli  # noqa: E402
+from sana_jax.scaling import growth, prune_cli, pruning  # noqa: E402
 from sana_jax.train import checkpoint, loop  # noqa: E402
 from sana_jax.weights import dit as W  # noqa: E402
 
@@ -110,7 +110,13 @@ def prune_and_finetune(args, work, data_dir, batch, base, grown_ckpt, row, curve
                   "--depth", str(base.depth), "--out", str(pruned_ckpt), "--chart", chart])
   report = json.loads((pruned_ckpt / "block_importance.json").read_text())
   pruned, pcfg, _ = W.load_flax(pruned_ckpt)
-  row(f"pruned to blocks {report['kept']}", pcfg, pruned)
+  row(f"pruned to blocks {report['kept']} (most important)", pcfg, pruned)
+  grown, gcfg, _ = W.load_flax(grown_ckpt)
+  least = sorted(np.argsort(report["importance"], kind="stable")[:base.depth].tolist())
+  for name, idx in (("least important", least), ("first", list(range(base.depth)))):
+    if idx != report["kept"]:
+      p, c = pruning.keep_blocks(grown, gcfg, idx)
+      row(f"  (baseline: blocks {idx}, {name})", c, jax.device_get(p))
   tuned, curves["pruned finetune"] = train_run(data_dir, work / "finetune", pcfg.depth,
                                                args.finetune, str(pruned_ckpt))
   row(f"pruned + {args.finetune} fine-tune steps", pcfg, tuned)

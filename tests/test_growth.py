@@ -139,6 +139,8 @@ def test_block_order(source, zero_gate):
   # Block replication 3 -> 9 (r = 3): 0 0 0 1 1 1 2 2 2; repeats are the 2nd and 3rd copies.
   grown2, gcfg2 = growth.grow(source, CFG, 9, "block_expand", zero_gate=zero_gate)
   assert _identify(grown2, gcfg2, source) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  lines = growth.describe(3, 9, "block_expand", zero_gate=zero_gate)
+  assert lines[3] == "block 3: source block 1" and lines[4].startswith("block 4: source block 1 (")
   for g, c, first in ((grown, gcfg, {0, 1}), (grown2, gcfg2, {0, 3, 6})):
     for i in range(c.depth):
       blk = _flat(_block(g, i))
