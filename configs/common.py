@@ -39,5 +39,6 @@ def add_training(config: ml_collections.ConfigDict, *, data_dir: str = "", mesh=
                  **train_overrides) -> ml_collections.ConfigDict:
   config.train = train_config(**train_overrides)
   config.data = ml_collections.ConfigDict(dict(dir=data_dir, num_epochs=1000))
-  config.mesh = ml_collections.ConfigDict(mesh or dict(data=-1, fsdp=1, tensor=1))
+  config.mesh = ml_collections.ConfigDict(
+      dict(data=-1, fsdp=1, tensor=1, num_devices=-1, **(mesh or {})))
   return config

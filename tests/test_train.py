@@ -64,3 +64,106 @@ def test_tiny_config_overfits(data_dir, tmp_path):
   print(f"overfit: fixed-draw loss {start:.4f} -> {end:.4f} ({end / start:.3f}x)")
   assert int(state.skipped) == 0
   assert end < 0.2 * start
+
+
+def _run(config, workdir, steps):
+  state = loop.train(config, str(workdir), max_steps=steps, progress=False)
+  return jax.device_get(state)
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=4), dict(data=8, fsdp=1)])
+def test_sharding_is_invisible(data_dir, tmp_path, mesh):
+  """Three steps on 8 simulated devices equal three single-device steps."""
+  single = _config(data_dir, checkpoint_every=1000)
+  single.mesh.update(data=1, fsdp=1, num_devices=1)
+  ref_state = _run(single, tmp_path / "single", 3)
+  sharded = _config(data_dir, checkpoint_every=1000)
+  sharded.mesh.update(num_devices=8, **mesh)
+  state = _run(sharded, tmp_path / "sharded", 3)
+  assert int(state.step) == int(ref_state.step) == 3
+  pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in
+           zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(ref_state.params))]
+  scale = max(np.max(np.abs(b)) for _, b in pairs)
+  worst = max(np.max(np.abs(a - b)) for a, b in pairs)
+  assert worst <= 1e-5 * scale  # relative to the parameters' scale
+  for a, b in pairs:  # and no leaf drifts, even ones that started at zero
+    assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(b)), 1e-6)
+
+
+def _train_cmd(workdir, data_dir, steps):
+  return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny.py"),
+          "--workdir", str(workdir), f"--config.data.dir={data_dir}",
+          f"--config.train.steps={steps}", "--config.train.checkpoint_every=10",
+          "--config.train.keep_checkpoints=5", "--config.mesh.num_devices=1",
+          "--config.mesh.data=1", "--no_progress"]
+
+
+def _final_params(workdir):
+  from sana_jax.train import checkpoint
+  params, step = checkpoint.restore_params(workdir, ema=False)
+  return params, step
+
+
+def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
+  steps = 30
+  full = subprocess.run(_train_cmd(tmp_path / "full", data_dir, steps), cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert full.returncode == 0, full.stderr[-2000:]
+  proc = subprocess.Popen(_train_cmd(tmp_path / "killed", data_dir, steps), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = tmp_path / "killed" / "checkpoints" / "10"
+  deadline = time.time() + 500
+  while not (ckpt / "state").exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.2)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = sorted(int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()
+                if p.name.isdigit())
+  assert done and done[-1] < steps, f"the run was not killed mid-way: {done}"
+  resumed = subprocess.run(_train_cmd(tmp_path / "killed", data_dir, steps), cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  a, sa = _final_params(tmp_path / "full")
+  b, sb = _final_params(tmp_path / "killed")
+  assert sa == sb == steps
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_corrupt_latest_checkpoint_falls_back(data_dir, tmp_path):
+  config = _config(data_dir, checkpoint_every=5, keep_checkpoints=5, async_checkpoints=False)
+  config.mesh.update(data=1, num_devices=1)
+  _run(config, tmp_path, 10)
+  state_dir = tmp_path / "checkpoints" / "10" / "state"
+  for f in state_dir.rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  with pytest.warns(UserWarning, match="step 10 could not be restored.*falling back to step 5"):
+    state = _run(config, tmp_path, 12)
+  assert int(state.step) == 12
+
+
+def _fast_fail(fn, match, exc=ValueError):
+  t = time.perf_counter()
+  with pytest.raises(exc, match=match):
+    fn()
+  assert time.perf_counter() - t < 10, "the error should come before any compile"
+
+
+def test_bad_configuration_fails_before_compile(data_dir, tmp_path):
+  c = _config(data_dir)
+  c.mesh.update(data=-1, fsdp=3)
+  _fast_fail(lambda: loop.train(c, str(tmp_path)), "do not divide")
+  c = _config(data_dir, global_batch=12)
+  _fast_fail(lambda: loop.train(c, str(tmp_path)), "not divisible by the batch axes")
+  c = _config(str(tmp_path / "nowhere"))
+  _fast_fail(lambda: loop.train(c, str(tmp_path)), "dataset not found", FileNotFoundError)
+  c = _config(data_dir)
+  c.model.in_channels = 3
+  _fast_fail(lambda: loop.train(c, str(tmp_path)), "4 channels, model.in_channels=3")
+  c = _config(data_dir)
+  c.model.caption_channels = 24
+  _fast_fail(lambda: loop.train(c, str(tmp_path)), "20 wide, model.caption_channels=24")
+  c = _config(data_dir, optimizer="sgd")
+  _fast_fail(lambda: loop.train(c, str(tmp_path)), "train.optimizer")

@@ -55,6 +55,11 @@ class BatchPlanSource:
   def __len__(self) -> int:
     return self.batches_per_epoch * self._num_epochs
 
+  def __repr__(self) -> str:  # grain checks it on restore: keep it a pure function of the plan
+    buckets = ",".join(f"{b.split}:{b.size}" for b in self._buckets)
+    return (f"BatchPlanSource(buckets=[{buckets}], global_batch={self._global_batch}, "
+            f"seed={self._seed}, epochs={self._num_epochs})")
+
   def _epoch_plan(self, epoch: int) -> list[tuple[str, np.ndarray]]:
     if epoch != self._plan_epoch:
       rng = np.random.default_rng([self._seed, epoch])

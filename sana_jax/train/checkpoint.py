@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import shutil
 import warnings
 
 import grain.python as grain
@@ -56,9 +57,21 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state, data_iterator):
                                      else "no older checkpoint: starting fresh"))
       warnings.warn(msg)
       log.warning(msg)
+      _move_aside(mgr, step)
       continue
     return step, restored["state"]
   return None, None
+
+
+def _move_aside(mgr: ocp.CheckpointManager, step: int) -> None:
+  """Moves an unreadable checkpoint to workdir/corrupt_checkpoints/ (kept for inspection)."""
+  src = pathlib.Path(mgr.directory) / str(step)
+  dst = pathlib.Path(mgr.directory).parent / "corrupt_checkpoints" / str(step)
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  if dst.exists():
+    shutil.rmtree(dst)
+  shutil.move(str(src), str(dst))
+  mgr.reload()
 
 
 def read_config(workdir: str | pathlib.Path, step: int | None = None) -> dict:

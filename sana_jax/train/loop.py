@@ -34,9 +34,20 @@ class NonFiniteError(RuntimeError):
   pass
 
 
-def validate(config: ml_collections.ConfigDict, n_devices: int | None = None) -> dict:
+def mesh_devices(config: ml_collections.ConfigDict) -> list:
+  """The devices of the mesh: all, or the first mesh.num_devices."""
+  n = config.mesh.num_devices
+  devices = jax.devices()
+  if n == -1:
+    return devices
+  if not 1 <= n <= len(devices):
+    raise ValueError(f"mesh.num_devices={n}, but {len(devices)} devices are available")
+  return devices[:n]
+
+
+def validate(config: ml_collections.ConfigDict) -> dict:
   """Every check that needs no compile; clear errors. Returns the dataset's shapes."""
-  n_devices = jax.device_count() if n_devices is None else n_devices
+  n_devices = len(mesh_devices(config))
   mesh = config.mesh
   data, fsdp, _ = parallel.mesh_shape(n_devices, mesh.data, mesh.fsdp, mesh.tensor)
   tc = config.train
@@ -97,7 +108,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   model_cfg = DiTConfig.coerce(config.model)
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                            devices=mesh_devices(config))
   tx = optim_lib.make_optimizer(tc)
   shardings = state_lib.state_shardings(model_cfg, tx, mesh)
   abstract = jax.tree_util.tree_map(

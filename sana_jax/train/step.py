@@ -62,7 +62,7 @@ def train_step(state: state_lib.TrainState, batch: dict, null_caption: jax.Array
     (loss, grads), _ = jax.lax.scan(body, zero, micro)
     loss, grads = jax.tree_util.tree_map(lambda a: a / k, (loss, grads))
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
