@@ -86,6 +86,9 @@ def test_constant_block_is_exact_and_finite():
   np.testing.assert_array_equal(quant8.dequantize(qa), x)
   zeros = quant8.quantize(jnp.zeros((4, 4)), (2, 2))
   np.testing.assert_array_equal(quant8.dequantize(zeros), 0.0)
+  for a, b in zip(quant8.zeros((4, 4), (2, 2)), zeros):  # what init uses
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype
 
 
 def test_half_step_bound_is_tight_and_levels_used():

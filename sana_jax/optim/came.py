@@ -312,7 +312,7 @@ def scale_by_came(
       shape = tuple(p.shape)
       zeros = jnp.zeros(shape, jnp.float32)
       if _use_8bit(shape, s, quantize_mu, quantize_unfactored, min_8bit_size):
-        mus.append(quant8.quantize(zeros, _tile(shape, s, block_size, align)))
+        mus.append(quant8.zeros(shape, _tile(shape, s, block_size, align)))
       else:
         mus.append(zeros)
       if s.factored:

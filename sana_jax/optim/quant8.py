@@ -31,7 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["QuantizedArray", "block_shape", "quantize", "dequantize", "nbytes"]
+__all__ = ["QuantizedArray", "block_shape", "quantize", "dequantize", "zeros", "nbytes"]
 
 _LEVELS = 255.0
 
@@ -111,6 +111,16 @@ def quantize(x: jax.Array, tile: tuple[int, ...]) -> QuantizedArray:
   code = (t - _expand(mn)) / _expand(safe)
   q = jnp.clip(jnp.round(code), 0, _LEVELS).astype(jnp.uint8)
   return QuantizedArray(q.reshape(x.shape), mn, scale)
+
+
+def zeros(shape: tuple[int, ...], tile: tuple[int, ...]) -> QuantizedArray:
+  """The encoding of an all-zero tensor (what ``quantize(jnp.zeros(shape), tile)`` gives),
+  built directly so nothing is computed or constant-folded."""
+  shape, tile = tuple(shape), tuple(tile)
+  _check_tile(shape, tile)
+  grid = tuple(s // t for s, t in zip(shape, tile))
+  return QuantizedArray(jnp.zeros(shape, jnp.uint8), jnp.zeros(grid, jnp.float32),
+                        jnp.zeros(grid, jnp.float32))
 
 
 def dequantize(qa: QuantizedArray) -> jax.Array:

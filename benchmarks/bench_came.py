@@ -1,0 +1,225 @@
+"""CAME / CAME-8bit: optimizer-state bytes per parameter and update time.
+
+  python benchmarks/bench_came.py                  # memory table + timing + tiny-DiT check
+  python benchmarks/bench_came.py --skip_time --skip_dit
+
+1. State bytes per parameter on the SANA-1.5 1.6B and 4.8B trees (shapes from
+   sana_jax.models.dit.abstract_params; jax.eval_shape of opt.init, nothing allocated),
+   for optax.adamw, optax.adafactor (optax defaults: no momentum), came, came_8bit and
+   variants, next to the official CAME-8bit's 1.019 B/param; plus a breakdown.
+2. Update time of came_8bit vs optax.adamw on the Sana 0.6B tree (allocated, jitted, state
+   donated, median of --repeats runs). On a small CPU box the full 0.6B tree with AdamW
+   state (about 12 GB live) does not fit next to other work, so --depth (default 7 of 28
+   blocks, about 150M parameters) keeps the per-parameter mix of the real tree; the ratio
+   is what is compared (goal <= 2x).
+3. Tiny DiT: came vs came_8bit final training loss after --dit_steps steps (regression of
+   a fixed batch to fixed targets), with min_8bit_size lowered so the tiny matrices are
+   actually quantised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import sana_jax.optim as O  # noqa: E402
+from sana_jax.models import dit  # noqa: E402
+
+OFFICIAL_8BIT = 1.019  # REFERENCE.md section 6, measured on the SANA-1.5 shapes
+
+
+def _model_config(mod):
+  """mod.get_config().model; if the training part of a config fails to build (configs are
+  edited concurrently), build the model part only."""
+  try:
+    return mod.get_config().model
+  except Exception as e:  # noqa: BLE001
+    from configs import common
+    print(f"[note] {mod.__name__}.get_config() failed ({e!r}); using its model config only")
+    orig = common.add_training
+    common.add_training = lambda config, **kw: config
+    try:
+      return mod.get_config().model
+    finally:
+      common.add_training = orig
+
+
+def _nbytes(tree) -> int:
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _optimizers():
+  spec = O.sana_spec()
+  return {
+      "optax.adamw": optax.adamw(1e-4),
+      "optax.adafactor": optax.adafactor(1e-4),
+      "came": O.came(1e-4, spec=spec),
+      "came_8bit (default, block 2048)": O.came_8bit(1e-4, spec=spec),
+      "came_8bit block 16384": O.came_8bit(1e-4, spec=spec, block_size=16384),
+      "came_8bit + quantize_unfactored": O.came_8bit(1e-4, spec=spec, quantize_unfactored=True),
+      "came_8bit whole-matrix blocks": O.came_8bit(1e-4, spec=spec, block_size=1 << 30),
+  }
+
+
+def _breakdown(state, n):
+  came_state = state[0]
+  is_q = lambda x: isinstance(x, O.quant8.QuantizedArray)
+  mu = jax.tree.leaves(came_state.mu, is_leaf=is_q)
+  is_nu = lambda x: isinstance(x, (O.FactoredMoments, O.FullMoment))
+  nu = jax.tree.leaves(came_state.nu, is_leaf=is_nu)
+  parts = {
+      "uint8 m": sum(x.q.size for x in mu if is_q(x)),
+      "block min/scale": sum(8 * x.minimum.size for x in mu if is_q(x)),
+      "fp32 m (small/unfactored)": sum(4 * x.size for x in mu if not is_q(x)),
+      "fp32 row/col stats": sum(_nbytes(x) for x in nu if isinstance(x, O.FactoredMoments)),
+      "fp32 v (unfactored)": sum(_nbytes(x) for x in nu if isinstance(x, O.FullMoment)),
+  }
+  return {k: v / n for k, v in parts.items()}
+
+
+def memory_table():
+  from configs import sana15_1600m, sana15_4800m
+  trees = {"SANA-1.5 1.6B": sana15_1600m, "SANA-1.5 4.8B": sana15_4800m}
+  opts = _optimizers()
+  rows, breakdowns = {}, {}
+  for tname, mod in trees.items():
+    abstract = dit.abstract_params(_model_config(mod))
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+    for oname, opt in opts.items():
+      state = jax.eval_shape(opt.init, abstract)
+      rows.setdefault(oname, {})[tname] = _nbytes(state) / n
+      if oname.startswith("came_8bit (default"):
+        breakdowns[tname] = _breakdown(state, n)
+    rows.setdefault("official CAME-8bit (REFERENCE.md)", {})[tname] = OFFICIAL_8BIT
+    print(f"{tname}: {n / 1e6:.1f}M parameters")
+  names = list(trees)
+  print("\nOptimizer state, bytes per parameter (jax.eval_shape, nothing allocated)")
+  print(f"{'optimizer':<38}" + "".join(f"{t:>16}" for t in names))
+  for oname, r in rows.items():
+    print(f"{oname:<38}" + "".join(f"{r[t]:>16.4f}" for t in names))
+  print("\ncame_8bit (default) breakdown, bytes per parameter")
+  for part in next(iter(breakdowns.values())):
+    print(f"  {part:<36}" + "".join(f"{breakdowns[t][part]:>16.4f}" for t in names))
+
+
+def _params_0p6b(depth):
+  from configs import sana_600m
+  cfg = _model_config(sana_600m)
+  full = dit.abstract_params(cfg)
+  n_full = sum(math.prod(x.shape) for x in jax.tree.leaves(full))
+  if depth:
+    cfg.depth = depth
+  abstract = dit.abstract_params(cfg)
+  return abstract, n_full
+
+
+def time_update(depth, repeats):
+  abstract, n_full = _params_0p6b(depth)
+  n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+  print(f"\nUpdate time on the Sana 0.6B tree ({n_full / 1e6:.1f}M params); timed on "
+        f"{'depth %d: ' % depth if depth else ''}{n / 1e6:.1f}M params, fp32, "
+        f"{jax.devices()[0].platform}, {os.cpu_count()} cores")
+  key = jax.random.key(0)
+  results = {}
+  for name, opt in [("optax.adamw", optax.adamw(1e-4)),
+                    ("came", O.came(1e-4, spec=O.sana_spec())),
+                    ("came_8bit", O.came_8bit(1e-4, spec=O.sana_spec()))]:
+    params = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), abstract)
+    grads = jax.tree.map(lambda s, k: jax.random.normal(k, s.shape, s.dtype), abstract,
+                         jax.tree.unflatten(jax.tree.structure(abstract),
+                                            list(jax.random.split(key, len(jax.tree.leaves(abstract))))))
+    state = jax.jit(opt.init)(params)
+
+    def step(params, state, grads):
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    fn = jax.jit(step, donate_argnums=(0, 1))
+    params, state = fn(params, state, grads)  # compile + warm up
+    jax.block_until_ready(params)
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      params, state = fn(params, state, grads)
+      jax.block_until_ready((params, state))
+      times.append(time.perf_counter() - t0)
+    results[name] = statistics.median(times)
+    print(f"  {name:<14} median {results[name] * 1e3:9.1f} ms  "
+          f"(runs: {', '.join(f'{t * 1e3:.0f}' for t in times)})")
+    del params, state, grads
+  for name in ("came", "came_8bit"):
+    print(f"  ratio {name} / optax.adamw: {results[name] / results['optax.adamw']:.2f}x")
+
+
+def tiny_dit(steps):
+  from configs import tiny
+  cfg = _model_config(tiny)
+  model = dit.SanaDiT(dit.DiTConfig.coerce(cfg))
+  params = dit.init_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  p = cfg.patch_size
+  b, s = 4, cfg.sample_size
+  x = jnp.asarray(rng.normal(size=(b, s, s, cfg.in_channels)), jnp.float32)
+  tgt = jnp.asarray(rng.normal(size=(b, s, s, cfg.out_channels)), jnp.float32)
+  t = jnp.asarray(rng.uniform(0, 1000, size=(b,)), jnp.float32)
+  cap = jnp.asarray(rng.normal(size=(b, cfg.caption_len, cfg.caption_channels)), jnp.float32)
+  mask = jnp.ones((b, cfg.caption_len), jnp.int32)
+  del p
+
+  def loss(params):
+    out = model.apply({"params": params}, x, t, cap, mask)
+    return jnp.mean((out - tgt) ** 2)
+
+  def run(opt):
+    st = opt.init(params)
+
+    @jax.jit
+    def step(pp, st):
+      l, g = jax.value_and_grad(loss)(pp)
+      u, st = opt.update(g, st, pp)
+      return optax.apply_updates(pp, u), st, l
+
+    pp = params
+    for _ in range(steps):
+      pp, st, l = step(pp, st)
+    return float(loss(pp)), st
+
+  lr = optax.cosine_decay_schedule(1e-3, steps)
+  spec = O.sana_spec()
+  f32, _ = run(O.came(lr, spec=spec))
+  f8, st = run(O.came_8bit(lr, spec=spec, min_8bit_size=1024, block_size=256))
+  is_q = lambda v: isinstance(v, O.quant8.QuantizedArray)
+  nq = sum(is_q(v) for v in jax.tree.leaves(st[0].mu, is_leaf=is_q))
+  print(f"\nTiny DiT ({sum(x.size for x in jax.tree.leaves(params)) / 1e3:.0f}K params, {nq} "
+        f"leaves with 8-bit m), {steps} steps: final loss came {f32:.5f}, came_8bit {f8:.5f} "
+        f"({(f8 - f32) / f32:+.2%})")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--depth", type=int, default=7, help="blocks of the 0.6B tree to time (0 = all 28)")
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--dit_steps", type=int, default=300)
+  ap.add_argument("--skip_time", action="store_true")
+  ap.add_argument("--skip_dit", action="store_true")
+  args = ap.parse_args()
+  memory_table()
+  if not args.skip_time:
+    time_update(args.depth, args.repeats)
+  if not args.skip_dit:
+    tiny_dit(args.dit_steps)
+
+
+if __name__ == "__main__":
+  main()
