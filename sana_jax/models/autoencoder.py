@@ -600,8 +600,8 @@ class AutoencoderDC(nn.Module):
   """The DC-AE. Parameters: {'encoder': ..., 'decoder': ...}.
 
   Methods (use with `module.apply({'params': p}, x, method=...)`):
-    encode(images)  (B, H, W, in_channels) in [-1, 1] -> latents * scaling_factor.
-    decode(latents) scaled latents (B, h, w, latent_channels) -> images (unclipped).
+    encode(images)  (B, H, W, in_channels) in [-1, 1] -> latents * scaling_factor (fp32).
+    decode(latents) scaled latents (B, h, w, latent_channels) -> images, unclipped (fp32).
     __call__(images) -> decode(encode(images)).
   Shapes are checked at trace time (ValueError).
   """
@@ -613,11 +613,12 @@ class AutoencoderDC(nn.Module):
 
   def encode(self, images: Array, core_mask: Array | None = None) -> Array:
     check_images(self.config, images.shape)
-    return self.encoder(images, core_mask) * self.config.scaling_factor
+    z = self.encoder(images, core_mask).astype(jnp.float32)
+    return z * self.config.scaling_factor
 
   def decode(self, latents: Array, core_mask: Array | None = None) -> Array:
     check_latents(self.config, latents.shape)
-    return self.decoder(latents / self.config.scaling_factor, core_mask)
+    return self.decoder(latents / self.config.scaling_factor, core_mask).astype(jnp.float32)
 
   def __call__(self, images: Array) -> Array:
     return self.decode(self.encode(images))
