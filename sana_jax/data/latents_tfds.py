@@ -112,7 +112,7 @@ def open_dataset(data_dir: str) -> dict:
   if not path.exists():
     raise FileNotFoundError(f"no dataset at {data_dir}")
   if not (path / "dataset_info.json").exists():
-    found = sorted(p.parent for p in path.glob("**/dataset_info.json"))
+    found = sorted(p.parent for p in pathlib.Path(str(path)).glob("**/dataset_info.json"))
     if len(found) != 1:
       raise FileNotFoundError(f"{data_dir}: expected one TFDS dataset below, found "
                               f"{[str(f) for f in found] or 'none'}")

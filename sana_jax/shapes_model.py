@@ -1,0 +1,108 @@
+"""Builds and exports the embedded ShapesEval model folder (see configs/shapes.py).
+
+  python -m sana_jax.shapes_model init --out MODEL      # tokenizer, text encoder, pipeline.json
+  python -m sana_jax.shapes_model export --workdir RUN --model MODEL [--step N]
+
+`init` is deterministic: the word-level tokenizer covers sana_jax.data.shapes.vocabulary()
+and the tiny Gemma-2 encoder has frozen random weights from config.text_encoder.seed.
+`export` writes MODEL/transformer from a training run's EMA parameters (fp16 storage, so
+the shipped model stays a few MB), with the null-caption embedding as its extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import ml_dtypes  # noqa: F401  (bf16/fp16 numpy dtypes)
+import numpy as np
+
+from sana_jax import bundle
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "sana_jax" / "assets" / "shapes_model"
+
+
+def shapes_config():
+  from sana_jax.config_loader import load_config
+  return load_config(str(REPO / "configs" / "shapes.py"))
+
+
+def text_encoder_config(config):
+  from sana_jax.data import shapes
+  from sana_jax.models import text_encoder
+  te = config.text_encoder
+  vocab = len(shapes.vocabulary()) + 4  # + <pad>, <eos>, <bos>, <unk>
+  return text_encoder.gemma2_tiny(vocab, hidden_size=te.hidden_size, num_layers=te.num_layers)
+
+
+def init(out: pathlib.Path) -> None:
+  from sana_jax.data import shapes
+  from sana_jax.data.tokenizer import build_word_level_tokenizer
+  from sana_jax.models import text_encoder
+  from sana_jax.weights import gemma
+  config = shapes_config()
+  out.mkdir(parents=True, exist_ok=True)
+  build_word_level_tokenizer(list(shapes.vocabulary()), str(out / "tokenizer"),
+                             lowercase=config.prompt.lowercase)
+  tcfg = text_encoder_config(config)
+  if tcfg.hidden_size != config.model.caption_channels:
+    raise ValueError("text encoder width must equal model.caption_channels")
+  params = text_encoder.init_params(tcfg, config.text_encoder.seed)
+  gemma.save_params(jax.device_get(params), tcfg, str(out / "text_encoder"))
+  bundle.write_settings(
+      out, image_size=config.image_size, flow_shift=config.flow_shift,
+      sampler=config.sampler.to_dict(), prompt=config.prompt.to_dict(),
+      autoencoder={"kind": config.autoencoder, "channels": config.model.in_channels})
+  print(f"wrote tokenizer, text encoder and {bundle.PIPELINE_FILE} to {out}")
+
+
+def null_caption(model: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """(caption (L, Cy), mask (L,)) of the null prompt, from the folder's text encoder."""
+  from sana_jax.models.prompts import PromptConfig, PromptEncoder
+  import json
+  p = json.loads((model / bundle.PIPELINE_FILE).read_text())["prompt"]
+  enc = PromptEncoder.from_folders(str(model / "tokenizer"), str(model / "text_encoder"),
+                                   PromptConfig(max_length=p["max_length"], chi=None,
+                                                lowercase=p.get("lowercase", False)))
+  emb, mask = enc.encode_null(1)
+  return emb[0], mask[0]
+
+
+def export(workdir: pathlib.Path, model: pathlib.Path, step: int | None = None,
+           storage_dtype: str = "float16") -> None:
+  from sana_jax.models.dit_config import DiTConfig
+  from sana_jax.train import checkpoint
+  from sana_jax.weights import dit as dit_weights
+  saved = checkpoint.read_config(workdir, step)
+  cfg = DiTConfig.coerce(saved["model"])
+  params, step = checkpoint.restore_params(workdir, step, ema=True)
+  params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(storage_dtype), params)
+  null, _ = null_caption(model)
+  dit_weights.save_flax(model / "transformer", params, cfg,
+                        {"null_caption_embedding": null.astype(np.float32)})
+  print(f"exported EMA parameters of step {step} ({storage_dtype}) to {model / 'transformer'}")
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = ap.add_subparsers(dest="cmd", required=True)
+  a = sub.add_parser("init")
+  a.add_argument("--out", type=pathlib.Path, default=DEFAULT_MODEL)
+  b = sub.add_parser("export")
+  b.add_argument("--workdir", type=pathlib.Path, required=True)
+  b.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
+  b.add_argument("--step", type=int, default=None)
+  args = ap.parse_args(argv)
+  if args.cmd == "init":
+    init(args.out)
+  else:
+    export(args.workdir, args.model, args.step)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
