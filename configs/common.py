@@ -40,5 +40,5 @@ def add_training(config: ml_collections.ConfigDict, *, data_dir: str = "", mesh=
   config.train = train_config(**train_overrides)
   config.data = ml_collections.ConfigDict(dict(dir=data_dir, num_epochs=1000))
   config.mesh = ml_collections.ConfigDict(
-      dict(data=-1, fsdp=1, tensor=1, num_devices=-1, **(mesh or {})))
+      {**dict(data=-1, fsdp=1, tensor=1, num_devices=-1), **(mesh or {})})
   return config
