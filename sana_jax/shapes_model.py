@@ -2,6 +2,7 @@
 
   python -m sana_jax.shapes_model init --out MODEL      # tokenizer, text encoder, pipeline.json
   python -m sana_jax.shapes_model export --workdir RUN --model MODEL [--step N]
+  python -m sana_jax.shapes_model curve --workdir RUN --out curve.png
 
 `init` is deterministic: the word-level tokenizer covers sana_jax.data.shapes.vocabulary()
 and the tiny Gemma-2 encoder has frozen random weights from config.text_encoder.seed.
@@ -86,6 +87,31 @@ def export(workdir: pathlib.Path, model: pathlib.Path, step: int | None = None,
   print(f"exported EMA parameters of step {step} ({storage_dtype}) to {model / 'transformer'}")
 
 
+def curve(workdir: pathlib.Path, out: pathlib.Path, smooth: int = 8) -> None:
+  """Training loss (and its moving average) against step, from workdir/metrics.jsonl."""
+  import json
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l]
+  steps = np.array([r["step"] for r in rows])
+  loss = np.array([r["loss"] for r in rows])
+  k = min(smooth, len(loss))
+  avg = np.convolve(loss, np.ones(k) / k, mode="valid")
+  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+  ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss (batch, every log step)")
+  ax.plot(steps[k - 1:], avg, lw=2, label=f"moving average ({k})")
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel("flow-matching loss")
+  ax.set_title("Embedded ShapesEval model: training (CAME-8bit, batch 32)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out)
+  print(f"wrote {out} ({len(rows)} points, last step {steps[-1]}, last loss {loss[-1]:.4f})")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,11 +122,16 @@ def main(argv=None) -> int:
   b.add_argument("--workdir", type=pathlib.Path, required=True)
   b.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
   b.add_argument("--step", type=int, default=None)
+  c = sub.add_parser("curve")
+  c.add_argument("--workdir", type=pathlib.Path, required=True)
+  c.add_argument("--out", type=pathlib.Path, required=True)
   args = ap.parse_args(argv)
   if args.cmd == "init":
     init(args.out)
-  else:
+  elif args.cmd == "export":
     export(args.workdir, args.model, args.step)
+  else:
+    curve(args.workdir, args.out)
   return 0
 
 
