@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -25,10 +26,16 @@ from sana_jax import bundle as bundle_lib
 from sana_jax.diffusion import samplers
 from sana_jax.models import dit
 
-# Aspect ratios (h / w) of diffusers' SANA resolution bins.
-ASPECT_RATIOS = (0.25, 0.26, 0.27, 0.28, 0.32, 0.33, 0.35, 0.4, 0.42, 0.48, 0.5, 0.52, 0.57,
-                 0.6, 0.68, 0.72, 0.78, 0.82, 0.88, 0.94, 1.0, 1.07, 1.13, 1.21, 1.29, 1.38,
-                 1.46, 1.67, 1.75, 2.0, 2.09, 2.4, 2.5, 2.89, 3.0, 3.11, 3.62, 3.75, 3.88, 4.0)
+# diffusers' SANA / PixArt resolution bins (ASPECT_RATIO_{512,1024,2048,4096}_BIN): every
+# table is base/16 times these (h, w) unit pairs, keyed by round(h / w, 2); the 512 and
+# 1024 tables lack the ratios in _SMALL_BASE_DROPS. Tested against diffusers' tables.
+_BIN_UNITS = ((8, 32), (8, 31), (8, 30), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25),
+              (10, 24), (11, 23), (11, 22), (11, 21), (12, 21), (12, 20), (13, 19), (13, 18),
+              (14, 18), (14, 17), (15, 17), (15, 16), (16, 16), (16, 15), (17, 15), (17, 14),
+              (18, 14), (18, 13), (19, 13), (20, 12), (21, 12), (22, 11), (23, 11), (24, 10),
+              (25, 10), (26, 9), (27, 9), (28, 9), (29, 8), (30, 8), (31, 8), (32, 8))
+_SMALL_BASE_DROPS = (0.26, 0.27, 2.89, 3.11, 3.62, 3.75, 3.88)
+ASPECT_RATIOS = tuple(round(h / w, 2) for h, w in _BIN_UNITS)
 
 _progress_bar = {"bar": None}
 
@@ -40,19 +47,30 @@ def _progress_hook(step: int, total: int) -> None:
     bar.update(1)
 
 
-def resolution_bins(base: int, multiple: int) -> list[tuple[int, int]]:
-  """(h, w) bins of about base*base pixels for ASPECT_RATIOS, multiples of `multiple`."""
-  bins = []
-  for r in ASPECT_RATIOS:
-    h = max(multiple, round(base * math.sqrt(r) / multiple) * multiple)
-    w = max(multiple, round(base / math.sqrt(r) / multiple) * multiple)
-    bins.append((h, w))
+def resolution_bins(base: int, multiple: int) -> dict[float, tuple[int, int]]:
+  """{aspect ratio h/w: (h, w)} bins of about base*base pixels, multiples of `multiple`.
+
+  For base 512 / 1024 / 2048 / 4096 (and multiple dividing base/16) these are exactly
+  diffusers' ASPECT_RATIO_*_BIN tables; other bases scale the same unit pairs.
+  """
+  drops = _SMALL_BASE_DROPS if base < 2048 else ()
+  bins = {}
+  for (uh, uw), r in zip(_BIN_UNITS, ASPECT_RATIOS):
+    if r in drops:
+      continue
+    h = max(multiple, round(uh * base / 16 / multiple) * multiple)
+    w = max(multiple, round(uw * base / 16 / multiple) * multiple)
+    bins[r] = (h, w)
   return bins
 
 
-def nearest_bin(height: int, width: int, bins: Sequence[tuple[int, int]]) -> tuple[int, int]:
+def nearest_bin(height: int, width: int, bins) -> tuple[int, int]:
+  """The bin whose ratio key is nearest to height / width (first on ties, as diffusers'
+  classify_height_width_bin). bins: {ratio: (h, w)} or a list of (h, w)."""
+  if not isinstance(bins, dict):
+    bins = {h / w: (h, w) for h, w in bins}
   ratio = height / width
-  return min(bins, key=lambda b: abs(b[0] / b[1] - ratio))
+  return bins[min(bins, key=lambda r: abs(float(r) - ratio))]
 
 
 def resize_and_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -77,22 +95,30 @@ class SamplingOptions:
   flow_shift: float | None = None
   guidance_interval: tuple[float, float] | None = None
   resolution_binning: bool = True
+  # Mask of the null (unconditional) half under CFG: False = the conditional mask (official
+  # Sana), True = the null caption's own mask (diffusers' SanaPipeline; the null caption is
+  # then always "" encoded by the text encoder). None: pipeline.json sampler.use_null_mask.
+  use_null_mask: bool | None = None
 
 
 class SanaPipeline:
   """A loaded model folder (sana_jax.bundle) and the jitted pieces to sample from it."""
 
-  def __init__(self, bundle: bundle_lib.Bundle):
+  def __init__(self, bundle: bundle_lib.Bundle, cache_caption_kv: bool = True):
+    """cache_caption_kv: compute the cross-attention keys/values of the [null, cond]
+    captions once per batch instead of at every denoising step (same numbers)."""
     self.bundle = bundle
     self.model = dit.SanaDiT(bundle.dit_config)
     self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32),
                                          bundle.dit_params)
     self.settings = bundle.settings
+    self.cache_caption_kv = cache_caption_kv
     self._apply = jax.jit(self.model.apply)
 
   @classmethod
-  def from_folder(cls, folder, compute_dtype: str | None = None) -> "SanaPipeline":
-    return cls(bundle_lib.load(folder, compute_dtype))
+  def from_folder(cls, folder, compute_dtype: str | None = None,
+                  cache_caption_kv: bool = True) -> "SanaPipeline":
+    return cls(bundle_lib.load(folder, compute_dtype), cache_caption_kv=cache_caption_kv)
 
   @property
   def multiple(self) -> int:
@@ -121,20 +147,31 @@ class SanaPipeline:
     gen_h, gen_w = h, w
     if opts.resolution_binning and (h, w) != (s["image_size"],) * 2:
       gen_h, gen_w = nearest_bin(h, w, resolution_bins(s["image_size"], m))
+    use_null_mask = (s["sampler"].get("use_null_mask", False) if opts.use_null_mask is None
+                     else opts.use_null_mask)
     return {"height": h, "width": w, "gen_height": gen_h, "gen_width": gen_w, "steps": steps,
             "guidance_scale": float(scale), "solver": solver,
             "flow_shift": s["flow_shift"] if opts.flow_shift is None else opts.flow_shift,
-            "guidance_interval": opts.guidance_interval}
+            "guidance_interval": opts.guidance_interval, "use_null_mask": bool(use_null_mask)}
 
   def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(caption (B, L, Cy), mask (B, L), null caption (L, Cy))."""
     if not prompts or any(not isinstance(p, str) for p in prompts):
       raise ValueError("prompts must be a non-empty list of strings")
     emb, mask = self.bundle.prompt_encoder.encode(list(prompts))
+    return emb, mask, self.null_caption(False)[0]
+
+  def null_caption(self, use_null_mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(null caption (L, Cy), its mask (L,) or None). With use_null_mask (diffusers) the
+    null prompt is encoded by the text encoder and its own mask returned; otherwise the
+    folder's stored null embedding is used when it has one (official)."""
+    if use_null_mask:
+      emb, mask = self.bundle.prompt_encoder.encode_null(1)
+      return np.asarray(emb[0], np.float32), np.asarray(mask[0])
     null = self.bundle.null_caption
     if null is None:
       null = self.bundle.prompt_encoder.encode_null(1)[0][0]
-    return emb, mask, np.asarray(null, np.float32)
+    return np.asarray(null, np.float32), None
 
   def noise(self, seeds: Sequence[int], h: int, w: int) -> np.ndarray:
     """Initial latents, one key per seed: (len(seeds), h/f, w/f, C) float32."""
@@ -144,26 +181,56 @@ class SanaPipeline:
                      for s in seeds])
 
   def _sampler(self, r: dict):
-    apply = _apply_fn_for(self.model)
+    apply = _apply_fn_for(self.model, self.cache_caption_kv)
     return samplers.make_sampler(apply, num_steps=r["steps"], shift=r["flow_shift"],
                                  solver=r["solver"], guidance_scale=r["guidance_scale"],
                                  guidance_interval=r["guidance_interval"],
-                                 progress=_progress_hook)
+                                 use_null_mask=r["use_null_mask"], progress=_progress_hook)
+
+  def _caption_inputs(self, caption, null):
+    """What the sampler gets as captions: the captions themselves, or (cache_caption_kv)
+    their per-block cross-attention K/V packed as (B, L, depth * 2 * Ci) / (L, ...)."""
+    if not self.cache_caption_kv:
+      return caption, null
+    kv_fn = _kv_fn_for(self.model)
+    kv = kv_fn(self.params, caption)
+    null_kv = kv_fn(self.params, jnp.asarray(null)[None])[0]
+    return kv, null_kv
 
   def generate(self, prompts: Sequence[str], seeds: Sequence[int],
                opts: SamplingOptions = SamplingOptions(), progress: bool = False,
-               batch_size: int | None = None) -> np.ndarray:
+               batch_size: int | None = None, *, latents: np.ndarray | None = None,
+               output: str = "uint8", devices: Sequence | None = None,
+               timings: dict | None = None) -> np.ndarray:
     """One image per (prompt, seed) pair: prompts and seeds of equal length.
 
-    Returns uint8 (N, height, width, 3).
+    latents: optional initial noise (N, gen_height/f, gen_width/f, C) float32 (NHWC) in
+      place of the seeded noise (diffusers' `latents=` argument, transposed to NHWC).
+    output: "uint8" -> (N, height, width, 3) uint8; "float" -> float32 in [0, 1] (diffusers'
+      output_type="np"); "latent" -> the final latents (N, h, w, C) float32, not decoded.
+    devices: shard each batch over these (default: all local devices).
+    timings: if a dict, receives "encode_s", "denoise_s", "decode_s" (wall seconds).
     """
     if len(prompts) != len(seeds):
       raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if output not in ("uint8", "float", "latent"):
+      raise ValueError(f"output must be 'uint8', 'float' or 'latent', got {output!r}")
     r = self.resolve(opts)
-    emb, mask, null = self.encode(prompts)
-    noise = self.noise(seeds, r["gen_height"], r["gen_width"])
-    run = self._sampler(r)
     n = len(prompts)
+    f = self.bundle.autoencoder.downsample
+    shape = (n, r["gen_height"] // f, r["gen_width"] // f, self.bundle.dit_config.in_channels)
+    if latents is not None and tuple(np.shape(latents)) != shape:
+      raise ValueError(f"latents must have shape {shape} (N, h, w, C), got "
+                       f"{tuple(np.shape(latents))}")
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+      raise ValueError("prompts must be a non-empty list of strings")
+    clock = time.perf_counter()
+    emb, mask = self.bundle.prompt_encoder.encode(list(prompts))
+    null, null_mask = self.null_caption(r["use_null_mask"])
+    tick = time.perf_counter()
+    noise = (self.noise(seeds, r["gen_height"], r["gen_width"]) if latents is None
+             else np.asarray(latents, np.float32))
+    run = self._sampler(r)
     batch_size = batch_size or n
     out = []
     import tqdm
@@ -173,17 +240,29 @@ class SanaPipeline:
     try:
       for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        args = _shard_batch(noise[sl], emb[sl], mask[sl])
-        latents = run(self.params, *args, null)
-        out.append(np.asarray(jax.device_get(latents)))
+        x, c, m = _shard_batch(noise[sl], emb[sl], mask[sl], devices)
+        c, null_c = self._caption_inputs(c, null)
+        lat = run(self.params, x, c, m, null_c, null_mask)
+        out.append(np.asarray(jax.device_get(lat)))
       jax.effects_barrier()
     finally:
       _progress_bar["bar"] = None
       bar.close()
-    images = self.bundle.autoencoder.decode(np.concatenate(out))
-    images = np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    if (r["gen_height"], r["gen_width"]) != (r["height"], r["width"]):
-      images = np.stack([resize_and_crop(im, r["height"], r["width"]) for im in images])
+    tock = time.perf_counter()
+    lat = np.concatenate(out)
+    if output == "latent":
+      images = lat
+    else:
+      images = np.asarray(self.bundle.autoencoder.decode(lat), np.float32)
+      if output == "float":
+        images = np.clip(images / 2.0 + 0.5, 0.0, 1.0)
+      else:
+        images = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+      if (r["gen_height"], r["gen_width"]) != (r["height"], r["width"]):
+        images = np.stack([resize_and_crop(im, r["height"], r["width"]) for im in images])
+    if timings is not None:
+      timings.update(encode_s=tick - clock, denoise_s=tock - tick,
+                     decode_s=time.perf_counter() - tock)
     return images
 
   def __call__(self, prompts: Sequence[str] | str, num_images_per_prompt: int = 1,
@@ -205,27 +284,51 @@ class SanaPipeline:
 
 
 _APPLY_FNS: dict = {}
+_KV_FNS: dict = {}
 
 
-def _apply_fn_for(model: dit.SanaDiT):
-  """One apply function object per model config, so compiled samplers are reused."""
-  key = model.cfg
+def _apply_fn_for(model: dit.SanaDiT, cached_kv: bool = False):
+  """One apply function object per (model config, caption form), so compiled samplers are
+  reused. cached_kv: the caption argument is packed K/V from `_kv_fn_for`."""
+  key = (model.cfg, cached_kv)
   if key not in _APPLY_FNS:
-    _APPLY_FNS[key] = lambda params, x, t, c, m: model.apply({"params": params}, x, t, c, m)
+    cfg = model.cfg
+    if not cached_kv:
+      _APPLY_FNS[key] = lambda params, x, t, c, m: model.apply({"params": params}, x, t, c, m)
+    else:
+      def apply(params, x, t, c, m):
+        b, l, _ = c.shape
+        kv = c.reshape(b, l, cfg.depth, 2, cfg.cross_inner).transpose(2, 0, 1, 3, 4)
+        return model.apply({"params": params}, x, t, c, m, caption_kv=kv)
+      _APPLY_FNS[key] = apply
   return _APPLY_FNS[key]
 
 
-def _shard_batch(noise, emb, mask):
-  """Puts the batch over the local devices along axis 0 (largest device count dividing it)."""
-  devices = jax.local_devices()
+def _kv_fn_for(model: dit.SanaDiT):
+  """jitted (params, caption (B, L, Cy)) -> packed cross-attention K/V (B, L, depth*2*Ci)."""
+  key = model.cfg
+  if key not in _KV_FNS:
+    def kv(params, caption):
+      out = model.apply({"params": params}, caption, method=dit.SanaDiT.precompute_caption_kv)
+      b, l = caption.shape[:2]
+      return out.transpose(1, 2, 0, 3, 4).reshape(b, l, -1)  # (depth, B, L, 2, Ci) -> packed
+    _KV_FNS[key] = jax.jit(kv)
+  return _KV_FNS[key]
+
+
+def _shard_batch(noise, emb, mask, devices=None):
+  """Puts the batch over the devices (default: all local ones) along axis 0, using the
+  largest device count that divides it."""
+  devices = list(jax.local_devices() if devices is None else devices)
   n = max(k for k in range(1, len(devices) + 1) if noise.shape[0] % k == 0)
   mesh = jax.sharding.Mesh(np.asarray(devices[:n]), ("data",))
   put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data", *([None] * (a.ndim - 1)))))  # noqa: E731
   return put(noise), put(emb), put(mask)
 
 
-def make_generate_fn(config=None, model: str | None = None, **options):
-  """For sana_jax.scaling.best_of_n_cli: a generate_fn over a model folder."""
+def make_generate_fn(model: str | None = None, **options):
+  """For sana_jax.scaling.best_of_n_cli: a generate_fn over a model folder (default: the
+  embedded ShapesEval model)."""
   from sana_jax.shapes_model import DEFAULT_MODEL
   pipe = SanaPipeline.from_folder(model or DEFAULT_MODEL)
   return pipe.generate_fn(**options)

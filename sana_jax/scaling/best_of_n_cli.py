@@ -10,7 +10,7 @@ generator is built or any image is sampled. Output: OUT/{prompt index:05d}/ as w
 
 Generation goes through one seam, `generate_fn(prompt, seeds) -> list of uint8 (H, W, 3)`:
 `--generate_fn module:function` names any such callable; without it the sana_jax pipeline
-is asked for one with `sana_jax.pipeline.make_generate_fn(config=...)`.
+is asked for one with `sana_jax.pipeline.make_generate_fn(model=...)` (`--model FOLDER`).
 """
 
 from __future__ import annotations
@@ -26,15 +26,10 @@ from sana_jax.scaling.best_of_n import GenerateFn, check_request, run_best_of_n
 from sana_jax.scaling.judges import JUDGE_NAMES, ShapesJudge, make_judge
 
 
-def pipeline_generate_fn(config: str | None) -> GenerateFn:
-    """The sana_jax pipeline's generate_fn (the seam the pipeline must provide)."""
-    try:
-        from sana_jax.pipeline import make_generate_fn  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise RuntimeError(
-            "pipeline not available: sana_jax.pipeline.make_generate_fn(config=...) does not "
-            f"exist yet ({e}); pass --generate_fn module:function instead") from None
-    return make_generate_fn(config=config)
+def pipeline_generate_fn(model: str | None) -> GenerateFn:
+    """The sana_jax pipeline's generate_fn over a model folder (default: the embedded one)."""
+    from sana_jax.pipeline import make_generate_fn
+    return make_generate_fn(model=model)
 
 
 def load_callable(spec: str) -> GenerateFn:
@@ -70,7 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--shapes_metadata",
                     help="shapes: JSON-lines file of ShapesEval specifications with a 'prompt' "
                          "field each; its prompts are used when no --prompt is given")
-    ap.add_argument("--config", help="pipeline config (for the default generate_fn)")
+    ap.add_argument("--model", help="model folder for the pipeline (default: the embedded model)")
     ap.add_argument("--generate_fn", help="package.module:function with generate_fn's signature")
     ap.add_argument("--out_dir", required=True)
     ap.add_argument("--no_picture", action="store_true", help="skip bracket.png")
@@ -132,7 +127,7 @@ def main(argv=None, generate_fn: GenerateFn | None = None) -> int:
         prompts, judge = build(args)
         if generate_fn is None:
             generate_fn = (load_callable(args.generate_fn) if args.generate_fn
-                           else pipeline_generate_fn(args.config))
+                           else pipeline_generate_fn(args.model))
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
