@@ -73,18 +73,19 @@ def null_caption(model: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def export(workdir: pathlib.Path, model: pathlib.Path, step: int | None = None,
-           storage_dtype: str = "float16") -> None:
+           storage_dtype: str = "float16", ema: bool = True) -> None:
   from sana_jax.models.dit_config import DiTConfig
   from sana_jax.train import checkpoint
   from sana_jax.weights import dit as dit_weights
   saved = checkpoint.read_config(workdir, step)
   cfg = DiTConfig.coerce(saved["model"])
-  params, step = checkpoint.restore_params(workdir, step, ema=True)
+  params, step = checkpoint.restore_params(workdir, step, ema=ema)
   params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(storage_dtype), params)
   null, _ = null_caption(model)
   dit_weights.save_flax(model / "transformer", params, cfg,
                         {"null_caption_embedding": null.astype(np.float32)})
-  print(f"exported EMA parameters of step {step} ({storage_dtype}) to {model / 'transformer'}")
+  which = "EMA" if ema else "raw (non-EMA)"
+  print(f"exported {which} parameters of step {step} ({storage_dtype}) to {model / 'transformer'}")
 
 
 def curve(workdir: pathlib.Path, out: pathlib.Path, smooth: int = 8) -> None:
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
   b.add_argument("--workdir", type=pathlib.Path, required=True)
   b.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
   b.add_argument("--step", type=int, default=None)
+  b.add_argument("--raw", action="store_true", help="export the raw parameters, not the EMA")
   c = sub.add_parser("curve")
   c.add_argument("--workdir", type=pathlib.Path, required=True)
   c.add_argument("--out", type=pathlib.Path, required=True)
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
   if args.cmd == "init":
     init(args.out)
   elif args.cmd == "export":
-    export(args.workdir, args.model, args.step)
+    export(args.workdir, args.model, args.step, ema=not args.raw)
   else:
     curve(args.workdir, args.out)
   return 0
