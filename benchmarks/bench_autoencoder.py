@@ -25,13 +25,14 @@ import numpy as np  # noqa: E402
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--sizes", type=int, nargs="+", default=[512])
   ap.add_argument("--runs", type=int, default=3)
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   ap.add_argument("--compare-upsample", action="store_true")
   ap.add_argument("--memory", action="store_true",
-                  help="only print XLA's compiled memory for one 1024 px tile vs a whole 4096 px decode")
+                  help="only print XLA's compiled memory: one 1024 px tile vs a 4096 px decode")
   args = ap.parse_args()
   if args.memory:
     return memory()
@@ -91,7 +92,8 @@ def main():
   print(f"\nDC-AE f32c32 decoder, fp32, batch 1, {args.runs} runs (median), "
         f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
         f"({args.threads} threads)")
-  print(f"{'px':>5} {'ours (impl)':>12} {'torch s':>9} {'ours s':>8} {'ratio':>6} {'1st call s':>10}  runs torch / ours")
+  print(f"{'px':>5} {'ours (impl)':>12} {'torch s':>9} {'ours s':>8} {'ratio':>6} "
+        f"{'1st call s':>10}  runs torch / ours")
   for size, impl, tt, tj, ratio, comp, rt, rj in rows:
     print(f"{size:>5} {impl:>12} {tt:>9.2f} {tj:>8.2f} {ratio:>6.2f} {comp:>10.1f}  "
           f"{[round(x, 2) for x in rt]} / {[round(x, 2) for x in rj]}")
@@ -108,7 +110,8 @@ def memory():
   print(f"{'decode':>28} {'temp':>8} {'params':>8} {'output':>8}")
   for name, lat in [("one tile, 1024 px (tiled)", 32), ("whole image, 4096 px", 128)]:
     m = tiling.tile_memory_bytes(cfg, params, (1, lat, lat))
-    print(f"{name:>28} {m['temp'] / 2**30:>8.2f} {m['argument'] / 2**30:>8.2f} {m['output'] / 2**30:>8.2f}")
+    gib = {k: v / 2**30 for k, v in m.items()}
+    print(f"{name:>28} {gib['temp']:>8.2f} {gib['argument']:>8.2f} {gib['output']:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from sana_jax.weights import dcae  # noqa: E402
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-  ap.add_argument("--src", required=True, help="diffusers AutoencoderDC folder (or ours with --to-diffusers)")
+  ap.add_argument("--src", required=True,
+                  help="diffusers AutoencoderDC folder (or ours with --to-diffusers)")
   ap.add_argument("--dst", help="output folder")
   ap.add_argument("--parts", nargs="+", default=["encoder", "decoder"],
                   choices=["encoder", "decoder"], help="convert only these halves")

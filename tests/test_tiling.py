@@ -35,7 +35,8 @@ def model():
 
 
 def _rel(a, b):
-  return float(np.abs(a - b).max() / np.abs(b).max()), float(np.abs(a - b).mean() / np.abs(b).mean())
+  d = np.abs(a - b)
+  return float(d.max() / np.abs(b).max()), float(d.mean() / np.abs(b).mean())
 
 
 def _seam_score(err, starts_y, starts_x, tile, f):
@@ -88,7 +89,8 @@ def test_tiled_decode_is_exact_with_global_attention_and_margin(model):
   margin, overlap = tiling.exact_settings(CFG, "decoder")
   assert (margin, overlap) == (9, 20)
   out = tiling.decode_tiled(CFG, params, z, tile=28, overlap=overlap, margin=margin)
-  assert len(tiling.tile_starts(GRID[0], 28, overlap)) * len(tiling.tile_starts(GRID[1], 28, overlap)) == 15
+  n_tiles = [len(tiling.tile_starts(g, 28, overlap)) for g in GRID]
+  assert n_tiles == [3, 5]
   err_max, _ = _rel(out, full)
   print(f"exact settings: max rel err {err_max:.2e}")
   assert err_max <= 1e-5
@@ -105,7 +107,8 @@ def test_tiled_decode_cheap_settings_bound_and_no_seam(model):
   out = tiling.decode_tiled(CFG, params, z, tile=16, overlap=8, margin=2)
   err_max, err_mean = _rel(out, full)
   seam = _seam_score(out - full, sy, sx, 16, f)
-  print(f"tile 16 / overlap 8 / margin 2: max rel {err_max:.2e}, mean rel {err_mean:.2e}, seam {seam:.2f}")
+  print(f"tile 16 / overlap 8 / margin 2: max rel {err_max:.2e}, mean rel {err_mean:.2e}, "
+        f"seam {seam:.2f}")
   assert err_max <= 5e-2 and err_mean <= 1e-2
   assert seam <= 1.5
   # Negative control: hard-cut tiles (no overlap) show their edges in the error.

@@ -105,7 +105,8 @@ class DCAEConfig:
       set_(f"{side}_qkv_multiscales", ms)
       for t in getattr(self, f"{side}_block_types"):
         if t not in BLOCK_TYPES:
-          raise ValueError(f"{side} block type {t!r} is not supported; expected one of {BLOCK_TYPES}.")
+          raise ValueError(f"{side} block type {t!r} is not supported; "
+                           f"expected one of {BLOCK_TYPES}.")
     n = len(self.decoder_block_out_channels)
     set_("decoder_norm_types", _tuple_per_stage(self.decoder_norm_types, n, "decoder_norm_types"))
     set_("decoder_act_fns", _tuple_per_stage(self.decoder_act_fns, n, "decoder_act_fns"))
@@ -229,7 +230,8 @@ class Conv(nn.Module):
         x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * 2,
         ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(y.dtype)
     return y
 
 
@@ -309,8 +311,8 @@ class GroupedDense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c, g = x.shape[-1], self.groups
-    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=(0,)),
-                        (g, c // g, self.features // g), jnp.float32)
+    init = nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=(0,))
+    kernel = self.param("kernel", init, (g, c // g, self.features // g), jnp.float32)
     xg = x.reshape(x.shape[:-1] + (g, c // g)).astype(self.dtype)
     y = jnp.einsum("...gi,gio->...go", xg, kernel.astype(self.dtype))
     return y.reshape(x.shape[:-1] + (self.features,))
@@ -559,7 +561,8 @@ class Encoder(nn.Module):
     y = Conv(cfg.latent_channels, dtype=dtype, name="conv_out")(x)
     if cfg.encoder_out_shortcut:
       g = x.shape[-1] // cfg.latent_channels
-      y = y + x.reshape(x.shape[:-1] + (cfg.latent_channels, g)).astype(jnp.float32).mean(-1).astype(y.dtype)
+      s = x.reshape(x.shape[:-1] + (cfg.latent_channels, g)).astype(jnp.float32).mean(-1)
+      y = y + s.astype(y.dtype)
     return y
 
 
@@ -628,7 +631,8 @@ def check_images(config: DCAEConfig, shape) -> None:
   """ValueError unless shape is (B, H, W, in_channels) with H, W multiples of the ratio."""
   f = config.spatial_compression_ratio
   if len(shape) != 4 or shape[-1] != config.in_channels:
-    raise ValueError(f"images must be NHWC (B, H, W, {config.in_channels}), got shape {tuple(shape)}.")
+    raise ValueError(f"images must be NHWC (B, H, W, {config.in_channels}), "
+                     f"got shape {tuple(shape)}.")
   if shape[1] % f or shape[2] % f or shape[1] == 0 or shape[2] == 0:
     raise ValueError(f"image height and width must be positive multiples of {f} (the DC-AE "
                      f"downsampling factor), got {shape[1]} x {shape[2]}; pad or crop first.")

@@ -217,7 +217,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: DCAEConfig,
   if missing or unexpected or misshaped:
     msg = ["DC-AE checkpoint does not fit the config "
            f"(latent_channels={config.latent_channels}, encoder channels "
-           f"{config.encoder_block_out_channels}, decoder channels {config.decoder_block_out_channels}):"]
+           f"{config.encoder_block_out_channels}, decoder channels "
+           f"{config.decoder_block_out_channels}):"]
     if missing:
       msg.append(f"  {len(missing)} missing: {_fmt(missing)}")
     if unexpected:
@@ -229,7 +230,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: DCAEConfig,
   return jax.tree_util.tree_map(jax.numpy.asarray if as_jax else np.ascontiguousarray, tree)
 
 
-def to_diffusers_state_dict(params: Mapping, config: DCAEConfig | None = None) -> dict[str, np.ndarray]:
+def to_diffusers_state_dict(params: Mapping, config: DCAEConfig | None = None
+                            ) -> dict[str, np.ndarray]:
   """Our params -> diffusers AutoencoderDC state dict (numpy, torch layout).
 
   BatchNorm `num_batches_tracked` is not produced (torch's `load_state_dict(strict=False)`
@@ -254,7 +256,7 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     return load_file(str(path))
   except (TypeError, ValueError) as e:  # bf16 has no numpy dtype: go through JAX
-    if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower() and "dtype" not in str(e).lower():
+    if not any(w in str(e).lower() for w in ("bf16", "bfloat16", "dtype")):
       raise
     from safetensors.flax import load_file as load_flax
     return {k: np.asarray(v, np.float32) for k, v in load_flax(str(path)).items()}
@@ -272,7 +274,8 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, np.ndarray]:
       out.update(_read_safetensors(folder / shard))
     absent = sorted(set(weight_map) - set(out))
     if absent:
-      raise DCAECheckpointError(f"{index}: tensors listed but absent from the shards: {_fmt(absent)}")
+      raise DCAECheckpointError(f"{index}: tensors listed but absent from the shards: "
+                                f"{_fmt(absent)}")
     return out
   if single.exists():
     return _read_safetensors(single)
@@ -351,7 +354,8 @@ def load_params(folder: str | os.PathLike, parts: Iterable[str] = ("encoder", "d
                      for p, v in got.items() if p in expected and tuple(v.shape) != expected[p])
   if missing or unexpected or misshaped:
     msg = [f"{folder}: parameters do not fit the config:"]
-    for name, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    for name, items in (("missing", missing), ("unexpected", unexpected),
+                        ("mis-shaped", misshaped)):
       if items:
         msg.append(f"  {len(items)} {name}: {_fmt(items)}")
     raise DCAECheckpointError("\n".join(msg))
