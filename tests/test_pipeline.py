@@ -26,6 +26,7 @@ from sana_jax.data.tokenizer import build_word_level_tokenizer, words_of  # noqa
 from sana_jax.models.dit_config import DiTConfig  # noqa: E402
 from sana_jax.pipeline import SamplingOptions, SanaPipeline  # noqa: E402
 from tests import dit_reference  # noqa: E402
+from tests.test_sample_cli import write_pixel_model  # noqa: E402
 
 DIFFUSERS_CHI = tuple(inspect.signature(diffusers.SanaPipeline.__call__)
                       .parameters["complex_human_instruction"].default)
@@ -171,39 +172,9 @@ def test_bundle_from_diffusers_errors(converted, tmp_path):
 # ------------------------------------------------------------- pipeline properties (pixels)
 
 
-def _write_pixel_model(folder, seed=0):
-  """A tiny random pixel-space model folder (no autoencoder): DiT patch 4 on 3 channels,
-  tiny Gemma-2 over a word-level tokenizer; official settings (stored null caption)."""
-  from sana_jax.models import dit
-  from sana_jax.models import text_encoder as te
-  from sana_jax.weights import dit as dit_weights
-  from sana_jax.weights import gemma
-
-  words = "a an red green blue yellow circle square triangle star left right of above below".split()
-  build_word_level_tokenizer(words, str(folder / "tokenizer"))
-  tcfg = te.gemma2_tiny(len(words) + 4, hidden_size=28, num_layers=2, head_dim=8,
-                        query_pre_attn_scalar=8)
-  gemma.save_params(jax.device_get(te.init_params(tcfg, seed)), tcfg, str(folder / "text_encoder"))
-  cfg = DiTConfig(in_channels=3, out_channels=3, patch_size=4, hidden_size=40, depth=2,
-                  self_head_dim=8, cross_heads=2, cross_head_dim=12, caption_channels=28,
-                  caption_len=10, mlp_ratio=2.0, sample_size=8)
-  params = jax.device_get(dit.init_params(cfg, jax.random.key(seed + 1)))
-  # Random (not zero-initialised) output layer and tables so images depend on the inputs.
-  rng = np.random.default_rng(seed + 3)
-  params = jax.tree_util.tree_map(
-      lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), params)
-  null = np.random.default_rng(seed + 2).standard_normal((10, 28)).astype(np.float32)
-  dit_weights.save_flax(folder / "transformer", params, cfg, {"null_caption_embedding": null})
-  bundle_lib.write_settings(folder, image_size=32, flow_shift=3.0,
-                            sampler={"name": "dpm_solver", "steps": 3, "guidance_scale": 4.5},
-                            prompt={"max_length": 10, "chi": None, "lowercase": True},
-                            autoencoder={"kind": "pixels", "channels": 3})
-  return folder
-
-
 @pytest.fixture(scope="module")
 def pixel_pipe(tmp_path_factory):
-  folder = _write_pixel_model(tmp_path_factory.mktemp("pixels"))
+  folder = write_pixel_model(tmp_path_factory.mktemp("pixels"))
   return SanaPipeline.from_folder(folder)
 
 
