@@ -74,15 +74,21 @@ def nearest_bin(height: int, width: int, bins) -> tuple[int, int]:
 
 
 def resize_and_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Scale to cover (height, width), then centre-crop (diffusers' resize_and_crop)."""
+  """Scale to cover (height, width), then centre-crop (diffusers' resize_and_crop).
+
+  image: (H, W, C) uint8, or float (resized per channel in float, same dtype back)."""
   if image.shape[:2] == (height, width):
     return image
-  img = Image.fromarray(image)
-  scale = max(height / img.height, width / img.width)
-  img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))),
-                   Image.BICUBIC)
-  left, top = (img.width - width) // 2, (img.height - height) // 2
-  return np.asarray(img.crop((left, top, left + width, top + height)))
+  h0, w0 = image.shape[:2]
+  scale = max(height / h0, width / w0)
+  size = (max(width, round(w0 * scale)), max(height, round(h0 * scale)))
+  left, top = (size[0] - width) // 2, (size[1] - height) // 2
+  box = (left, top, left + width, top + height)
+  if image.dtype == np.uint8:
+    return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC).crop(box))
+  chans = [np.asarray(Image.fromarray(np.asarray(image[..., c], np.float32), mode="F")
+                      .resize(size, Image.BICUBIC).crop(box)) for c in range(image.shape[-1])]
+  return np.stack(chans, -1).astype(image.dtype)
 
 
 @dataclasses.dataclass
@@ -260,6 +266,8 @@ class SanaPipeline:
         images = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
       if (r["gen_height"], r["gen_width"]) != (r["height"], r["width"]):
         images = np.stack([resize_and_crop(im, r["height"], r["width"]) for im in images])
+        if output == "float":  # bicubic overshoot
+          images = np.clip(images, 0.0, 1.0)
     if timings is not None:
       timings.update(encode_s=tick - clock, denoise_s=tock - tick,
                      decode_s=time.perf_counter() - tock)

@@ -229,6 +229,10 @@ def test_aspect_ratio_binning(pixel_pipe):
   assert img.shape == (1, 16, 48, 3) and img.dtype == np.uint8
   img = pixel_pipe(["a red circle"], height=40, width=24, steps=1, resolution_binning=False)
   assert img.shape == (1, 40, 24, 3)
+  img = pixel_pipe.generate(["a red circle"], [0], SamplingOptions(height=16, width=48, steps=1),
+                            output="float")
+  assert img.shape == (1, 16, 48, 3) and img.dtype == np.float32
+  assert 0.0 <= img.min() and img.max() <= 1.0
 
 
 @pytest.mark.parametrize("base", [512, 1024, 2048, 4096])
