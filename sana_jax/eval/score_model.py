@@ -108,6 +108,8 @@ def main(argv=None) -> int:
   ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/score"))
   ap.add_argument("--ns", default="1,2,4,8,16")
   ap.add_argument("--num_prompts", type=int, default=None, help="first K prompts only")
+  ap.add_argument("--per_category", type=int, default=None,
+                  help="the first K prompts of every category only")
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--guidance", type=float, default=None)
@@ -118,6 +120,9 @@ def main(argv=None) -> int:
   if ns[0] < 1:
     raise ValueError("N must be >= 1")
   prompts = shapes.eval_prompts()[:args.num_prompts]
+  if args.per_category:
+    prompts = [p for c in shapes.CATEGORIES
+               for p in [q for q in prompts if q["tag"] == c][:args.per_category]]
   pipe = SanaPipeline.from_folder(args.model or DEFAULT_MODEL)
   options = SamplingOptions(steps=args.steps, guidance_scale=args.guidance)
   images = generate_all(pipe, prompts, ns[-1], args.batch, options)
