@@ -6,7 +6,9 @@ weights, fp32, 512 px (16x16 latent), batch 1, 300 caption tokens (the last 120 
 One diffusers model is built; our parameters are converted from it (so the run also checks
 parity). Our forward is compiled once per `--impls` depthwise-conv form; timed runs
 alternate (ours-shift, ours-conv, diffusers, ours-shift, ...) so load from other processes
-hits all alike; medians are reported with the load average. torch uses 2 threads.
+hits all alike; medians are reported with the load average. torch uses --threads (2 by
+default). On a heavily loaded 2-core machine torch's 2-thread forward is much slower than
+its 1-thread one, so compare with `--threads 1` too (docs/benchmarks.md).
 
 Part 2 (memory): SANA-1.5 4.8B (60 blocks, width 2240) at 1024 px (32x32 latent), global
 batch 8 (1 per device), 300 caption tokens, parameters sharded by the FSDP rules on mesh
