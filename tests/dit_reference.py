@@ -47,3 +47,29 @@ def rel_err(ours, ref) -> float:
   """max |ours - ref| / max |ref|."""
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
   return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def random_params(cfg, seed):
+  """Random parameters of cfg's shapes (no init compile): kernels N(0, 1/fan_in), depthwise
+  N(0, 1/9), norm weights 1 + N(0, 0.1^2), tables N(0, 0.3^2), biases N(0, 0.05^2)."""
+  rng = np.random.default_rng(seed)
+
+  def one(path, a):
+    names = [str(getattr(k, "key", k)) for k in path]
+    shape = a.shape
+    per = shape[1:] if names[0] == "blocks" else shape
+    z = rng.standard_normal(shape)
+    if names[-1] in ("q_norm", "k_norm", "caption_norm"):
+      v = 1 + 0.1 * z
+    elif "table" in names[-1]:
+      v = 0.3 * z
+    elif names[-1] in ("bias", "depthwise_bias"):
+      v = 0.05 * z
+    elif names[-1] == "depthwise_kernel":
+      v = z / 3
+    else:
+      v = z / np.sqrt(per[0])
+    return v.astype(np.float32)
+  from sana_jax.models import dit
+  import jax
+  return jax.tree_util.tree_map_with_path(one, dit.abstract_params(cfg))
