@@ -151,6 +151,15 @@ def worker_ours(args) -> dict:
     return img, t
 
   _log("built pipeline")
+  if args.memory_trace:  # peak memory of each piece, before the timed calls
+    encoder.encode([PROMPT])
+    _log("text encoder, prompt")
+    encoder.encode_null(1)
+    _log("text encoder, null prompt")
+    lat = pipe.generate([PROMPT], [0], opts, output="latent")
+    _log("denoise")
+    autoencoder.decode(lat)
+    _log("decode")
   t0 = time.perf_counter()
   img, _ = run()
   first = time.perf_counter() - t0
@@ -184,7 +193,12 @@ def worker_diffusers(args) -> dict:
                     attn_logit_softcapping=50.0)
   hc._attn_implementation = "eager"  # sdpa rejects the softcap
   torch.manual_seed(0)
-  text_encoder = Gemma2Model(hc).eval().to(getattr(torch, args.text_encoder_dtype))
+  default = torch.get_default_dtype()
+  torch.set_default_dtype(getattr(torch, args.text_encoder_dtype))  # no fp32 copy first
+  try:
+    text_encoder = Gemma2Model(hc).eval()
+  finally:
+    torch.set_default_dtype(default)
   _log("text encoder")
   tcfg = dit_weights.to_diffusers_config(_dit_config())
   tcfg.pop("_class_name")
@@ -270,7 +284,8 @@ def _spawn(which: str, args) -> dict:
          str(args.runs), "--steps", str(args.steps), "--size", str(args.size), "--vocab",
          str(args.vocab), "--threads", str(args.threads), "--text_encoder_dtype",
          args.text_encoder_dtype] + (
-             ["--no_kv_cache"] if args.no_kv_cache else [])
+             ["--no_kv_cache"] if args.no_kv_cache else []) + (
+             ["--memory_trace"] if args.memory_trace else [])
   load_before = os.getloadavg()
   print(f"[{which}] running (load average {load_before[0]:.1f})", file=sys.stderr, flush=True)
   proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -300,6 +315,8 @@ def main(argv=None) -> int:
   ap.add_argument("--no_kv_cache", action="store_true",
                   help="ours: recompute caption K/V at every step")
   ap.add_argument("--only", choices=("ours", "diffusers"), default=None)
+  ap.add_argument("--memory_trace", action="store_true",
+                  help="ours: log peak memory after each piece before the timed calls")
   ap.add_argument("--wait_memory", type=int, default=600,
                   help="seconds to wait for free memory before a worker starts")
   ap.add_argument("--worker", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
