@@ -90,3 +90,12 @@ def test_precomputed_caption_kv_matches():
   a = model.apply({"params": params}, x, t, y, mask)
   b = model.apply({"params": params}, x, t, y, mask, caption_kv=kv)
   np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_caption_norm_init():
+  """Released configs' y_norm_scale_factor (0.01) by default; configurable for small runs."""
+  cfg = GEOMETRIES["plain"]["cfg"]
+  assert cfg.caption_norm_init == 0.01
+  for value in (0.01, 1.0):
+    params = dit.init_params(cfg.replace(caption_norm_init=value), jax.random.key(0))
+    np.testing.assert_array_equal(params["caption_norm"], np.full(cfg.hidden_size, value, np.float32))

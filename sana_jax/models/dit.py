@@ -386,7 +386,7 @@ class SanaDiT(nn.Module):
                         name="caption_proj_fc2")
     if cfg.caption_norm:
       self.caption_norm_scale = self.param(
-          "caption_norm", _part(_constant_init(0.01), ("embed",)), (c,))
+          "caption_norm", _part(_constant_init(cfg.caption_norm_init), ("embed",)), (c,))
     self.final_table = self.param("final_scale_shift_table", _part(_table_init(c), (None, "embed")),
                                   (2, c))
     self.final_linear = _Dense((p * p * cfg.out_channels,), ("embed", None), dtype=dt,

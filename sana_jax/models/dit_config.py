@@ -40,6 +40,10 @@ class DiTConfig:
   cross_norm_eps: float = 1e-6     # official 1e-6; diffusers 1e-5
   caption_norm: bool = True        # attention_y_norm / caption_norm
   caption_norm_eps: float = 1e-5
+  # Initial caption_norm weight = the official y_norm_scale_factor (0.01 in the released
+  # configs, 1.0 the class default). 0.01 starts the caption pathway at 1/100; a small model
+  # trained for a few thousand steps never opens it (configs/shapes.py uses 1.0).
+  caption_norm_init: float = 0.01
 
   # Numerics.
   norm_eps: float = 1e-6           # LayerNorm (no affine) in blocks and final layer
