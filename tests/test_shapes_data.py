@@ -147,6 +147,13 @@ def test_training_captions_are_disjoint_from_eval_prompts():
     assert S.normalize_prompt(S.example(i, 32)["caption"]) not in banned
 
 
+def test_validation_prompts_are_disjoint_from_eval_prompts():
+  banned = {S.normalize_prompt(s["prompt"]) for s in S.eval_prompts()}
+  val = S.make_eval_prompts(20, S.VALIDATION_SEED, exclude_eval_prompts=True)
+  assert [s["tag"] for s in val] == [c for c in S.CATEGORIES for _ in range(20)]
+  assert not {S.normalize_prompt(s["prompt"]) for s in val} & banned
+
+
 def test_grid_cli(tmp_path):
   out = tmp_path / "grid.png"
   S.main(["--grid", str(out), "--image-size", "32", "--per-category", "2"])

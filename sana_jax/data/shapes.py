@@ -65,6 +65,7 @@ EVAL_PROMPTS_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "as
                                  "shapes_eval_prompts.jsonl")
 EVAL_SEED = 20250601
 EVAL_PER_CATEGORY = 50
+VALIDATION_SEED = 20251122  # validation prompts: same grammar, disjoint from the eval set
 
 # ----------------------------------------------------------------------------- geometry
 
@@ -296,14 +297,18 @@ def sample_spec(category: str, rng: np.random.Generator, *,
   raise RuntimeError(f"could not sample a {category} caption outside the evaluation set")
 
 
-def make_eval_prompts(per_category: int = EVAL_PER_CATEGORY, seed: int = EVAL_SEED) -> list[dict]:
-  """The evaluation prompt set: `per_category` distinct prompts for each category, in order."""
+def make_eval_prompts(per_category: int = EVAL_PER_CATEGORY, seed: int = EVAL_SEED, *,
+                      exclude_eval_prompts: bool = False) -> list[dict]:
+  """The evaluation prompt set: `per_category` distinct prompts for each category, in order.
+
+  With exclude_eval_prompts and another seed this makes a validation set (for choosing
+  sampling settings) that shares no prompt with the evaluation set."""
   out = []
   for ci, category in enumerate(CATEGORIES):
     rng = np.random.default_rng([seed, ci])
     seen = set()
     while len(seen) < per_category:
-      spec = sample_spec(category, rng, exclude_eval_prompts=False)
+      spec = sample_spec(category, rng, exclude_eval_prompts=exclude_eval_prompts)
       key = normalize_prompt(spec["prompt"])
       if key not in seen:
         seen.add(key)

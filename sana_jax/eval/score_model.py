@@ -110,6 +110,10 @@ def main(argv=None) -> int:
   ap.add_argument("--num_prompts", type=int, default=None, help="first K prompts only")
   ap.add_argument("--per_category", type=int, default=None,
                   help="the first K prompts of every category only")
+  ap.add_argument("--validation", action="store_true",
+                  help="score held-out validation prompts (disjoint from the evaluation "
+                       "set; --per_category of them, default 50) instead: use these to "
+                       "choose sampling settings")
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--guidance", type=float, default=None)
@@ -119,7 +123,11 @@ def main(argv=None) -> int:
   ns = sorted(int(n) for n in args.ns.split(","))
   if ns[0] < 1:
     raise ValueError("N must be >= 1")
-  prompts = shapes.eval_prompts()[:args.num_prompts]
+  if args.validation:
+    prompts = shapes.make_eval_prompts(args.per_category or shapes.EVAL_PER_CATEGORY,
+                                       shapes.VALIDATION_SEED, exclude_eval_prompts=True)
+  else:
+    prompts = shapes.eval_prompts()[:args.num_prompts]
   if args.per_category:
     prompts = [p for c in shapes.CATEGORIES
                for p in [q for q in prompts if q["tag"] == c][:args.per_category]]
