@@ -3,9 +3,11 @@
   python -m sana_jax.shapes_model init --out MODEL      # tokenizer, text encoder, pipeline.json
   python -m sana_jax.shapes_model export --workdir RUN --model MODEL [--step N]
   python -m sana_jax.shapes_model curve --workdir RUN --out curve.png
+  python -m sana_jax.shapes_model probe --model MODEL   # word order in the caption tokens
 
 `init` is deterministic: the word-level tokenizer covers sana_jax.data.shapes.vocabulary()
-and the tiny Gemma-2 encoder has frozen random weights from config.text_encoder.seed.
+and the tiny Gemma-2 encoder has frozen random weights from config.text_encoder.seed (token
+table scaled by config.text_encoder.embed_scale; `probe` measures why).
 `export` writes MODEL/transformer from a training run's EMA parameters (fp16 storage, so
 the shipped model stays a few MB), with the null-caption embedding as its extra.
 """
@@ -36,15 +38,17 @@ def text_encoder_config(config):
   from sana_jax.models import text_encoder
   te = config.text_encoder
   vocab = len(shapes.vocabulary()) + 4  # + <pad>, <eos>, <bos>, <unk>
-  return text_encoder.gemma2_tiny(vocab, hidden_size=te.hidden_size, num_layers=te.num_layers)
+  return text_encoder.gemma2_tiny(vocab, hidden_size=te.hidden_size, num_layers=te.num_layers,
+                                  layer_types=None)
 
 
-def init(out: pathlib.Path) -> None:
+def init(out: pathlib.Path, config=None) -> None:
+  """Writes tokenizer/, text_encoder/ and pipeline.json of configs/shapes.py (or `config`)."""
   from sana_jax.data import shapes
   from sana_jax.data.tokenizer import build_word_level_tokenizer
   from sana_jax.models import text_encoder
   from sana_jax.weights import gemma
-  config = shapes_config()
+  config = config or shapes_config()
   out.mkdir(parents=True, exist_ok=True)
   build_word_level_tokenizer(list(shapes.vocabulary()), str(out / "tokenizer"),
                              lowercase=config.prompt.lowercase)
@@ -52,6 +56,8 @@ def init(out: pathlib.Path) -> None:
   if tcfg.hidden_size != config.model.caption_channels:
     raise ValueError("text encoder width must equal model.caption_channels")
   params = text_encoder.init_params(tcfg, config.text_encoder.seed)
+  params["embed"]["embedding"] = (params["embed"]["embedding"]
+                                  * config.text_encoder.get("embed_scale", 1.0))
   gemma.save_params(jax.device_get(params), tcfg, str(out / "text_encoder"))
   bundle.write_settings(
       out, image_size=config.image_size, flow_shift=config.flow_shift,
@@ -62,13 +68,7 @@ def init(out: pathlib.Path) -> None:
 
 def null_caption(model: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   """(caption (L, Cy), mask (L,)) of the null prompt, from the folder's text encoder."""
-  from sana_jax.models.prompts import PromptConfig, PromptEncoder
-  import json
-  p = json.loads((model / bundle.PIPELINE_FILE).read_text())["prompt"]
-  enc = PromptEncoder.from_folders(str(model / "tokenizer"), str(model / "text_encoder"),
-                                   PromptConfig(max_length=p["max_length"], chi=None,
-                                                lowercase=p.get("lowercase", False)))
-  emb, mask = enc.encode_null(1)
+  emb, mask = _prompt_encoder(model).encode_null(1)
   return emb[0], mask[0]
 
 
@@ -86,6 +86,53 @@ def export(workdir: pathlib.Path, model: pathlib.Path, step: int | None = None,
                         {"null_caption_embedding": null.astype(np.float32)})
   which = "EMA" if ema else "raw (non-EMA)"
   print(f"exported {which} parameters of step {step} ({storage_dtype}) to {model / 'transformer'}")
+
+
+# Prompt pairs that differ only in which word comes where: a caption encoder whose outputs
+# are (almost) context-free gives both the same bag of tokens, and a DiT that reads the
+# caption through cross-attention (no position on the caption side) cannot tell them apart.
+_SWAPS = {
+    "colour binding": ("a photo of a red circle and a blue square",
+                       "a photo of a blue circle and a red square"),
+    "position": ("a photo of a circle left of a square",
+                 "a photo of a square left of a circle"),
+}
+
+
+def _prompt_encoder(model: pathlib.Path):
+  from sana_jax.models.prompts import PromptConfig, PromptEncoder
+  import json
+  p = json.loads((model / bundle.PIPELINE_FILE).read_text())["prompt"]
+  return PromptEncoder.from_folders(str(model / "tokenizer"), str(model / "text_encoder"),
+                                    PromptConfig(max_length=p["max_length"], chi=None,
+                                                 lowercase=p.get("lowercase", False)))
+
+
+def context_probe(model: pathlib.Path) -> dict:
+  """How much word order the frozen text encoder's output carries.
+
+  Returns {"same_word_cos": cosine between the outputs for the same word ("circle") after
+  different context ("red" / "blue"): 1 means context-free; "<swap> bag_sim": mean over the
+  tokens of one prompt of the best cosine match among the other prompt's tokens, for each
+  pair in _SWAPS: 1 means the two prompts are the same bag of vectors; "distinct_word_cos":
+  cosine of "circle" vs "square" in the same context (must stay well below 1)}.
+  """
+  enc = _prompt_encoder(model)
+  prompts = [p for pair in _SWAPS.values() for p in pair] + ["a photo of a circle",
+                                                             "a photo of a square"]
+  emb, mask = enc.encode(prompts)
+  emb, mask = np.asarray(emb, np.float32), np.asarray(mask) > 0
+
+  def unit_tokens(i):
+    x = emb[i][mask[i]]
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  out = {"same_word_cos": float(unit_tokens(0)[6] @ unit_tokens(1)[6]),  # "circle"
+         "distinct_word_cos": float(unit_tokens(4)[-1] @ unit_tokens(5)[-1])}
+  for k, name in enumerate(_SWAPS):
+    a, b = unit_tokens(2 * k), unit_tokens(2 * k + 1)
+    out[f"{name} bag_sim"] = float(np.mean(np.max(a @ b.T, axis=1)))
+  return out
 
 
 def curve(workdir: pathlib.Path, out: pathlib.Path, smooth: int = 8) -> None:
@@ -124,6 +171,8 @@ def main(argv=None) -> int:
   b.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
   b.add_argument("--step", type=int, default=None)
   b.add_argument("--raw", action="store_true", help="export the raw parameters, not the EMA")
+  d = sub.add_parser("probe", help="how much word order the text encoder's output carries")
+  d.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
   c = sub.add_parser("curve")
   c.add_argument("--workdir", type=pathlib.Path, required=True)
   c.add_argument("--out", type=pathlib.Path, required=True)
@@ -132,6 +181,9 @@ def main(argv=None) -> int:
     init(args.out)
   elif args.cmd == "export":
     export(args.workdir, args.model, args.step, ema=not args.raw)
+  elif args.cmd == "probe":
+    for k, v in context_probe(args.model).items():
+      print(f"{k:28s} {v:.3f}")
   else:
     curve(args.workdir, args.out)
   return 0

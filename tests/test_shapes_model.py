@@ -30,3 +30,40 @@ def test_shipped_model_samples_and_scores():
 def options_steps(n):
   from sana_jax.pipeline import SamplingOptions
   return SamplingOptions(steps=n)
+
+
+def test_context_probe_tells_context_free_from_mixing_encoders(tmp_path):
+  # The numbers docs/shapes_model.md reports: the shipped frozen random encoder is nearly
+  # context-free; a 4-layer one with its token table scaled by 1/8 mixes in word order.
+  from sana_jax.shapes_model import context_probe, init, shapes_config
+  shipped = context_probe(DEFAULT_MODEL)
+  assert shipped["same_word_cos"] > 0.99 and shipped["position bag_sim"] > 0.99, shipped
+  config = shapes_config()
+  config.text_encoder.num_layers, config.text_encoder.embed_scale = 4, 0.125
+  init(tmp_path / "mixing", config)
+  mixing = context_probe(tmp_path / "mixing")
+  assert mixing["same_word_cos"] < 0.8 and mixing["position bag_sim"] < 0.95, mixing
+  for probe in (shipped, mixing):
+    assert probe["distinct_word_cos"] < 0.5, probe
+
+
+def test_init_is_deterministic_and_matches_the_shipped_encoder(tmp_path):
+  from sana_jax.shapes_model import init
+  from sana_jax.weights import gemma
+  init(tmp_path / "m")
+  fresh, fresh_cfg = gemma.load_params(str(tmp_path / "m" / "text_encoder"))
+  shipped, shipped_cfg = gemma.load_params(str(DEFAULT_MODEL / "text_encoder"))
+  assert fresh_cfg == shipped_cfg
+  flat_f = dict(jax_tree_leaves_with_path(fresh))
+  flat_s = dict(jax_tree_leaves_with_path(shipped))
+  assert flat_f.keys() == flat_s.keys()
+  for k in flat_f:
+    # Not bit-exact: XLA's compile flags (the suite's conftest lowers the CPU optimisation
+    # level) move the random normal draw by an ulp.
+    np.testing.assert_allclose(np.asarray(flat_f[k]), np.asarray(flat_s[k]), rtol=1e-6,
+                               atol=1e-6, err_msg=k)
+
+
+def jax_tree_leaves_with_path(tree):
+  import jax
+  return [(jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
