@@ -37,7 +37,7 @@ def get_config():
       kind="gemma2_tiny", hidden_size=64, num_layers=2, seed=0, embed_scale=1.0))
   config.prompt = ml_collections.ConfigDict(dict(max_length=24, chi=None, lowercase=True))
   config.dataset = ml_collections.ConfigDict(dict(num_train=20000, seed=0))
-  return common.add_training(config, steps=6000, global_batch=32, optimizer="came_8bit",
+  return common.add_training(config, steps=7250, global_batch=32, optimizer="came_8bit",
                              lr=3e-4, warmup_steps=200, grad_clip=1.0, ema_decay=0.999,
                              cfg_dropout=0.1, log_every=25, checkpoint_every=250,
                              keep_checkpoints=2)
