@@ -167,3 +167,22 @@ def test_bad_configuration_fails_before_compile(data_dir, tmp_path):
   _fast_fail(lambda: loop.train(c, str(tmp_path)), "20 wide, model.caption_channels=24")
   c = _config(data_dir, optimizer="sgd")
   _fast_fail(lambda: loop.train(c, str(tmp_path)), "train.optimizer")
+
+
+def test_init_from_casts_stored_fp16_to_the_training_dtype(tmp_path):
+  """train.init_from on a shipped folder (fp16 storage) gives fp32 masters, values kept."""
+  from sana_jax.models import dit
+  from sana_jax.models.dit_config import DiTConfig
+  from sana_jax.train.loop import init_params_from
+  from sana_jax.weights import dit as dit_weights
+  cfg = DiTConfig(in_channels=3, out_channels=3, hidden_size=32, depth=2, self_head_dim=8,
+                  cross_heads=2, cross_head_dim=16, caption_channels=12, sample_size=4)
+  fresh = dit.init_params(cfg, jax.random.key(0))
+  stored = jax.tree.map(lambda x: np.asarray(x).astype(np.float16), fresh)
+  dit_weights.save_flax(tmp_path / "transformer", stored, cfg)
+  params = init_params_from(str(tmp_path / "transformer"), cfg, fresh)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(stored)):
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+  with pytest.raises(ValueError, match="does not fit"):
+    init_params_from(str(tmp_path / "transformer"), cfg.replace(depth=3), fresh)

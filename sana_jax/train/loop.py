@@ -87,7 +87,9 @@ def load_null_caption(data_dir: str) -> np.ndarray:
   return np.load(found[0])["caption"].astype(np.float32)
 
 
-def _init_params_from(path: str, model_cfg: DiTConfig):
+def init_params_from(path: str, model_cfg: DiTConfig, like):
+  """Parameters of a Flax DiT folder (`train.init_from`), cast to the dtypes of `like` (the
+  fresh state's parameters): shipped folders store fp16, training keeps fp32 masters."""
   from sana_jax.weights import dit as dit_weights
   params, cfg, _ = dit_weights.load_flax(path)
   if cfg.replace(**{k: getattr(model_cfg, k) for k in ("compute_dtype", "remat_policy",
@@ -96,7 +98,7 @@ def _init_params_from(path: str, model_cfg: DiTConfig):
             if getattr(model_cfg, k) != v}
     raise ValueError(f"train.init_from {path} does not fit the model config "
                      f"(checkpoint, config): {diff}")
-  return params
+  return jax.tree.map(lambda p, ref: np.asarray(p).astype(ref.dtype), params, like)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
@@ -125,7 +127,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     start = 0
     state = step_lib.init_state(config, tx, mesh, shardings)
     if tc.init_from:
-      params = _init_params_from(tc.init_from, model_cfg)
+      params = init_params_from(tc.init_from, model_cfg, state.params)
       state = state.replace(params=jax.device_put(params, shardings.params),
                             ema_params=jax.device_put(params, shardings.ema_params),
                             opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(
