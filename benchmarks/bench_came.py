@@ -40,19 +40,7 @@ OFFICIAL_8BIT = 1.019  # REFERENCE.md section 6, measured on the SANA-1.5 shapes
 
 
 def _model_config(mod):
-  """mod.get_config().model; if the training part of a config fails to build (configs are
-  edited concurrently), build the model part only."""
-  try:
-    return mod.get_config().model
-  except Exception as e:  # noqa: BLE001
-    from configs import common
-    print(f"[note] {mod.__name__}.get_config() failed ({e!r}); using its model config only")
-    orig = common.add_training
-    common.add_training = lambda config, **kw: config
-    try:
-      return mod.get_config().model
-    finally:
-      common.add_training = orig
+  return mod.get_config().model
 
 
 def _nbytes(tree) -> int:

@@ -48,19 +48,7 @@ GIB = 1024 ** 3
 
 
 def model_config(mod) -> DiTConfig:
-  """DiTConfig of a configs/ module. configs/common.add_training currently raises for
-  configs that pass a mesh (duplicate 'data' keyword); then the model part is built alone."""
-  from configs import common
-  try:
-    return DiTConfig.coerce(mod.get_config().model)
-  except TypeError as e:
-    print(f"[note] {mod.__name__}.get_config() failed ({e}); building its model config only")
-    orig = common.add_training
-    common.add_training = lambda config, **kw: config
-    try:
-      return DiTConfig.coerce(mod.get_config().model)
-    finally:
-      common.add_training = orig
+  return DiTConfig.coerce(mod.get_config().model)
 
 
 def load() -> str:
@@ -68,24 +56,6 @@ def load() -> str:
 
 
 # ----------------------------------------------------------------------------- time
-
-
-def diffusers_model(cfg: DiTConfig, seed: int = 0):
-  """Random diffusers model (its own init, each tensor perturbed by 0.2x its std)."""
-  import torch
-  from diffusers import SanaTransformer2DModel
-
-  from sana_jax.weights import dit as dit_weights
-  config = dit_weights.to_diffusers_config(cfg)
-  config.pop("_class_name")
-  torch.manual_seed(seed)
-  model = SanaTransformer2DModel(**config).eval()
-  gen = torch.Generator().manual_seed(seed + 1)
-  with torch.no_grad():
-    for p in model.parameters():
-      std = float(p.std()) if p.numel() > 1 else 0.0
-      p.add_(0.2 * (std if std > 0 else 1.0) * torch.randn(p.shape, generator=gen))
-  return model
 
 
 def time_forward(runs: int, impls: list[str], threads: int) -> None:
@@ -99,7 +69,8 @@ def time_forward(runs: int, impls: list[str], threads: int) -> None:
         f"fp32, 512 px (16x16 latent), batch 1, 300 caption tokens; torch threads "
         f"{torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}")
   t0 = time.perf_counter()
-  model = diffusers_model(cfg)
+  from tests.dit_reference import diffusers_model
+  model = diffusers_model(cfg, relative_scale=0.2)
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   params = jax.device_put(dit_weights.diffusers_to_params(sd, cfg), jax.devices()[0])
   del sd

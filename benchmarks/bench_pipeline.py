@@ -101,6 +101,19 @@ def _random_tree(shapes, seed: int, std: float = 0.02):
 # ------------------------------------------------------------------------------- workers
 
 
+def _warm_up_and_time(run, runs: int):
+  """One warm-up call (compiles), then `runs` timed ones: (image, warm-up s, [timings])."""
+  t0 = time.perf_counter()
+  img, _ = run()
+  first = time.perf_counter() - t0
+  _log(f"warm-up call {first:.1f} s")
+  phases = []
+  for _ in range(runs):
+    phases.append(run()[1])
+    _log(f"run {phases[-1]['e2e_s']:.1f} s")
+  return img, first, phases
+
+
 def worker_ours(args) -> dict:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
@@ -160,14 +173,7 @@ def worker_ours(args) -> dict:
     _log("denoise")
     autoencoder.decode(lat)
     _log("decode")
-  t0 = time.perf_counter()
-  img, _ = run()
-  first = time.perf_counter() - t0
-  _log(f"warm-up call {first:.1f} s")
-  phases = []
-  for _ in range(args.runs):
-    phases.append(run()[1])
-    _log(f"run {phases[-1]['e2e_s']:.1f} s")
+  img, first, phases = _warm_up_and_time(run, args.runs)
   from sana_jax.models.prompts import tokenize
   seq_len = int(tokenize(tok, [PROMPT], encoder.config)[0].shape[1])
   return _summary(first, phases, setup_s, seq_len,
@@ -239,14 +245,7 @@ def worker_diffusers(args) -> dict:
     return img, t
 
   _log("built pipeline")
-  t0 = time.perf_counter()
-  img, _ = run()
-  first = time.perf_counter() - t0
-  _log(f"warm-up call {first:.1f} s")
-  phases = []
-  for _ in range(args.runs):
-    phases.append(run()[1])
-    _log(f"run {phases[-1]['e2e_s']:.1f} s")
+  img, first, phases = _warm_up_and_time(run, args.runs)
   from sana_jax.bundle_from_diffusers import DIFFUSERS_CHI
   from sana_jax.models.prompts import PromptConfig, tokenize
   seq_len = int(tokenize(tok, [PROMPT], PromptConfig(chi=DIFFUSERS_CHI, lowercase=True))[0]

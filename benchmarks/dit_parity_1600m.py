@@ -34,21 +34,6 @@ from sana_jax.models.dit_config import DiTConfig  # noqa: E402
 from sana_jax.weights import dit as dit_weights  # noqa: E402
 
 
-def model_config() -> DiTConfig:
-  """configs/sana15_1600m.py's model (its training part is built around if it fails)."""
-  from configs import common, sana15_1600m
-  try:
-    return DiTConfig.coerce(sana15_1600m.get_config().model)
-  except TypeError as e:
-    print(f"[note] sana15_1600m.get_config() failed ({e}); building its model config only")
-    orig = common.add_training
-    common.add_training = lambda config, **kw: config
-    try:
-      return DiTConfig.coerce(sana15_1600m.get_config().model)
-    finally:
-      common.add_training = orig
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--latent", type=int, default=16, help="latent side (16 = 512 px)")
@@ -57,22 +42,16 @@ def main():
   ap.add_argument("--seed", type=int, default=0)
   a = ap.parse_args()
   import torch
-  from diffusers import SanaTransformer2DModel
+
+  from configs import sana15_1600m
+  from tests import dit_reference as ref
   torch.set_num_threads(a.threads)
   jax.config.update("jax_default_matmul_precision", "highest")
 
-  cfg = model_config().diffusers_compatible()
+  cfg = DiTConfig.coerce(sana15_1600m.get_config().model).diffusers_compatible()
   assert cfg.qk_norm and cfg.cross_norm, "SANA-1.5 1.6B has qk_norm and cross_norm"
   t0 = time.perf_counter()
-  config = dit_weights.to_diffusers_config(cfg)
-  config.pop("_class_name")
-  torch.manual_seed(a.seed)
-  model = SanaTransformer2DModel(**config).eval()
-  gen = torch.Generator().manual_seed(a.seed + 1)
-  with torch.no_grad():
-    for p in model.parameters():
-      std = float(p.std()) if p.numel() > 1 else 0.0
-      p.add_(0.2 * (std if std > 0 else 1.0) * torch.randn(p.shape, generator=gen))
+  model = ref.diffusers_model(cfg, seed=a.seed, relative_scale=0.2)
   n_torch = sum(p.numel() for p in model.parameters())
   print(f"SANA-1.5 1.6B: depth {cfg.depth}, width {cfg.hidden_size}, cross {cfg.cross_heads}x"
         f"{cfg.cross_head_dim}, {n_torch / 1e9:.3f} B params; built in "
@@ -87,11 +66,7 @@ def main():
   t = np.array([a.timestep], np.float32)
 
   t0 = time.perf_counter()
-  with torch.inference_mode():
-    theirs = model(hidden_states=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
-                   encoder_hidden_states=torch.from_numpy(y), timestep=torch.from_numpy(t),
-                   encoder_attention_mask=torch.from_numpy(mask.astype(np.float32)),
-                   return_dict=False)[0].numpy().transpose(0, 2, 3, 1)
+  theirs = ref.run_diffusers(model, x, t, y, mask)
   print(f"diffusers forward {time.perf_counter() - t0:.1f} s")
 
   t0 = time.perf_counter()

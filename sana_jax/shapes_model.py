@@ -127,7 +127,8 @@ def context_probe(model: pathlib.Path) -> dict:
     x = emb[i][mask[i]]
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
-  out = {"same_word_cos": float(unit_tokens(0)[6] @ unit_tokens(1)[6]),  # "circle"
+  circle = 1 + prompts[0].split().index("circle")  # word-level tokens after <bos>
+  out = {"same_word_cos": float(unit_tokens(0)[circle] @ unit_tokens(1)[circle]),
          "distinct_word_cos": float(unit_tokens(4)[-1] @ unit_tokens(5)[-1])}
   for k, name in enumerate(_SWAPS):
     a, b = unit_tokens(2 * k), unit_tokens(2 * k + 1)

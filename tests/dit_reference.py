@@ -9,11 +9,13 @@ from sana_jax.models.dit_config import DiTConfig
 from sana_jax.weights import dit as dit_weights
 
 
-def diffusers_model(cfg: DiTConfig, seed: int = 0):
+def diffusers_model(cfg: DiTConfig, seed: int = 0, relative_scale: float | None = None):
   """A diffusers SanaTransformer2DModel with cfg's geometry, every tensor perturbed.
 
   The perturbation makes norm weights, biases and tables non-trivial so that a mapping
-  that swaps or drops one of them changes the output.
+  that swaps or drops one of them changes the output. Default: 0.05 absolute noise (small
+  widths). relative_scale: noise of that many times each tensor's own std (or absolute for
+  constant tensors), which keeps full-width, many-block networks well-conditioned.
   """
   from diffusers import SanaTransformer2DModel
   config = dit_weights.to_diffusers_config(cfg)
@@ -23,7 +25,12 @@ def diffusers_model(cfg: DiTConfig, seed: int = 0):
   gen = torch.Generator().manual_seed(seed + 1)
   with torch.no_grad():
     for p in model.parameters():
-      p.add_(0.05 * torch.randn(p.shape, generator=gen))
+      if relative_scale is None:
+        scale = 0.05
+      else:
+        std = float(p.std()) if p.numel() > 1 else 0.0
+        scale = relative_scale * (std if std > 0 else 1.0)
+      p.add_(scale * torch.randn(p.shape, generator=gen))
   return model
 
 

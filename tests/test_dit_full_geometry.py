@@ -7,10 +7,10 @@ of the weights plus the converter's numpy copy). The SANA-1.5 1.6B twin of this 
 `benchmarks/dit_parity_1600m.py` (too slow for the suite).
 
 Random weights: diffusers' own initialisation, then every tensor perturbed by 0.2x its own
-standard deviation (constant tensors such as norm scales by 0.2 absolute). The small-model
-helper `dit_reference.diffusers_model` adds 0.05 absolute noise instead; at this width that
-makes the 28-block network chaotic: diffusers' fp32 output then differs from its own fp64
-output by 6e-2, so no fp32 implementation could meet 1e-5. With the relative perturbation
+standard deviation (constant tensors such as norm scales by 0.2 absolute):
+`dit_reference.diffusers_model(relative_scale=0.2)`. Its small-model default adds 0.05
+absolute noise instead; at this width that makes the 28-block network chaotic: diffusers'
+fp32 output then differs from its own fp64 output by 6e-2, so no fp32 implementation could meet 1e-5. With the relative perturbation
 diffusers fp32 vs fp64 is 5e-7 (measured), and the test is a real bound on our error.
 """
 
@@ -25,49 +25,17 @@ from sana_jax.weights import dit as dit_weights
 from tests import dit_reference as ref
 
 
-def _model_config(mod):
-  """mod.get_config().model. configs/common.add_training currently raises for configs that
-  pass a mesh (duplicate 'data' keyword); then build the model part only."""
-  from configs import common
-  try:
-    return mod.get_config().model
-  except TypeError:
-    orig = common.add_training
-    common.add_training = lambda config, **kw: config
-    try:
-      return mod.get_config().model
-    finally:
-      common.add_training = orig
-
-
-def perturbed_diffusers_model(cfg: DiTConfig, seed: int, scale: float = 0.2):
-  """A diffusers SanaTransformer2DModel with cfg's geometry, each tensor perturbed by
-  `scale` times its own std (or `scale` if it is constant), so every tensor matters."""
-  import torch
-  from diffusers import SanaTransformer2DModel
-  config = dit_weights.to_diffusers_config(cfg)
-  config.pop("_class_name")
-  torch.manual_seed(seed)
-  model = SanaTransformer2DModel(**config).eval()
-  gen = torch.Generator().manual_seed(seed + 1)
-  with torch.no_grad():
-    for p in model.parameters():
-      std = float(p.std()) if p.numel() > 1 else 0.0
-      p.add_(scale * (std if std > 0 else 1.0) * torch.randn(p.shape, generator=gen))
-  return model
-
-
 @pytest.mark.slow
 def test_sana_600m_512px_matches_diffusers():
   import torch
 
-  cfg = DiTConfig.coerce(_model_config(sana_600m)).diffusers_compatible()
+  cfg = DiTConfig.coerce(sana_600m.get_config().model).diffusers_compatible()
   assert (cfg.depth, cfg.hidden_size, cfg.cross_heads, cfg.caption_channels) == (28, 1152, 16,
                                                                                    2304)
   threads = torch.get_num_threads()
   torch.set_num_threads(2)  # conftest sets 1; this model is big enough to use both cores
   try:
-    torch_model = perturbed_diffusers_model(cfg, seed=6)
+    torch_model = ref.diffusers_model(cfg, seed=6, relative_scale=0.2)
     sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}  # views
     params = dit_weights.diffusers_to_params(sd, cfg)
     del sd
