@@ -38,7 +38,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 def add_training(config: ml_collections.ConfigDict, *, data_dir: str = "", mesh=None,
                  **train_overrides) -> ml_collections.ConfigDict:
   config.train = train_config(**train_overrides)
-  config.data = ml_collections.ConfigDict(dict(dir=data_dir, num_epochs=1000))
+  # worker_count: grain reader processes (0 reads in the training process; a GPU that
+  # steps faster than one process decodes needs several).
+  config.data = ml_collections.ConfigDict(dict(dir=data_dir, num_epochs=1000, worker_count=0))
   config.mesh = ml_collections.ConfigDict(
       {**dict(data=-1, fsdp=1, tensor=1, num_devices=-1), **(mesh or {})})
   return config

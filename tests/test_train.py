@@ -186,3 +186,36 @@ def test_init_from_casts_stored_fp16_to_the_training_dtype(tmp_path):
     np.testing.assert_array_equal(got, want.astype(np.float32))
   with pytest.raises(ValueError, match="does not fit"):
     init_params_from(str(tmp_path / "transformer"), cfg.replace(depth=3), fresh)
+
+
+def test_dataset_larger_than_tfds_memory_buffer_writes_without_tensorflow(tmp_path,
+                                                                          monkeypatch):
+  # TFDS spills a split over its in-memory limit (1 GB) to temporary files through
+  # tf.io.gfile; lower the limit so 40 small examples cross it, and read every one back.
+  import importlib.util
+  from tensorflow_datasets.core import shuffle
+  from sana_jax.data import latents_tfds
+  assert importlib.util.find_spec("tensorflow") is None, "this checks the TensorFlow-free path"
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 5_000)
+  monkeypatch.setattr(shuffle, "tf", shuffle.tf)  # undo the epath stand-in afterwards
+  out = train_fixtures.write_tiny_dataset(tmp_path, n=40, seed=3)
+  src = latents_tfds.open_dataset(out)["train_4x6"]
+  rng = np.random.default_rng(3)
+  latents = rng.standard_normal((40, 4, 6, 4)).astype(np.float32)
+  assert len(src) == 40
+  np.testing.assert_array_equal(np.stack([src[i]["latent"] for i in range(40)]), latents)
+  assert [src[i]["text"] for i in (0, 39)] == [b"example 0", b"example 39"]
+
+
+def test_loader_worker_processes_give_the_same_batches(data_dir):
+  # data.worker_count > 0 (a GPU steps faster than one process decodes) must not change
+  # which examples a step sees.
+  from sana_jax.data import input_pipeline
+  def first_batches(workers):
+    loader, _ = input_pipeline.make_loader(data_dir, 4, seed=5, num_epochs=3,
+                                           worker_count=workers)
+    it = iter(loader)
+    return [next(it) for _ in range(5)]
+  for a, b in zip(first_batches(0), first_batches(2)):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Mapping, Sequence
 
 import grain.python as grain
+from absl import flags
 import jax
 import numpy as np
 
@@ -99,6 +100,8 @@ def make_loader(data_dir: str, global_batch: int, seed: int, num_epochs: int = 1
     raise ValueError(f"{data_dir}: no train_HxW splits")
   plan = BatchPlanSource(sources, global_batch, seed, num_epochs,
                          jax.process_index(), jax.process_count())
+  if worker_count and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (defaults here)
   sampler = grain.IndexSampler(num_records=len(plan), shuffle=False, num_epochs=1,
                                shard_options=grain.NoSharding())
   loader = grain.DataLoader(data_source=plan, sampler=sampler, worker_count=worker_count)

@@ -14,7 +14,9 @@ Features:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import pathlib
+import types
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -22,6 +24,33 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 NAME = "sana_latents"
+
+
+class _EpathGFile:
+  """The part of `tf.io.gfile` TFDS's shuffler uses, on etils.epath (local, gs://, ...)."""
+
+  GFile = staticmethod(lambda path, mode: epath.Path(path).open(mode))
+  exists = staticmethod(lambda path: epath.Path(path).exists())
+  remove = staticmethod(lambda path: epath.Path(path).unlink())
+
+
+class _NeverRaised(Exception):
+  pass
+
+
+def _let_shuffler_spill_without_tensorflow() -> None:
+  """TFDS holds a split in memory up to 1 GB, then spills it to temporary bucket files
+  through `tf.io.gfile`: without TensorFlow every split over 1 GB failed with "No module
+  named 'tensorflow'" after encoding all of it (a 1024 px SANA caption alone is 2.7 MB).
+  Where TensorFlow is absent, the shuffler gets epath files instead."""
+  if importlib.util.find_spec("tensorflow") is not None:
+    return
+  from tensorflow_datasets.core import shuffle
+  if not isinstance(shuffle.tf, types.SimpleNamespace):
+    shuffle._increase_open_files_limit()  # pylint: disable=protected-access  (1000 buckets)
+    shuffle.tf = types.SimpleNamespace(
+        io=types.SimpleNamespace(gfile=_EpathGFile),
+        errors=types.SimpleNamespace(ResourceExhaustedError=_NeverRaised))
 
 
 @dataclasses.dataclass(eq=False)
@@ -134,6 +163,7 @@ def write_dataset(examples: Callable[[], Iterable[dict]], data_dir: str, name: s
                          caption_len=caption_len, caption_channels=caption_channels,
                          caption_dtype=caption_dtype)
   builder = SanaLatents(config=config, data_dir=data_dir, examples=examples)
+  _let_shuffler_spill_without_tensorflow()
   builder.download_and_prepare()
   out = pathlib.Path(str(builder.data_dir))
   np.savez(out / "null_caption.npz", caption=np.asarray(null_caption, np.float32),

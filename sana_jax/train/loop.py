@@ -119,7 +119,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
       state_lib.abstract_state(model_cfg, tx), shardings)
 
   loader, plan = input_pipeline.make_loader(config.data.dir, tc.global_batch, tc.seed,
-                                            num_epochs=config.data.num_epochs)
+                                            num_epochs=config.data.num_epochs,
+                                            worker_count=config.data.get("worker_count", 0))
   iterator = iter(loader)
   mgr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
   start, state = checkpoint.restore_latest(mgr, abstract, iterator)
