@@ -2,12 +2,13 @@
 
   python -m sana_jax.shapes_model init --out MODEL      # tokenizer, text encoder, pipeline.json
   python -m sana_jax.shapes_model export --workdir RUN --model MODEL [--step N]
-  python -m sana_jax.shapes_model curve --workdir RUN --out curve.png
+  python -m sana_jax.shapes_model curve --workdir RUN [RUN2 ...] --out curve.png
   python -m sana_jax.shapes_model probe --model MODEL   # word order in the caption tokens
 
 `init` is deterministic: the word-level tokenizer covers sana_jax.data.shapes.vocabulary()
-and the tiny Gemma-2 encoder has frozen random weights from config.text_encoder.seed (token
-table scaled by config.text_encoder.embed_scale; `probe` measures why).
+and the tiny Gemma-2 encoder starts from random weights (config.text_encoder.seed, token
+table scaled by embed_scale) and is pre-trained by `sana_jax.shapes_encoder` as
+config.text_encoder.pretrain says (~2 min on a laptop CPU; `probe` measures why).
 `export` writes MODEL/transformer from a training run's EMA parameters (fp16 storage, so
 the shipped model stays a few MB), with the null-caption embedding as its extra.
 """
@@ -58,6 +59,17 @@ def init(out: pathlib.Path, config=None) -> None:
   params = text_encoder.init_params(tcfg, config.text_encoder.seed)
   params["embed"]["embedding"] = (params["embed"]["embedding"]
                                   * config.text_encoder.get("embed_scale", 1.0))
+  pretrain = config.text_encoder.get("pretrain")
+  if pretrain is not None and pretrain.steps > 0:
+    from sana_jax import shapes_encoder
+    from sana_jax.models.prompts import PromptConfig, load_tokenizer
+    params, measured = shapes_encoder.pretrain(
+        tcfg, params, load_tokenizer(str(out / "tokenizer")),
+        PromptConfig(max_length=config.prompt.max_length, chi=None,
+                     lowercase=config.prompt.lowercase),
+        shapes_encoder.PretrainConfig(**pretrain.to_dict()))
+    print("caption encoder pre-trained (held-out captions): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in measured.items()))
   gemma.save_params(jax.device_get(params), tcfg, str(out / "text_encoder"))
   bundle.write_settings(
       out, image_size=config.image_size, flow_shift=config.flow_shift,
@@ -136,29 +148,39 @@ def context_probe(model: pathlib.Path) -> dict:
   return out
 
 
-def curve(workdir: pathlib.Path, out: pathlib.Path, smooth: int = 8) -> None:
-  """Training loss (and its moving average) against step, from workdir/metrics.jsonl."""
+def curve(workdirs, out: pathlib.Path, smooth: int = 8) -> None:
+  """Training loss (and its moving average) against step, from each workdir's
+  metrics.jsonl; later workdirs (runs resumed with init_from) continue the step count."""
   import json
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l]
-  steps = np.array([r["step"] for r in rows])
-  loss = np.array([r["loss"] for r in rows])
+  steps, loss, bounds, offset = [], [], [], 0
+  for workdir in workdirs:
+    rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text()
+            .splitlines() if l]
+    steps += [offset + r["step"] for r in rows]
+    loss += [r["loss"] for r in rows]
+    offset = steps[-1]
+    bounds.append(offset)
+  steps, loss = np.array(steps), np.array(loss)
   k = min(smooth, len(loss))
   avg = np.convolve(loss, np.ones(k) / k, mode="valid")
   fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
   ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss (batch, every log step)")
   ax.plot(steps[k - 1:], avg, lw=2, label=f"moving average ({k})")
+  for b in bounds[:-1]:
+    ax.axvline(b, color="gray", ls="--", lw=1)
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel("flow-matching loss")
-  ax.set_title("Embedded ShapesEval model: training (CAME-8bit, batch 32)")
+  ax.set_title("Embedded ShapesEval model: training loss"
+               + (f" ({len(bounds)} stages)" if len(bounds) > 1 else ""))
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
   fig.savefig(out)
-  print(f"wrote {out} ({len(rows)} points, last step {steps[-1]}, last loss {loss[-1]:.4f})")
+  print(f"wrote {out} ({len(steps)} points, last step {steps[-1]}, last loss {loss[-1]:.4f})")
 
 
 def main(argv=None) -> int:
@@ -175,7 +197,7 @@ def main(argv=None) -> int:
   d = sub.add_parser("probe", help="how much word order the text encoder's output carries")
   d.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
   c = sub.add_parser("curve")
-  c.add_argument("--workdir", type=pathlib.Path, required=True)
+  c.add_argument("--workdir", type=pathlib.Path, nargs="+", required=True)
   c.add_argument("--out", type=pathlib.Path, required=True)
   args = ap.parse_args(argv)
   if args.cmd == "init":
