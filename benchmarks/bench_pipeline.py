@@ -15,8 +15,8 @@ DC-AE 0.31B); on this shared 24 GB machine that was OOM-killed, so (1) each fram
 in its own subprocess, one after the other, each with its own random weights (numerics
 are tested separately at small size in tests/test_pipeline.py), and (2) the text encoder
 stores bf16 weights (--text_encoder_dtype; SANA itself runs Gemma in bf16): transformers
-then computes in bf16 (oneDNN, AVX512-BF16 on this CPU), ours upcasts each layer's
-weights and computes in fp32. The Gemma vocabulary is cut to --vocab rows (16384 instead
+then computes in bf16 (oneDNN, AVX512-BF16 on this CPU), and so does ours (matmul inputs
+bf16, fp32 accumulation, norms and softmax; --text_encoder_compute float32 upcasts instead). The Gemma vocabulary is cut to --vocab rows (16384 instead
 of 256000): the lookup costs nothing either way, the table would only take memory. Both
 use the same word-level tokenizer built here (the real Gemma tokenizer cannot be
 downloaded), so token counts match. Peak ~8-9 GB per worker.
@@ -129,7 +129,8 @@ def worker_ours(args) -> dict:
 
   t0 = time.perf_counter()
   tok = _tokenizer(tempfile.mkdtemp(prefix="bench_tok_"))
-  gcfg = te.gemma2_2b(vocab_size=args.vocab, param_dtype=args.text_encoder_dtype)
+  gcfg = te.gemma2_2b(vocab_size=args.vocab, param_dtype=args.text_encoder_dtype,
+                      dtype=args.text_encoder_compute or args.text_encoder_dtype)
   dummy = jax.numpy.zeros((1, 8), jax.numpy.int32)
   gparams = _random_tree(te.nn.meta.unbox(jax.eval_shape(
       te.Gemma2Encoder(gcfg).init, jax.random.key(0), dummy, dummy)["params"]), 0)
@@ -283,6 +284,8 @@ def _spawn(which: str, args) -> dict:
          str(args.runs), "--steps", str(args.steps), "--size", str(args.size), "--vocab",
          str(args.vocab), "--threads", str(args.threads), "--text_encoder_dtype",
          args.text_encoder_dtype] + (
+             ["--text_encoder_compute", args.text_encoder_compute]
+             if args.text_encoder_compute else []) + (
              ["--no_kv_cache"] if args.no_kv_cache else []) + (
              ["--memory_trace"] if args.memory_trace else [])
   load_before = os.getloadavg()
@@ -309,8 +312,11 @@ def main(argv=None) -> int:
   ap.add_argument("--vocab", type=int, default=16384, help="Gemma embedding rows")
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
   ap.add_argument("--text_encoder_dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                  help="Gemma-2 weight storage (ours computes in fp32 from bf16 weights; "
-                       "torch computes in the storage dtype)")
+                  help="Gemma-2 weight storage; torch computes in it, and so does ours "
+                       "unless --text_encoder_compute says otherwise")
+  ap.add_argument("--text_encoder_compute", choices=("bfloat16", "float32"), default=None,
+                  help="ours: Gemma-2 matmul input dtype (norms, softmax and the output "
+                       "stay fp32); default: the storage dtype")
   ap.add_argument("--no_kv_cache", action="store_true",
                   help="ours: recompute caption K/V at every step")
   ap.add_argument("--only", choices=("ours", "diffusers"), default=None)

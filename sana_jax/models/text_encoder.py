@@ -35,6 +35,7 @@ H = heads, K = kv heads, d = head_dim, F = intermediate, V = vocab):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -194,10 +195,21 @@ def attention_masks(attention_mask: jax.Array, sliding_window: int | None):
     return full, sliding
 
 
+class _Dense(nn.Dense):
+    """nn.Dense that accumulates in and returns float32, then rounds to `dtype`: torch's
+    bf16 Linear numerics, and on XLA:CPU a bf16 x bf16 -> fp32 dot runs ~2.5x faster than
+    one with a bf16 result (Gemma-2-2B encode at 495 tokens, this 2-core CPU)."""
+
+    def __call__(self, inputs):
+        return super().__call__(inputs).astype(self.dtype)
+
+
 def _dense(features, names, dtype, param_dtype, name):
     init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=init, precision=None, name=name)
+    return _Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=init, precision=None, name=name,
+                  dot_general=functools.partial(jax.lax.dot_general,
+                                                preferred_element_type=jnp.float32))
 
 
 class Attention(nn.Module):
@@ -226,7 +238,8 @@ class Attention(nn.Module):
             logits = jnp.tanh(logits / cap) * cap
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v,
+                         preferred_element_type=jnp.float32).astype(dt)
         out = out.reshape(b, length, c.num_heads * c.head_dim)
         return _dense(x.shape[-1], ("heads", "embed"), dt, pdt, "o")(out)
 
