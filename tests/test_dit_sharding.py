@@ -31,7 +31,7 @@ def test_sharded_forward_equals_single_device(mesh_axes):
   assert qkv.sharding.spec[1] == "fsdp"
   assert len({str(s.index) for s in qkv.addressable_shards}) == mesh.shape["fsdp"]
   batch = parallel.batch_sharding(mesh, 4)
-  with mesh, nn.logical_axis_rules(parallel.LOGICAL_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
     fwd = jax.jit(dit.SanaDiT(cfg).apply,
                   in_shardings=({"params": shardings}, batch, parallel.batch_sharding(mesh, 1),
                                 parallel.batch_sharding(mesh, 3), parallel.batch_sharding(mesh, 2)))

@@ -106,5 +106,5 @@ def init_state(config, tx, mesh, state_shardings):
   def init(rng):
     return state_lib.create(dit.init_params(config.model, rng), tx)
 
-  with mesh, nn.logical_axis_rules(parallel.LOGICAL_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
     return jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.train.seed))
