@@ -16,8 +16,8 @@ in its own subprocess, one after the other, each with its own random weights (nu
 are tested separately at small size in tests/test_pipeline.py), and (2) the text encoder
 stores bf16 weights (--text_encoder_dtype; SANA itself runs Gemma in bf16): transformers
 then computes in bf16 (oneDNN, AVX512-BF16 on this CPU), and so does ours (matmul inputs
-bf16, fp32 accumulation, norms and softmax; --text_encoder_compute float32 upcasts instead). The Gemma vocabulary is cut to --vocab rows (16384 instead
-of 256000): the lookup costs nothing either way, the table would only take memory. Both
+bf16, fp32 accumulation, norms and softmax; --text_encoder_compute float32 upcasts
+instead). The Gemma vocabulary is cut to --vocab rows (16384 instead of 256000): the lookup costs nothing either way, the table would only take memory. Both
 use the same word-level tokenizer built here (the real Gemma tokenizer cannot be
 downloaded), so token counts match. Peak ~8-9 GB per worker.
 

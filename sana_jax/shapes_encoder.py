@@ -111,8 +111,10 @@ def pretrain(enc_cfg: text_encoder.Gemma2Config, enc_params: dict, tokenizer, pr
              cfg: PretrainConfig = PretrainConfig(), progress: bool = True):
   """Trains `enc_params` (a Gemma2Encoder tree) with the position-free readout.
 
-  Returns (encoder params, {"loss", "caption_accuracy"} on held-out captions), where
-  caption_accuracy is the fraction of captions whose every word the readout recovers.
+  Returns (encoder params, {"readout_loss", "context_loss", "caption_accuracy",
+  "context_accuracy"} on 512 held-out captions): caption_accuracy is the fraction of
+  captions whose every word the readout recovers, context_accuracy the fraction of
+  preceding words the context heads name.
   """
   from sana_jax.models import prompts
   captions = training_captions(cfg.num_prompts + 512, cfg.seed)

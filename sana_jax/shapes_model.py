@@ -62,11 +62,10 @@ def init(out: pathlib.Path, config=None) -> None:
   pretrain = config.text_encoder.get("pretrain")
   if pretrain is not None and pretrain.steps > 0:
     from sana_jax import shapes_encoder
-    from sana_jax.models.prompts import PromptConfig, load_tokenizer
+    from sana_jax.models.prompts import load_tokenizer
     params, measured = shapes_encoder.pretrain(
         tcfg, params, load_tokenizer(str(out / "tokenizer")),
-        PromptConfig(max_length=config.prompt.max_length, chi=None,
-                     lowercase=config.prompt.lowercase),
+        prompt_config(config.prompt.to_dict()),
         shapes_encoder.PretrainConfig(**pretrain.to_dict()))
     print("caption encoder pre-trained (held-out captions): "
           + ", ".join(f"{k} {v:.4f}" for k, v in measured.items()))
@@ -111,13 +110,20 @@ _SWAPS = {
 }
 
 
+def prompt_config(prompt: dict):
+  """The PromptConfig of a shapes model's prompt settings (config.prompt or the "prompt"
+  of pipeline.json): no CHI."""
+  from sana_jax.models.prompts import PromptConfig
+  return PromptConfig(max_length=prompt["max_length"], chi=None,
+                      lowercase=prompt.get("lowercase", False))
+
+
 def _prompt_encoder(model: pathlib.Path):
-  from sana_jax.models.prompts import PromptConfig, PromptEncoder
+  from sana_jax.models.prompts import PromptEncoder
   import json
   p = json.loads((model / bundle.PIPELINE_FILE).read_text())["prompt"]
   return PromptEncoder.from_folders(str(model / "tokenizer"), str(model / "text_encoder"),
-                                    PromptConfig(max_length=p["max_length"], chi=None,
-                                                 lowercase=p.get("lowercase", False)))
+                                    prompt_config(p))
 
 
 def context_probe(model: pathlib.Path) -> dict:

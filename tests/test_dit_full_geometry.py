@@ -10,8 +10,9 @@ Random weights: diffusers' own initialisation, then every tensor perturbed by 0.
 standard deviation (constant tensors such as norm scales by 0.2 absolute):
 `dit_reference.diffusers_model(relative_scale=0.2)`. Its small-model default adds 0.05
 absolute noise instead; at this width that makes the 28-block network chaotic: diffusers'
-fp32 output then differs from its own fp64 output by 6e-2, so no fp32 implementation could meet 1e-5. With the relative perturbation
-diffusers fp32 vs fp64 is 5e-7 (measured), and the test is a real bound on our error.
+fp32 output then differs from its own fp64 output by 6e-2, so no fp32 implementation could
+meet 1e-5. With the relative perturbation diffusers fp32 vs fp64 is 5e-7 (measured), and
+the test is a real bound on our error.
 """
 
 import jax

@@ -52,10 +52,11 @@ def test_pretraining_makes_word_order_readable_through_position_free_attention()
   # leaves most captions unreadable; training the encoder too makes them readable.
   from sana_jax import shapes_encoder
   from sana_jax.models import prompts, text_encoder
-  from sana_jax.shapes_model import shapes_config, text_encoder_config
-  tcfg = text_encoder_config(shapes_config())
+  from sana_jax.shapes_model import prompt_config, shapes_config, text_encoder_config
+  config = shapes_config()
+  tcfg = text_encoder_config(config)
   tok = prompts.load_tokenizer(str(DEFAULT_MODEL / "tokenizer"))
-  pc = prompts.PromptConfig(max_length=24, chi=None, lowercase=True)
+  pc = prompt_config(config.prompt.to_dict())
   measured = {}
   for train_encoder in (False, True):
     cfg = shapes_encoder.PretrainConfig(steps=300, batch=64, num_prompts=3000,
