@@ -105,6 +105,8 @@ def test_mode_and_uniform_schemes():
   np.testing.assert_array_equal(np.asarray(ts.index), np.floor(v * np.float32(1000)))
   with pytest.raises(ValueError, match="scheme"):
     flow.timesteps_from_draws(v, 3.0, "cosmap")
+  with pytest.raises(ValueError, match="scheme"):
+    flow.timestep_draws(jax.random.key(0), 4, "cosmap")
 
 
 def test_loss_and_noising_basics():
@@ -237,3 +239,92 @@ def test_statistical_test_rejects_wrong_samplers():
   assert gof_pvalue(exact_grid, pmf) < 1e-8  # i/1000 instead of the official linspace
   unshifted_time = np.floor(1000 * u)  # model time = index (shift forgotten in the time)
   assert gof_pvalue(unshifted_time, pmf) < 1e-8
+
+
+# ------------------------------------------------ the train step's timesteps, per scheme
+
+
+def _mode_inverse(u, scale=1.29, iters=80):
+  """v with u_mode(v) = u (u_mode decreases from 1 at v = 0 to 0 at v = 1), by bisection."""
+  f = lambda v: 1 - v - scale * (np.cos(np.pi * v / 2) ** 2 - 1 + v)  # noqa: E731
+  lo, hi = np.zeros_like(u), np.ones_like(u)
+  for _ in range(iters):
+    mid = (lo + hi) / 2
+    above = f(mid) > u  # f decreasing: the root lies right of mid
+    lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+  return (lo + hi) / 2
+
+
+def scheme_model_time_pmf(scheme, shift):
+  """Exact pmf over model times 0..999 of a scheme: P(index i) = P(i/1000 <= u < (i+1)/1000)
+  for the scheme's u, pushed through the official table t_i = floor(1000 shift(s_i))."""
+  edges = np.arange(1001) / 1000.0
+  if scheme == "logit_normal":
+    return model_time_pmf(shift)
+  if scheme == "uniform":
+    p_index = np.full(1000, 1e-3)
+  elif scheme == "mode":  # u = u_mode(v), v ~ U[0, 1), u_mode decreasing
+    v_edges = _mode_inverse(edges)
+    p_index = v_edges[:-1] - v_edges[1:]
+  else:
+    raise ValueError(scheme)
+  t = np.floor(1000 * flow.shift_sigma(flow.base_sigma_grid(1000), shift)).astype(int)
+  return np.bincount(np.minimum(t, 999), weights=p_index, minlength=1000)
+
+
+class _TimeSpy:
+  """A stand-in for SanaDiT that records the model time the train step hands it."""
+
+  def __init__(self):
+    import flax.linen as nn
+    seen = self.seen = []
+
+    class Spy(nn.Module):
+      config: object
+
+      @nn.compact
+      def __call__(self, x, t, caption, mask):
+        jax.debug.callback(lambda v: seen.append(np.asarray(v)), t)
+        return x * self.param("w", nn.initializers.zeros, ())
+
+    self.module = Spy
+
+
+@pytest.mark.parametrize("scheme", flow.TIMESTEP_SAMPLERS)
+def test_train_step_timesteps_follow_the_scheme(scheme, monkeypatch):
+  """The model time the real train step feeds the model has the scheme's exact
+  distribution, and so do the scheme's own samples (flow.sample_timesteps)."""
+  import ml_collections
+  import optax
+  from configs import common
+  from sana_jax.models import dit
+  from sana_jax.train import state as state_lib
+  from sana_jax.train import step as step_lib
+  shift, b, steps = 3.0, 50_000, 4
+  spy = _TimeSpy()
+  monkeypatch.setattr(dit, "SanaDiT", spy.module)
+  config = ml_collections.ConfigDict(dict(flow_shift=shift, model={}))
+  config.train = common.train_config(timestep_sampler=scheme, global_batch=b)
+  tx = optax.sgd(0.1)
+  state = state_lib.create({"w": jnp.zeros(())}, tx)
+  batch = {"latent": jnp.ones((b, 1, 1, 1)), "caption": jnp.ones((b, 1, 1)),
+           "caption_mask": jnp.ones((b, 1), jnp.int32)}
+  step = jax.jit(lambda s: step_lib.train_step(s, batch, jnp.zeros((1, 1)), config=config,
+                                               tx=tx))
+  for _ in range(steps):
+    state, _ = step(state)
+  jax.effects_barrier()
+  t = np.concatenate(spy.seen)
+  assert t.shape == (b * steps,)
+  pmf = scheme_model_time_pmf(scheme, shift)
+  p = gof_pvalue(t, pmf)
+  own = np.asarray(flow.sample_timesteps(jax.random.key(1), b * steps, shift, scheme).model_time)
+  p_own = gof_pvalue(own, pmf)
+  print(f"{scheme}: p-value of the step's model times {p:.3g}, of sample_timesteps {p_own:.3g}; "
+        f"share at model time 0: step {np.mean(t == 0):.3f}, sampler {np.mean(own == 0):.3f}")
+  assert p_own > 1e-4, "the scheme's own sampler does not follow its pmf"
+  assert p > 1e-4, "the train step's model times do not follow the scheme"
+  # The same samples reject the other schemes' distributions.
+  for other in flow.TIMESTEP_SAMPLERS:
+    if other != scheme:
+      assert gof_pvalue(t, scheme_model_time_pmf(other, shift)) < 1e-8, other

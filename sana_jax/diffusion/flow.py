@@ -127,14 +127,21 @@ def timesteps_from_draws(draws, shift: float, scheme: str = "logit_normal", *,
   return lookup(index_from_u(u, num_train_timesteps), shift, num_train_timesteps, grid)
 
 
+def timestep_draws(rng, shape, scheme: str = "logit_normal") -> jax.Array:
+  """The raw float32 draws a scheme's timesteps are made from (the one place that knows):
+  standard normals for "logit_normal", U[0, 1) for "uniform" and "mode"."""
+  if scheme not in TIMESTEP_SAMPLERS:
+    raise ValueError(f"scheme must be one of {TIMESTEP_SAMPLERS}, got {scheme!r}")
+  shape = (shape,) if isinstance(shape, int) else tuple(shape)
+  if scheme == "logit_normal":
+    return jax.random.normal(rng, shape, jnp.float32)
+  return jax.random.uniform(rng, shape, jnp.float32)
+
+
 def sample_timesteps(rng, batch_size: int, shift: float, scheme: str = "logit_normal",
                      **kwargs) -> TimestepSample:
   """Draw (B,) training timesteps with a `jax.random` key (see `timesteps_from_draws`)."""
-  if scheme == "logit_normal":
-    draws = jax.random.normal(rng, (batch_size,), jnp.float32)
-  else:
-    draws = jax.random.uniform(rng, (batch_size,), jnp.float32)
-  return timesteps_from_draws(draws, shift, scheme, **kwargs)
+  return timesteps_from_draws(timestep_draws(rng, batch_size, scheme), shift, scheme, **kwargs)
 
 
 # ------------------------------------------------------------------------ noising / loss
@@ -188,7 +195,8 @@ class TrainingInputs(NamedTuple):
 def training_inputs(x0, noise, timestep_draws, shift: float, scheme: str = "logit_normal",
                     **kwargs) -> TrainingInputs:
   """Everything the train step feeds the DiT, from explicit draws (see
-  `timesteps_from_draws`): noisy latents, velocity target and floored model time."""
+  `timesteps_from_draws`; `timestep_draws` makes the right kind for a scheme): noisy latents,
+  velocity target and floored model time."""
   ts = timesteps_from_draws(timestep_draws, shift, scheme, **kwargs)
   return TrainingInputs(x_t=add_noise(x0, noise, ts.sigma, ts.alpha),
                         target=velocity_target(x0, noise), model_time=ts.model_time,

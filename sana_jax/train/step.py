@@ -43,7 +43,7 @@ def train_step(state: state_lib.TrainState, batch: dict, null_caption: jax.Array
   k_noise, k_t, k_drop = jax.random.split(key, 3)
   b = batch["latent"].shape[0]
   noise = jax.random.normal(k_noise, batch["latent"].shape, jnp.float32)
-  draws = jax.random.normal(k_t, (b,), jnp.float32)
+  draws = flow.timestep_draws(k_t, (b,), tc.timestep_sampler)  # normals or U[0, 1)
   drop_u = jax.random.uniform(k_drop, (b,))
   grad_fn = jax.value_and_grad(_loss_fn)
   k = tc.grad_accum
