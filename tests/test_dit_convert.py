@@ -1,7 +1,9 @@
-"""Weight conversion: bit-exact round trips, diffusers loading, the diffusers oracle, errors."""
+"""Weight conversion: bit-exact round trips, diffusers loading, the diffusers oracle, the
+positional embedding read from the official pos_embed buffer, errors."""
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -31,6 +33,8 @@ def setup(request):
   rng = np.random.default_rng(0)
   official["y_embedder.y_embedding"] = rng.standard_normal(
       (cfg.caption_len, cfg.caption_channels)).astype(np.float32)
+  base = cfg.sample_size // cfg.patch_size  # the official buffer: zeros without PE
+  official["pos_embed"] = np.zeros((1, base * base, cfg.hidden_size), np.float32)
   return cfg, model, diff_sd, official
 
 
@@ -85,7 +89,6 @@ def test_official_to_diffusers_matches_diffusers_converter(setup):
   cfg, _, _, official = setup
   ours = W.official_to_diffusers(official, cfg)
   oracle_in = {k: torch.from_numpy(v.copy()) for k, v in official.items()}
-  oracle_in["pos_embed"] = torch.zeros(1, 4, cfg.hidden_size)
   theirs = {k: v.numpy() for k, v in convert_sana_transformer_to_diffusers(oracle_in).items()}
   # The oracle omits the qk-norm keys; every key it writes must agree exactly.
   assert set(theirs) <= set(ours)
@@ -94,9 +97,9 @@ def test_official_to_diffusers_matches_diffusers_converter(setup):
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
 
 
-def test_cli_pth_round_trip_and_ema(setup, tmp_path):
+def test_cli_pth_round_trip_and_ema(setup, tmp_path, capsys):
   cfg, _, _, official = setup
-  ema = {k: v + 1 for k, v in official.items()}
+  ema = {k: v if k == "pos_embed" else v + 1 for k, v in official.items()}
   to_t = lambda sd: {k: torch.from_numpy(v.copy()) for k, v in sd.items()}  # noqa: E731
   torch.save({"state_dict": to_t(official), "state_dict_ema": to_t(ema), "step": 7},
              tmp_path / "ckpt.pth")
@@ -114,9 +117,9 @@ def test_cli_pth_round_trip_and_ema(setup, tmp_path):
   # official -> diffusers through the CLI, then back to official with the null embedding.
   assert cli.main(["--src", str(tmp_path / "flax"), "--to", "diffusers", "--dst",
                    str(tmp_path / "diff")]) == 0
-  with pytest.raises(CheckpointError, match="null-embedding"):
-    cli.main(["--src", str(tmp_path / "diff"), "--to", "official", "--dst",
-              str(tmp_path / "x.pth")])
+  assert cli.main(["--src", str(tmp_path / "diff"), "--to", "official", "--dst",
+                   str(tmp_path / "x.pth")]) == 2
+  assert "null-embedding" in capsys.readouterr().err
   assert not (tmp_path / "x.pth").exists()
   np.save(tmp_path / "null.npy", official["y_embedder.y_embedding"])
   assert cli.main(["--src", str(tmp_path / "diff"), "--to", "official", "--dst",
@@ -128,10 +131,14 @@ def test_cli_pth_round_trip_and_ema(setup, tmp_path):
 # ------------------------------------------------------------------------ bad input
 
 
-def _expect_no_output(fn, dst, exc, match):
-  with pytest.raises(exc, match=match):
-    fn()
+def _expect_refused(capsys, argv, dst, match):
+  """The CLI returns 2 with `error: ...` naming `match`, and writes nothing."""
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and re.search(match, err), err
+  assert "Traceback" not in err
   assert not dst.exists()
+  assert not list(dst.parent.glob(f".{dst.name}.*"))  # no leftover temporaries
   assert not list(dst.parent.glob(f".{dst.name}.*"))  # no leftover temporaries
 
 
@@ -164,24 +171,21 @@ def test_config_that_does_not_fit_names_the_field(qk_official):
     W.official_to_params(qk_official, QK.replace(mlp_ratio=3.0))
 
 
-def test_truncated_and_missing_files(tmp_path, qk_official):
+def test_truncated_and_missing_files(tmp_path, qk_official, capsys):
   params, _ = W.official_to_params(qk_official, QK)
   W.save_diffusers(tmp_path / "d", params, QK)
   f = tmp_path / "d" / "diffusion_pytorch_model.safetensors"
   f.write_bytes(f.read_bytes()[:-100])
-  _expect_no_output(lambda: cli.main(["--src", str(tmp_path / "d"), "--to", "flax", "--dst",
-                                      str(tmp_path / "out")]),
-                    tmp_path / "out", CheckpointError, "truncated")
+  _expect_refused(capsys, ["--src", str(tmp_path / "d"), "--to", "flax", "--dst",
+                           str(tmp_path / "out")], tmp_path / "out", "truncated")
   torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in qk_official.items()}},
              tmp_path / "c.pth")
   data = (tmp_path / "c.pth").read_bytes()
   (tmp_path / "c.pth").write_bytes(data[: len(data) // 2])
-  _expect_no_output(lambda: cli.main(["--src", str(tmp_path / "c.pth"), "--to", "flax", "--dst",
-                                      str(tmp_path / "out")]),
-                    tmp_path / "out", CheckpointError, "cannot read")
-  _expect_no_output(lambda: cli.main(["--src", str(tmp_path / "nope.pth"), "--to", "flax",
-                                      "--dst", str(tmp_path / "out")]),
-                    tmp_path / "out", FileNotFoundError, "nope.pth")
+  _expect_refused(capsys, ["--src", str(tmp_path / "c.pth"), "--to", "flax", "--dst",
+                           str(tmp_path / "out")], tmp_path / "out", "cannot read")
+  _expect_refused(capsys, ["--src", str(tmp_path / "nope.pth"), "--to", "flax", "--dst",
+                           str(tmp_path / "out")], tmp_path / "out", "nope.pth")
 
 
 class _Evil:
@@ -206,3 +210,94 @@ def test_not_a_checkpoint_folder(tmp_path):
   (tmp_path / "f" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
   with pytest.raises(CheckpointError, match="neither"):
     cli.detect_format(tmp_path / "f")
+
+
+# ------------------------------------------------- positional embedding (2K / 4K models)
+
+# A released width (1152: cross heads 16 x 72 come from the released table, so no --config),
+# one block, a 6x6 base grid; every other size small and distinct.
+PE_CFG = DiTConfig(in_channels=4, out_channels=4, hidden_size=1152, depth=1, cross_heads=16,
+                   cross_head_dim=72, caption_channels=24, caption_len=5, sample_size=6,
+                   use_pe=True, pe_interpolation=2.0)
+
+
+def _reference_pos_embed(hidden, base, interpolation):
+  """The official buffer, (1, base**2, hidden), from diffusers' get_2d_sincos_pos_embed."""
+  from diffusers.models.embeddings import get_2d_sincos_pos_embed
+  pe = get_2d_sincos_pos_embed(hidden, base, base_size=base, interpolation_scale=interpolation,
+                               output_type="pt")
+  return np.asarray(pe, np.float32)[None]
+
+
+@pytest.mark.parametrize("interpolation", [2.0, 0.75])
+def test_official_pe_checkpoint_converts_without_config(tmp_path, interpolation):
+  """Official 2K/4K-style checkpoint, no --config: use_pe, sample_size and
+  pe_interpolation come from pos_embed, and the output equals diffusers' with that PE at a
+  non-square latent that is not the base grid."""
+  import jax
+  from sana_jax.models import dit
+  cfg = PE_CFG.replace(pe_interpolation=interpolation)
+  model = ref.diffusers_model(cfg, seed=11)
+  official = W.diffusers_to_official(ref.state_dict_numpy(model), cfg)
+  official["pos_embed"] = _reference_pos_embed(cfg.hidden_size, 6, interpolation)
+  official["y_embedder.y_embedding"] = np.ones((5, 24), np.float32)
+  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in official.items()}},
+             tmp_path / "sana_2k.pth")
+  assert cli.main(["--src", str(tmp_path / "sana_2k.pth"), "--to", "flax", "--dst",
+                   str(tmp_path / "ours")]) == 0
+  params, got, _ = W.load_flax(tmp_path / "ours")
+  assert (got.use_pe, got.sample_size, got.pe_interpolation) == (True, 6, interpolation)
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((1, 5, 8, 4)).astype(np.float32)
+  y = rng.standard_normal((1, 3, 24)).astype(np.float32)
+  m = np.ones((1, 3), np.int32)
+  ours = dit.SanaDiT(got.diffusers_compatible()).apply({"params": params}, x,
+                                                       np.array([500.0], np.float32), y, m)
+  assert ref.rel_err(ours, ref.run_diffusers(model, x, [500.0], y, m)) <= 1e-5
+
+
+def test_pos_embed_inference_zero_bf16_and_refusals():
+  import ml_dtypes
+  # A zero buffer: no PE; its token count still gives the base grid (patch 2: sample 2*7).
+  assert W.infer_positional({"pos_embed": np.zeros((1, 49, 8), np.float32)}, 2) == {
+      "use_pe": False, "sample_size": 14}
+  # bf16 buffers (bf16 checkpoints) at the released sizes: interpolation exact.
+  for base, interp in [(64, 1.0), (128, 2.0)]:
+    pe = _reference_pos_embed(2240, base, interp).astype(ml_dtypes.bfloat16)
+    assert W.infer_positional({"pos_embed": pe}, 1) == {
+        "use_pe": True, "sample_size": base, "pe_interpolation": interp}
+  # No interpolation reproduces these: named errors.
+  good = _reference_pos_embed(48, 6, 1.0)
+  swapped = np.concatenate([good[..., 24:], good[..., :24]], axis=-1)  # h channels first
+  for bad in (swapped, np.random.default_rng(0).standard_normal((1, 36, 48)),
+              good + 1e-3):
+    with pytest.raises(W.PositionalEmbeddingError, match="matches no 2-D sin-cos"):
+      W.infer_positional({"pos_embed": bad}, 1)
+  with pytest.raises(W.PositionalEmbeddingError, match="square"):
+    W.infer_positional({"pos_embed": np.ones((1, 12, 48))}, 1)
+
+
+def test_config_contradicting_pos_embed_names_the_field(qk_official):
+  sd = dict(qk_official, pos_embed=_reference_pos_embed(64, 3, 1.0))  # QK: 7 // 2 = 3
+  with pytest.raises(CheckpointError, match="use_pe: config gives use_pe=False"):
+    W.official_to_params(sd, QK)
+  with pytest.raises(CheckpointError, match="pe_interpolation"):
+    W.official_to_params(sd, QK.replace(use_pe=True, pe_interpolation=2.0))
+  W.official_to_params(sd, QK.replace(use_pe=True))  # fits
+  sd["pos_embed"] = np.zeros((1, 16, 64), np.float32)
+  with pytest.raises(CheckpointError, match="sample_size"):
+    W.official_to_params(sd, QK)
+
+
+def test_official_output_carries_pos_embed(setup, tmp_path):
+  """Our official files carry the buffer the official code writes, so they convert back
+  without a config (here the PE variant of the fixture's model)."""
+  cfg, _, _, official = setup
+  pe_cfg = cfg.replace(use_pe=True, pe_interpolation=1.5)
+  params, extras = W.official_to_params(official, cfg)
+  sd = W.params_to_official(params, pe_cfg, extras)
+  base = cfg.sample_size // cfg.patch_size
+  np.testing.assert_allclose(sd["pos_embed"], _reference_pos_embed(cfg.hidden_size, base, 1.5),
+                             atol=1e-6)
+  assert W.infer_positional(sd, cfg.patch_size) == {
+      "use_pe": True, "sample_size": base * cfg.patch_size, "pe_interpolation": 1.5}

@@ -12,9 +12,11 @@ Our checkpoint format ("flax"): a folder with `config.json` ({"format": "sana_ja
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import re
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -88,8 +90,146 @@ def infer_geometry(official: Mapping[str, np.ndarray]) -> dict:
   }
 
 
+class PositionalEmbeddingError(CheckpointError):
+  """An official `pos_embed` buffer that no 2-D sin-cos embedding reproduces."""
+
+
+def official_pos_embed(hidden: int, base: int, interpolation: float) -> np.ndarray:
+  """The (base * base, hidden) float64 buffer the official code stores as `pos_embed`.
+
+  REFERENCE.md section 1: positions arange(base) / (base / base) / interpolation, computed
+  in float32 as the official get_2d_sincos_pos_embed does; the first half of the channels
+  encodes the w coordinate, the second h, each half [sin, cos] with
+  omega = 1 / 10000 ** (arange(hidden / 4) / (hidden / 4)).
+  """
+  if hidden % 4:
+    raise PositionalEmbeddingError(f"a sin-cos positional embedding needs hidden_size % 4 == 0, "
+                                   f"got {hidden}")
+  grid = (np.arange(base, dtype=np.float32) / np.float32(base / base)
+          / np.float32(interpolation)).astype(np.float32)
+  ww, hh = np.meshgrid(grid, grid)  # (h, w) each
+
+  def one_axis(pos):
+    omega = 1.0 / 10000 ** (np.arange(hidden // 4, dtype=np.float64) / (hidden / 4))
+    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  return np.concatenate([one_axis(ww), one_axis(hh)], axis=1)
+
+
+def _pos_embed_buffer(official: Mapping[str, np.ndarray], hidden: int | None
+                      ) -> tuple[np.ndarray, int] | None:
+  """(buffer (tokens, C) as float32, base grid size), or None without a pos_embed."""
+  if "pos_embed" not in official:
+    return None
+  pe = np.asarray(official["pos_embed"])
+  shape = tuple(pe.shape)
+  if pe.ndim == 3 and shape[0] == 1:
+    pe = pe[0]
+  if pe.ndim != 2 or (hidden is not None and pe.shape[1] != hidden):
+    raise PositionalEmbeddingError(f"pos_embed has shape {shape}, expected (1, tokens, "
+                                   f"{hidden or 'hidden_size'})")
+  base = math.isqrt(pe.shape[0])
+  if base * base != pe.shape[0] or base == 0:
+    raise PositionalEmbeddingError(f"pos_embed has {pe.shape[0]} tokens, not a square "
+                                   "base grid (base_size ** 2)")
+  return pe, base
+
+
+def _pe_tolerance(buffer_dtype, base: int) -> float:
+  """Max |difference| a correct sin-cos may show: the buffer's rounding plus the official
+  float32 positions (|pos| < base)."""
+  import ml_dtypes
+  try:
+    eps = float(ml_dtypes.finfo(buffer_dtype).eps)
+  except (TypeError, ValueError):
+    eps = float(np.finfo(np.float32).eps)
+  return 2 * eps + base * 2.0 ** -22
+
+
+def _positional_mismatches(official: Mapping[str, np.ndarray], cfg: DiTConfig) -> list[str]:
+  found = _pos_embed_buffer(official, cfg.hidden_size)
+  if found is None:
+    return []
+  pe, base = found
+  bad, ours = [], cfg.sample_size // cfg.patch_size
+  if ours != base:
+    bad.append(f"sample_size: config gives a {ours}x{ours} base grid (sample_size "
+               f"{cfg.sample_size} / patch {cfg.patch_size}), checkpoint's pos_embed has "
+               f"{base}x{base} tokens (sample_size {base * cfg.patch_size})")
+  nonzero = bool(np.any(pe.astype(np.float32)))
+  if nonzero != cfg.use_pe:
+    bad.append(f"use_pe: config gives use_pe={cfg.use_pe}, checkpoint's pos_embed is "
+               f"{'non-zero (the model uses the positional embedding)' if nonzero else 'zero'}")
+  elif cfg.use_pe and ours == base:
+    err = float(np.max(np.abs(official_pos_embed(cfg.hidden_size, base, cfg.pe_interpolation)
+                              - pe.astype(np.float64))))
+    tol = _pe_tolerance(pe.dtype, base)
+    if err > tol:
+      bad.append(f"pe_interpolation: config's sin-cos embedding (pe_interpolation "
+                 f"{cfg.pe_interpolation}) is {err:.3g} off the checkpoint's pos_embed "
+                 f"(tolerance {tol:.2g})")
+  return bad
+
+
+def infer_positional(official: Mapping[str, np.ndarray], patch_size: int,
+                     hidden: int | None = None) -> dict:
+  """use_pe, sample_size and pe_interpolation from an official `pos_embed` buffer.
+
+  The official code stores `pos_embed` (1, base_size ** 2, C), base_size = input_size / p:
+  zeros without the positional embedding, else the sin-cos of the base grid
+  (`official_pos_embed`). Returns {} without a buffer, {use_pe: False, sample_size} for a
+  zero one, else also pe_interpolation, read from the phases of the last column's
+  w-channels (lowest frequency first, unwrapping upwards), rounded to the fewest decimals
+  that still reproduce the whole buffer to its float precision. Raises
+  PositionalEmbeddingError when no interpolation reproduces it.
+  """
+  found = _pos_embed_buffer(official, hidden)
+  if found is None:
+    return {}
+  pe, base = found
+  fields = {"use_pe": False, "sample_size": base * patch_size}
+  if not np.any(pe.astype(np.float32)):
+    return fields
+  c = pe.shape[1]
+  if c % 4:
+    raise PositionalEmbeddingError(f"pos_embed is non-zero but hidden_size {c} is not a "
+                                   "multiple of 4 (no 2-D sin-cos embedding fits)")
+  if base < 2:
+    raise PositionalEmbeddingError("a one-token pos_embed does not determine "
+                                   "pe_interpolation: pass a config")
+  q = c // 4
+  omega = 1.0 / 10000 ** (np.arange(q, dtype=np.float64) / q)
+  row = pe[base - 1].astype(np.float64)  # token (h 0, w base-1): w-channels first
+  x = None
+  for k in np.argsort(omega):
+    phase = math.atan2(row[k], row[q + k])
+    if x is None:
+      x = phase / omega[k]
+    else:
+      x = (phase + 2 * math.pi * round((x * omega[k] - phase) / (2 * math.pi))) / omega[k]
+  target = pe.astype(np.float64)
+  tol = _pe_tolerance(pe.dtype, base)
+  best = (math.inf, float("nan"))
+  if x is not None and math.isfinite(x) and x > 0:
+    estimate = (base - 1) / x
+    for cand in [round(estimate, n) for n in range(7)] + [estimate]:
+      if cand <= 0:
+        continue
+      err = float(np.max(np.abs(official_pos_embed(c, base, cand) - target)))
+      if err <= tol:
+        return {**fields, "use_pe": True, "pe_interpolation": float(cand)}
+      best = min(best, (err, cand))
+  raise PositionalEmbeddingError(
+      f"pos_embed (1, {base * base}, {c}) is non-zero but matches no 2-D sin-cos "
+      f"embedding of its {base}x{base} base grid (grid = arange(n) / (n / base_size) / "
+      f"pe_interpolation): the closest, pe_interpolation {best[1]:.6g}, is {best[0]:.3g} off "
+      f"(tolerance {tol:.2g}); pass a config if the model uses another embedding")
+
+
 def check_config_fits(official: Mapping[str, np.ndarray], cfg: DiTConfig) -> None:
-  """Raises naming every config field that contradicts the checkpoint."""
+  """Raises naming every config field that contradicts the checkpoint (its tensors' shapes
+  and, when present, its `pos_embed` buffer: use_pe, sample_size, pe_interpolation)."""
   geo = infer_geometry(official)
   derived = {"mlp_hidden": cfg.mlp_hidden, "cross_inner": cfg.cross_inner}
   bad = []
@@ -99,6 +239,7 @@ def check_config_fits(official: Mapping[str, np.ndarray], cfg: DiTConfig) -> Non
       field = {"mlp_hidden": "mlp_ratio", "cross_inner": "cross_heads * cross_head_dim"}.get(
           name, name)
       bad.append(f"{field}: config gives {name}={ours}, checkpoint has {value}")
+  bad += _positional_mismatches(official, cfg)
   if bad:
     raise CheckpointError("config does not fit the checkpoint:\n  " + "\n  ".join(bad))
 
@@ -107,7 +248,12 @@ _RELEASED_CROSS = {1152: (16, 72), 2240: (20, 112)}
 
 
 def config_from_official(official: Mapping[str, np.ndarray], **overrides) -> DiTConfig:
-  """A config for an official state dict; head splits from the released models' table."""
+  """A config for an official state dict; head splits from the released models' table.
+
+  use_pe, sample_size and pe_interpolation come from the `pos_embed` buffer (see
+  `infer_positional`); a state dict without one (not written by the official code) keeps
+  the defaults (no positional embedding, sample_size 32) with a warning.
+  """
   geo = infer_geometry(official)
   c = geo["hidden_size"]
   heads = _RELEASED_CROSS.get(c)
@@ -118,6 +264,12 @@ def config_from_official(official: Mapping[str, np.ndarray], **overrides) -> DiT
   if heads:
     fields.update(cross_heads=heads[0], cross_head_dim=heads[1])
   fields["mlp_ratio"] = geo["mlp_hidden"] / c
+  positional = infer_positional(official, geo["patch_size"], c)
+  if not positional and not {"use_pe", "sample_size"} & set(overrides):
+    warnings.warn("the state dict has no pos_embed buffer (every official checkpoint has "
+                  "one): assuming use_pe=False, sample_size=32; pass a config if the model "
+                  "uses the positional embedding", stacklevel=2)
+  fields.update(positional)
   fields.update(overrides)
   return DiTConfig(**fields)
 
@@ -209,7 +361,9 @@ def official_to_params(official: Mapping[str, np.ndarray], cfg: DiTConfig
 
 
 def params_to_official(params: Mapping, cfg: DiTConfig, extras: Mapping | None = None) -> dict:
-  """Params tree (+ extras) -> official state dict."""
+  """Params tree (+ extras) -> official state dict, with the `pos_embed` buffer the official
+  code writes (its sin-cos at the base grid when use_pe, else zeros), so the file says
+  what it is."""
   flat = {k: np.asarray(v) for k, v in flatten(params).items()}
   _check_params(flat, cfg)
   out = {}
@@ -220,6 +374,11 @@ def params_to_official(params: Mapping, cfg: DiTConfig, extras: Mapping | None =
   for okey, name in table.OFFICIAL_BUFFERS.items():
     if extras and name in extras:
       out[okey] = np.asarray(extras[name])
+  base = cfg.sample_size // cfg.patch_size
+  dtype = flat["patch_embed/kernel"].dtype
+  out["pos_embed"] = (official_pos_embed(cfg.hidden_size, base, cfg.pe_interpolation)
+                      if cfg.use_pe else np.zeros((base * base, cfg.hidden_size))
+                      )[None].astype(dtype)
   return out
 
 
@@ -296,11 +455,13 @@ def from_diffusers_config(d: Mapping, **overrides) -> DiTConfig:
 
 
 def save_flax(folder: str | os.PathLike, params: Mapping, cfg: DiTConfig,
-              extras: Mapping | None = None) -> None:
+              extras: Mapping | None = None, overwrite: bool = True) -> None:
+  """Our folder, built next to `folder` and renamed into place (an existing one is replaced
+  only once complete; refused with overwrite=False)."""
   flat = {k: np.asarray(v) for k, v in flatten(params).items()}
   _check_params(flat, cfg)
   flat.update({f"extras/{k}": np.asarray(v) for k, v in (extras or {}).items()})
-  with io.atomic_output(folder, is_dir=True) as tmp:
+  with io.atomic_output(folder, is_dir=True, overwrite=overwrite) as tmp:
     io.write_safetensors(flat, tmp / "params.safetensors")
     (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()},
                                                 indent=2))
@@ -311,7 +472,7 @@ def load_flax(folder: str | os.PathLike) -> tuple[dict, DiTConfig, dict]:
   folder = pathlib.Path(folder)
   if not (folder / "config.json").exists():
     raise CheckpointError(f"{folder}: not a sana_jax checkpoint (no config.json)")
-  meta = json.loads((folder / "config.json").read_text())
+  meta = io.read_json(folder / "config.json", "config.json")
   if meta.get("format") != FORMAT:
     raise CheckpointError(f"{folder}: config.json format is {meta.get('format')!r}, "
                           f"expected {FORMAT!r}")
@@ -324,10 +485,11 @@ def load_flax(folder: str | os.PathLike) -> tuple[dict, DiTConfig, dict]:
 
 
 def save_diffusers(folder: str | os.PathLike, params: Mapping, cfg: DiTConfig,
-                   max_shard_bytes: int | None = None) -> None:
+                   max_shard_bytes: int | None = None, overwrite: bool = True) -> None:
+  """A diffusers SanaTransformer2DModel folder (written like `save_flax`)."""
   sd = params_to_diffusers(params, cfg)
   config = to_diffusers_config(cfg)
-  with io.atomic_output(folder, is_dir=True) as tmp:
+  with io.atomic_output(folder, is_dir=True, overwrite=overwrite) as tmp:
     io.write_safetensors_sharded(sd, tmp, "diffusion_pytorch_model", max_shard_bytes)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -341,7 +503,7 @@ def load_diffusers(folder: str | os.PathLike, cfg: DiTConfig | None = None
   if cfg is None:
     if not (folder / "config.json").exists():
       raise CheckpointError(f"{folder}: no config.json")
-    cfg = from_diffusers_config(json.loads((folder / "config.json").read_text()))
+    cfg = from_diffusers_config(io.read_json(folder / "config.json", "config.json"))
   sd = io.read_safetensors_folder(folder)
   return diffusers_to_params(sd, cfg), cfg
 
@@ -366,6 +528,9 @@ def load_official(path: str | os.PathLike, cfg: DiTConfig | None = None, ema: bo
 
 
 def save_official(path: str | os.PathLike, params: Mapping, cfg: DiTConfig,
-                  extras: Mapping | None = None, key: str = "state_dict") -> None:
+                  extras: Mapping | None = None, key: str = "state_dict",
+                  overwrite: bool = True) -> None:
+  """An official .pth ({key: state dict}), written like `save_flax`."""
   sd = params_to_official(params, cfg, extras)
-  io.write_pth({key: {k: io.numpy_to_torch(v) for k, v in sd.items()}}, path)
+  io.write_pth({key: {k: io.numpy_to_torch(v) for k, v in sd.items()}}, path,
+               overwrite=overwrite)

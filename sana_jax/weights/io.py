@@ -7,19 +7,25 @@
 - `.pth`: torch.load(weights_only=True) (torch imported lazily); pickles carrying code are
   refused by torch, and we re-raise with the path.
 - Every writer builds its output in a temporary sibling and renames it into place, so a
-  failure leaves no partial output.
+  failure leaves no partial output; an existing output is replaced (moved aside, then
+  deleted) only once the new one is complete, or refused with `overwrite=False`.
+- Command-line helpers shared by the converters (`ArgumentParser`, `check_output`,
+  `run_main`): bad input ends with `error: ...` and exit status 2 before any heavy work.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import struct
+import sys
 import tempfile
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -103,7 +109,9 @@ def read_safetensors_folder(folder: str | os.PathLike,
       raise CheckpointError(f"{folder}: expected {stem}.safetensors or a sharded index; found "
                             f"{[p.name for p in indices + singles] or 'no safetensors files'}")
   if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = read_json(index, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise CheckpointError(f"{index}: no 'weight_map' object")
     out = {}
     for shard in sorted(set(weight_map.values())):
       tensors = read_safetensors(folder / shard)
@@ -141,24 +149,50 @@ def write_safetensors_sharded(tensors: Mapping[str, np.ndarray], folder: pathlib
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, is_dir: bool) -> Iterator[pathlib.Path]:
-  """Yields a temporary path next to `path`; moves it into place only on success."""
+def atomic_output(path: str | os.PathLike, is_dir: bool, overwrite: bool = True
+                  ) -> Iterator[pathlib.Path]:
+  """Yields a temporary path next to `path`; moves it into place only on success.
+
+  An existing `path` is refused (FileExistsError, before anything is written) when
+  `overwrite` is False; otherwise it is moved aside once the new output is complete, the new
+  one renamed into place, and only then the old one deleted. Parent folders this creates
+  are removed again on failure.
+  """
   path = pathlib.Path(path)
+  if not overwrite and (path.exists() or path.is_symlink()):
+    raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+  created = []
+  parent = path.parent
+  while not parent.exists():
+    created.append(parent)
+    parent = parent.parent
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp_root = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
   tmp = tmp_root / path.name
   if is_dir:
     tmp.mkdir()
+  ok = False
   try:
     yield tmp
-    if path.exists():
-      if path.is_dir():
-        shutil.rmtree(path)
-      else:
-        path.unlink()
-    os.replace(tmp, path)
+    if path.exists() or path.is_symlink():
+      if not overwrite:
+        raise FileExistsError(f"{path} appeared while it was written; left unchanged")
+      old = tmp_root / f"{path.name}.replaced"
+      os.replace(path, old)
+      try:
+        os.replace(tmp, path)
+      except BaseException:
+        os.replace(old, path)
+        raise
+    else:
+      os.replace(tmp, path)
+    ok = True
   finally:
     shutil.rmtree(tmp_root, ignore_errors=True)
+    if not ok:
+      for d in created:  # innermost first
+        with contextlib.suppress(OSError):
+          d.rmdir()
 
 
 # ---------------------------------------------------------------------------- torch .pth
@@ -187,15 +221,143 @@ def read_pth(path: str | os.PathLike) -> dict:
   import pickle
 
   import torch
+  if path.is_dir():
+    raise CheckpointError(f"{path} is a folder, not a .pth checkpoint file")
   try:
     return torch.load(str(path), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    raise CheckpointError(f"{path}: refused to unpickle (weights_only=True): {e}") from None
-  except (RuntimeError, EOFError, OSError) as e:
-    raise CheckpointError(f"{path}: cannot read .pth checkpoint: {e}") from None
+    raise CheckpointError(
+        f"{path}: refused to unpickle: it holds objects other than tensors and plain "
+        f"containers, or is not a torch checkpoint ({_torch_reason(e)}); only "
+        "weights-only checkpoints are read") from None
+  except (RuntimeError, EOFError, OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot read .pth checkpoint: {_torch_reason(e)}") from None
 
 
-def write_pth(obj, path: str | os.PathLike) -> None:
+def _torch_reason(error: BaseException) -> str:
+  """torch's loader error without its advice (never suggest weights_only=False)."""
+  text = str(error)
+  m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
+  if m and m.group(1).strip():
+    text = m.group(1)
+  lines = [line.strip() for line in text.splitlines() if line.strip()
+           and "weights_only" not in line and "arbitrary code" not in line
+           and "file an issue" not in line.lower()]
+  return " ".join(lines)[:300] or type(error).__name__
+
+
+def write_pth(obj, path: str | os.PathLike, overwrite: bool = True) -> None:
   import torch
-  with atomic_output(path, is_dir=False) as tmp:
+  with atomic_output(path, is_dir=False, overwrite=overwrite) as tmp:
     torch.save(obj, str(tmp))
+
+
+# ----------------------------------------------------------------- command-line helpers
+
+
+class UsageError(ValueError):
+  """A bad command-line argument: reported as `error: ...` with exit status 2."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Keeps the description's layout; adds "(default: X)" to optional arguments whose help
+  does not state its default."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if (action.option_strings and not action.required and "default" not in text
+        and action.default is not argparse.SUPPRESS):
+      shown = action.default
+      text += f" (default: {'none' if shown is None else shown})"
+    return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors raise UsageError, so `main(argv)` reports them like every other
+  refusal (`run_main`), and whose help states every option's default."""
+
+  def __init__(self, **kwargs):
+    kwargs.setdefault("formatter_class", _HelpFormatter)
+    super().__init__(**kwargs)
+
+  def error(self, message):
+    raise UsageError(message)
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
+  """A JSON object from `path`; errors name the file (and the line of a syntax error)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such {what}")
+  try:
+    data = json.loads(path.read_text())
+  except UnicodeDecodeError:
+    raise CheckpointError(f"{path}: not a text {what}") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: malformed {what}: {e}") from None
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{path}: a {what} must hold a JSON object, holds "
+                          f"{type(data).__name__}")
+  return data
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+  """Reads only the header: raises CheckpointError for a corrupt or truncated file."""
+  path = _require_exists(path)
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+    (header_len,) = struct.unpack("<Q", head)
+    if 8 + header_len > size:
+      raise CheckpointError(f"{path}: not a safetensors file or truncated (header says "
+                            f"{header_len} bytes, file has {size - 8})")
+    try:
+      header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: corrupt safetensors header")
+  ends = [info["data_offsets"][1] for name, info in header.items()
+          if name != "__metadata__" and isinstance(info, dict) and "data_offsets" in info]
+  if ends and 8 + header_len + max(ends) > size:
+    raise CheckpointError(f"{path}: truncated safetensors file: tensors need "
+                          f"{8 + header_len + max(ends)} bytes, file has {size}")
+
+
+def check_output(path: str | os.PathLike, *, overwrite: bool, is_dir: bool,
+                 flag: str = "--dst") -> pathlib.Path:
+  """Refuses (UsageError) an output that exists without --overwrite, one of the wrong kind
+  (a file where a folder is written, or the reverse), or one that cannot be created."""
+  path = pathlib.Path(path)
+  kind = "folder" if is_dir else "file"
+  if path.exists() or path.is_symlink():
+    if not overwrite:
+      raise UsageError(f"{flag} {path} exists; pass --overwrite to replace it (replaced "
+                       "only once the new output is complete)")
+    if path.is_dir() != is_dir:
+      raise UsageError(f"{flag} {path} is a {'folder' if path.is_dir() else 'file'}; this "
+                       f"command writes a {kind} there (even --overwrite does not replace "
+                       "one with the other)")
+  parent = path.parent
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UsageError(f"{flag} {path}: {parent} is not writable")
+  return path
+
+
+REFUSALS = (UsageError, CheckpointError, ValueError, OSError)
+
+
+def run_main(body: Callable[[Sequence[str]], int], argv: Sequence[str] | None) -> int:
+  """Runs a command's body; a refusal (REFUSALS) prints `error: ...` and returns 2."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    return body(argv)
+  except REFUSALS as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
