@@ -91,6 +91,39 @@ def resize_and_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return np.stack(chans, -1).astype(image.dtype)
 
 
+def folder_geometry(folder) -> dict:
+  """What sizes a model folder can sample, read from its json files only (no weights):
+  {"image_size": base size in pixels (pipeline.json), "multiple": sizes must be multiples
+  of this (autoencoder downsampling x DiT patch), "downsample", "patch_size"}."""
+  import json
+  folder, settings = bundle_lib.check_folder(folder)
+  meta = json.loads((folder / "transformer" / "config.json").read_text())
+  patch = int(meta.get("model", {}).get("patch_size", 1))
+  ae = settings["autoencoder"]
+  if ae["kind"] == "dcae":
+    from sana_jax.weights import dcae
+    down = int(dcae.config_from_folder(folder / "vae").spatial_compression_ratio)
+  else:
+    down = 1
+  return {"image_size": int(settings["image_size"]), "multiple": down * patch,
+          "downsample": down, "patch_size": patch}
+
+
+def generation_size(height: int, width: int, image_size: int, multiple: int,
+                    binning: bool = True) -> tuple[int, int]:
+  """The size the DiT samples at for a requested (height, width): the request itself
+  without binning or at the model's own size, else the nearest aspect-ratio bin of
+  `image_size` (diffusers' resolution binning; the images are resized back afterwards).
+  Raises ValueError for sizes < 1 or not multiples of `multiple`."""
+  if height < 1 or width < 1:
+    raise ValueError(f"image size {height}x{width}: height and width must be >= 1")
+  if height % multiple or width % multiple:
+    raise ValueError(f"image size {height}x{width} is not a multiple of {multiple}")
+  if not binning or (height, width) == (image_size, image_size):
+    return height, width
+  return nearest_bin(height, width, resolution_bins(image_size, multiple))
+
+
 @dataclasses.dataclass
 class SamplingOptions:
   height: int | None = None
@@ -134,8 +167,8 @@ class SanaPipeline:
   def resolve(self, opts: SamplingOptions) -> dict:
     """Fills defaults from pipeline.json and validates every option (clear errors)."""
     s = self.settings
-    h = opts.height or s["image_size"]
-    w = opts.width or s["image_size"]
+    h = s["image_size"] if opts.height is None else opts.height
+    w = s["image_size"] if opts.width is None else opts.width
     steps = s["sampler"]["steps"] if opts.steps is None else opts.steps
     scale = s["sampler"]["guidance_scale"] if opts.guidance_scale is None else opts.guidance_scale
     solver = opts.sampler or s["sampler"]["name"]
@@ -146,13 +179,11 @@ class SanaPipeline:
     if solver not in samplers.SOLVERS:
       raise ValueError(f"sampler must be one of {samplers.SOLVERS}, got {solver!r}")
     m = self.multiple
-    if h % m or w % m:
-      raise ValueError(f"image size {h}x{w} is not a multiple of {m} (autoencoder "
-                       f"downsampling {self.bundle.autoencoder.downsample} x patch "
-                       f"{self.bundle.dit_config.patch_size})")
-    gen_h, gen_w = h, w
-    if opts.resolution_binning and (h, w) != (s["image_size"],) * 2:
-      gen_h, gen_w = nearest_bin(h, w, resolution_bins(s["image_size"], m))
+    try:
+      gen_h, gen_w = generation_size(h, w, s["image_size"], m, opts.resolution_binning)
+    except ValueError as e:
+      raise ValueError(f"{e} (autoencoder downsampling {self.bundle.autoencoder.downsample}"
+                       f" x patch {self.bundle.dit_config.patch_size})") from None
     use_null_mask = (s["sampler"].get("use_null_mask", False) if opts.use_null_mask is None
                      else opts.use_null_mask)
     return {"height": h, "width": w, "gen_height": gen_h, "gen_width": gen_w, "steps": steps,

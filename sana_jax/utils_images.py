@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
-import tempfile
+import uuid
 from typing import Sequence
 
 import numpy as np
@@ -33,18 +34,37 @@ def grid(images: Sequence[np.ndarray], cols: int, captions: Sequence[str] | None
 
 
 def save_images(out: pathlib.Path, images: np.ndarray, names: Sequence[str],
-                records: Sequence[dict], grid_cols: int, captions: Sequence[str]) -> None:
-  """Writes every PNG, grid.png and samples.json into `out`, only once all are encoded."""
+                records: Sequence[dict], grid_cols: int, captions: Sequence[str],
+                overwrite: bool = False) -> None:
+  """Writes every PNG, grid.png and samples.json as the folder `out`, whole or not at all.
+
+  Everything is written into a temporary sibling of `out` first, which is then renamed to
+  `out`. An existing `out` must be an empty folder, or any folder with overwrite=True: it
+  is replaced only after the new folder is complete (FileExistsError otherwise, and then
+  nothing is touched). On any failure `out` is left as it was."""
   out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".sample.", dir=out))
+  if out.exists() and not (out.is_dir() and (overwrite or not any(out.iterdir()))):
+    raise FileExistsError(f"{out} exists and is not an empty folder; not overwritten "
+                          "(overwrite=True replaces it)")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tag = uuid.uuid4().hex[:8]
+  tmp = out.parent / f".{out.name}.new-{tag}"
+  old = out.parent / f".{out.name}.old-{tag}"
+  tmp.mkdir()  # (not mkdtemp: the folder keeps the usual umask permissions)
   try:
     for im, name in zip(images, names):
       Image.fromarray(im).save(tmp / name)
     scale = max(1, 128 // images.shape[1])
     grid(list(images), grid_cols, captions, scale=scale, caption_height=12).save(tmp / "grid.png")
     (tmp / "samples.json").write_text(json.dumps(list(records), indent=2))
-    for f in tmp.iterdir():
-      shutil.move(str(f), str(out / f.name))
+    if out.exists():
+      os.rename(out, old)
+    try:
+      os.rename(tmp, out)
+    except OSError:
+      if old.exists() and not out.exists():
+        os.rename(old, out)
+      raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

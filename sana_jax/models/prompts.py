@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -63,13 +64,32 @@ class PromptConfig:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}")
 
 
+# Files a transformers tokenizer folder holds at least one of.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model")
+
+
+class PromptWarning(UserWarning):
+    """A prompt the model does not read whole: cut to max_length, or unknown words."""
+
+
 def load_tokenizer(path: str):
-    """transformers tokenizer from a local folder (never the network), right padding."""
+    """transformers tokenizer from a local folder (never the network), right padding.
+
+    Raises FileNotFoundError if the folder does not exist or holds none of
+    TOKENIZER_FILES, ValueError if transformers cannot load it or it has no pad token."""
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"tokenizer folder {path!r} holds no tokenizer (none of "
+                                f"{', '.join(TOKENIZER_FILES)})")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"tokenizer folder {path!r} could not be loaded: {first}") from e
     if tok.pad_token is None:
         raise ValueError(f"tokenizer in {path!r} has no pad token; SANA pads to max_length")
     tok.padding_side = "right"
@@ -108,6 +128,40 @@ def tokenize(tokenizer, prompts: Sequence[str] | str, cfg: PromptConfig,
     enc = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                     add_special_tokens=True, return_tensors="np")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def prompt_problems(tokenizer, prompts: Sequence[str] | str, cfg: PromptConfig) -> list[str]:
+    """One message per prompt that the model does not read as written: longer than the
+    tokens `tokenize` keeps (the rest is cut; the message names the dropped words), or with
+    words the tokenizer maps to its unknown token (named). Empty for clean prompts."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    texts = _preprocess(prompts, cfg)
+    chi = chi_text(cfg) if cfg.chi else ""
+    n_prefix = len(tokenizer.encode(chi)) if chi else 0
+    limit = (n_prefix + cfg.max_length - 2) if chi else cfg.max_length
+    unk = getattr(tokenizer, "unk_token_id", None)
+    out = []
+    for original, text in zip(prompts, texts):
+        ids = tokenizer(chi + text, add_special_tokens=True)["input_ids"]
+        if len(ids) > limit:
+            dropped = tokenizer.decode(ids[limit:], skip_special_tokens=True).strip()
+            out.append(f"prompt {original!r} is longer than the {cfg.max_length} caption "
+                       f"tokens the model reads (max_length); cut: {dropped!r}")
+        if unk is None:
+            continue
+        try:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            words = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+                     if i == unk]
+        except (NotImplementedError, TypeError, ValueError, KeyError):  # slow tokenizers
+            enc = tokenizer(text, add_special_tokens=False)
+            words = ["?" for i in enc["input_ids"] if i == unk]
+        if words:
+            names = ", ".join(repr(w) for w in dict.fromkeys(words))
+            out.append(f"prompt {original!r}: the tokenizer does not know {names} (read as "
+                       f"{tokenizer.unk_token!r})")
+    return out
 
 
 def select_index(length_all: int, max_length: int) -> np.ndarray:
@@ -153,6 +207,7 @@ class PromptEncoder:
     tokenizer: object
     encode_fn: EncodeFn
     config: PromptConfig = PromptConfig()
+    warned: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
     @classmethod
     def from_params(cls, tokenizer, model_config, params, config: PromptConfig = PromptConfig()):
@@ -181,7 +236,20 @@ class PromptEncoder:
         mcfg = dc.replace(mcfg, **model_overrides)
         return cls.from_params(load_tokenizer(tokenizer_path), mcfg, params, config)
 
+    def warn(self, prompts) -> list[str]:
+        """Issues a PromptWarning for each of prompt_problems(prompts) this encoder has
+        not warned about before (once per message over its lifetime); returns them."""
+        new = [m for m in prompt_problems(self.tokenizer, prompts, self.config)
+               if m not in self.warned]
+        for m in dict.fromkeys(new):
+            self.warned.add(m)
+            warnings.warn(m, PromptWarning, stacklevel=3)
+        return new
+
     def encode(self, prompts):
+        """Conditional captions (see encode_prompts); warns once about cut prompts and
+        unknown words (PromptWarning)."""
+        self.warn(prompts)
         return encode_prompts(self.encode_fn, self.tokenizer, prompts, self.config)
 
     def encode_negative(self, prompts):
