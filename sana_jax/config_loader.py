@@ -20,15 +20,23 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   path_obj = pathlib.Path(path)
   if not path_obj.exists():
     raise FileNotFoundError(f"no such config file: {path}")
+  if not path_obj.is_file() or path_obj.suffix != ".py":
+    raise ValueError(f"config {path}: must be a Python file (configs/*.py) with get_config()")
   repo_root = path_obj.resolve().parent.parent
   if str(repo_root) not in sys.path:  # so `from configs import common` works
     sys.path.insert(0, str(repo_root))
   spec = importlib.util.spec_from_file_location(f"_sana_config_{path_obj.stem}", path_obj)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - a user's file: name it, no traceback
+    raise ValueError(f"config {path} could not be loaded: {type(e).__name__}: {e}") from e
+  if not callable(getattr(module, "get_config", None)):
     raise ValueError(f"{path} has no get_config()")
   config = module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"{path}: get_config() returned a {type(config).__name__}, not an "
+                     "ml_collections.ConfigDict")
   apply_overrides(config, overrides)
   return config
 
@@ -37,28 +45,41 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
   for item in overrides:
     item = item.removeprefix("--").removeprefix("config.")
     if "=" not in item:
-      raise ValueError(f"override {item!r} is not of the form key=value")
+      raise ValueError(f"override --config.{item} is not of the form --config.FIELD=VALUE")
     key, raw = item.split("=", 1)
     node = config
     *parents, leaf = key.split(".")
     for p in parents:
-      if p not in node:
-        raise ValueError(f"unknown config field {key!r}")
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        raise ValueError(f"unknown config field {key!r} (in --config.{item}); known "
+                         f"fields there: {_known(node)}")
       node = node[p]
-    if leaf not in node:
-      raise ValueError(f"unknown config field {key!r}")
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ValueError(f"unknown config field {key!r} (in --config.{item}); known fields "
+                       f"there: {_known(node)}")
     old = node[leaf]
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
       value = raw
+    if isinstance(old, ml_collections.ConfigDict):
+      raise ValueError(f"{key} is a section, not a field (in --config.{item}); its fields: "
+                       f"{_known(old)}")
     if isinstance(old, bool) and not isinstance(value, bool):
-      raise ValueError(f"{key} is a bool, got {raw!r}")
+      raise ValueError(f"{key} is a bool, got {raw!r} (allowed: True or False)")
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
-    if old is not None and not isinstance(value, type(old)):
-      raise ValueError(f"{key} is a {type(old).__name__}, got {raw!r}")
+    if old is not None and (not isinstance(value, type(old))
+                            or (isinstance(value, bool) and not isinstance(old, bool))):
+      raise ValueError(f"{key} is a {type(old).__name__} (now {old!r}), got {raw!r}")
     node[leaf] = value
+
+
+def _known(node) -> str:
+  if not isinstance(node, ml_collections.ConfigDict):
+    return "(none: not a section)"
+  names = sorted(node.keys())
+  return ", ".join(names[:30]) + (", ..." if len(names) > 30 else "")
 
 
 def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:

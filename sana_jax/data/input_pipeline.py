@@ -4,8 +4,16 @@ A batch plan maps a global batch index to record indices of one bucket (one late
 resolution): epoch e shuffles every bucket's records with seed (seed, e), cuts them into
 global batches (the remainder is dropped) and shuffles the order of the batches. A grain
 `DataLoader` walks the plan sequentially; its iterator state (the next batch index) is
-what checkpoints save, so a resumed run continues with exactly the same batches. Each host
-reads only its slice of every global batch.
+what checkpoints save for inspection. The training loop consumes one global batch per
+step, so a run resumed at step s starts the plan at batch s (`make_loader(start_batch=s)`)
+and continues with exactly the same batches, whatever data.worker_count it now uses.
+
+Several processes: every process walks the same plan (the same global batch indices, so
+the iterator state is the same everywhere and restores onto any process count) and reads
+only the rows of each global batch that its devices hold (`process_rows`, from the batch
+sharding); across processes each example of an epoch is read exactly once. grain's own
+sharding (ShardByJaxProcess) is not used: it would give each process different *batches*,
+not its share of the same global batch.
 """
 
 from __future__ import annotations
@@ -32,13 +40,21 @@ class BatchPlanSource:
   """Random-access source of host-local batches; index = global batch number.
 
   Returns {"latent": (b, h, w, C) float32, "caption": (b, L, Cy) float32,
-  "caption_mask": (b, L) int32} with b = global_batch // process_count.
+  "caption_mask": (b, L) int32}: rows [start, stop) of the global batch (b = stop - start;
+  by default the process's equal share, process_index * global_batch // process_count on).
   """
 
   def __init__(self, sources: Mapping[str, Sequence], global_batch: int, seed: int,
-               num_epochs: int, process_index: int = 0, process_count: int = 1):
-    if global_batch % process_count:
-      raise ValueError(f"global batch {global_batch} is not divisible by {process_count} hosts")
+               num_epochs: int, process_index: int = 0, process_count: int = 1,
+               rows: tuple[int, int] | None = None):
+    if rows is None:
+      if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} is not divisible by {process_count} "
+                         "hosts")
+      local = global_batch // process_count
+      rows = (process_index * local, (process_index + 1) * local)
+    if not 0 <= rows[0] < rows[1] <= global_batch:
+      raise ValueError(f"rows {rows} are not a slice of a global batch of {global_batch}")
     self._sources = dict(sources)
     self._buckets = [Bucket(name, latents_tfds.parse_split(name), len(src))
                      for name, src in sorted(self._sources.items())]
@@ -49,8 +65,7 @@ class BatchPlanSource:
     self._global_batch = global_batch
     self._seed = seed
     self._num_epochs = num_epochs
-    self._local = global_batch // process_count
-    self._offset = process_index * self._local
+    self.rows = tuple(rows)
     self._plan_epoch, self._plan = -1, None
 
   def __len__(self) -> int:
@@ -81,7 +96,7 @@ class BatchPlanSource:
 
   def __getitem__(self, index: int) -> dict:
     split, idx = self.record_indices(int(index))
-    local = idx[self._offset:self._offset + self._local]
+    local = idx[self.rows[0]:self.rows[1]]
     src = self._sources[split]
     records = [src[int(i)] for i in local]
     return {
@@ -91,20 +106,73 @@ class BatchPlanSource:
     }
 
 
-def make_loader(data_dir: str, global_batch: int, seed: int, num_epochs: int = 1000,
-                worker_count: int = 0) -> tuple[grain.DataLoader, BatchPlanSource]:
-  """A grain DataLoader over the dataset at data_dir (see latents_tfds.open_dataset)."""
+class _FromBatch:
+  """The plan from global batch `start` on (what a run resumed at step `start` reads)."""
+
+  def __init__(self, plan: BatchPlanSource, start: int):
+    self._plan, self._start = plan, start
+
+  def __len__(self) -> int:
+    return len(self._plan) - self._start
+
+  def __repr__(self) -> str:
+    return repr(self._plan)
+
+  def __getitem__(self, index: int) -> dict:
+    return self._plan[int(index) + self._start]
+
+
+def process_rows(batch_sharding: jax.sharding.Sharding, global_batch: int) -> tuple[int, int]:
+  """[start, stop) of the global batch rows this process's devices hold under
+  `batch_sharding` (batch on axis 0); the slice `jax.make_array_from_process_local_data`
+  expects. Raises if the process's rows are not one contiguous block."""
+  shape = (global_batch,) + (1,) * (len(batch_sharding.spec) - 1 if hasattr(
+      batch_sharding, "spec") else 0)
+  index = batch_sharding.addressable_devices_indices_map(shape)
+  blocks = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                   for s in index.values()})
+  start, stop = blocks[0][0], blocks[-1][1]
+  covered = np.zeros(global_batch, bool)
+  for a, b in blocks:
+    covered[a:b] = True
+  if not covered[start:stop].all():
+    raise ValueError(f"process {jax.process_index()} holds batch rows {blocks}, not one "
+                     "contiguous block: order the mesh so each process's devices are adjacent")
+  return int(start), int(stop)
+
+
+def _train_sources(data_dir: str) -> dict:
   sources = {k: v for k, v in latents_tfds.open_dataset(data_dir).items()
              if k.startswith("train_")}
   if not sources:
     raise ValueError(f"{data_dir}: no train_HxW splits")
+  return sources
+
+
+def make_plan(data_dir: str, global_batch: int, seed: int, num_epochs: int) -> BatchPlanSource:
+  """The batch plan alone (its repr is what a checkpoint's data state records)."""
+  return BatchPlanSource(_train_sources(data_dir), global_batch, seed, num_epochs)
+
+
+def make_loader(data_dir: str, global_batch: int, seed: int, num_epochs: int = 1000,
+                worker_count: int = 0, rows: tuple[int, int] | None = None,
+                start_batch: int = 0) -> tuple[grain.DataLoader, BatchPlanSource]:
+  """A grain DataLoader over the dataset at data_dir (see latents_tfds.open_dataset),
+  yielding global batches start_batch, start_batch + 1, ... of the plan.
+  rows: this process's [start, stop) of every global batch (`process_rows`); by default
+  its equal share by process index."""
+  sources = _train_sources(data_dir)
   plan = BatchPlanSource(sources, global_batch, seed, num_epochs,
-                         jax.process_index(), jax.process_count())
+                         jax.process_index(), jax.process_count(), rows=rows)
   if worker_count and not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (defaults here)
-  sampler = grain.IndexSampler(num_records=len(plan), shuffle=False, num_epochs=1,
+  if not 0 <= start_batch < len(plan):
+    raise ValueError(f"start_batch {start_batch}: the plan has {len(plan)} batches "
+                     f"({plan.batches_per_epoch} per epoch); raise data.num_epochs")
+  source = _FromBatch(plan, start_batch) if start_batch else plan
+  sampler = grain.IndexSampler(num_records=len(source), shuffle=False, num_epochs=1,
                                shard_options=grain.NoSharding())
-  loader = grain.DataLoader(data_source=plan, sampler=sampler, worker_count=worker_count)
+  loader = grain.DataLoader(data_source=source, sampler=sampler, worker_count=worker_count)
   return loader, plan
 
 

@@ -99,12 +99,21 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def maybe_initialize_distributed() -> bool:
-  """Calls jax.distributed.initialize() when the environment describes several hosts.
+  """Calls jax.distributed.initialize() when the environment describes several processes;
+  a no-op when it already ran. Returns whether jax.distributed is up.
 
-  Recognised: JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID), or a
-  cluster jax auto-detects (TPU pods, SLURM) when SANA_JAX_DISTRIBUTED=1.
+  Recognised: JAX_COORDINATOR_ADDRESS (host:port of process 0) with JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID (any machine, e.g. several local CPU processes: add JAX_NUM_CPU_DEVICES=n;
+  CPU collectives use gloo), or SANA_JAX_DISTRIBUTED=1 on a cluster jax detects by itself
+  (TPU pod slices, SLURM, Open MPI). Call it before anything touches a device.
   """
+  from jax._src import distributed as _dist  # is_initialized is not public in every jax
+  if _dist.global_state.client is not None:
+    return True
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]
+    if missing:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),

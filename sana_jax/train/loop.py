@@ -1,15 +1,27 @@
 """The training loop: validate, build the mesh, resume, step, log, checkpoint.
 
 `train(config, workdir)` resumes automatically from the newest readable checkpoint in
-workdir. SIGTERM (preemption) saves a checkpoint at the next step boundary and stops.
+workdir, on any mesh. `prepare` does every check first and writes nothing: a bad config,
+a missing dataset, an init_from folder that does not fit, or a config change that does not
+fit the workdir's checkpoint (`IncompatibleCheckpoint`: model geometry, state structure,
+data order) stop before anything is created, moved or computed. SIGTERM (preemption)
+saves a checkpoint at the next step boundary and stops (train.py then exits 143).
+
+Several processes (`jax.distributed`): one global mesh, each process reading and feeding
+the rows of every global batch its devices hold, process 0 alone printing and writing
+metrics, every process writing its shards of each checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import pathlib
 import signal
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -30,40 +42,114 @@ log = logging.getLogger(__name__)
 NULL_CAPTION_FILE = "null_caption.npz"
 
 
+class UsageError(ValueError):
+  """Bad input found before any work: train.py prints `error: ...` and exits 2."""
+
+
+class DatasetNotFound(UsageError, FileNotFoundError):
+  pass
+
+
+class IncompatibleCheckpoint(UsageError):
+  """The workdir's checkpoint was written by a config the new one does not fit."""
+
+
 class NonFiniteError(RuntimeError):
   pass
 
 
+# Model fields that change how the model is computed, not what it is or what its state
+# holds: a resume may change them.
+IMPLEMENTATION_FIELDS = ("model.compute_dtype", "model.remat_policy", "model.depthwise_impl")
+# Fields that fix the order of the data the checkpoint's iterator continues.
+DATA_ORDER_FIELDS = ("train.global_batch", "train.seed", "data.num_epochs")
+# Fields whose state is meaningless under another value even where its shapes match.
+STATE_MEANING_FIELDS = ("train.optimizer",)
+
+
 def mesh_devices(config: ml_collections.ConfigDict) -> list:
-  """The devices of the mesh: all, or the first mesh.num_devices."""
+  """The devices of the mesh: all (of every process), or the first mesh.num_devices."""
   n = config.mesh.num_devices
   devices = jax.devices()
-  if n == -1:
-    return devices
-  if not 1 <= n <= len(devices):
-    raise ValueError(f"mesh.num_devices={n}, but {len(devices)} devices are available")
-  return devices[:n]
+  if n != -1:
+    if not isinstance(n, int) or not 1 <= n <= len(devices):
+      raise UsageError(f"mesh.num_devices={n!r}: allowed are -1 (all) or 1..{len(devices)} "
+                       f"({len(devices)} devices are available)")
+    devices = devices[:n]
+  missing = set(range(jax.process_count())) - {d.process_index for d in devices}
+  if missing:
+    raise UsageError(f"mesh.num_devices={n}: the mesh must hold devices of every process, "
+                     f"processes {sorted(missing)} would have none")
+  return devices
+
+
+def _check_positive(tc, names) -> list[str]:
+  return [f"train.{k}={tc[k]!r} must be a positive integer" for k in names
+          if not isinstance(tc[k], int) or isinstance(tc[k], bool) or tc[k] < 1]
 
 
 def validate(config: ml_collections.ConfigDict) -> dict:
-  """Every check that needs no compile; clear errors. Returns the dataset's shapes."""
-  n_devices = len(mesh_devices(config))
-  mesh = config.mesh
-  data, fsdp, _ = parallel.mesh_shape(n_devices, mesh.data, mesh.fsdp, mesh.tensor)
+  """Every check that needs no compile; clear errors (UsageError). Returns the dataset's
+  shapes."""
+  for section in ("model", "train", "data", "mesh"):
+    if section not in config:
+      raise UsageError(f"the config has no {section!r} section (a training config needs "
+                       "model, train, data and mesh; see configs/tiny.py)")
+  try:
+    n_devices = len(mesh_devices(config))
+    mesh = config.mesh
+    data, fsdp, _ = parallel.mesh_shape(n_devices, mesh.data, mesh.fsdp, mesh.tensor)
+  except UsageError:
+    raise
+  except (ValueError, TypeError) as e:
+    raise UsageError(f"config.mesh: {e}") from e
   tc = config.train
+  bad = _check_positive(tc, ("steps", "global_batch", "grad_accum", "log_every",
+                             "checkpoint_every", "keep_checkpoints",
+                             "max_consecutive_nonfinite"))
+  if not (isinstance(tc.ema_decay, (int, float)) and 0 <= tc.ema_decay <= 1):
+    bad.append(f"train.ema_decay={tc.ema_decay!r} must be in [0, 1]")
+  if not (isinstance(tc.cfg_dropout, (int, float)) and 0 <= tc.cfg_dropout <= 1):
+    bad.append(f"train.cfg_dropout={tc.cfg_dropout!r} must be in [0, 1]")
+  if not isinstance(tc.lr, (int, float)) or tc.lr < 0:
+    bad.append(f"train.lr={tc.lr!r} must be a number >= 0")
+  if not isinstance(config.data.num_epochs, int) or config.data.num_epochs < 1:
+    bad.append(f"data.num_epochs={config.data.num_epochs!r} must be a positive integer")
+  if config.data.get("worker_count", 0) < 0:
+    bad.append(f"data.worker_count={config.data.worker_count!r} must be >= 0")
+  if bad:
+    raise UsageError("; ".join(bad))
   if tc.global_batch % (data * fsdp):
-    raise ValueError(f"train.global_batch={tc.global_batch} is not divisible by the batch "
+    raise UsageError(f"train.global_batch={tc.global_batch} is not divisible by the batch "
                      f"axes data*fsdp = {data}*{fsdp} = {data * fsdp}")
-  if tc.grad_accum < 1 or tc.global_batch % (tc.grad_accum * data * fsdp):
-    raise ValueError(f"train.global_batch={tc.global_batch} must split into grad_accum="
+  if tc.global_batch % (tc.grad_accum * data * fsdp):
+    raise UsageError(f"train.global_batch={tc.global_batch} must split into grad_accum="
                      f"{tc.grad_accum} micro-batches divisible by data*fsdp={data * fsdp}")
-  optim_lib.make_optimizer(tc)  # validates the optimizer name
+  try:
+    optim_lib.make_optimizer(tc)  # validates the optimizer name
+    m = DiTConfig.coerce(config.model)
+  except (ValueError, TypeError) as e:
+    raise UsageError(str(e)) from e
   if not config.data.dir:
-    raise ValueError("data.dir is not set")
+    raise UsageError("data.dir is not set (a dataset written by python -m "
+                     "sana_jax.data.preprocess; --config.data.dir=PATH)")
   if not pathlib.Path(config.data.dir).exists():
-    raise FileNotFoundError(f"dataset not found: data.dir={config.data.dir}")
-  shapes = input_pipeline.dataset_shapes(config.data.dir)
-  m = DiTConfig.coerce(config.model)
+    raise DatasetNotFound(f"dataset not found: data.dir={config.data.dir}")
+  try:
+    shapes = input_pipeline.dataset_shapes(config.data.dir)
+  except Exception as e:  # noqa: BLE001 - anything unreadable there is a bad data.dir
+    raise UsageError(f"data.dir={config.data.dir} is not a readable latent dataset "
+                     f"({type(e).__name__}: {str(e)[:300]})") from e
+  try:
+    plan = input_pipeline.make_plan(config.data.dir, tc.global_batch, tc.seed,
+                                    config.data.num_epochs)
+  except ValueError as e:
+    raise UsageError(f"data.dir={config.data.dir}, train.global_batch={tc.global_batch}: "
+                     f"{e}") from e
+  if tc.steps > len(plan):
+    raise UsageError(f"train.steps={tc.steps} needs more batches than data.num_epochs="
+                     f"{config.data.num_epochs} epochs of {plan.batches_per_epoch} global "
+                     f"batches hold ({len(plan)}); raise data.num_epochs")
   bad = []
   if shapes["latent_channels"] != m.in_channels:
     bad.append(f"latents have {shapes['latent_channels']} channels, model.in_channels="
@@ -75,8 +161,145 @@ def validate(config: ml_collections.ConfigDict) -> dict:
     if h % m.patch_size or w % m.patch_size:
       bad.append(f"latent bucket {h}x{w} is not a multiple of model.patch_size={m.patch_size}")
   if bad:
-    raise ValueError(f"dataset {config.data.dir} does not fit the model: " + "; ".join(bad))
+    raise UsageError(f"dataset {config.data.dir} does not fit the model: " + "; ".join(bad))
   return shapes
+
+
+def state_structure(config_dict: dict):
+  """(treedef, [(shape, dtype)]) of the train state a config builds (nothing allocated)."""
+  c = ml_collections.ConfigDict(config_dict)
+  abstract = state_lib.abstract_state(DiTConfig.coerce(c.model),
+                                      optim_lib.make_optimizer(c.train))
+  leaves, treedef = jax.tree_util.tree_flatten(abstract)
+  return treedef, [(tuple(l.shape), str(l.dtype)) for l in leaves]
+
+
+def _with_values(config_dict: dict, values: dict) -> dict:
+  out = json.loads(json.dumps(config_dict))
+  for key, value in values.items():
+    node = out
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return out
+
+
+def checkpoint_conflicts(saved: dict, config: ml_collections.ConfigDict,
+                         data_source: str | None = None, saved_data_source: str | None = None
+                         ) -> dict[str, tuple[Any, Any]]:
+  """The config changes a resume from a checkpoint written with `saved` cannot take:
+  {field: (saved, new)}. Refused: model fields other than IMPLEMENTATION_FIELDS, any field
+  whose change alters the train state's structure (optimizer, grad_clip on/off, ...), the
+  DATA_ORDER_FIELDS, STATE_MEANING_FIELDS, and a dataset with other bucket sizes
+  ("data.dir (dataset)")."""
+  new = config.to_dict()
+  changes = checkpoint.config_changes(saved, new)
+  conflicts = {k: v for k, v in changes.items()
+               if (k.startswith("model.") and k not in IMPLEMENTATION_FIELDS)
+               or k in DATA_ORDER_FIELDS or k in STATE_MEANING_FIELDS}
+  candidates = {k: v for k, v in changes.items()
+                if k.startswith(("model.", "train.")) and k not in conflicts}
+  if candidates:
+    try:  # the other changes at their new values: does any of these alter the state?
+      old_struct = state_structure(_with_values(new, {k: v[0] for k, v in candidates.items()}))
+    except Exception as e:  # noqa: BLE001 - the saved config no longer builds a state
+      conflicts.update(candidates)
+      log.warning("the checkpoint's config does not build a train state today: %s", e)
+    else:
+      if old_struct != state_structure(new):
+        culprits = {k: v for k, v in candidates.items()
+                    if state_structure(_with_values(new, {k: v[0]})) != state_structure(new)}
+        conflicts.update(culprits or candidates)
+  if (saved_data_source is not None and data_source is not None
+      and saved_data_source != data_source and not conflicts):
+    conflicts["data.dir (dataset)"] = (saved_data_source, data_source)
+  return dict(sorted(conflicts.items()))
+
+
+@dataclasses.dataclass
+class Prepared:
+  """What `prepare` found: everything `train` needs to start, nothing written yet."""
+  shapes: dict
+  devices: list
+  mesh_shape: tuple
+  model_cfg: DiTConfig
+  resume_step: int | None        # the checkpoint a resume will try first
+  init_from_cfg: Any = None
+
+
+def _check_workdir(workdir: pathlib.Path) -> None:
+  if workdir.exists() and not workdir.is_dir():
+    raise UsageError(f"--workdir {workdir} exists and is not a directory")
+  parent = workdir
+  while not parent.exists():
+    parent = parent.parent
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UsageError(f"--workdir {workdir}: {parent} is not writable")
+  if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():
+    raise UsageError(f"{workdir / 'checkpoints'} exists and is not a directory")
+
+
+def _check_init_from(path: str, model_cfg: DiTConfig) -> DiTConfig:
+  folder = pathlib.Path(path)
+  config_file = folder / "config.json"
+  if not config_file.is_file() or not (folder / "params.safetensors").is_file():
+    raise UsageError(f"train.init_from={path}: not a sana_jax DiT folder (config.json and "
+                     "params.safetensors, as written by sana_jax.weights.dit.save_flax)")
+  try:
+    meta = json.loads(config_file.read_text())
+    cfg = DiTConfig.coerce(meta["model"])
+  except Exception as e:  # noqa: BLE001
+    raise UsageError(f"train.init_from={path}: unreadable {config_file} "
+                     f"({type(e).__name__}: {e})") from e
+  ignore = ("compute_dtype", "remat_policy", "depthwise_impl")
+  diff = {f"model.{k}": (v, getattr(model_cfg, k)) for k, v in cfg.to_dict().items()
+          if k not in ignore and getattr(model_cfg, k) != v}
+  if diff:
+    raise UsageError(f"train.init_from {path} does not fit the model config (folder -> "
+                     f"config): {checkpoint.format_changes(diff)}")
+  return cfg
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Prepared:
+  """Every check before any work; reads only, creates nothing. Raises UsageError (and
+  IncompatibleCheckpoint for a config change the workdir's checkpoint cannot take)."""
+  workdir = pathlib.Path(workdir)
+  shapes = validate(config)
+  _check_workdir(workdir)
+  devices = mesh_devices(config)
+  m = config.mesh
+  shape = parallel.mesh_shape(len(devices), m.data, m.fsdp, m.tensor)
+  model_cfg = DiTConfig.coerce(config.model)
+  resume_step = None
+  for step in reversed(checkpoint.saved_steps(workdir)):
+    try:
+      saved = checkpoint.read_config(workdir, step)
+      data_state = checkpoint.read_data_state(workdir, step)
+    except checkpoint.CorruptCheckpoint:
+      continue  # unreadable: restore will move it aside and try the previous one
+    check_resume(config, workdir, step, saved, data_state)
+    resume_step = step
+    break
+  init_cfg = _check_init_from(config.train.init_from, model_cfg) if config.train.init_from \
+      else None
+  return Prepared(shapes, devices, shape, model_cfg, resume_step, init_cfg)
+
+
+def check_resume(config, workdir, step: int, saved: dict, data_state: dict | None) -> None:
+  """Raises IncompatibleCheckpoint when `config` cannot continue checkpoint `step`."""
+  tc = config.train
+  plan_repr = repr(input_pipeline.make_plan(config.data.dir, tc.global_batch, tc.seed,
+                                            config.data.num_epochs))
+  conflicts = checkpoint_conflicts(saved, config, plan_repr,
+                                   (data_state or {}).get("data_source"))
+  if conflicts:
+    raise IncompatibleCheckpoint(
+        f"--workdir {workdir} holds a checkpoint at step {step} that the new config does "
+        f"not fit: {checkpoint.format_changes(conflicts)}. These fields fix the train "
+        "state's structure, the model, or the order of the data the checkpoint continues; "
+        "set them back to the checkpoint's values to resume, or use another --workdir for "
+        "a new run. Nothing was changed.")
 
 
 def load_null_caption(data_dir: str) -> np.ndarray:
@@ -96,34 +319,50 @@ def init_params_from(path: str, model_cfg: DiTConfig, like):
                                                        "depthwise_impl")}) != model_cfg:
     diff = {k: (v, getattr(model_cfg, k)) for k, v in cfg.to_dict().items()
             if getattr(model_cfg, k) != v}
-    raise ValueError(f"train.init_from {path} does not fit the model config "
+    raise UsageError(f"train.init_from {path} does not fit the model config "
                      f"(checkpoint, config): {diff}")
   return jax.tree.map(lambda p, ref: np.asarray(p).astype(ref.dtype), params, like)
 
 
+def _say(verbose: bool, msg: str) -> None:
+  if verbose and jax.process_index() == 0:
+    print(msg, flush=True)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None,
-          progress: bool = True) -> state_lib.TrainState:
-  """Runs (or resumes) training to config.train.steps (or max_steps). Returns the state."""
+          progress: bool = True, verbose: bool = True) -> state_lib.TrainState:
+  """Runs (or resumes) training to config.train.steps (or max_steps). Returns the state
+  (stopped early only by SIGTERM, after saving). verbose: process 0 prints what it starts,
+  where it resumes and where its outputs are."""
   parallel.maybe_initialize_distributed()
-  shapes = validate(config)
+  prep = prepare(config, workdir)
   tc = config.train
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  model_cfg = DiTConfig.coerce(config.model)
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                            devices=mesh_devices(config))
+  model_cfg = prep.model_cfg
+  shapes = prep.shapes
+  total = tc.steps if max_steps is None else min(tc.steps, max_steps)
+  kinds = sorted({d.platform for d in prep.devices})
+  _say(verbose, f"train: {config.get('name', 'model')} (depth {model_cfg.depth}, width "
+       f"{model_cfg.hidden_size}), {len(prep.devices)} {'/'.join(kinds)} devices in "
+       f"{jax.process_count()} process(es), mesh "
+       f"{dict(zip(parallel.MESH_AXES, prep.mesh_shape))}, global batch {tc.global_batch}, "
+       f"to step {total}, workdir {workdir.absolute()}")
+
+  mesh = parallel.make_mesh(*prep.mesh_shape, devices=prep.devices)
   tx = optim_lib.make_optimizer(tc)
   shardings = state_lib.state_shardings(model_cfg, tx, mesh)
   abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       state_lib.abstract_state(model_cfg, tx), shardings)
+  batch_sharding = parallel.batch_sharding(mesh, 4)
+  rows = input_pipeline.process_rows(batch_sharding, tc.global_batch)
 
-  loader, plan = input_pipeline.make_loader(config.data.dir, tc.global_batch, tc.seed,
-                                            num_epochs=config.data.num_epochs,
-                                            worker_count=config.data.get("worker_count", 0))
-  iterator = iter(loader)
+  workdir.mkdir(parents=True, exist_ok=True)
   mgr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
-  start, state = checkpoint.restore_latest(mgr, abstract, iterator)
+  start, state = checkpoint.restore_latest(
+      mgr, abstract,
+      check_config=lambda step, saved: check_resume(
+          config, workdir, step, saved, checkpoint.read_data_state(workdir, step)))
   if state is None:
     start = 0
     state = step_lib.init_state(config, tx, mesh, shardings)
@@ -133,10 +372,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
                             ema_params=jax.device_put(params, shardings.ema_params),
                             opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(
                                 jax.device_put(params, shardings.params)))
+      _say(verbose, f"starting from step 0 with the weights of {tc.init_from}")
+    else:
+      _say(verbose, "starting from step 0 (no checkpoint in the workdir)")
+  else:
+    _say(verbose, f"resumed from step {start} ({mgr.directory / str(start)})")
+  total = max(total, start)
+  # One global batch per step: a run at step `start` reads the plan from batch `start` on.
+  loader, _ = input_pipeline.make_loader(config.data.dir, tc.global_batch, tc.seed,
+                                         num_epochs=config.data.num_epochs,
+                                         worker_count=config.data.get("worker_count", 0),
+                                         rows=rows, start_batch=min(start, max(total - 1, 0)))
+  iterator = iter(loader)
   null_caption = load_null_caption(config.data.dir)
   step_fn = step_lib.jit_train_step(config, tx, mesh, shardings)
-  total = tc.steps if max_steps is None else min(tc.steps, max_steps)
   config_dict = config.to_dict()
+  multi = jax.process_count() > 1
 
   preempted = {"flag": False}
   previous = signal.getsignal(signal.SIGTERM)
@@ -150,18 +401,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   except ValueError:  # not the main thread
     previous = None
 
+  def stop_now(step: int) -> bool:
+    """SIGTERM seen (on any process: they agree at log steps when there are several)."""
+    if not multi:
+      return preempted["flag"]
+    if step % tc.log_every and step != total:
+      return False
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.asarray(preempted["flag"], np.int32))
+    return bool(np.any(flags))
+
   writer = metrics_lib.Writer(workdir, enabled=jax.process_index() == 0)
   h, w = shapes["buckets"][0]
   flops = metrics_lib.train_step_flops(model_cfg, h, w, shapes["caption_len"], tc.global_batch,
                                        model_cfg.remat_policy != "none")
-  bar = tqdm.tqdm(total=total, initial=start, desc="train", disable=not progress,
-                  dynamic_ncols=True)
+  bar = tqdm.tqdm(total=total, initial=start, desc="train",
+                  disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
   t_last, step_last = time.perf_counter(), start
   step = start
   try:
     while step < total:
       local = next(iterator)
-      batch = {k: jax.make_array_from_process_local_data(step_fn.batch_shardings[k], v)
+      batch = {k: jax.make_array_from_process_local_data(
+                   step_fn.batch_shardings[k], v, (tc.global_batch, *v.shape[1:]))
                for k, v in local.items()}
       state, m = step_fn(state, batch, null_caption)
       step += 1
@@ -184,10 +446,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
               f"{run} consecutive steps had a non-finite loss or gradient (up to step {step}); "
               "stopping. Lower train.lr, raise train.warmup_steps or check the data; the last "
               "good checkpoint is kept.")
-      if step % tc.checkpoint_every == 0 or step == total or preempted["flag"]:
+      stop = stop_now(step)
+      if step % tc.checkpoint_every == 0 or step == total or stop:
         checkpoint.save(mgr, step, state, iterator, config_dict, force=True)
-      if preempted["flag"]:
+      if stop:
         log.warning("SIGTERM: saved a checkpoint at step %d and stopped", step)
+        _say(verbose, f"SIGTERM: saved a checkpoint at step {step} and stopped; run the same "
+             "command again to resume")
         break
   finally:
     bar.close()
@@ -196,4 +461,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     writer.close()
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
+  _say(verbose, f"stopped at step {step}: checkpoints {checkpoint.checkpoint_dir(workdir)} "
+       f"(steps {checkpoint.saved_steps(workdir)}), metrics {workdir.absolute() / 'metrics.jsonl'}"
+       f", TensorBoard {workdir.absolute() / 'tensorboard'}")
   return state
