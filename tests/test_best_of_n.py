@@ -337,10 +337,9 @@ def test_generate_fn_returning_wrong_images_is_caught(tmp_path):
                       tmp_path, n=2)
 
 
+# (n, k, sampling options, judge name, prompts, model and output folders: one contract case
+# each in tests/test_scaling_cli_contract.py)
 @pytest.mark.parametrize("extra,msg", [
-    (["--n", "0", "--judge", "shapes"], "n .* must be >= 1"),
-    (["--n", "2", "--k", "3", "--judge", "shapes"], "1 <= k <= n = 2"),
-    (["--n", "2", "--judge", "clip"], "unknown judge 'clip'; expected one of nvila, transformers, shapes"),
     (["--n", "2", "--judge", "transformers", "--judge_path", "/no/such/folder"],
      "expected an existing folder, got '/no/such/folder'"),
     (["--n", "2", "--judge", "nvila", "--judge_path", "/no/such/nvila", "--judge_python", "python3"],
@@ -348,12 +347,13 @@ def test_generate_fn_returning_wrong_images_is_caught(tmp_path):
     (["--n", "2", "--judge", "nvila", "--judge_path", "."], "needs path .* and python"),
     (["--n", "2", "--judge", "shapes"], "needs --shapes_metadata"),
 ])
-def test_cli_bad_input_before_sampling(tmp_path, capsys, extra, msg):
+def test_cli_bad_judge_before_sampling(tmp_path, capsys, extra, msg):
     argv = ["--prompt", "a cat", "--out_dir", str(tmp_path / "out"), *extra]
     with pytest.raises(ValueError, match=msg):
         best_of_n_cli.build(best_of_n_cli.parse_args(argv))
     assert best_of_n_cli.main(argv, generate_fn=_never) == 2
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--judge" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -366,19 +366,11 @@ def test_cli_nvila_python_missing(tmp_path):
         best_of_n_cli.build(best_of_n_cli.parse_args(argv))
 
 
-def test_cli_pipeline_placeholder_and_generate_fn_seam(tmp_path, monkeypatch, capsys):
+def test_cli_generate_fn_seam(tmp_path, monkeypatch, capsys):
     meta = tmp_path / "meta.jsonl"
     meta.write_text(json.dumps({"prompt": "two red squares", "synthetic": True}) + "\n")
     base = ["--n", "5", "--k", "2", "--judge", "shapes", "--shapes_metadata", str(meta),
             "--out_dir", str(tmp_path / "out")]
-    try:
-        import sana_jax.pipeline as pipeline  # noqa: F401
-        has_pipeline = hasattr(pipeline, "make_generate_fn")
-    except ImportError:
-        has_pipeline = False
-    if not has_pipeline:
-        assert best_of_n_cli.main(base) == 2
-        assert "pipeline not available" in capsys.readouterr().err
     # the seam: --generate_fn module:function, and the shapes judge with a synthetic evaluator
     (tmp_path / "my_gen.py").write_text(
         "import numpy as np\n"
@@ -392,6 +384,7 @@ def test_cli_pipeline_placeholder_and_generate_fn_seam(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(best_of_n_cli, "ShapesJudge",
                         lambda specs: ShapesJudge(specs=specs, evaluate=evaluate))
+    monkeypatch.setattr(best_of_n_cli, "pipeline_generate_fn", _never)  # not the pipeline
     assert best_of_n_cli.main(base + ["--generate_fn", "my_gen:gen", "--seed", "1"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     # values 40, 80, 120, 160, 200: yes for 80..200; bracket of 8 with 3 byes, pick 2:
@@ -399,3 +392,79 @@ def test_cli_pipeline_placeholder_and_generate_fn_seam(tmp_path, monkeypatch, ca
     assert summary == [{"index": 0, "prompt": "two red squares", "winners": [2, 4],
                         "winner_seeds": [3, 5],
                         "winner_files": ["00000/best/0_00002.png", "00000/best/1_00004.png"]}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.jsonl", "my_gen.py", "out"]
+
+    # an existing output: refused, then replaced whole with --overwrite (nothing left beside)
+    (tmp_path / "out" / "stale.txt").write_text("from an earlier run")
+    assert best_of_n_cli.main(base + ["--generate_fn", "my_gen:gen"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert best_of_n_cli.main(base + ["--generate_fn", "my_gen:gen", "--overwrite"]) == 0
+    assert not (tmp_path / "out" / "stale.txt").exists()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())[0]["winner_seeds"] == [2, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.jsonl", "my_gen.py", "out"]
+
+
+def test_cli_judge_failure_keeps_candidates_and_writes_no_output(tmp_path, monkeypatch, capsys):
+    """A failing judge: exit 1 with an error naming the partial folder, which holds every
+    candidate; --out_dir itself never appears half-written."""
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text(json.dumps({"prompt": "a cat", "synthetic": True}) + "\n")
+
+    def evaluate(image, spec):
+        raise RuntimeError("the judge broke")
+
+    monkeypatch.setattr(best_of_n_cli, "ShapesJudge",
+                        lambda specs: ShapesJudge(specs=specs, evaluate=evaluate))
+    out = tmp_path / "out"
+    rc = best_of_n_cli.main(["--n", "3", "--judge", "shapes", "--shapes_metadata", str(meta),
+                             "--out_dir", str(out)], generate_fn=fake_generate)
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: judging failed") and "the judge broke" in err
+    assert not out.exists()
+    partial, = tmp_path.glob("out.partial-*")
+    assert str(partial) in err
+    meta_saved = json.loads((partial / "00000" / "candidates.json").read_text())
+    assert [c["seed"] for c in meta_saved["candidates"]] == [0, 1, 2]
+    for c, im in zip(meta_saved["candidates"], fake_generate("a cat", [0, 1, 2])):
+        np.testing.assert_array_equal(np.asarray(Image.open(partial / "00000" / c["file"])), im)
+
+
+def test_cli_default_path_runs_the_pipeline(tmp_path, monkeypatch):
+    """No --generate_fn: pipeline_generate_fn -> SanaPipeline over the embedded ShapesEval
+    model (--steps 4). The candidates equal the pipeline's own images for the same seeds
+    (a separate SanaPipeline), the verdicts the real ShapesEval evaluator's on them, and
+    the kept candidates the tournament's winners."""
+    from sana_jax.data import shapes
+    from sana_jax.eval import shapes as evaluator
+    from sana_jax.pipeline import SamplingOptions, SanaPipeline
+    from sana_jax.shapes_model import DEFAULT_MODEL
+
+    spec = next(s for s in shapes.eval_prompts() if s["tag"] == "color_attr")
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text(json.dumps(spec) + "\n")
+    calls = []
+    real = best_of_n_cli.pipeline_generate_fn
+
+    def spy(model, **options):
+        calls.append((model, options))
+        return real(model, **options)
+
+    monkeypatch.setattr(best_of_n_cli, "pipeline_generate_fn", spy)
+    out = tmp_path / "out"
+    assert best_of_n_cli.main(["--n", "3", "--k", "1", "--seed", "7", "--steps", "4",
+                               "--judge", "shapes", "--shapes_metadata", str(meta),
+                               "--out_dir", str(out), "--no_picture"]) == 0
+    assert calls == [(DEFAULT_MODEL, {"steps": 4})]
+    want = SanaPipeline.from_folder(DEFAULT_MODEL).generate([spec["prompt"]] * 3, [7, 8, 9],
+                                                           SamplingOptions(steps=4))
+    got = [np.asarray(Image.open(out / "00000" / f"candidates/{i:05d}.png")) for i in range(3)]
+    np.testing.assert_array_equal(np.stack(got), want)
+    results = [evaluator.evaluate(im, spec) for im in want]
+    saved = json.loads((out / "00000" / "verdicts.json").read_text())["verdicts"]
+    assert [(v["yes"], v["yes_score"]) for v in saved] == [(r.correct, r.score) for r in results]
+    winner = tournament([Verdict(r.correct, r.score, 1 - r.score) for r in results], 1).winners[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary[0]["winner_seeds"] == [7 + winner]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / summary[0]["winner_files"][0])),
+                                  want[winner])

@@ -4,6 +4,7 @@ sliced block parameters and against the PyTorch model with forward hooks; prune 
 import functools
 import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -298,28 +299,47 @@ def test_cli_with_cached_embeddings(source, tmp_path):
     assert im.format == "PNG" and im.size[0] > 100
 
 
-def test_cli_errors(source, tmp_path):
+def test_cli_errors_and_whole_outputs(source, tmp_path, capsys, monkeypatch):
+  """Bad input: exit 2 with a named error (one contract case each in
+  tests/test_scaling_cli_contract.py); here, that --keep without captions is the plain cut,
+  and that --out is never overwritten without --overwrite, and then only whole."""
   ckpt = tmp_path / "ckpt"
   W.save_flax(ckpt, source, CFG5)
   (tmp_path / "p.txt").write_text("a red circle\n")
   base = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]
-  with pytest.raises(SystemExit):  # neither --depth nor --keep
+  with pytest.raises(SystemExit) as e:  # neither --depth nor --keep
     prune_cli.main(base)
-  with pytest.raises(SystemExit):  # both
+  assert e.value.code == 2
+  with pytest.raises(SystemExit) as e:  # both
     prune_cli.main(base + ["--depth", "2", "--keep", "0,1"])
-  with pytest.raises(SystemExit, match="--captions is needed"):
-    prune_cli.main(base + ["--depth", "2"])
-  with pytest.raises(SystemExit, match=r"--depth must be in 1..5"):
-    prune_cli.main(base + ["--depth", "9", "--captions", str(tmp_path / "p.txt")])
-  with pytest.raises(ValueError, match="repeated"):
-    prune_cli.main(base + ["--keep", "0,0"])
-  with pytest.raises(ValueError, match="pass --text-encoder"):
-    prune_cli.main(base + ["--depth", "2", "--captions", str(tmp_path / "p.txt")])
+  assert e.value.code == 2
+  assert prune_cli.main(base + ["--depth", "9", "--captions", str(tmp_path / "p.txt")]) == 2
+  assert "error: --depth 9: expected 1..5" in capsys.readouterr().err
   # --keep without captions: no importance, just the cut.
   assert prune_cli.main(base + ["--keep", "4,1"]) == 0
   params, pcfg, _ = W.load_flax(tmp_path / "o")
   np.testing.assert_array_equal(params["blocks"]["scale_shift_table"],
                                 source["blocks"]["scale_shift_table"][[4, 1]])
+  first = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+  # an existing --out: refused without --overwrite
+  assert prune_cli.main(base + ["--keep", "2"]) == 2
+  assert "--overwrite" in capsys.readouterr().err
+  assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == first
+  # a failure while writing leaves the old output as it was, and nothing beside it
+  def broken_save(folder, *a, **k):
+    (pathlib.Path(folder) / "params.safetensors").write_bytes(b"half")
+    raise OSError("disk full")
+  with monkeypatch.context() as m:
+    m.setattr(W, "save_flax", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+      prune_cli.main(base + ["--keep", "2", "--overwrite"])
+  assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == first
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "o", "p.txt"]
+  # with --overwrite: replaced by the new checkpoint only
+  assert prune_cli.main(base + ["--keep", "2", "--overwrite"]) == 0
+  assert W.load_flax(tmp_path / "o")[1].depth == 1
+  assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(first)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "o", "p.txt"]
 
 
 def test_cli_with_prompts_and_text_encoder(tmp_path):

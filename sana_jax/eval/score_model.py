@@ -4,9 +4,14 @@
 
 Generates N_max candidates per evaluation prompt (seed = 1000 * prompt index + k), saves
 them in GenEval's folder layout, scores candidate 0 of every prompt (the default, one image
-per prompt), then for each N plays the official knock-out tournament over the first N
-candidates with the ShapesEval judge (sana_jax.scaling) and scores the winner. Writes
-report.json, a table, a plot of accuracy against log2 N and a per-category gallery.
+per prompt), then for each N of --ns plays the official knock-out tournament over the first
+N candidates with the ShapesEval judge (sana_jax.scaling) and scores the winner. Writes
+report.json ("one_image": the candidate-0 report, "best_of_n": {N: report}), prints both
+tables, and draws a plot of accuracy against log2 N and a per-category gallery.
+
+Every argument is checked before the model is loaded (bad input: `error: ...`, exit status
+2). The output folder is written whole: into a temporary sibling that becomes --out at the
+end; an existing non-empty --out is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import tqdm
 from sana_jax.data import shapes
 from sana_jax.eval import shapes as evaluator
 from sana_jax.scaling import best_of_n as bon
+from sana_jax.scaling import best_of_n_cli as bon_cli
 from sana_jax.scaling.judges import ShapesJudge
 
 
@@ -101,65 +107,116 @@ def gallery(prompts, images, path: pathlib.Path, per_category: int = 6) -> None:
   canvas.save(path)
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", type=pathlib.Path, default=None)
-  ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/score"))
-  ap.add_argument("--ns", default="1,2,4,8,16")
-  ap.add_argument("--num_prompts", type=int, default=None, help="first K prompts only")
-  ap.add_argument("--per_category", type=int, default=None,
-                  help="the first K prompts of every category only")
+def build_parser() -> "bon_cli.CommandParser":
+  ap = bon_cli.CommandParser(prog="python -m sana_jax.eval.score_model", description=__doc__,
+                             formatter_class=bon_cli.HelpFormatter)
+  ap.add_argument("--model", type=pathlib.Path, default=None,
+                  help="model folder (default: the embedded ShapesEval model, "
+                       "sana_jax/assets/shapes_model)")
+  ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/score"),
+                  help="output folder (default: outputs/score); an existing non-empty one "
+                       "needs --overwrite")
+  ap.add_argument("--overwrite", action="store_true",
+                  help="replace an existing --out, once the new output is complete "
+                       "(default: off, refuse)")
+  ap.add_argument("--ns", type=bon_cli.int_list(1), default=[1, 2, 4, 8, 16],
+                  help="comma-separated N >= 1 of the best-of-N table, any numbers (byes fill "
+                       "the bracket; 1 is not required: the one-image table is always "
+                       "candidate 0) (default: 1,2,4,8,16)")
+  ap.add_argument("--num_prompts", type=bon_cli.int_at_least(1), default=None,
+                  help="the first K prompts only (default: all; 300 evaluation prompts, or "
+                       "the validation prompts with --validation)")
+  ap.add_argument("--per_category", type=bon_cli.int_at_least(1), default=None,
+                  help=f"the first K prompts of every category only, K >= 1 (default: all; "
+                       f"the evaluation set has {shapes.EVAL_PER_CATEGORY} per category)")
   ap.add_argument("--validation", action="store_true",
                   help="score held-out validation prompts (disjoint from the evaluation "
-                       "set; --per_category of them, default 50) instead: use these to "
-                       "choose sampling settings")
-  ap.add_argument("--batch", type=int, default=128)
-  ap.add_argument("--steps", type=int, default=None)
-  ap.add_argument("--guidance", type=float, default=None)
-  args = ap.parse_args(argv)
-  from sana_jax.pipeline import SamplingOptions, SanaPipeline
-  from sana_jax.shapes_model import DEFAULT_MODEL
-  ns = sorted(int(n) for n in args.ns.split(","))
-  if ns[0] < 1:
-    raise ValueError("N must be >= 1")
+                       "set; --per_category of them per category, default "
+                       f"{shapes.EVAL_PER_CATEGORY}) instead: use these to choose sampling "
+                       "settings (default: off, the evaluation prompts)")
+  ap.add_argument("--batch", type=bon_cli.int_at_least(1), default=128,
+                  help="images per generation call (default 128)")
+  ap.add_argument("--steps", type=bon_cli.int_at_least(1), default=None,
+                  help="denoising steps (default: the model folder's pipeline.json)")
+  ap.add_argument("--guidance", type=bon_cli.float_in(0.0), default=None,
+                  help="classifier-free guidance scale >= 0 (default: the model folder's "
+                       "pipeline.json)")
+  return ap
+
+
+def select_prompts(args) -> list[dict]:
+  """The prompts a run scores (evaluation or validation set, --num_prompts, --per_category).
+  Raises UsageError for a selection the set cannot give."""
   if args.validation:
     prompts = shapes.make_eval_prompts(args.per_category or shapes.EVAL_PER_CATEGORY,
                                        shapes.VALIDATION_SEED, exclude_eval_prompts=True)
   else:
-    prompts = shapes.eval_prompts()[:args.num_prompts]
+    prompts = shapes.eval_prompts()
+    if args.per_category is not None and args.per_category > shapes.EVAL_PER_CATEGORY:
+      raise bon_cli.UsageError(
+          f"--per_category {args.per_category}: the evaluation set has "
+          f"{shapes.EVAL_PER_CATEGORY} prompts per category (expected 1.."
+          f"{shapes.EVAL_PER_CATEGORY}; --validation draws any number)")
+  if args.num_prompts is not None:
+    if args.num_prompts > len(prompts):
+      raise bon_cli.UsageError(f"--num_prompts {args.num_prompts}: this set has "
+                               f"{len(prompts)} prompts (expected 1..{len(prompts)})")
+    prompts = prompts[:args.num_prompts]
   if args.per_category:
     prompts = [p for c in shapes.CATEGORIES
                for p in [q for q in prompts if q["tag"] == c][:args.per_category]]
-  pipe = SanaPipeline.from_folder(args.model or DEFAULT_MODEL)
+  return prompts
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  ns = sorted(set(args.ns))
+  try:
+    prompts = select_prompts(args)
+    model = bon_cli.check_model_folder(args.model)
+    out = bon_cli.check_new_output(args.out, "--out", overwrite=args.overwrite)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  from sana_jax.pipeline import SamplingOptions, SanaPipeline
+  pipe = SanaPipeline.from_folder(model)
   options = SamplingOptions(steps=args.steps, guidance_scale=args.guidance)
+  settings = pipe.resolve(options)
   images = generate_all(pipe, prompts, ns[-1], args.batch, options)
-  args.out.mkdir(parents=True, exist_ok=True)
-  for i, (spec, ims) in enumerate(zip(prompts, images)):
-    evaluator.save_geneval_folder(str(args.out / "images"), i, spec, list(ims))
   verdicts = []
   for spec, ims in tqdm.tqdm(list(zip(prompts, images)), desc="judge"):
     judge = ShapesJudge(spec)
     vs = judge.judge(list(ims), spec["prompt"])
     verdicts.append((vs, [evaluator.evaluate(im, spec) for im in ims]))
+  single = evaluator.report([(spec, res[0]) for spec, (_, res) in zip(prompts, verdicts)])
   tables = best_of_n_table(prompts, verdicts, ns)
-  single = tables[1]
-  print("One image per prompt (candidate 0, default settings):")
+  with bon_cli.staged_folder(out) as tmp:
+    for i, (spec, ims) in enumerate(zip(prompts, images)):
+      evaluator.save_geneval_folder(str(tmp / "images"), i, spec, list(ims))
+    (tmp / "report.json").write_text(json.dumps(
+        {"model": str(model), "settings": settings, "prompts": len(prompts),
+         "validation": bool(args.validation), "one_image": single,
+         "best_of_n": {str(n): tables[n] for n in ns}}, indent=2))
+    plot(tables, tmp / "best_of_n.png")
+    gallery(prompts, images, tmp / "gallery.png")
+  print("One image per prompt (candidate 0):")
   print(evaluator.format_report(single))
   print("\nBest-of-N (ShapesEval judge):")
-  cats = list(single["categories"])
-  print(f"{'N':>4} " + " ".join(f"{c[:11]:>11}" for c in cats) + f" {'overall':>8}")
+  print(format_best_of_n(tables))
+  print(f"\nwrote report.json, best_of_n.png, gallery.png and images/ to {out}")
+  return 0
+
+
+def format_best_of_n(tables: dict) -> str:
+  """The best-of-N table: one row per N, the accuracy per category and overall."""
+  ns = sorted(tables)
+  cats = list(tables[ns[0]]["categories"])
+  lines = [f"{'N':>4} " + " ".join(f"{c[:11]:>11}" for c in cats) + f" {'overall':>8}"]
   for n in ns:
     t = tables[n]
-    print(f"{n:>4} " + " ".join(f"{t['categories'][c]['accuracy']:>11.3f}" for c in cats)
-          + f" {t['overall']:>8.3f}")
-  (args.out / "report.json").write_text(json.dumps(
-      {"settings": pipe.resolve(options), "prompts": len(prompts),
-       "best_of_n": {str(n): tables[n] for n in ns}}, indent=2))
-  plot(tables, args.out / "best_of_n.png")
-  gallery(prompts, images, args.out / "gallery.png")
-  print(f"\nwrote report.json, best_of_n.png, gallery.png and images/ to {args.out}")
-  return 0
+    lines.append(f"{n:>4} " + " ".join(f"{t['categories'][c]['accuracy']:>11.3f}" for c in cats)
+                 + f" {t['overall']:>8.3f}")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,27 @@ Writes the pruned checkpoint in our format (convert it with `python -m convert.d
 block_importance.json next to it (importance per block, kept blocks), and with --chart a
 bar chart of the importance per block (kept blocks dark, pruned ones light). Fine-tune the
 pruned model with train.py started from --out.
+
+Every argument is checked before the weights are loaded (a folder checkpoint's geometry is
+read from its config.json; an official .pth's right after loading, before any computing):
+bad input ends with `error: ...` and exit status 2. --out (and --chart) are written whole,
+through a temporary sibling renamed at the end; existing ones are replaced only with
+--overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import sys
 
 import numpy as np
+
+from sana_jax.scaling import best_of_n_cli as cli
+from sana_jax.scaling import pruning
+from sana_jax.weights import dit as W
 
 DEFAULT_TIMESTEPS = "100,300,500,700,900"
 
@@ -151,20 +162,17 @@ def plot_importance(importance, kept, path: str | pathlib.Path, title: str = "")
 # ------------------------------------------------------------------------------- main
 
 
-def _int_list(text: str) -> list[int]:
+def _timesteps(text: str) -> list[float]:
+  parts = [p.strip() for p in text.split(",")]
   try:
-    return [int(v) for v in text.split(",") if v.strip()]
+    vals = [float(p) for p in parts]
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
-        from None
-
-
-def _float_list(text: str) -> list[float]:
-  try:
-    return [float(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
-        from None
+    raise argparse.ArgumentTypeError(f"expected comma-separated model times in [0, 1000], "
+                                     f"got {text!r}") from None
+  if any(not 0 <= v <= 1000 for v in vals):  # also refuses nan
+    raise argparse.ArgumentTypeError(f"expected comma-separated model times in [0, 1000], "
+                                     f"got {text!r}")
+  return vals
 
 
 def _latent_size(text: str) -> tuple[int, int]:
@@ -172,78 +180,222 @@ def _latent_size(text: str) -> tuple[int, int]:
   try:
     vals = [int(p) for p in parts]
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected H or HxW, got {text!r}") from None
+    raise argparse.ArgumentTypeError(f"expected H or HxW (integers >= 1), got {text!r}") from None
   if len(vals) not in (1, 2) or min(vals) < 1:
-    raise argparse.ArgumentTypeError(f"expected H or HxW, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected H or HxW (integers >= 1), got {text!r}")
   return (vals[0], vals[-1])
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog="python -m sana_jax.scaling.prune_cli", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--checkpoint", required=True, help="DiT checkpoint (ours, diffusers, .pth)")
-  ap.add_argument("--captions", help="calibration captions: .npz/.safetensors or prompts")
-  ap.add_argument("--text-encoder", help="Gemma-2 folder (ours or transformers)")
+  ap = cli.CommandParser(prog="python -m sana_jax.scaling.prune_cli", description=__doc__,
+                         formatter_class=cli.HelpFormatter)
+  ap.add_argument("--checkpoint", required=True,
+                  help="DiT checkpoint: our folder, a diffusers folder or an official .pth "
+                       "(required, no default)")
+  ap.add_argument("--captions",
+                  help="calibration captions: .npz/.safetensors embeddings, or prompts "
+                       "(.txt/.jsonl) to encode with --text-encoder (default: none; needed "
+                       "by --depth and --chart)")
+  ap.add_argument("--text-encoder",
+                  help="Gemma-2 folder, ours or transformers (default: none; needed for "
+                       "prompt captions)")
   ap.add_argument("--tokenizer", help="tokenizer folder (default: --text-encoder)")
-  ap.add_argument("--max-length", type=int, default=None,
+  ap.add_argument("--max-length", type=cli.int_at_least(1), default=None,
                   help="caption tokens kept (default: the model's caption_len)")
   ap.add_argument("--no-chi", action="store_true",
-                  help="encode prompts without the complex human instruction")
+                  help="encode prompts without the complex human instruction (default: off, "
+                       "with it)")
   ap.add_argument("--latents", help=".npz/.safetensors with 'latents' (N, H, W, C) paired with "
-                  "the captions (default: pure noise)")
+                  "the captions (default: none, pure noise)")
   ap.add_argument("--latent-size", type=_latent_size, default=None,
                   help="H or HxW of the noise latents (default: the model's sample_size)")
-  ap.add_argument("--timesteps", type=_float_list, default=_float_list(DEFAULT_TIMESTEPS),
+  ap.add_argument("--timesteps", type=_timesteps, default=_timesteps(DEFAULT_TIMESTEPS),
                   help=f"model times in [0, 1000] (default {DEFAULT_TIMESTEPS})")
-  ap.add_argument("--draws", type=int, default=1, help="noise draws per caption and timestep")
-  ap.add_argument("--batch-size", type=int, default=8)
-  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--draws", type=cli.int_at_least(1), default=1,
+                  help="noise draws per caption and timestep (default 1)")
+  ap.add_argument("--batch-size", type=cli.int_at_least(1), default=8,
+                  help="captions per forward (default 8; the result does not depend on it)")
+  ap.add_argument("--seed", type=cli.int_at_least(0), default=0,
+                  help="seed of the noise draws (default 0)")
   group = ap.add_mutually_exclusive_group(required=True)
-  group.add_argument("--depth", type=int, help="keep this many most important blocks")
-  group.add_argument("--keep", type=_int_list, help="explicit block indices, e.g. 0,1,5,9")
-  ap.add_argument("--out", required=True, help="folder of the pruned checkpoint (our format)")
-  ap.add_argument("--chart", help="PNG bar chart of the importance per block")
+  group.add_argument("--depth", type=cli.int_at_least(1),
+                     help="keep this many most important blocks (one of --depth / --keep "
+                          "is required; no default)")
+  group.add_argument("--keep", type=cli.int_list(0, distinct=True),
+                     help="explicit distinct block indices, e.g. 0,1,5,9, kept in this order "
+                          "(no default)")
+  ap.add_argument("--out", required=True,
+                  help="folder of the pruned checkpoint, our format (required, no default); "
+                       "an existing non-empty one needs --overwrite")
+  ap.add_argument("--chart", help="PNG bar chart of the importance per block (default: none)")
+  ap.add_argument("--overwrite", action="store_true",
+                  help="replace an existing --out / --chart, once the new output is complete "
+                       "(default: off, refuse)")
   return ap
+
+
+def checkpoint_config(path: pathlib.Path):
+  """The DiTConfig of a checkpoint folder, read from its config.json without loading any
+  weights; None for an official .pth (its geometry is in the weights). UsageError if the
+  path is no checkpoint."""
+  from sana_jax.models.dit_config import DiTConfig
+
+  if not path.exists():
+    raise cli.UsageError(f"--checkpoint {path}: no such file or folder")
+  if path.is_file():
+    return None
+  meta_file = path / "config.json"
+  if not meta_file.exists():
+    raise cli.UsageError(f"--checkpoint {path}: a checkpoint folder needs a config.json "
+                         "(ours or diffusers')")
+  try:
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") == W.FORMAT:
+      return DiTConfig.coerce(meta["model"])
+    if meta.get("_class_name") == "SanaTransformer2DModel":
+      return W.from_diffusers_config(meta)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise cli.UsageError(f"--checkpoint {path}: unreadable {meta_file} ({e})") from None
+  raise cli.UsageError(f"--checkpoint {path}: {meta_file} describes neither a sana_jax DiT "
+                       "nor a diffusers SanaTransformer2DModel")
+
+
+def check_args(args, cfg) -> dict:
+  """Every check that needs no model weights (cfg: the checkpoint's DiTConfig, or None for
+  a .pth, whose geometry checks then run right after loading). Returns the calibration
+  inputs read so far: {"captions", "masks"} for cached embeddings, {"prompts"} for text,
+  and {"latents"}. Raises UsageError naming the argument."""
+  if args.captions is None and (args.depth is not None or args.chart):
+    raise cli.UsageError("--captions is needed to compute block importance "
+                         "(for --depth or --chart)")
+  if args.captions is None and args.latents:
+    raise cli.UsageError("--latents pairs with --captions; give both or neither")
+  if cfg is not None:
+    check_geometry(args, cfg)
+  out: dict = {}
+  if args.captions is not None:
+    path = pathlib.Path(args.captions)
+    if not path.is_file():
+      raise cli.UsageError(f"--captions {path}: no such file")
+    if path.suffix in (".npz", ".safetensors"):
+      try:
+        arrays = _read_arrays(path)
+      except Exception as e:  # a damaged file: name it
+        raise cli.UsageError(f"--captions {path}: unreadable ({e})") from None
+      missing = [k for k in ("caption", "mask") if k not in arrays]
+      if missing:
+        raise cli.UsageError(f"--captions {path} must hold 'caption' (N, L, Cy) and 'mask' "
+                             f"(N, L); missing {missing}, has {sorted(arrays)}")
+      out["captions"] = np.asarray(arrays["caption"], np.float32)
+      out["masks"] = np.asarray(arrays["mask"], np.int32)
+    else:
+      try:
+        out["prompts"] = read_prompts(path)
+      except (ValueError, UnicodeDecodeError) as e:
+        raise cli.UsageError(f"--captions {path}: {e}") from None
+      if args.text_encoder is None:
+        raise cli.UsageError(f"--captions {path} holds prompts: pass --text-encoder (and "
+                             "--tokenizer) to encode them, or give cached embeddings "
+                             "(.npz / .safetensors)")
+      for flag, folder in (("--text-encoder", args.text_encoder),
+                           ("--tokenizer", args.tokenizer)):
+        if folder is not None and not pathlib.Path(folder).is_dir():
+          raise cli.UsageError(f"{flag} {folder}: no such folder")
+      if not (pathlib.Path(args.text_encoder) / "config.json").is_file():
+        raise cli.UsageError(f"--text-encoder {args.text_encoder}: no config.json (expected "
+                             "our Gemma-2 folder or a transformers one)")
+  if args.latents:
+    lp = pathlib.Path(args.latents)
+    if not lp.is_file():
+      raise cli.UsageError(f"--latents {lp}: no such file")
+    try:
+      arrays = _read_arrays(lp)
+    except Exception as e:
+      raise cli.UsageError(f"--latents {lp}: unreadable ({e})") from None
+    if "latents" not in arrays:
+      raise cli.UsageError(f"--latents {lp} must hold 'latents' (N, H, W, C); has "
+                           f"{sorted(arrays)}")
+    out["latents"] = arrays["latents"]
+  if cfg is not None:
+    check_calibration(args, cfg, out)
+  cli.check_new_output(args.out, "--out", overwrite=args.overwrite)
+  if args.chart:
+    cli.check_new_output(args.chart, "--chart", overwrite=args.overwrite, folder=False)
+    if pathlib.Path(args.chart).suffix.lower() != ".png":
+      raise cli.UsageError(f"--chart {args.chart}: expected a .png file name")
+  return out
+
+
+def check_geometry(args, cfg) -> None:
+  """--depth / --keep against the checkpoint's depth."""
+  if args.depth is not None and not 1 <= args.depth <= cfg.depth:
+    raise cli.UsageError(f"--depth {args.depth}: expected 1..{cfg.depth} (the checkpoint has "
+                         f"{cfg.depth} blocks)")
+  if args.keep is not None:
+    bad = [i for i in args.keep if not 0 <= i < cfg.depth]
+    if bad:
+      raise cli.UsageError(f"--keep {','.join(map(str, args.keep))}: block indices "
+                           f"{bad} out of range; the checkpoint has blocks 0..{cfg.depth - 1}")
+
+
+def check_calibration(args, cfg, inputs: dict) -> None:
+  """Cached captions and latents against the model's caption width and channels."""
+  if "captions" in inputs:
+    try:
+      pruning._check_calibration(cfg, inputs["captions"], inputs["masks"],  # pylint: disable=protected-access
+                                 inputs.get("latents"), args.latent_size or cfg.sample_size)
+    except ValueError as e:
+      flag = "--latents" if str(e).startswith("latents") else "--captions"
+      raise cli.UsageError(f"{flag} {getattr(args, flag[2:])}: {e}") from None
+  elif "latents" in inputs:
+    lat = np.asarray(inputs["latents"])
+    if lat.ndim != 4 or lat.shape[-1] != cfg.in_channels:
+      raise cli.UsageError(f"--latents {args.latents}: expected (N, H, W, {cfg.in_channels}), "
+                           f"got {lat.shape}")
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-  if args.captions is None and (args.depth is not None or args.chart):
-    raise SystemExit("error: --captions is needed to compute block importance "
-                     "(for --depth or --chart)")
+  try:
+    cfg = checkpoint_config(pathlib.Path(args.checkpoint))
+    inputs = check_args(args, cfg)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
   import jax
   from tqdm import tqdm
 
-  from sana_jax.scaling import pruning
-  from sana_jax.weights import dit as W
+  from sana_jax.weights.io import CheckpointError
 
-  params, cfg, extras = load_checkpoint(args.checkpoint)
+  try:
+    params, cfg, extras = load_checkpoint(args.checkpoint)
+  except CheckpointError as e:
+    print(f"error: --checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+    return 2
   print(f"loaded {args.checkpoint}: depth {cfg.depth}, hidden {cfg.hidden_size}")
-  if args.depth is not None and not 1 <= args.depth <= cfg.depth:
-    raise SystemExit(f"error: --depth must be in 1..{cfg.depth}, got {args.depth}")
-  if args.keep is not None:
-    pruning.check_indices(args.keep, cfg.depth)
+  try:  # a .pth's geometry is known only now; for folders these passed already
+    check_geometry(args, cfg)
+    check_calibration(args, cfg, inputs)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
   importance = None
   if args.captions is not None:
-    captions, masks = load_captions(args, cfg.caption_len)
-    latents = None
-    if args.latents:
-      arrays = _read_arrays(pathlib.Path(args.latents))
-      if "latents" not in arrays:
-        raise ValueError(f"{args.latents} must hold 'latents' (N, H, W, C); has {sorted(arrays)}")
-      latents = arrays["latents"]
+    if "captions" in inputs:
+      captions, masks = inputs["captions"], inputs["masks"]
+    else:
+      captions, masks = load_captions(args, cfg.caption_len)
     total = pruning.num_samples(len(captions), args.timesteps, args.draws)
     with tqdm(total=total, desc="block importance", unit="sample") as bar:
       importance = pruning.block_importance(
           params, cfg, captions, masks, key=jax.random.key(args.seed),
-          timesteps=args.timesteps, num_draws=args.draws, latents=latents,
+          timesteps=args.timesteps, num_draws=args.draws, latents=inputs.get("latents"),
           latent_size=args.latent_size, batch_size=args.batch_size, progress=bar.update)
 
   new_params, new_cfg, kept = pruning.prune(params, cfg, depth=args.depth, indices=args.keep,
                                             importance=importance)
-  W.save_flax(args.out, jax.device_get(new_params), new_cfg, extras)
   report = {"source": str(args.checkpoint), "source_depth": cfg.depth, "depth": new_cfg.depth,
             "kept": kept, "importance": None if importance is None else
             [float(v) for v in importance],
@@ -251,13 +403,18 @@ def main(argv=None) -> int:
                 "captions": str(args.captions), "timesteps": args.timesteps,
                 "draws": args.draws, "seed": args.seed,
                 "x0": "latents" if args.latents else "gaussian noise"}}
-  (pathlib.Path(args.out) / "block_importance.json").write_text(json.dumps(report, indent=2))
+  with contextlib.ExitStack() as stack:
+    folder = stack.enter_context(cli.staged_folder(args.out))
+    W.save_flax(folder, jax.device_get(new_params), new_cfg, extras)
+    (folder / "block_importance.json").write_text(json.dumps(report, indent=2))
+    if args.chart:
+      chart = stack.enter_context(cli.staged_file(args.chart))
+      plot_importance(importance, kept, chart,
+                      title=f"block importance, {cfg.depth} -> {new_cfg.depth} blocks")
   if importance is not None:
     for i, v in enumerate(importance):
       print(f"block {i:3d}  importance {v:.6f}  {'kept' if i in kept else 'PRUNED'}")
   if args.chart:
-    plot_importance(importance, kept, args.chart,
-                    title=f"block importance, {cfg.depth} -> {new_cfg.depth} blocks")
     print(f"wrote {args.chart}")
   print(f"wrote {args.out}: depth {new_cfg.depth}, kept blocks {kept}")
   return 0
