@@ -131,13 +131,17 @@ def rel_err(a, b):
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def run_parity(case, weight_decay, lr, steps=50, seed=0):
+def run_parity(case, weight_decay, lr, steps=50, seed=0, make_opt=None):
+  """Worst relative errors against came-pytorch. make_opt(lr, weight_decay, spec) builds the
+  optax optimizer (default came.came); its state[0] must be the CameState."""
   LEAVES, spec = CASES[case]
   init, target, noise = make_problem(LEAVES, seed, steps)
   lr_fn = lr if callable(lr) else (lambda t: lr)
 
   # --- JAX
-  opt = came_lib.came(lr, weight_decay=weight_decay, spec=spec)
+  make_opt = make_opt or (lambda lr, weight_decay, spec: came_lib.came(
+      lr, weight_decay=weight_decay, spec=spec))
+  opt = make_opt(lr, weight_decay=weight_decay, spec=spec)
   params = jax.tree.map(jnp.asarray, _tree(init))
   state = opt.init(params)
 

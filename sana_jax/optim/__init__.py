@@ -6,16 +6,20 @@ from sana_jax.optim.came import (
     FactoredMoments,
     FullMoment,
     LeafSpec,
+    StackedLayoutWarning,
     came,
     came_8bit,
+    find_stacked,
     leaf_specs,
     reference_spec,
     sana_spec,
     scale_by_came,
+    stacked_spec,
     state_sharding,
 )
 
 __all__ = [
-    "CameState", "FactoredMoments", "FullMoment", "LeafSpec", "came", "came_8bit",
-    "leaf_specs", "quant8", "reference_spec", "sana_spec", "scale_by_came", "state_sharding",
+    "CameState", "FactoredMoments", "FullMoment", "LeafSpec", "StackedLayoutWarning", "came",
+    "came_8bit", "find_stacked", "leaf_specs", "quant8", "reference_spec", "sana_spec",
+    "scale_by_came", "stacked_spec", "state_sharding",
 ]

@@ -33,7 +33,8 @@ Only jax, optax and numpy are imported.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+import warnings
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,7 @@ from sana_jax.optim import quant8
 __all__ = [
     "LeafSpec", "reference_spec", "CameState", "FactoredMoments", "FullMoment",
     "scale_by_came", "came", "came_8bit", "state_sharding", "leaf_specs", "sana_spec",
+    "stacked_spec", "find_stacked", "StackedLayoutWarning",
 ]
 
 
@@ -125,6 +127,21 @@ def sana_spec() -> SpecFn:
   return reference_spec(stacked=lambda path: path.startswith("blocks/"), matrix=_sana_matrix)
 
 
+def stacked_spec(prefixes: Union[str, Sequence[str]],
+                 matrix: Optional[Callable[[str, tuple], Optional[int]]] = None) -> SpecFn:
+  """:func:`reference_spec` with one leading layer axis on every leaf under ``prefixes``
+  (subtree paths such as "blocks", "encoder/layers"; "" is the whole tree): the layout of
+  ``nn.scan``-stacked layers. :func:`find_stacked` proposes the prefixes."""
+  if isinstance(prefixes, str):
+    prefixes = (prefixes,)
+  prefixes = tuple(p.strip("/") for p in prefixes)
+
+  def under(path: str) -> bool:
+    return any(p == "" or path == p or path.startswith(p + "/") for p in prefixes)
+
+  return reference_spec(stacked=under, matrix=matrix)
+
+
 def _path_str(path) -> str:
   parts = []
   for p in path:
@@ -161,6 +178,91 @@ def leaf_specs(params, spec: Union[None, SpecFn, Any] = None) -> list[LeafSpec]:
           f"{_path_str(p)}: factored needs batch_ndim + row_ndim < rank and row_ndim >= 1"
           f" (at least one row and one column axis), got {s} for shape {x.shape}")
   return specs
+
+
+class StackedLayoutWarning(UserWarning):
+  """The default classification met a tree that looks like nn.scan-stacked layers."""
+
+
+def find_stacked(params) -> list[str]:
+  """Subtrees of ``params`` that look like ``nn.scan``-stacked layers.
+
+  A subtree (a path prefix; "" is the root) qualifies when it holds at least two leaves,
+  every one of rank >= 2 with the same leading size L >= 2, and at least one is a rank-3
+  leaf that is not a 1x1 conv: a stacked (L, in, out) kernel, which the default rule takes
+  for one unfactorable tensor. Convolution modules do not qualify (their biases are
+  rank 1; their (kh, kw, in, out) kernels are rank 4). Only the outermost qualifying
+  subtrees are returned, in flatten order.
+  """
+  path_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  items = [(_path_str(p).split("/") if p else [], tuple(x.shape)) for p, x in path_leaves]
+  found: list[tuple[str, ...]] = []
+  seen = set()
+  for parts, _ in items:
+    for k in range(len(parts)):
+      prefix = tuple(parts[:k])
+      if prefix in seen or any(prefix[:len(f)] == f for f in found):
+        continue
+      seen.add(prefix)
+      under = [shape for p, shape in items if tuple(p[:k]) == prefix]
+      if len(under) < 2 or any(len(sh) < 2 for sh in under):
+        continue
+      if len({sh[0] for sh in under}) != 1 or under[0][0] < 2:
+        continue
+      if any(len(sh) == 3 for sh in under):
+        found.append(prefix)
+  return ["/".join(f) for f in found]
+
+
+def _state_nbytes(shape, spec: LeafSpec, quantize: bool, unfactored: bool, min_8bit_size: int,
+                  block_size: int, align: int) -> int:
+  """Bytes of the CAME state of one leaf (m, and v or the four factored statistics)."""
+  n = math.prod(shape)
+  if _use_8bit(shape, spec, quantize, unfactored, min_8bit_size):
+    mu = quant8.nbytes(shape, _tile(shape, spec, block_size, align))
+  else:
+    mu = 4 * n
+  if spec.factored:
+    bn, rn = spec.batch_ndim, spec.row_ndim
+    nu = 2 * 4 * (math.prod(shape[:bn + rn]) + math.prod(shape[:bn] + shape[bn + rn:]))
+  else:
+    nu = 4 * n
+  return mu + nu
+
+
+def _warn_if_stacked(params, specs, quantize, unfactored, min_8bit_size, block_size, align):
+  """spec=None on a tree with stacked layers: say which leaves the default rule misreads
+  and what it costs (one warning per init, all leaves named in it)."""
+  prefixes = find_stacked(params)
+  if not prefixes:
+    return
+  alt_fn = stacked_spec(prefixes)
+  path_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  rows, total, total_alt, n_params = [], 0, 0, 0
+  for (p, x), s in zip(path_leaves, specs):
+    path, shape = _path_str(p), tuple(x.shape)
+    alt = alt_fn(path, x)
+    b = _state_nbytes(shape, s, quantize, unfactored, min_8bit_size, block_size, align)
+    b_alt = _state_nbytes(shape, alt, quantize, unfactored, min_8bit_size, block_size, align)
+    total, total_alt, n_params = total + b, total_alt + b_alt, n_params + math.prod(shape)
+    if alt != s:
+      what = ("factored as one matrix" if s.factored else
+              "one unfactored tensor" + (", not quantized" if quantize else ""))
+      rows.append(f"  {path} {shape}: {what}; {b:,} B (per-layer: {b_alt:,} B)")
+  if not rows:
+    return
+  quoted = ", ".join(repr(p) for p in prefixes)
+  warnings.warn(
+      f"CAME with spec=None: {len(rows)} leaves under {quoted} share a leading axis like "
+      f"nn.scan-stacked layers, but the default rule classifies each as one whole tensor "
+      f"(stacked kernels unfactored, stacked vectors factored as matrices). Optimizer state "
+      f"{total:,} B = {total / max(n_params, 1):.2f} B/param; with that axis as a layer axis "
+      f"{total_alt:,} B = {total_alt / max(n_params, 1):.2f} B/param (reference rule per "
+      f"layer; DenseGeneral kernels (in, k, out) stay unfactored unless a matrix= rule says "
+      f"otherwise, as sana_spec() does for the sana_jax DiT). Pass "
+      f"spec=stacked_spec([{quoted}]), sana_spec() for the sana_jax DiT, or any explicit "
+      f"spec, to choose; the leaves (state bytes now, and per layer):\n" + "\n".join(rows),
+      StackedLayoutWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- state
@@ -283,7 +385,9 @@ def scale_by_came(
     eps: (eps1, eps2) added to g^2 and to the instability (U - m)^2.
     clip_threshold: the update U is divided by max(rms(U) / clip_threshold, 1), per
       ``batch_ndim`` slice.
-    spec: None (:func:`reference_spec` without stacked axes), a callable
+    spec: None (:func:`reference_spec` without stacked axes; ``init`` warns with a
+      :class:`StackedLayoutWarning` naming the leaves when the tree looks nn.scan-stacked,
+      see :func:`find_stacked`), a callable
       ``(path: str, leaf) -> LeafSpec``, or a tree of LeafSpec matching the parameters.
       (With ``optax.inject_hyperparams``, list a callable spec in ``static_args``.)
     quantize_mu: store m in 8 bits (CAME-8bit) for factored leaves with more than
@@ -307,6 +411,9 @@ def scale_by_came(
   def init_fn(params):
     leaves, treedef = jax.tree_util.tree_flatten(params)
     specs = leaf_specs(params, spec)
+    if spec is None:
+      _warn_if_stacked(params, specs, quantize_mu, quantize_unfactored, min_8bit_size,
+                       block_size, align)
     mus, nus = [], []
     for p, s in zip(leaves, specs):
       shape = tuple(p.shape)
