@@ -227,8 +227,7 @@ def _main(argv: list[str]) -> int:
   if not official_out and dst.suffix in FILE_SUFFIXES:
     raise UsageError(f"--dst {dst}: --to {args.to} writes a folder; give a folder path "
                      f"(not a {dst.suffix} file)")
-  if dst.resolve() == src.resolve():
-    raise UsageError(f"--dst {dst} is the source; write to a new path")
+  io.check_not_source(dst, src)
   io.check_output(dst, overwrite=args.overwrite, is_dir=not official_out)
   null = None
   known = (cfg or src_cfg)

@@ -60,8 +60,12 @@ def check_folder(folder: str | pathlib.Path) -> tuple[pathlib.Path, dict]:
     raise BundleError(f"model folder {folder} does not exist")
   if not (folder / PIPELINE_FILE).exists():
     raise BundleError(f"{folder} is not a sana_jax model folder (no {PIPELINE_FILE})")
-  settings = json.loads((folder / PIPELINE_FILE).read_text())
-  if settings.get("format") != FORMAT:
+  try:
+    settings = json.loads((folder / PIPELINE_FILE).read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise BundleError(f"{folder / PIPELINE_FILE}: malformed JSON: {e}") from None
+  if not isinstance(settings, dict) or settings.get("format") != FORMAT:
+    settings = settings if isinstance(settings, dict) else {}
     raise BundleError(f"{folder}/{PIPELINE_FILE}: format {settings.get('format')!r}, expected "
                       f"{FORMAT!r}")
   need = {"transformer": ["config.json", "params.safetensors"],
@@ -120,9 +124,14 @@ def load(folder: str | pathlib.Path, compute_dtype: str | None = None) -> Bundle
 
 
 def write_settings(folder: str | pathlib.Path, *, image_size: int, flow_shift: float,
-                   sampler: dict, prompt: dict, autoencoder: dict) -> None:
+                   sampler: dict, prompt: dict, autoencoder: dict,
+                   overwrite: bool = True) -> None:
+  """Writes FOLDER/pipeline.json whole (a temporary sibling renamed into place); an existing
+  one raises FileExistsError unless `overwrite`."""
+  from sana_jax.weights import io
   folder = pathlib.Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
   settings = {"format": FORMAT, "image_size": image_size, "flow_shift": flow_shift,
               "sampler": sampler, "prompt": prompt, "autoencoder": autoencoder}
-  (folder / PIPELINE_FILE).write_text(json.dumps(settings, indent=2))
+  text = json.dumps(settings, indent=2)
+  with io.atomic_output(folder / PIPELINE_FILE, is_dir=False, overwrite=overwrite) as tmp:
+    tmp.write_text(text)

@@ -267,8 +267,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     text = action.help or ""
     if (action.option_strings and not action.required and "default" not in text
         and action.default is not argparse.SUPPRESS):
-      shown = action.default
-      text += f" (default: {'none' if shown is None else shown})"
+      d = action.default
+      shown = "none" if d is None else "off" if d is False else "on" if d is True else d
+      if isinstance(shown, (list, tuple)):
+        shown = " ".join(map(str, shown))
+      text += f" (default: {shown})"
     return text
 
 
@@ -345,19 +348,32 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, is_dir: bool,
     parent = parent.parent
   if not parent.is_dir():
     raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise UsageError(f"{flag} {path}: {parent} is not writable")
+  try:  # os.access says yes to root everywhere: probe with an empty folder, removed at once
+    os.rmdir(tempfile.mkdtemp(prefix=".probe.", dir=parent))
+  except OSError as e:
+    raise UsageError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from None
   return path
+
+
+def check_not_source(dst: str | os.PathLike, src: str | os.PathLike, flag: str = "--dst"
+                     ) -> None:
+  """Refuses an output that is the source or holds it (replacing it would delete it)."""
+  dst, src = pathlib.Path(dst).resolve(), pathlib.Path(src).resolve()
+  if dst == src or dst in src.parents:
+    raise UsageError(f"{flag} {dst} is or holds the source {src}; write to a new path")
 
 
 REFUSALS = (UsageError, CheckpointError, ValueError, OSError)
 
 
 def run_main(body: Callable[[Sequence[str]], int], argv: Sequence[str] | None) -> int:
-  """Runs a command's body; a refusal (REFUSALS) prints `error: ...` and returns 2."""
+  """Runs a command's body; a refusal (REFUSALS) prints `error: ...` (one line: a
+  multi-line message is joined with '; ') and returns 2."""
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     return body(argv)
   except REFUSALS as e:
-    print(f"error: {e}", file=sys.stderr)
+    parts = [line.strip() for line in str(e).splitlines() if line.strip()]
+    message = "; ".join(p.rstrip(":") if i < len(parts) - 1 else p for i, p in enumerate(parts))
+    print(f"error: {message or type(e).__name__}", file=sys.stderr)
     return 2
