@@ -1,4 +1,5 @@
-"""The command-line contract (DESIGN.md decision 14) for score_model, prune_cli and best_of_n.
+"""The command-line contract (DESIGN.md decision 14) for score_model, prune_cli, best_of_n
+and the ShapesEval folder scorer (python -m sana_jax.eval.shapes).
 
 One parametrized case per bad input, run in-process through `main(argv)` (one subprocess
 per command proves the real entry point): exit status 2, an `error: ...` line naming the
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from sana_jax.eval import score_model
+from sana_jax.eval import shapes as shapes_eval
 from sana_jax.scaling import best_of_n_cli, prune_cli
 from tests.cli_contract import assert_refused, assert_unchanged, run_command, snapshot
 
@@ -107,6 +109,16 @@ def files(tmp_path_factory):
                                                             "color": "red"}]}) + "\n")
   (root / "meta_bad.jsonl").write_text("{not json\n")
   (root / "not_a_model").mkdir()
+  # a GenEval-layout folder of one prompt, and one whose image is not an image
+  from sana_jax.data import shapes
+  spec = shapes.eval_prompts()[0]
+  shapes_eval.save_geneval_folder(str(root / "geneval"), 0, spec,
+                                  [shapes.render(spec, 32, np.random.default_rng(0))])
+  shapes_eval.save_geneval_folder(str(root / "geneval_bad"), 0, spec, [np.zeros((4, 4, 3))])
+  (root / "geneval_bad" / "00000" / "samples" / "0000.png").write_bytes(b"not a png")
+  (root / "empty").mkdir()
+  (root / "spec_bad.jsonl").write_text(json.dumps({"tag": "single_object", "include": [
+      {"class": "blob", "count": 1}]}) + "\n")
   return root
 
 
@@ -273,6 +285,32 @@ def test_best_of_n_refuses(template, fragments, files, tmp_path, monkeypatch):
   _case(best_of_n_cli.main, base + template, fragments, files, tmp_path, monkeypatch)
 
 
+# ---------------------------------------------------------------------- eval.shapes (folder)
+
+EVAL_BASE = ["--images", "{in}/geneval"]
+EVAL_CASES = [
+    (["--images", "{tmp}/nope"], ["--images", "nope", "no such folder"]),
+    (["--images", "{in}/empty"], ["--images", "empty", "no prompt folders"]),
+    (["--metadata", "{tmp}/nope.jsonl"], ["--metadata", "nope.jsonl", "no such file"]),
+    (["--metadata", "{in}/meta_bad.jsonl"], ["--metadata", "meta_bad.jsonl:1"]),
+    (["--metadata", "{in}/spec_bad.jsonl"], ["--metadata", "spec_bad.jsonl:1", "'blob'"]),
+    (["--images", "{in}/geneval_bad"], ["0000.png", "not a readable image"]),
+    (["--out", "{file}"], ["--out", "existing.txt", "--overwrite"]),
+    (["--json", "{file}"], ["--json", "existing.txt", "--overwrite"]),
+    (["--out", "{full}"], ["--out", "full", "is a folder"]),
+    (["--out", RO], ["--out", "cannot write"]),
+    (["--out", "{tmp}/r.json", "--json", "{tmp}/r.json"], ["--out", "--json", "same file"]),
+]
+
+
+@pytest.mark.contract
+@pytest.mark.parametrize("template,fragments", EVAL_CASES,
+                         ids=[" ".join(c[0]) for c in EVAL_CASES])
+def test_shapes_eval_refuses(template, fragments, files, tmp_path, monkeypatch):
+  base = [] if "--images" in template else list(EVAL_BASE)
+  _case(shapes_eval.main, base + template, fragments, files, tmp_path, monkeypatch)
+
+
 # ------------------------------------------------------- the real entry points (subprocess)
 
 SUBPROCESS_CASES = [
@@ -282,6 +320,7 @@ SUBPROCESS_CASES = [
      ["--keep", "0 repeated"]),
     (["-m", "sana_jax.scaling.best_of_n", *BON_BASE, "--n", "2", "--k", "3"],
      ["--k 3", "1 <= k <= n = 2"]),
+    (["-m", "sana_jax.eval.shapes", "--images", "{tmp}/nope"], ["--images", "no such folder"]),
 ]
 
 
@@ -300,8 +339,8 @@ def test_entry_point_refuses(template, fragments, files, tmp_path):
 # ------------------------------------------------------------------------ help and defaults
 
 
-@pytest.mark.parametrize("module", [score_model, prune_cli, best_of_n_cli],
-                         ids=["score_model", "prune_cli", "best_of_n"])
+@pytest.mark.parametrize("module", [score_model, prune_cli, best_of_n_cli, shapes_eval],
+                         ids=["score_model", "prune_cli", "best_of_n", "eval.shapes"])
 def test_every_option_has_help_with_its_default(module):
   parser = module.build_parser()
   missing = [a.option_strings for a in parser._actions  # pylint: disable=protected-access

@@ -34,6 +34,10 @@ Command line, on GenEval's folder layout (<images>/<00000>/samples/<0000>.png, w
 <images>/<00000>/metadata.jsonl or a --metadata jsonl whose line i is folder i)::
 
     python -m sana_jax.eval.shapes --images DIR [--metadata FILE] [--out results.jsonl]
+
+Its arguments (folders, specifications, output files) are checked before any image is
+scored (bad input: `error: ...`, exit status 2); --out / --json are written whole and an
+existing one is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -345,17 +349,38 @@ def save_geneval_folder(out_dir: str, index: int, spec: dict, images: Sequence[n
   return folder
 
 
-def evaluate_folder(images_dir: str, metadata: str | None = None):
-  """Score a GenEval-layout folder. Returns (report dict, per-image rows)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+def _read_specs(path: str, what: str) -> list[dict]:
+  """A JSON-lines file of specifications, each checked; ValueError naming file:line."""
+  specs = []
+  with open(path) as f:
+    for ln, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        spec = json.loads(line)
+        _check_spec(spec)
+        if "tag" not in spec:
+          raise ValueError("no 'tag' field")
+      except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{what} {path}:{ln}: not a ShapesEval specification ({e})") from None
+      specs.append(spec)
+  return specs
+
+
+def plan_folder(images_dir: str, metadata: str | None = None) -> list[tuple[dict, list[str]]]:
+  """Checks a GenEval-layout folder without reading any image: per prompt folder, its
+  specification and image files. ValueError naming what is missing or malformed."""
+  if not os.path.isdir(images_dir):
+    raise ValueError(f"--images {images_dir}: no such folder")
   specs = None
   if metadata is not None:
-    with open(metadata) as f:
-      specs = [json.loads(line) for line in f if line.strip()]
+    if not os.path.isfile(metadata):
+      raise ValueError(f"--metadata {metadata}: no such file")
+    specs = _read_specs(metadata, "--metadata")
   folders = sorted(p for p in glob.glob(os.path.join(images_dir, "*")) if os.path.isdir(p))
   if not folders:
-    raise ValueError(f"no prompt folders (<index:05d>/samples/*.png) under {images_dir!r}")
-  results, rows = [], []
+    raise ValueError(f"--images {images_dir}: no prompt folders (<index:05d>/samples/*.png)")
+  plan = []
   for folder in folders:
     name = os.path.basename(folder)
     if specs is not None:
@@ -366,13 +391,27 @@ def evaluate_folder(images_dir: str, metadata: str | None = None):
       meta = os.path.join(folder, "metadata.jsonl")
       if not os.path.exists(meta):
         raise ValueError(f"{meta} missing; pass --metadata")
-      with open(meta) as f:
-        spec = json.loads(f.readline())
+      found = _read_specs(meta, "metadata")
+      if not found:
+        raise ValueError(f"{meta}: empty")
+      spec = found[0]
     files = sorted(glob.glob(os.path.join(folder, "samples", "*.png")))
     if not files:
       raise ValueError(f"no images in {os.path.join(folder, 'samples')}")
+    plan.append((spec, files))
+  return plan
+
+
+def evaluate_folder(images_dir: str, metadata: str | None = None):
+  """Score a GenEval-layout folder. Returns (report dict, per-image rows)."""
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  results, rows = [], []
+  for spec, files in plan_folder(images_dir, metadata):
     for path in files:
-      image = np.asarray(Image.open(path).convert("RGB"))
+      try:
+        image = np.asarray(Image.open(path).convert("RGB"))
+      except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
       res = evaluate(image, spec)
       results.append((spec, res))
       rows.append({"filename": path, "tag": spec["tag"], "prompt": spec.get("prompt", ""),
@@ -382,21 +421,43 @@ def evaluate_folder(images_dir: str, metadata: str | None = None):
   return report(results), rows
 
 
+def build_parser() -> argparse.ArgumentParser:
+  from sana_jax.scaling import best_of_n_cli as cli  # pylint: disable=g-import-not-at-top
+  p = cli.CommandParser(prog="python -m sana_jax.eval.shapes",
+                        description="Score generated images with ShapesEval.")
+  p.add_argument("--images", required=True,
+                 help="GenEval layout: DIR/<00000>/samples/*.png (required, no default)")
+  p.add_argument("--metadata", help="prompts jsonl, line i = folder i (default: each "
+                 "folder's metadata.jsonl)")
+  p.add_argument("--out", help="write per-image results (jsonl) here (default: none)")
+  p.add_argument("--json", help="write the summary (json) here (default: none)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out / --json, once complete (default: off, "
+                      "refuse)")
+  return p
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description="Score generated images with ShapesEval.")
-  p.add_argument("--images", required=True, help="GenEval layout: DIR/<00000>/samples/*.png")
-  p.add_argument("--metadata", help="prompts jsonl, line i = folder i (else each folder's "
-                 "metadata.jsonl)")
-  p.add_argument("--out", help="write per-image results (jsonl) here")
-  p.add_argument("--json", help="write the summary (json) here")
-  args = p.parse_args(argv)
-  rep, rows = evaluate_folder(args.images, args.metadata)
+  """Returns the report; bad input prints `error: ...` and exits with status 2."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from sana_jax.scaling import best_of_n_cli as cli  # pylint: disable=g-import-not-at-top
+  args = build_parser().parse_args(argv)
+  try:
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+      if path:
+        cli.check_new_output(path, flag, overwrite=args.overwrite, folder=False)
+    if args.out and args.json and os.path.abspath(args.out) == os.path.abspath(args.json):
+      raise ValueError(f"--out and --json name the same file {args.out}")
+    rep, rows = evaluate_folder(args.images, args.metadata)  # plan_folder checks first
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
   if args.out:
-    with open(args.out, "w") as f:
+    with cli.staged_file(args.out) as tmp, open(tmp, "w") as f:
       for r in rows:
         f.write(json.dumps(r) + "\n")
   if args.json:
-    with open(args.json, "w") as f:
+    with cli.staged_file(args.json) as tmp, open(tmp, "w") as f:
       json.dump(rep, f, indent=1)
   print_report(rep)
   return rep
