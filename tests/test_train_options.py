@@ -1,0 +1,502 @@
+"""Training options, each against a reference computed independently of the code under test.
+
+EMA (the numpy recurrence over the per-step parameters; exports default to it),
+grad_accum (k micro-batches give the one-batch gradient), the non-finite skip and
+NonFiniteError, sqrt_lr_scaling and warm-up, grad_clip, every optimizer through
+make_optimizer (torch.optim.AdamW / came-pytorch), batches from several aspect buckets,
+and the FLOP figures of train/metrics.py (counted from the step's jaxpr).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.extend import core as jcore
+
+from configs import tiny
+from sana_jax.data import latents_tfds
+from sana_jax.models import dit
+from sana_jax.models.dit_config import DiTConfig
+from sana_jax.optim import quant8
+from sana_jax.train import checkpoint
+from sana_jax.train import loop
+from sana_jax.train import metrics
+from sana_jax.train import optimizer as optim_lib
+from sana_jax.train import state as state_lib
+from sana_jax.train import step as step_lib
+
+HW, CAPTION_LEN, CAPTION_CHANNELS, CHANNELS = (4, 6), 12, 20, 4
+
+
+def _config(**train):
+  config = tiny.get_config()
+  config.train.update(train)
+  return config
+
+
+def _batch(seed, b=8, hw=HW):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(3, CAPTION_LEN + 1, b)
+  return {"latent": jnp.asarray(rng.standard_normal((b, *hw, CHANNELS)), jnp.float32),
+          "caption": jnp.asarray(rng.standard_normal((b, CAPTION_LEN, CAPTION_CHANNELS)),
+                                 jnp.float32),
+          "caption_mask": jnp.asarray(np.arange(CAPTION_LEN)[None] < lengths[:, None],
+                                      jnp.int32)}
+
+
+NULL = jnp.asarray(np.random.default_rng(99).standard_normal((CAPTION_LEN, CAPTION_CHANNELS)),
+                   jnp.float32)
+
+
+def _leaves(tree):
+  return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _assert_trees_close(got, want, rtol, what):
+  for i, (a, b) in enumerate(zip(_leaves(got), _leaves(want), strict=True)):
+    scale = max(np.max(np.abs(b)), 1e-6)
+    err = np.max(np.abs(a - b))
+    assert err <= rtol * scale, f"{what}: leaf {i} differs by {err:.3g} (scale {scale:.3g})"
+
+
+def _assert_trees_equal(got, want, what):
+  for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(got),
+                                 jax.tree_util.tree_leaves(want), strict=True)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{what}: leaf {i}")
+
+
+# One configuration for the EMA, skip and accumulation tests (one compile per grad_accum):
+# SGD with momentum (a real optimizer state to keep or not), step size a power of two.
+EMA_DECAY, SGD_LR = 0.9, 0.0625
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(grad_accum=1):
+  config = _config(ema_decay=EMA_DECAY, grad_accum=grad_accum)
+  tx = optax.sgd(SGD_LR, momentum=0.9)
+  step = jax.jit(functools.partial(step_lib.train_step, config=config, tx=tx))
+  state = state_lib.create(dit.init_params(config.model, jax.random.key(0)), tx)
+  return step, jax.device_get(state)
+
+
+def test_ema_is_the_recurrence_over_the_step_parameters():
+  """ema_k = d ema_{k-1} + (1 - d) params_k with ema_0 = params_0, in float64 numpy from the
+  parameters each step produced."""
+  step, state = _setup()
+  params = [_leaves(state.params)]
+  for k in range(4):
+    state, m = step(state, _batch(k), NULL)
+    assert bool(m["finite"])
+    params.append(_leaves(jax.device_get(state.params)))
+  ema = params[0]
+  for p in params[1:]:
+    ema = [EMA_DECAY * e + (1 - EMA_DECAY) * q for e, q in zip(ema, p)]
+  got = _leaves(jax.device_get(state.ema_params))
+  for i, (a, b) in enumerate(zip(got, ema)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"leaf {i}")
+  # Not trivially equal to the parameters (the check above would pass for decay 0).
+  moved = max(np.max(np.abs(a - p)) for a, p in zip(got, params[-1]))
+  assert moved > 1e-4
+
+
+def test_nonfinite_batch_is_skipped_and_counted():
+  step, state = _setup()
+  state0 = jax.device_get(step(state, _batch(7), NULL)[0])  # a momentum trace to keep
+  bad = _batch(0)
+  bad["latent"] = bad["latent"].at[3, 1, 2, 0].set(jnp.nan)
+  state1, m = step(state0, bad, NULL)
+  state1 = jax.device_get(state1)
+  assert not bool(m["finite"])
+  assert (int(state1.step), int(state1.skipped), int(state1.nonfinite_run)) == (2, 1, 1)
+  _assert_trees_equal(state1.params, state0.params, "params")
+  _assert_trees_equal(state1.opt_state, state0.opt_state, "opt_state")
+  _assert_trees_equal(state1.ema_params, state0.ema_params, "ema_params")
+  inf = _batch(1)
+  inf["caption"] = inf["caption"].at[0, 0, 0].set(jnp.inf)
+  state2 = jax.device_get(step(state1, inf, NULL)[0])
+  assert (int(state2.step), int(state2.skipped), int(state2.nonfinite_run)) == (3, 2, 2)
+  _assert_trees_equal(state2.params, state0.params, "params")
+  state3, m = step(state2, _batch(2), NULL)  # a good batch: a real step, the run resets
+  state3 = jax.device_get(state3)
+  assert bool(m["finite"])
+  assert (int(state3.step), int(state3.skipped), int(state3.nonfinite_run)) == (4, 2, 0)
+  assert any(np.any(a != b) for a, b in zip(_leaves(state3.params), _leaves(state0.params)))
+
+
+def test_grad_accum_gives_the_one_batch_gradient():
+  """From a fresh state the SGD update is -lr * gradient: 2 micro-batches of 4 must give
+  the gradient (and loss, gradient norm) of the whole batch of 8, to float rounding."""
+  batch = _batch(5)
+
+  def one(grad_accum):
+    step, state = _setup(grad_accum)
+    new, m = step(state, batch, NULL)
+    delta = [a - b for a, b in zip(_leaves(jax.device_get(new.params)), _leaves(state.params))]
+    return delta, jax.device_get(m), _leaves(state.params)
+
+  d1, m1, p0 = one(1)
+  d2, m2, _ = one(2)
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  # Rounding: the reductions run in another order, and the linear attention's normaliser
+  # amplifies it (the qkv kernel's gradient moves by ~7e-4 of itself); a wrong scale or a
+  # lost micro-batch moves every leaf by O(1).
+  for i, (a, b, p) in enumerate(zip(d2, d1, p0)):
+    bound = 3e-3 * np.max(np.abs(b)) + 4 * np.finfo(np.float32).eps * np.max(np.abs(p))
+    assert np.max(np.abs(a - b)) <= bound, f"leaf {i}: grad_accum=2 gradient differs"
+  assert max(np.max(np.abs(b)) for b in d1) > 1e-3  # the step moved
+
+
+# ------------------------------------------------------------------ learning rate, clipping
+
+
+def _tc(**overrides):
+  return _config(**{"weight_decay": 0.0, "grad_clip": 0.0, "warmup_steps": 0,
+                    **overrides}).train
+
+
+@pytest.mark.parametrize("scaling,batch", [(True, 64), (True, 1024), (False, 1024)])
+def test_learning_rate_warmup_and_sqrt_scaling(scaling, batch):
+  """lr(step) = lr * sqrt(global_batch / 256) (when scaled) * min(step / warmup, 1)."""
+  tc = _tc(lr=2e-4, warmup_steps=8, sqrt_lr_scaling=scaling, global_batch=batch)
+  peak = 2e-4 * (math.sqrt(batch / 256) if scaling else 1.0)
+  sched = optim_lib.learning_rate(tc)
+  for s in (0, 1, 4, 8, 9, 1000):
+    np.testing.assert_allclose(float(sched(s)), peak * min(s / 8, 1.0), rtol=1e-6)
+  # The optimizer really uses it: AdamW's first update is lr(0) * g / (|g| + eps); with no
+  # warm-up lr(0) is the peak.
+  tc = _tc(lr=2e-4, optimizer="adamw", sqrt_lr_scaling=scaling, global_batch=batch)
+  tx = optim_lib.make_optimizer(tc)
+  p = {"w": jnp.ones((3, 5))}
+  g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((3, 5)), jnp.float32)}
+  u, _ = tx.update(g, tx.init(p), p)
+  want = -peak * np.asarray(g["w"]) / (np.abs(np.asarray(g["w"])) + 1e-8)
+  np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=1e-5)
+
+
+def _grad_sequence(shapes, norms, seed=0):
+  """Gradient trees whose global norms are `norms` (one tree per step)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for n in norms:
+    tree = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    total = math.sqrt(sum(float(np.sum(v ** 2)) for v in tree.values()))
+    out.append({k: (v * n / total).astype(np.float32) for k, v in tree.items()})
+  return out
+
+
+def _torch_adamw(params, grads, lrs, weight_decay):
+  """torch.optim.AdamW (betas 0.9/0.999, eps 1e-8) on numpy trees; returns the params."""
+  import torch
+  tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+  opt = torch.optim.AdamW(list(tp.values()), lr=lrs[0], betas=(0.9, 0.999), eps=1e-8,
+                          weight_decay=weight_decay)
+  for g, lr in zip(grads, lrs):
+    for group in opt.param_groups:
+      group["lr"] = lr
+    for k, t in tp.items():
+      t.grad = torch.tensor(g[k], dtype=torch.float64)
+    opt.step()
+  return {k: t.detach().numpy() for k, t in tp.items()}
+
+
+def _run_optax(tx, params, grads):
+  state, update = tx.init(params), jax.jit(tx.update)
+  for g in grads:
+    u, state = update(jax.tree_util.tree_map(jnp.asarray, g), state, params)
+    params = optax.apply_updates(params, u)
+  return jax.device_get(params), state
+
+
+SHAPES = {"kernel": (7, 11), "bias": (11,)}
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_grad_clip_clips_the_global_norm(clip):
+  """make_optimizer(grad_clip=c) with AdamW equals torch AdamW fed gradients clipped to
+  global norm c in numpy (norms 5, 0.3, 2: the clipped steps change Adam's moments)."""
+  tc = _tc(optimizer="adamw", lr=1e-2, grad_clip=clip, weight_decay=0.05)
+  params = {k: np.random.default_rng(1).standard_normal(s).astype(np.float32)
+            for k, s in SHAPES.items()}
+  grads = _grad_sequence(SHAPES, [5.0, 0.3, 2.0])
+
+  def clipped(g):
+    norm = math.sqrt(sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in g.values()))
+    scale = min(1.0, clip / norm) if clip > 0 else 1.0
+    return {k: v.astype(np.float64) * scale for k, v in g.items()}
+
+  want = _torch_adamw(params, [clipped(g) for g in grads], [1e-2] * 3, 0.05)
+  got, _ = _run_optax(optim_lib.make_optimizer(tc), jax.tree_util.tree_map(jnp.asarray, params),
+                      grads)
+  for k in SHAPES:
+    np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+# Shapes for the CAME cases: a Dense kernel over 16384 elements (CAME-8bit stores its m in
+# 8 bits), a modulation table (factored) and a bias (unfactored), all dimensions distinct.
+CAME_SHAPES = {"t_block/kernel": (131, 127), "final_scale_shift_table": (2, 41),
+               "t_block/bias": (127,)}
+
+
+def _tree(flat):
+  out = {}
+  for k, v in flat.items():
+    d = out
+    *head, last = k.split("/")
+    for h in head:
+      d = d.setdefault(h, {})
+    d[last] = v
+  return out
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, prefix + k + "/"))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _torch_came(params, grads, lrs, weight_decay):
+  """came-pytorch's CAME (its default betas and eps) on torch views: a Flax (in, out) kernel
+  is the torch (out, in) weight; returns Flax-layout params."""
+  import torch
+  came_pytorch = pytest.importorskip("came_pytorch")
+  view = lambda k, v: v.T if k.endswith("kernel") else v  # noqa: E731
+  tp = {k: torch.tensor(np.ascontiguousarray(view(k, v)), dtype=torch.float32,
+                        requires_grad=True) for k, v in params.items()}
+  opt = came_pytorch.CAME(list(tp.values()), lr=1.0, weight_decay=weight_decay)  # lr set below
+  for g, lr in zip(grads, lrs):
+    for group in opt.param_groups:
+      group["lr"] = lr
+    for k, t in tp.items():
+      t.grad = torch.tensor(np.ascontiguousarray(view(k, g[k])), dtype=torch.float32)
+    opt.step()
+  return {k: view(k, t.detach().numpy()) for k, t in tp.items()}
+
+
+@pytest.mark.parametrize("name", optim_lib.OPTIMIZERS)
+def test_each_optimizer_matches_its_reference(name):
+  """make_optimizer(name) with warm-up and weight decay, three steps, against torch's AdamW
+  or came-pytorch's CAME (CAME-8bit: the big kernel's m really is stored in 8 bits and its
+  updates stay within 2% of CAME's; the small leaves, kept in fp32, match CAME's exactly)."""
+  lr, warmup, wd = 3e-3, 2, 0.02
+  shapes = CAME_SHAPES if name.startswith("came") else SHAPES
+  tc = _tc(optimizer=name, lr=lr, warmup_steps=warmup, weight_decay=wd)
+  rng = np.random.default_rng(2)
+  params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+  grads = _grad_sequence(shapes, [1.0, 0.5, 2.0], seed=3)
+  tx = optim_lib.make_optimizer(tc)
+  state = tx.init(_tree(jax.tree_util.tree_map(jnp.asarray, params)))
+  reference = _torch_adamw if name == "adamw" else _torch_came
+  # Step 0 runs at lr(0) = 0 (it only fills the moments), then lr / 2, lr, lr.
+  lrs = [lr * min(s / warmup, 1.0) for s in range(4)]
+  seq = [{k: np.full(s, 1e-3, np.float32) for k, s in shapes.items()}] + grads
+  tol = dict(rtol=2e-5, atol=1e-7)
+  p = _tree(jax.tree_util.tree_map(jnp.asarray, params))
+  update = jax.jit(tx.update)
+  for i, g in enumerate(seq):
+    u, state = update(_tree(jax.tree_util.tree_map(jnp.asarray, g)), state, p)
+    p = optax.apply_updates(p, u)
+    got = _flat(jax.device_get(p))
+    want = reference(params, seq[:i + 1], lrs[:i + 1], wd)
+    for k in shapes:
+      if name == "came_8bit" and i >= 1 and k == "t_block/kernel":  # m stored in 8 bits
+        err = np.max(np.abs(got[k] - want[k])) / np.max(np.abs(want[k] - params[k]))
+        print(f"came_8bit step {i}: 8-bit m moves the update by {err:.2%} of it")
+        assert err < 0.02, (k, i, err)
+      else:
+        np.testing.assert_allclose(got[k], want[k], err_msg=f"{k} step {i}", **tol)
+  quantized = [x for x in jax.tree_util.tree_leaves(
+      state, is_leaf=lambda x: isinstance(x, quant8.QuantizedArray))
+      if isinstance(x, quant8.QuantizedArray)]
+  assert len(quantized) == (1 if name == "came_8bit" else 0)
+
+
+# ------------------------------------------------------------------------- aspect buckets
+
+
+def _write_dataset(root, latents, seed=0):
+  """A dataset of the given latents (a list of (h, w, C) arrays, several sizes allowed)."""
+  rng = np.random.default_rng(seed)
+  n = len(latents)
+  captions = rng.standard_normal((n, CAPTION_LEN, CAPTION_CHANNELS)).astype(np.float32)
+  masks = np.ones((n, CAPTION_LEN), np.int8)
+
+  def examples():
+    for i in range(n):
+      yield {"latent": latents[i], "caption": captions[i], "caption_mask": masks[i],
+             "text": f"example {i}"}
+
+  buckets = sorted({tuple(x.shape[:2]) for x in latents})
+  return latents_tfds.write_dataset(
+      examples, str(root), "options", buckets=buckets, channels=CHANNELS,
+      caption_len=CAPTION_LEN, caption_channels=CAPTION_CHANNELS,
+      null_caption=rng.standard_normal((CAPTION_LEN, CAPTION_CHANNELS)).astype(np.float32),
+      null_mask=np.ones(CAPTION_LEN, np.int32))
+
+
+def _single_device(config):
+  config.mesh.update(data=1, fsdp=1, num_devices=1)
+  return config
+
+
+def test_two_buckets_every_batch_one_bucket_all_seen_and_export_is_ema(tmp_path, monkeypatch):
+  """loop.train on a dataset with buckets 4x6 (8 examples) and 6x4 (4): with global batch 4,
+  each of the 3 steps of an epoch gets 4 examples of one bucket and the epoch sees all 12.
+  The checkpoint's exported parameters default to the EMA."""
+  rng = np.random.default_rng(0)
+  latents = [rng.standard_normal((*hw, CHANNELS)).astype(np.float32)
+             for hw in [(4, 6)] * 8 + [(6, 4)] * 4]
+  data_dir = _write_dataset(tmp_path / "data", latents)
+  seen = []
+  original = step_lib.jit_train_step
+
+  def spy(*args, **kwargs):
+    run = original(*args, **kwargs)
+
+    def wrapped(state, batch, null_caption):
+      seen.append(np.asarray(jax.device_get(batch["latent"])))
+      return run(state, batch, null_caption)
+
+    wrapped.batch_shardings, wrapped.jitted = run.batch_shardings, run.jitted
+    return wrapped
+
+  monkeypatch.setattr(step_lib, "jit_train_step", spy)
+  config = _single_device(_config(steps=3, global_batch=4, ema_decay=0.5, warmup_steps=0,
+                                  checkpoint_every=100, async_checkpoints=False))
+  config.data.dir = data_dir
+  state = jax.device_get(loop.train(config, str(tmp_path / "run"), progress=False))
+  assert len(seen) == 3
+  ids = []
+  for batch in seen:
+    assert batch.shape[0] == 4 and batch.shape[1:3] in ((4, 6), (6, 4))
+    for x in batch:
+      match = [i for i, ref in enumerate(latents) if ref.shape == x.shape
+               and np.array_equal(ref, x)]
+      assert len(match) == 1
+      ids.append(match[0])
+  assert sorted(ids) == list(range(12))
+  assert {b.shape[1:3] for b in seen} == {(4, 6), (6, 4)}
+  # Export: restore_params defaults to the EMA weights, ema=False gives the raw ones.
+  ema, step = checkpoint.restore_params(tmp_path / "run")
+  raw, _ = checkpoint.restore_params(tmp_path / "run", ema=False)
+  assert step == 3
+  _assert_trees_equal(ema, state.ema_params, "exported EMA")
+  _assert_trees_equal(raw, state.params, "raw params")
+  assert any(np.any(a != b) for a, b in zip(_leaves(ema), _leaves(raw)))
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
+  latents = [np.full((*HW, CHANNELS), np.nan, np.float32) for _ in range(8)]
+  data_dir = _write_dataset(tmp_path / "data", latents)
+  config = _single_device(_config(steps=20, global_batch=4, ema_decay=0.5, warmup_steps=0,
+                                  max_consecutive_nonfinite=3, log_every=1,
+                                  checkpoint_every=100, async_checkpoints=False))
+  config.data.dir = data_dir
+  with pytest.raises(loop.NonFiniteError, match=r"3 consecutive steps .*up to step 3\)"):
+    loop.train(config, str(tmp_path / "run"), progress=False)
+
+
+# ------------------------------------------------------------------------------- FLOPs
+
+
+def _prod(xs):
+  return int(np.prod([int(x) for x in xs])) if len(xs) else 1
+
+
+def jaxpr_matmul_flops(jaxpr) -> int:
+  """2 x multiply-adds of every dot_general and conv in a jaxpr (sub-jaxprs included, scan
+  bodies times their length)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+      ls, rs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+      lfree = [d for i, d in enumerate(ls) if i not in lc and i not in lb]
+      rfree = [d for i, d in enumerate(rs) if i not in rc and i not in rb]
+      total += 2 * _prod([ls[i] for i in lb + lc]) * _prod(lfree) * _prod(rfree)
+    elif name == "conv_general_dilated":
+      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feat, in feat, spatial...)
+      rs = eqn.invars[1].aval.shape
+      total += (2 * _prod(eqn.outvars[0].aval.shape) * rs[rhs_spec[1]]
+                * _prod([rs[i] for i in rhs_spec[2:]]))
+    subs = []
+    for v in eqn.params.values():
+      for x in (v if isinstance(v, (tuple, list)) else (v,)):
+        if isinstance(x, jcore.ClosedJaxpr):
+          subs.append(x.jaxpr)
+        elif isinstance(x, jcore.Jaxpr):
+          subs.append(x)
+    times = eqn.params["length"] if name == "scan" else 1
+    total += times * sum(jaxpr_matmul_flops(s) for s in subs)
+  return total
+
+
+FLOP_MODELS = {
+    "tiny": tiny.get_config().model.to_dict(),
+    "patch2": dict(in_channels=3, out_channels=3, patch_size=2, hidden_size=40, depth=2,
+                   self_head_dim=10, cross_heads=3, cross_head_dim=7, caption_channels=9,
+                   caption_len=11, mlp_ratio=2.2, sample_size=8),
+}
+
+
+def _flop_inputs(cfg, b=4, hw=(4, 6), caption_len=11):
+  x, y = jnp.ones((b, *hw, cfg.in_channels)), jnp.ones((b, caption_len, cfg.caption_channels))
+  return x, y, jnp.ones((b, caption_len), jnp.int32)
+
+
+@pytest.mark.parametrize("model", sorted(FLOP_MODELS))
+def test_forward_flops_equal_the_counted_matmuls(model):
+  """dit_forward_flops equals the matmul FLOPs of the model's forward jaxpr (linear
+  attention, the depthwise 3x3 as a grouped conv, the timestep and caption MLPs)."""
+  cfg = DiTConfig.coerce(FLOP_MODELS[model]).replace(depthwise_impl="conv")
+  x, y, mask = _flop_inputs(cfg)
+  (b, h, w, _), L = x.shape, y.shape[1]
+  params = dit.abstract_params(cfg)  # shapes only: tracing compiles nothing
+
+  def count(dw):
+    fwd = lambda p: dit.SanaDiT(cfg.replace(depthwise_impl=dw)).apply(  # noqa: E731
+        {"params": p}, x, jnp.ones((b,)), y, mask)
+    return jaxpr_matmul_flops(jax.make_jaxpr(fwd)(params).jaxpr)
+
+  counted = count("conv")
+  assert counted == b * metrics.dit_forward_flops(cfg, h, w, L)
+  # The counter sees the depthwise conv: the "shift" form (no conv) has exactly its FLOPs less.
+  n = h * w // cfg.patch_size**2
+  assert counted - count("shift") == b * cfg.depth * 2 * 9 * n * 2 * cfg.mlp_hidden
+
+
+@pytest.mark.parametrize("model,remat", [("tiny", "none"), ("tiny", "full"), ("tiny", "dots"),
+                                         ("tiny", "dots_no_batch"), ("patch2", "none")])
+def test_train_step_flops_equal_the_counted_matmuls(model, remat):
+  """train_step_flops equals the matmul FLOPs of the real train step's jaxpr (forward,
+  backward, what each remat policy recomputes; grad_accum 2, the config's optimizer)."""
+  cfg = DiTConfig.coerce(FLOP_MODELS[model]).replace(depthwise_impl="conv", remat_policy=remat)
+  x, y, mask = _flop_inputs(cfg)
+  (b, h, w, _), L = x.shape, y.shape[1]
+  config = _config(grad_accum=2)
+  config.model = cfg.to_dict()
+  tx = optim_lib.make_optimizer(config.train)
+  state = jax.eval_shape(lambda p: state_lib.create(p, tx), dit.abstract_params(cfg))
+  batch = {"latent": x, "caption": y, "caption_mask": mask}
+  step = functools.partial(step_lib.train_step, config=config, tx=tx)
+  jaxpr = jax.make_jaxpr(step)(state, batch, jnp.ones((L, cfg.caption_channels))).jaxpr
+  counted = jaxpr_matmul_flops(jaxpr)
+  assert counted == metrics.train_step_flops(cfg, h, w, L, b, remat)
+  if remat in ("none", "full"):
+    assert counted == metrics.train_step_flops(cfg, h, w, L, b, remat == "full")
+
+
+def test_mfu():
+  # 2e14 FLOPs a step at 0.5 s a step on 4 devices of 200 TFLOP/s: 400 of 800 TFLOP/s.
+  assert metrics.mfu(2e14, 0.5, 200.0, 4) == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="peak"):
+    metrics.mfu(1.0, 1.0, 0.0, 1)
