@@ -227,7 +227,13 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-  """Softmax cross-attention from image tokens to caption tokens."""
+  """Softmax cross-attention from image tokens to caption tokens.
+
+  Masked caption tokens get -inf ("exact") or an additive -10000 ("additive", diffusers).
+  A caption whose mask is all zeros attends to every one of its tokens in both modes,
+  which is what the official code computes (its additive -10000 cancels in the softmax);
+  Gemma's start token makes such masks unreachable from prompts, cached embeddings may not.
+  """
 
   cfg: DiTConfig
 
@@ -264,8 +270,10 @@ class CrossAttention(nn.Module):
       logits = logits + jnp.where(keep, 0.0, -10000.0)
       probs = jax.nn.softmax(logits, axis=-1)
     else:
+      # A caption with no kept token attends to all its tokens, as the official plain-torch
+      # path does (an additive -10000 on every logit cancels in the softmax).
+      keep = keep | ~jnp.any(keep, axis=-1, keepdims=True)
       probs = jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
-      probs = jnp.where(jnp.any(keep, axis=-1, keepdims=True), probs, 0.0)
     out = jnp.einsum("bhnl,blhd->bnhd", probs.astype(dt), v.astype(dt)).reshape(b, n, -1)
     return _Dense((cfg.hidden_size,), ("heads", "embed"), dtype=dt, name="out")(out)
 
@@ -362,6 +370,8 @@ class SanaDiT(nn.Module):
 
   __call__(latents (B, H, W, in_ch), timestep (B,), caption (B, Ly, Cy), caption_mask (B, Ly))
     -> velocity (B, H, W, out_ch) float32. H, W must be multiples of patch_size.
+  caption_mask: nonzero for kept tokens; an all-zero row keeps every token, as the official
+  model does (see CrossAttention).
   `config` is a DiTConfig, a mapping or a ConfigDict with DiTConfig's fields.
   """
 

@@ -48,7 +48,8 @@ class DiTConfig:
   # Numerics.
   norm_eps: float = 1e-6           # LayerNorm (no affine) in blocks and final layer
   linear_attn_eps: float = 1e-8    # official 1e-8; diffusers 1e-15
-  cross_mask: str = "exact"        # "exact": masked logits -> -inf; "additive": -10000 (diffusers)
+  cross_mask: str = "exact"        # "exact": masked logits -> -inf; "additive": -10000 (diffusers);
+                                   # an all-zero mask keeps every token in both (official)
   floor_timestep: bool = True      # official `timestep.long()`; diffusers does not floor
   fp16_attn_clip: bool = False     # clip self-attention output to +-65504 (fp16-trained checkpoints)
 
