@@ -8,6 +8,8 @@ to the index dtype), q_sample with float32(1 - sigma) and float32(sigma), target
 loss = mean_flat((target - pred)^2).mean().
 """
 
+import math
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -273,7 +275,8 @@ def scheme_model_time_pmf(scheme, shift):
 
 
 class _TimeSpy:
-  """A stand-in for SanaDiT that records the model time the train step hands it."""
+  """A stand-in for SanaDiT that records the model time and (the first entry of) the
+  caption the train step hands it."""
 
   def __init__(self):
     import flax.linen as nn
@@ -284,7 +287,8 @@ class _TimeSpy:
 
       @nn.compact
       def __call__(self, x, t, caption, mask):
-        jax.debug.callback(lambda v: seen.append(np.asarray(v)), t)
+        jax.debug.callback(lambda v, c: seen.append((np.asarray(v), np.asarray(c))), t,
+                           caption[:, 0, 0])
         return x * self.param("w", nn.initializers.zeros, ())
 
     self.module = Spy
@@ -293,7 +297,8 @@ class _TimeSpy:
 @pytest.mark.parametrize("scheme", flow.TIMESTEP_SAMPLERS)
 def test_train_step_timesteps_follow_the_scheme(scheme, monkeypatch):
   """The model time the real train step feeds the model has the scheme's exact
-  distribution, and so do the scheme's own samples (flow.sample_timesteps)."""
+  distribution, and so do the scheme's own samples (flow.sample_timesteps); the step drops
+  captions at the cfg_dropout rate."""
   import ml_collections
   import optax
   from configs import common
@@ -307,6 +312,7 @@ def test_train_step_timesteps_follow_the_scheme(scheme, monkeypatch):
   config.train = common.train_config(timestep_sampler=scheme, global_batch=b)
   tx = optax.sgd(0.1)
   state = state_lib.create({"w": jnp.zeros(())}, tx)
+  assert config.train.cfg_dropout == 0.1
   batch = {"latent": jnp.ones((b, 1, 1, 1)), "caption": jnp.ones((b, 1, 1)),
            "caption_mask": jnp.ones((b, 1), jnp.int32)}
   step = jax.jit(lambda s: step_lib.train_step(s, batch, jnp.zeros((1, 1)), config=config,
@@ -314,8 +320,12 @@ def test_train_step_timesteps_follow_the_scheme(scheme, monkeypatch):
   for _ in range(steps):
     state, _ = step(state)
   jax.effects_barrier()
-  t = np.concatenate(spy.seen)
+  t = np.concatenate([v for v, _ in spy.seen])
   assert t.shape == (b * steps,)
+  # CFG dropout: captions (ones) replaced by the null caption (zeros) at rate cfg_dropout.
+  dropped = np.mean(np.concatenate([c for _, c in spy.seen]) == 0)
+  sd = math.sqrt(0.1 * 0.9 / t.size)
+  assert abs(dropped - config.train.cfg_dropout) < 5 * sd, dropped
   pmf = scheme_model_time_pmf(scheme, shift)
   p = gof_pvalue(t, pmf)
   own = np.asarray(flow.sample_timesteps(jax.random.key(1), b * steps, shift, scheme).model_time)
