@@ -169,6 +169,7 @@ SCORE_CASES = [
     (["--out", "{file}"], ["--out", "existing.txt", "not a folder"]),
     (["--out", "{file}/sub"], ["--out", "existing.txt", "is a file"]),
     (["--out", RO], ["--out", "cannot write"]),
+    (["--out", ".", "--overwrite"], ["--out", "the current folder"]),
 ]
 
 
@@ -265,6 +266,8 @@ BON_CASES = [
     (["--n", "4", "--out_dir", "{full}"], ["--out_dir", "full", "--overwrite"]),
     (["--n", "4", "--out_dir", "{file}"], ["--out_dir", "existing.txt", "not a folder"]),
     (["--n", "4", "--out_dir", RO], ["--out_dir", "cannot write"]),
+    (["--n", "4", "--out_dir", "..", "--overwrite"], ["--out_dir", "the current folder or one "
+                                                      "above"]),
 ]
 
 

@@ -18,9 +18,10 @@ from sana_jax.scaling.judges import Verdict
 def test_tables_equal_the_evaluator_on_the_saved_images(tmp_path, capsys):
   out = tmp_path / "score"
   # --ns without 1 (the one-image table is candidate 0 regardless) and N = 3, not a power
-  # of two (a bye in the bracket)
+  # of two (a bye in the bracket). Batches of 3, the shape test_best_of_n's pipeline run
+  # compiles too (the compiled sampler is shared in one process).
   assert score_model.main(["--out", str(out), "--per_category", "1", "--ns", "3,2",
-                           "--steps", "4", "--batch", "18"]) == 0
+                           "--steps", "4", "--batch", "3"]) == 0
   printed = capsys.readouterr().out
   assert sorted(p.name for p in tmp_path.iterdir()) == ["score"]  # no partial folder left
   assert {p.name for p in out.iterdir()} == {"images", "report.json", "best_of_n.png",
@@ -60,7 +61,7 @@ def test_tables_equal_the_evaluator_on_the_saved_images(tmp_path, capsys):
   flat = [(p, k) for p in range(6) for k in range(3)]
   want = SanaPipeline.from_folder(DEFAULT_MODEL).generate(
       [want_specs[p]["prompt"] for p, _ in flat], [1000 * p + k for p, k in flat],
-      SamplingOptions(steps=4))
+      SamplingOptions(steps=4), batch_size=3)
   np.testing.assert_array_equal(np.stack([im for ims in images for im in ims]), want)
 
 

@@ -132,6 +132,10 @@ def check_new_output(path, flag: str, *, overwrite: bool, folder: bool = True) -
     ancestor)."""
     p = Path(path)
     kind = "folder" if folder else "file"
+    cwd = Path.cwd().resolve()
+    if p.resolve() in (cwd, *cwd.parents) or not p.absolute().name:
+        raise UsageError(f"{flag} {path}: the current folder or one above it; name a new "
+                         f"{kind} for the output")
     if p.exists() or p.is_symlink():
         if folder and not p.is_dir():
             raise UsageError(f"{flag} {path}: exists and is not a folder (expected a {kind})")
