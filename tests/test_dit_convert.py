@@ -215,10 +215,11 @@ def test_not_a_checkpoint_folder(tmp_path):
 # ------------------------------------------------- positional embedding (2K / 4K models)
 
 # A released width (1152: cross heads 16 x 72 come from the released table, so no --config),
-# one block, a 6x6 base grid; every other size small and distinct.
+# one block, a narrow MLP (mlp_ratio is read from the weights), a 6x6 base grid; every
+# other size small and distinct.
 PE_CFG = DiTConfig(in_channels=4, out_channels=4, hidden_size=1152, depth=1, cross_heads=16,
                    cross_head_dim=72, caption_channels=24, caption_len=5, sample_size=6,
-                   use_pe=True, pe_interpolation=2.0)
+                   mlp_ratio=0.5, use_pe=True, pe_interpolation=2.0)
 
 
 def _reference_pos_embed(hidden, base, interpolation):
@@ -229,8 +230,7 @@ def _reference_pos_embed(hidden, base, interpolation):
   return np.asarray(pe, np.float32)[None]
 
 
-@pytest.mark.parametrize("interpolation", [2.0, 0.75])
-def test_official_pe_checkpoint_converts_without_config(tmp_path, interpolation):
+def test_official_pe_checkpoint_converts_without_config(tmp_path, interpolation=2.0):
   """Official 2K/4K-style checkpoint, no --config: use_pe, sample_size and
   pe_interpolation come from pos_embed, and the output equals diffusers' with that PE at a
   non-square latent that is not the base grid."""
@@ -251,8 +251,8 @@ def test_official_pe_checkpoint_converts_without_config(tmp_path, interpolation)
   x = rng.standard_normal((1, 5, 8, 4)).astype(np.float32)
   y = rng.standard_normal((1, 3, 24)).astype(np.float32)
   m = np.ones((1, 3), np.int32)
-  ours = dit.SanaDiT(got.diffusers_compatible()).apply({"params": params}, x,
-                                                       np.array([500.0], np.float32), y, m)
+  ours = jax.jit(dit.SanaDiT(got.diffusers_compatible()).apply)(
+      {"params": params}, x, np.array([500.0], np.float32), y, m)
   assert ref.rel_err(ours, ref.run_diffusers(model, x, [500.0], y, m)) <= 1e-5
 
 
@@ -261,9 +261,10 @@ def test_pos_embed_inference_zero_bf16_and_refusals():
   # A zero buffer: no PE; its token count still gives the base grid (patch 2: sample 2*7).
   assert W.infer_positional({"pos_embed": np.zeros((1, 49, 8), np.float32)}, 2) == {
       "use_pe": False, "sample_size": 14}
-  # bf16 buffers (bf16 checkpoints) at the released sizes: interpolation exact.
-  for base, interp in [(64, 1.0), (128, 2.0)]:
-    pe = _reference_pos_embed(2240, base, interp).astype(ml_dtypes.bfloat16)
+  # fp32 at other interpolations; a bf16 buffer (bf16 checkpoint) at the 4K size.
+  for hidden, base, interp, dtype in [(48, 6, 0.75, np.float32), (40, 9, 1.3, np.float32),
+                                      (2240, 128, 2.0, ml_dtypes.bfloat16)]:
+    pe = _reference_pos_embed(hidden, base, interp).astype(dtype)
     assert W.infer_positional({"pos_embed": pe}, 1) == {
         "use_pe": True, "sample_size": base, "pe_interpolation": interp}
   # No interpolation reproduces these: named errors.

@@ -102,24 +102,37 @@ def official_pos_embed(hidden: int, base: int, interpolation: float) -> np.ndarr
   encodes the w coordinate, the second h, each half [sin, cos] with
   omega = 1 / 10000 ** (arange(hidden / 4) / (hidden / 4)).
   """
+  axis = _axis_embed(hidden, base, interpolation)
+  w = np.broadcast_to(axis[None, :, :], (base, base, hidden // 2))  # token (h, w): w's
+  h = np.broadcast_to(axis[:, None, :], (base, base, hidden // 2))
+  return np.concatenate([w, h], axis=-1).reshape(base * base, hidden)
+
+
+def _axis_embed(hidden: int, base: int, interpolation: float) -> np.ndarray:
+  """(base, hidden / 2) float64: [sin, cos] of one coordinate's official positions."""
   if hidden % 4:
     raise PositionalEmbeddingError(f"a sin-cos positional embedding needs hidden_size % 4 == 0, "
                                    f"got {hidden}")
-  grid = (np.arange(base, dtype=np.float32) / np.float32(base / base)
-          / np.float32(interpolation)).astype(np.float32)
-  ww, hh = np.meshgrid(grid, grid)  # (h, w) each
+  pos = (np.arange(base, dtype=np.float32) / np.float32(base / base)
+         / np.float32(interpolation)).astype(np.float32)
+  omega = 1.0 / 10000 ** (np.arange(hidden // 4, dtype=np.float64) / (hidden / 4))
+  out = np.outer(pos.astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-  def one_axis(pos):
-    omega = 1.0 / 10000 ** (np.arange(hidden // 4, dtype=np.float64) / (hidden / 4))
-    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-  return np.concatenate([one_axis(ww), one_axis(hh)], axis=1)
+def _pe_error(pe: np.ndarray, base: int, interpolation: float) -> float:
+  """max |pe - official_pos_embed| for a float32 (base**2, C) buffer, without building the
+  full embedding (each half depends on one coordinate)."""
+  c = pe.shape[1]
+  grid = pe.reshape(base, base, c)
+  axis = _axis_embed(c, base, interpolation).astype(np.float32)
+  return float(max(np.max(np.abs(grid[..., :c // 2] - axis[None])),
+                   np.max(np.abs(grid[..., c // 2:] - axis[:, None]))))
 
 
 def _pos_embed_buffer(official: Mapping[str, np.ndarray], hidden: int | None
-                      ) -> tuple[np.ndarray, int] | None:
-  """(buffer (tokens, C) as float32, base grid size), or None without a pos_embed."""
+                      ) -> tuple[np.ndarray, int, Any] | None:
+  """(buffer (tokens, C) as float32, base grid size, stored dtype), or None without one."""
   if "pos_embed" not in official:
     return None
   pe = np.asarray(official["pos_embed"])
@@ -133,7 +146,7 @@ def _pos_embed_buffer(official: Mapping[str, np.ndarray], hidden: int | None
   if base * base != pe.shape[0] or base == 0:
     raise PositionalEmbeddingError(f"pos_embed has {pe.shape[0]} tokens, not a square "
                                    "base grid (base_size ** 2)")
-  return pe, base
+  return pe.astype(np.float32), base, pe.dtype
 
 
 def _pe_tolerance(buffer_dtype, base: int) -> float:
@@ -151,20 +164,19 @@ def _positional_mismatches(official: Mapping[str, np.ndarray], cfg: DiTConfig) -
   found = _pos_embed_buffer(official, cfg.hidden_size)
   if found is None:
     return []
-  pe, base = found
+  pe, base, dtype = found
   bad, ours = [], cfg.sample_size // cfg.patch_size
   if ours != base:
     bad.append(f"sample_size: config gives a {ours}x{ours} base grid (sample_size "
                f"{cfg.sample_size} / patch {cfg.patch_size}), checkpoint's pos_embed has "
                f"{base}x{base} tokens (sample_size {base * cfg.patch_size})")
-  nonzero = bool(np.any(pe.astype(np.float32)))
+  nonzero = bool(np.any(pe))
   if nonzero != cfg.use_pe:
     bad.append(f"use_pe: config gives use_pe={cfg.use_pe}, checkpoint's pos_embed is "
                f"{'non-zero (the model uses the positional embedding)' if nonzero else 'zero'}")
   elif cfg.use_pe and ours == base:
-    err = float(np.max(np.abs(official_pos_embed(cfg.hidden_size, base, cfg.pe_interpolation)
-                              - pe.astype(np.float64))))
-    tol = _pe_tolerance(pe.dtype, base)
+    err = _pe_error(pe, base, cfg.pe_interpolation)
+    tol = _pe_tolerance(dtype, base)
     if err > tol:
       bad.append(f"pe_interpolation: config's sin-cos embedding (pe_interpolation "
                  f"{cfg.pe_interpolation}) is {err:.3g} off the checkpoint's pos_embed "
@@ -187,9 +199,9 @@ def infer_positional(official: Mapping[str, np.ndarray], patch_size: int,
   found = _pos_embed_buffer(official, hidden)
   if found is None:
     return {}
-  pe, base = found
+  pe, base, dtype = found
   fields = {"use_pe": False, "sample_size": base * patch_size}
-  if not np.any(pe.astype(np.float32)):
+  if not np.any(pe):
     return fields
   c = pe.shape[1]
   if c % 4:
@@ -208,15 +220,14 @@ def infer_positional(official: Mapping[str, np.ndarray], patch_size: int,
       x = phase / omega[k]
     else:
       x = (phase + 2 * math.pi * round((x * omega[k] - phase) / (2 * math.pi))) / omega[k]
-  target = pe.astype(np.float64)
-  tol = _pe_tolerance(pe.dtype, base)
+  tol = _pe_tolerance(dtype, base)
   best = (math.inf, float("nan"))
   if x is not None and math.isfinite(x) and x > 0:
     estimate = (base - 1) / x
     for cand in [round(estimate, n) for n in range(7)] + [estimate]:
       if cand <= 0:
         continue
-      err = float(np.max(np.abs(official_pos_embed(c, base, cand) - target)))
+      err = _pe_error(pe, base, cand)
       if err <= tol:
         return {**fields, "use_pe": True, "pe_interpolation": float(cand)}
       best = min(best, (err, cand))
@@ -270,6 +281,11 @@ def config_from_official(official: Mapping[str, np.ndarray], **overrides) -> DiT
                   "one): assuming use_pe=False, sample_size=32; pass a config if the model "
                   "uses the positional embedding", stacklevel=2)
   fields.update(positional)
+  if (np.asarray(official["x_embedder.proj.weight"]).dtype == np.float16
+      and "fp16_attn_clip" not in overrides):
+    warnings.warn("an fp16 checkpoint: fp16_attn_clip stays False, but the fp16-trained "
+                  "models need the self-attention clip to +-65504 (REFERENCE.md, fp16 "
+                  "checkpoints): pass a config with fp16_attn_clip=True", stacklevel=2)
   fields.update(overrides)
   return DiTConfig(**fields)
 
