@@ -8,74 +8,264 @@ autoencoder encode the data (the transformer need not exist yet). `folder` sourc
 images with a caption in a .txt file of the same stem; images are centre-cropped to the
 model's image size (aspect buckets: --buckets HxW,... in pixels, each image to the nearest
 aspect ratio). The null caption is written beside the data for CFG dropout.
+
+The dataset is written to DATA/sana_latents/NAME/1.0.0, whole or not at all; an existing
+dataset of that name is refused unless --overwrite (then replaced once the new one is
+complete).
+
+Across hosts: `--shard I/N` encodes the I-th of N contiguous slices of the examples (under
+jax.distributed, e.g. SANA_JAX_DISTRIBUTED=1 on a TPU pod, the default is the process index
+and count). Each host writes its part under DATA/.sana_latents-NAME.parts/; the host that
+completes the set joins the parts into one dataset, record for record what one unsharded
+run writes. DATA must be a folder every host sees (NFS, a shared disk).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import re
 import sys
 
-import numpy as np
-import tqdm
-from PIL import Image
-
-from sana_jax import bundle
-from sana_jax.data import latents_tfds
-from sana_jax.train.loop import NULL_CAPTION_FILE  # noqa: F401  (documented file name)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEFAULT_SHAPES_NUM = 20000
 
 
-def _encoders(model: pathlib.Path):
-  from sana_jax.models.prompts import PromptConfig, PromptEncoder
-  settings = json.loads((model / bundle.PIPELINE_FILE).read_text())
-  p = settings["prompt"]
-  enc = PromptEncoder.from_folders(
-      str(model / "tokenizer"), str(model / "text_encoder"),
-      PromptConfig(max_length=p["max_length"], chi=tuple(p["chi"]) if p.get("chi") else None,
-                   lowercase=p.get("lowercase", False)))
-  ae = bundle._autoencoder(model, settings["autoencoder"])  # pylint: disable=protected-access
-  return settings, enc, ae
+class UsageError(ValueError):
+  """A bad argument: reported as `error: ...` with exit status 2."""
 
 
-def shapes_source(num: int, image_size: int, seed: int):
+class PartsError(ValueError):
+  """The written parts do not make one dataset (see latents_tfds.merge_parts)."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # the contract's `error: ...` line and status 2, no usage dump
+    self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  ap = _Parser(prog="python -m sana_jax.data.preprocess", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", type=pathlib.Path, required=True,
+                  help="model folder whose text encoder, tokenizer and autoencoder encode the "
+                       "data (required)")
+  ap.add_argument("--out", type=pathlib.Path, required=True,
+                  help="TFDS data_dir; the dataset goes to OUT/sana_latents/NAME/1.0.0 "
+                       "(required)")
+  ap.add_argument("--name", default="shapes32",
+                  help="dataset (config) name (default: %(default)s)")
+  ap.add_argument("--source", choices=("shapes", "folder"), default="shapes",
+                  help="shapes: generated ShapesEval scenes; folder: --images (default: "
+                       "%(default)s)")
+  ap.add_argument("--num", type=int, default=None,
+                  help=f"number of examples: shapes (default {DEFAULT_SHAPES_NUM}); folder: "
+                       "the first NUM images in name order (default: all)")
+  ap.add_argument("--seed", type=int, default=0,
+                  help="shapes: scene seed (default: %(default)s)")
+  ap.add_argument("--images", type=pathlib.Path, default=None,
+                  help="folder source: images (.png/.jpg) with a same-stem .txt caption "
+                       "(default: none; required for --source folder)")
+  ap.add_argument("--buckets", default="",
+                  help="folder source: HxW pixel sizes, comma-separated, each a multiple of "
+                       "the autoencoder's downsampling (default: the model's square image "
+                       "size)")
+  ap.add_argument("--batch_size", type=int, default=64,
+                  help="images encoded at once (default: %(default)s)")
+  ap.add_argument("--shard", default=None,
+                  help="I/N: encode slice I of N (0 <= I < N) and write it as part I; the "
+                       "last part to finish joins them (default: the jax.distributed process "
+                       "index/count when initialised, else 0/1: everything)")
+  ap.add_argument("--overwrite", action="store_true",
+                  help="replace an existing dataset of that name once the new one is complete "
+                       "(default: refuse)")
+  ap.add_argument("--no_progress", action="store_true",
+                  help="no progress bar (default: show it)")
+  return ap
+
+
+def parse_args(argv) -> argparse.Namespace:
+  return build_parser().parse_args(argv)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+  if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+    raise UsageError(f"--shard {text!r}: expected I/N with integers 0 <= I < N, e.g. 0/4")
+  return int(m.group(1)), int(m.group(2))
+
+
+def parse_buckets(text: str) -> list[tuple[int, int]]:
+  out = []
+  for b in text.split(","):
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", b)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+      raise UsageError(f"--buckets {text!r}: {b!r} is not HxW with positive integers "
+                       "(e.g. 1024x1024,768x1344)")
+    out.append((int(m.group(1)), int(m.group(2))))
+  if len(set(out)) != len(out):
+    raise UsageError(f"--buckets {text!r}: a size is listed twice")
+  return out
+
+
+def read_model_settings(model: pathlib.Path) -> tuple[dict, int, int]:
+  """Checks what preprocessing needs of a model folder, loading nothing: returns
+  (pipeline settings, autoencoder downsampling, latent channels)."""
+  from sana_jax import bundle
+  if not model.is_dir():
+    raise UsageError(f"--model {model}: no such folder")
+  path = model / bundle.PIPELINE_FILE
+  if not path.is_file():
+    raise UsageError(f"--model {model}: not a sana_jax model folder (no {bundle.PIPELINE_FILE})")
+  try:
+    settings = json.loads(path.read_text())
+    prompt, spec, size = settings["prompt"], settings["autoencoder"], settings["image_size"]
+    prompt["max_length"]  # pylint: disable=pointless-statement
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise UsageError(f"--model {model}: {path} is not a valid settings file ({e!r}); "
+                     "expected 'prompt', 'autoencoder' and 'image_size'") from None
+  need = ["text_encoder/config.json", "text_encoder/params.safetensors", "tokenizer/"]
+  kind = spec.get("kind")
+  if kind == "dcae":
+    need.append("vae/config.json")
+  elif kind != "pixels":
+    raise UsageError(f"--model {model}: autoencoder kind {kind!r}; expected 'pixels' or 'dcae'")
+  missing = [n for n in need if not (model / n).exists()]
+  if missing:
+    raise UsageError(f"--model {model}: the folder is incomplete; missing {missing}")
+  if kind == "pixels":
+    return settings, 1, int(spec.get("channels", 3))
+  try:
+    cfg = json.loads((model / "vae/config.json").read_text())
+    stages = cfg.get("encoder_block_out_channels") or cfg["block_out_channels"]
+    return settings, 2 ** (len(stages) - 1), int(cfg["latent_channels"])
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise UsageError(f"--model {model}: vae/config.json is not a DC-AE config ({e!r})") from None
+
+
+def list_images(images: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def validate(args) -> dict:
+  """Every check that loads no model; raises UsageError. Returns the resolved plan."""
+  settings, downsample, channels = read_model_settings(args.model)
+  size = int(settings["image_size"])
+  if args.batch_size < 1:
+    raise UsageError(f"--batch_size {args.batch_size}: must be >= 1")
+  if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", args.name):
+    raise UsageError(f"--name {args.name!r}: use letters, digits, '_', '.' and '-'")
+  if args.out.exists() and not args.out.is_dir():
+    raise UsageError(f"--out {args.out}: exists and is not a folder")
+  parent = next(p for p in [args.out, *args.out.absolute().parents] if p.exists())
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UsageError(f"--out {args.out}: {parent} is not writable")
+  if args.num is not None and args.num < 1:
+    raise UsageError(f"--num {args.num}: must be >= 1")
+  from sana_jax.data import latents_tfds
+  existing = latents_tfds.existing_dataset(args.out, args.name)
+  if existing is not None and not args.overwrite:
+    raise UsageError(f"--out {args.out}: {existing} already holds a dataset named "
+                     f"{args.name!r}; pass --overwrite to replace it, or choose another "
+                     "--name / --out")
+  shard = parse_shard(args.shard) if args.shard is not None else None
+  if args.source == "shapes":
+    for flag, value in (("--images", args.images), ("--buckets", args.buckets or None)):
+      if value is not None:
+        raise UsageError(f"{flag} {value}: applies to --source folder only")
+    if size % downsample:
+      raise UsageError(f"--model {args.model}: image size {size} is not a multiple of the "
+                       f"autoencoder's {downsample}x downsampling")
+    num = args.num or DEFAULT_SHAPES_NUM
+    buckets_px, files = [(size, size)], None
+  else:
+    if args.images is None:
+      raise UsageError("--source folder needs --images DIR")
+    if not args.images.is_dir():
+      raise UsageError(f"--images {args.images}: no such folder")
+    files = list_images(args.images)
+    if not files:
+      raise UsageError(f"--images {args.images}: no {'/'.join(IMAGE_SUFFIXES)} images")
+    files = files[:args.num] if args.num else files
+    num = len(files)
+    buckets_px = parse_buckets(args.buckets) if args.buckets else [(size, size)]
+    for h, w in buckets_px:
+      if h % downsample or w % downsample:
+        raise UsageError(f"--buckets {args.buckets}: {h}x{w} is not a multiple of the "
+                         f"autoencoder's {downsample}x downsampling")
+  return dict(settings=settings, downsample=downsample, channels=channels, size=size,
+              num=num, buckets_px=buckets_px, files=files, shard=shard)
+
+
+def shard_range(num: int, index: int, count: int) -> range:
+  """The contiguous slice of range(num) that shard `index` of `count` encodes."""
+  return range(index * num // count, (index + 1) * num // count)
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+  import numpy as np
+  ratio = height / width
+  return min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - np.log(ratio)))
+
+
+def plan_folder(files: list[pathlib.Path], buckets) -> dict:
+  """{bucket: [files]} from the image headers (nothing decoded); checks every caption."""
+  from PIL import Image, UnidentifiedImageError
+  plan = {b: [] for b in buckets}
+  for f in files:
+    if not f.with_suffix(".txt").is_file():
+      raise UsageError(f"--images: {f} has no caption file {f.with_suffix('.txt').name}")
+    try:
+      with Image.open(f) as im:
+        w, h = im.size
+    except (UnidentifiedImageError, OSError) as e:
+      raise UsageError(f"--images: {f} is not a readable image ({e})") from None
+    plan[nearest_bucket(h, w, buckets)].append(f)
+  return plan
+
+
+def load_folder_image(f: pathlib.Path, bucket: tuple[int, int]):
+  """(uint8 (h, w, 3) image resized to cover the bucket and centre-cropped, caption)."""
+  import numpy as np
+  from PIL import Image
+  h, w = bucket
+  img = Image.open(f).convert("RGB")
+  scale = max(h / img.height, w / img.width)
+  img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))),
+                   Image.BICUBIC)
+  left, top = (img.width - w) // 2, (img.height - h) // 2
+  return np.asarray(img.crop((left, top, left + w, top + h))), f.with_suffix(".txt").read_text().strip()
+
+
+def shapes_source(indices, image_size: int, seed: int):
   from sana_jax.data import shapes
-  for i in range(num):
+  for i in indices:
     ex = shapes.example(i, image_size, seed)
     yield ex["image"], ex["spec"]["prompt"]
 
 
-def folder_source(images: pathlib.Path, buckets: list[tuple[int, int]]):
-  files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-  if not files:
-    raise FileNotFoundError(f"no images in {images}")
-  for f in files:
-    cap = f.with_suffix(".txt")
-    if not cap.exists():
-      raise FileNotFoundError(f"{f} has no caption file {cap.name}")
-    img = Image.open(f).convert("RGB")
-    ratio = img.height / img.width
-    h, w = min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - np.log(ratio)))
-    scale = max(h / img.height, w / img.width)
-    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))),
-                     Image.BICUBIC)
-    left, top = (img.width - w) // 2, (img.height - h) // 2
-    yield np.asarray(img.crop((left, top, left + w, top + h))), cap.read_text().strip()
-
-
 def encode_source(source, settings, enc, ae, batch: int = 64):
-  """Yields training examples, encoding images and captions in batches."""
+  """Yields training examples, encoding images and captions in batches of `batch` (the last
+  one padded to that size, so every batch runs one compiled program and an example's arrays
+  do not depend on where a batch boundary falls)."""
+  import numpy as np
+  del settings
+
   def flush(items):
-    images = np.stack([im for im, _ in items]).astype(np.float32) / 127.5 - 1.0
-    latents = ae.encode(images)
-    emb, mask = enc.encode([c for _, c in items])
+    n = len(items)
+    padded = items + [items[-1]] * (batch - n)
+    images = np.stack([im for im, _ in padded]).astype(np.float32) / 127.5 - 1.0
+    latents = np.asarray(ae.encode(images))
+    emb, mask = enc.encode([c for _, c in padded])
     for k, (_, c) in enumerate(items):
-      yield {"latent": np.asarray(latents[k]), "caption": emb[k], "caption_mask": mask[k],
-             "text": c}
+      yield {"latent": latents[k], "caption": np.asarray(emb[k]),
+             "caption_mask": np.asarray(mask[k]), "text": c}
 
   items, shape = [], None
   for image, caption in source:
-    if shape is not None and image.shape != shape:
+    if shape is not None and image.shape != shape and items:
       yield from flush(items)
       items = []
     shape = image.shape
@@ -87,55 +277,97 @@ def encode_source(source, settings, enc, ae, batch: int = 64):
     yield from flush(items)
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", type=pathlib.Path, required=True)
-  ap.add_argument("--out", type=pathlib.Path, required=True, help="TFDS data_dir")
-  ap.add_argument("--name", default="shapes32")
-  ap.add_argument("--source", choices=("shapes", "folder"), default="shapes")
-  ap.add_argument("--num", type=int, default=20000, help="shapes: number of examples")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--images", type=pathlib.Path, help="folder source: images + .txt captions")
-  ap.add_argument("--buckets", default="", help="folder source: HxW pixel sizes, comma-separated")
-  args = ap.parse_args(argv)
+def _encoders(model: pathlib.Path, settings: dict):
+  from sana_jax import bundle
+  from sana_jax.models.prompts import PromptConfig, PromptEncoder
+  p = settings["prompt"]
+  enc = PromptEncoder.from_folders(
+      str(model / "tokenizer"), str(model / "text_encoder"),
+      PromptConfig(max_length=p["max_length"], chi=tuple(p["chi"]) if p.get("chi") else None,
+                   lowercase=p.get("lowercase", False)))
+  ae = bundle._autoencoder(model, settings["autoencoder"])  # pylint: disable=protected-access
+  return enc, ae
 
-  bundle_folder = args.model
-  if not (bundle_folder / bundle.PIPELINE_FILE).exists():
-    raise FileNotFoundError(f"{bundle_folder} has no {bundle.PIPELINE_FILE}")
-  settings, enc, ae = _encoders(bundle_folder)
-  size = settings["image_size"]
+
+def _default_shard() -> tuple[int, int]:
+  """(process index, count) under jax.distributed (initialised from the environment as
+  train.py does), else (0, 1)."""
+  from sana_jax import parallel
+  if parallel.maybe_initialize_distributed():
+    import jax
+    return jax.process_index(), jax.process_count()
+  return 0, 1
+
+
+def run(args) -> str:
+  """Validates, encodes and writes; returns the message for the user."""
+  plan = validate(args)
+  index, count = plan["shard"] or _default_shard()
+  if count > plan["num"]:
+    raise UsageError(f"--shard {index}/{count}: {plan['num']} examples cannot be split into "
+                     f"{count} non-empty parts")
+  mine = shard_range(plan["num"], index, count)
+  settings, ds = plan["settings"], plan["downsample"]
   if args.source == "shapes":
-    buckets_px = [(size, size)]
-    make_source = lambda: shapes_source(args.num, size, args.seed)  # noqa: E731
-    total = args.num
+    by_bucket = {plan["buckets_px"][0]: list(mine)}
+    make = lambda b: shapes_source(by_bucket[b], plan["size"], args.seed)  # noqa: E731
   else:
-    if args.images is None:
-      raise ValueError("--source folder needs --images DIR")
-    buckets_px = ([tuple(int(v) for v in b.split("x")) for b in args.buckets.split(",")]
-                  if args.buckets else [(size, size)])
-    make_source = lambda: folder_source(args.images, buckets_px)  # noqa: E731
-    total = len([p for p in args.images.iterdir() if p.suffix.lower() in (".png", ".jpg",
-                                                                          ".jpeg")])
-  for h, w in buckets_px:
-    if h % ae.downsample or w % ae.downsample:
-      raise ValueError(f"bucket {h}x{w} is not a multiple of the autoencoder's "
-                       f"{ae.downsample}x downsampling")
-  buckets = [(h // ae.downsample, w // ae.downsample) for h, w in buckets_px]
-  null_emb, null_mask = enc.encode_null(1)
-  bar = tqdm.tqdm(total=total * len(buckets), desc="encode", unit="img")
+    by_bucket = plan_folder([plan["files"][i] for i in mine], plan["buckets_px"])
+    make = lambda b: (load_folder_image(f, b) for f in by_bucket[b])  # noqa: E731
+  nonempty = [b for b, items in by_bucket.items() if items]
+  total = sum(len(v) for v in by_bucket.values())
 
-  def examples():
-    for ex in encode_source(make_source(), settings, enc, ae):
+  # Every argument is checked: now load the encoders.
+  import tqdm
+  import tensorflow_datasets as tfds
+  from sana_jax.data import latents_tfds
+  tfds.disable_progress_bar()  # one bar: ours, over the examples this run encodes
+  enc, ae = _encoders(args.model, settings)
+  null_emb, null_mask = enc.encode_null(1)
+  bar = tqdm.tqdm(total=total, desc=f"encode (part {index + 1}/{count})" if count > 1
+                  else "encode", unit="img", disable=args.no_progress)
+
+  def examples(bucket_latent):
+    bucket = next(b for b in nonempty if (b[0] // ds, b[1] // ds) == tuple(bucket_latent))
+    for ex in encode_source(make(bucket), settings, enc, ae, args.batch_size):
       bar.update(1)
       yield ex
 
-  out = latents_tfds.write_dataset(
-      examples, str(args.out), args.name, buckets=buckets, channels=ae.latent_channels,
-      caption_len=null_emb.shape[1], caption_channels=null_emb.shape[2],
-      null_caption=null_emb[0], null_mask=null_mask[0])
-  bar.close()
-  print(f"wrote dataset to {out}")
+  common = dict(buckets=[(h // ds, w // ds) for h, w in nonempty], channels=plan["channels"],
+                caption_len=null_emb.shape[1], caption_channels=null_emb.shape[2],
+                null_caption=null_emb[0], null_mask=null_mask[0], per_bucket=True)
+  try:
+    if count == 1:
+      out = latents_tfds.write_dataset(examples, str(args.out), args.name,
+                                       overwrite=args.overwrite, **common)
+      return f"wrote dataset of {total} examples to {out}"
+    signature = {k: str(v) for k, v in vars(args).items()
+                 if k not in ("shard", "no_progress", "overwrite")}
+    signature["count"] = str(count)
+    part = latents_tfds.write_part(examples, str(args.out), args.name, index=index,
+                                   count=count, signature=signature, **common)
+  finally:
+    bar.close()
+  try:
+    out = latents_tfds.merge_parts(str(args.out), args.name, count, overwrite=args.overwrite)
+  except ValueError as e:
+    raise PartsError(str(e)) from None
+  if out is None:
+    missing = latents_tfds.missing_parts(args.out, args.name, count)
+    return (f"wrote part {index} of {count} ({total} examples) to {part}; the dataset is "
+            f"joined when the other parts are written (missing: {missing})")
+  return f"wrote part {index} of {count} ({total} examples); joined all {count} parts: wrote " \
+         f"dataset to {out}"
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    message = run(args)
+  except (UsageError, FileExistsError, PartsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(message)
   return 0
 
 
