@@ -153,6 +153,7 @@ SCORE_CASES = [
     (["--per_category", "0"], ["--per_category", "'0'", ">= 1"]),
     (["--per_category", "-2"], ["--per_category", "'-2'"]),
     (["--per_category", "51"], ["--per_category 51", "50 prompts per category"]),
+    (["--validation", "--per_category", "91"], ["--per_category 91", "at most 90"]),
     (["--num_prompts", "0"], ["--num_prompts", "'0'"]),
     (["--num_prompts", "301"], ["--num_prompts 301", "300 prompts"]),
     (["--ns", "0"], ["--ns", "'0'", ">= 1"]),

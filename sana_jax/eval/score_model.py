@@ -32,6 +32,11 @@ from sana_jax.scaling import best_of_n_cli as bon_cli
 from sana_jax.scaling.judges import ShapesJudge
 
 
+# The prompt grammar has about 94 distinct single_object prompts outside the evaluation set
+# (counted over 30000 draws); asking make_eval_prompts for more would never end.
+MAX_VALIDATION_PER_CATEGORY = 90
+
+
 def generate_all(pipe, prompts, n_max: int, batch: int, options) -> np.ndarray:
   """(P, n_max, H, W, 3) uint8; seeds 1000 * p + k."""
   flat = [(p, k) for p in range(len(prompts)) for k in range(n_max)]
@@ -132,7 +137,7 @@ def build_parser() -> "bon_cli.CommandParser":
   ap.add_argument("--validation", action="store_true",
                   help="score held-out validation prompts (disjoint from the evaluation "
                        "set; --per_category of them per category, default "
-                       f"{shapes.EVAL_PER_CATEGORY}) instead: use these to choose sampling "
+                       f"{shapes.EVAL_PER_CATEGORY}, at most {MAX_VALIDATION_PER_CATEGORY}) instead: use these to choose sampling "
                        "settings (default: off, the evaluation prompts)")
   ap.add_argument("--batch", type=bon_cli.int_at_least(1), default=128,
                   help="images per generation call (default 128)")
@@ -148,6 +153,11 @@ def select_prompts(args) -> list[dict]:
   """The prompts a run scores (evaluation or validation set, --num_prompts, --per_category).
   Raises UsageError for a selection the set cannot give."""
   if args.validation:
+    if args.per_category is not None and args.per_category > MAX_VALIDATION_PER_CATEGORY:
+      raise bon_cli.UsageError(
+          f"--per_category {args.per_category}: --validation draws at most "
+          f"{MAX_VALIDATION_PER_CATEGORY} prompts per category (the grammar has about 94 "
+          "distinct single_object prompts outside the evaluation set)")
     prompts = shapes.make_eval_prompts(args.per_category or shapes.EVAL_PER_CATEGORY,
                                        shapes.VALIDATION_SEED, exclude_eval_prompts=True)
   else:
