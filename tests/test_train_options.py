@@ -125,6 +125,31 @@ def test_nonfinite_batch_is_skipped_and_counted():
   assert bool(m["finite"])
   assert (int(state3.step), int(state3.skipped), int(state3.nonfinite_run)) == (4, 2, 0)
   assert any(np.any(a != b) for a, b in zip(_leaves(state3.params), _leaves(state0.params)))
+  # The reported LR is the schedule at the optimizer's count (applied updates: 1 here).
+  np.testing.assert_allclose(float(m["lr"]), float(optim_lib.learning_rate(
+      _config().train)(1)), rtol=1e-6)
+
+
+def test_finite_loss_with_nonfinite_gradient_is_skipped(monkeypatch):
+  """A model whose loss is finite but whose gradient is not (sqrt at 0): skipped too."""
+  import flax.linen as nn
+
+  class SqrtModel(nn.Module):
+    config: object
+
+    @nn.compact
+    def __call__(self, x, t, caption, mask):
+      return x * jnp.sqrt(self.param("w", nn.initializers.zeros, ()))
+
+  monkeypatch.setattr(dit, "SanaDiT", SqrtModel)
+  config, tx = _config(), optax.sgd(0.1, momentum=0.9)
+  state = state_lib.create({"w": jnp.zeros(())}, tx)
+  new, m = jax.jit(functools.partial(step_lib.train_step, config=config, tx=tx))(
+      state, _batch(0), NULL)
+  assert np.isfinite(float(m["loss"])) and not np.isfinite(float(m["grad_norm"]))
+  assert not bool(m["finite"]) and int(new.skipped) == 1
+  assert float(new.params["w"]) == 0.0 and float(new.ema_params["w"]) == 0.0
+  _assert_trees_equal(new.opt_state, state.opt_state, "opt_state")
 
 
 def test_grad_accum_gives_the_one_batch_gradient():

@@ -77,8 +77,10 @@ def train_step(state: state_lib.TrainState, batch: dict, null_caption: jax.Array
       ema_params=keep(ema, state.ema_params),
       skipped=state.skipped + (~finite).astype(jnp.int32),
       nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
+  # The optimizer's schedule counts applied updates: a skipped step keeps its state (and
+  # count), so the LR of this update is the schedule at step - skipped.
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-             "lr": optim_lib.learning_rate(tc)(state.step)}
+             "lr": optim_lib.learning_rate(tc)(state.step - state.skipped)}
   return new_state, metrics
 
 
