@@ -16,9 +16,7 @@ end; an existing non-empty --out is replaced only with --overwrite.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import pathlib
 import sys
 
@@ -112,7 +110,7 @@ def gallery(prompts, images, path: pathlib.Path, per_category: int = 6) -> None:
   canvas.save(path)
 
 
-def build_parser() -> "bon_cli.CommandParser":
+def build_parser() -> bon_cli.CommandParser:
   ap = bon_cli.CommandParser(prog="python -m sana_jax.eval.score_model", description=__doc__,
                              formatter_class=bon_cli.HelpFormatter)
   ap.add_argument("--model", type=pathlib.Path, default=None,
@@ -137,8 +135,9 @@ def build_parser() -> "bon_cli.CommandParser":
   ap.add_argument("--validation", action="store_true",
                   help="score held-out validation prompts (disjoint from the evaluation "
                        "set; --per_category of them per category, default "
-                       f"{shapes.EVAL_PER_CATEGORY}, at most {MAX_VALIDATION_PER_CATEGORY}) instead: use these to choose sampling "
-                       "settings (default: off, the evaluation prompts)")
+                       f"{shapes.EVAL_PER_CATEGORY}, at most {MAX_VALIDATION_PER_CATEGORY}) "
+                       "instead: use these to choose sampling settings (default: off, the "
+                       "evaluation prompts)")
   ap.add_argument("--batch", type=bon_cli.int_at_least(1), default=128,
                   help="images per generation call (default 128)")
   ap.add_argument("--steps", type=bon_cli.int_at_least(1), default=None,

@@ -67,7 +67,8 @@ def int_at_least(minimum: int, maximum: int | None = None):
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer {allowed}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected an integer {allowed}, got {text!r}") from None
         if v < minimum or (maximum is not None and v > maximum):
             raise argparse.ArgumentTypeError(f"expected an integer {allowed}, got {text!r}")
         return v
@@ -405,7 +406,8 @@ def main(argv=None, generate_fn: GenerateFn | None = None) -> int:
                 summary.append({"index": idx, "prompt": prompt,
                                 "winners": list(res.tournament.winners),
                                 "winner_seeds": res.winner_seeds,
-                                "winner_files": [str(p.relative_to(tmp)) for p in res.winner_paths]})
+                                "winner_files": [str(p.relative_to(tmp))
+                                                 for p in res.winner_paths]})
                 print(f"[{idx}] {prompt!r}: kept {res.winner_seeds}")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     except JudgeError as e:

@@ -342,8 +342,9 @@ def check_calibration(args, cfg, inputs: dict) -> None:
   """Cached captions and latents against the model's caption width and channels."""
   if "captions" in inputs:
     try:
-      pruning._check_calibration(cfg, inputs["captions"], inputs["masks"],  # pylint: disable=protected-access
-                                 inputs.get("latents"), args.latent_size or cfg.sample_size)
+      pruning._check_calibration(  # pylint: disable=protected-access
+          cfg, inputs["captions"], inputs["masks"], inputs.get("latents"),
+          args.latent_size or cfg.sample_size)
     except ValueError as e:
       flag = "--latents" if str(e).startswith("latents") else "--captions"
       raise cli.UsageError(f"{flag} {getattr(args, flag[2:])}: {e}") from None
