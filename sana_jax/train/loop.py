@@ -23,6 +23,7 @@ import signal
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -324,6 +325,18 @@ def init_params_from(path: str, model_cfg: DiTConfig, like):
   return jax.tree.map(lambda p, ref: np.asarray(p).astype(ref.dtype), params, like)
 
 
+def _barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process gets here (the coordination service; no collective).
+
+  Several processes compile the step at different speeds; the first collective then
+  waits for the slowest, and gloo (CPU) gives up after 30 s. Meeting here first keeps that
+  wait out of the collective."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed
+  distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
 def _say(verbose: bool, msg: str) -> None:
   if verbose and jax.process_index() == 0:
     print(msg, flush=True)
@@ -385,7 +398,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
                                          rows=rows, start_batch=min(start, max(total - 1, 0)))
   iterator = iter(loader)
   null_caption = load_null_caption(config.data.dir)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  null_caption = jax.make_array_from_process_local_data(replicated, null_caption,
+                                                        null_caption.shape)
   step_fn = step_lib.jit_train_step(config, tx, mesh, shardings)
+  compiled = None
   config_dict = config.to_dict()
   multi = jax.process_count() > 1
 
@@ -402,14 +419,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     previous = None
 
   def stop_now(step: int) -> bool:
-    """SIGTERM seen (on any process: they agree at log steps when there are several)."""
+    """SIGTERM seen (on any process: with several they agree at log steps, through the
+    coordination service's key-value store and a barrier; no collective)."""
     if not multi:
       return preempted["flag"]
     if step % tc.log_every and step != total:
       return False
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.asarray(preempted["flag"], np.int32))
-    return bool(np.any(flags))
+    from jax._src import distributed
+    client = distributed.global_state.client
+    if preempted["flag"]:
+      client.key_value_set(f"sana_jax_sigterm/{jax.process_index()}", str(step))
+    _barrier(f"sana_jax_stop_check_{step}")
+    return bool(client.key_value_dir_get("sana_jax_sigterm/"))
 
   writer = metrics_lib.Writer(workdir, enabled=jax.process_index() == 0)
   h, w = shapes["buckets"][0]
@@ -425,7 +446,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
       batch = {k: jax.make_array_from_process_local_data(
                    step_fn.batch_shardings[k], v, (tc.global_batch, *v.shape[1:]))
                for k, v in local.items()}
-      state, m = step_fn(state, batch, null_caption)
+      if compiled is None:  # compile ahead, then start together (see _barrier)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+          compiled = step_fn.jitted.lower(state, batch, null_caption).compile()
+        _barrier("sana_jax_train_step_compiled")
+      state, m = compiled(state, batch, null_caption)
       step += 1
       bar.update(1)
       if step % tc.log_every == 0 or step == total:
