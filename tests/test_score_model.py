@@ -81,3 +81,43 @@ def test_prompt_selection(argv, count):
     assert not eval_set & {p["prompt"] for p in prompts}
   else:
     assert {p["prompt"] for p in prompts} <= eval_set
+
+
+class _RenderingPipeline:
+  """Stands in for SanaPipeline: renders each prompt's ShapesEval specification."""
+
+  def __init__(self, specs):
+    self.specs = {s["prompt"]: s for s in specs}
+
+  def resolve(self, options):
+    return {"steps": options.steps}
+
+  def generate(self, prompts, seeds, options):
+    return np.stack([shapes.render(self.specs[p], 32, np.random.default_rng(s))
+                     for p, s in zip(prompts, seeds)])
+
+
+def test_out_is_replaced_whole_and_only_with_overwrite(tmp_path, monkeypatch, capsys):
+  from sana_jax.pipeline import SanaPipeline
+  monkeypatch.setattr(SanaPipeline, "from_folder",
+                      classmethod(lambda cls, folder: _RenderingPipeline(shapes.eval_prompts())))
+  out = tmp_path / "score"
+  out.mkdir()
+  (out / "stale.txt").write_text("an earlier run")
+  argv = ["--out", str(out), "--num_prompts", "2", "--ns", "2"]
+  assert score_model.main(argv) == 2
+  assert "--overwrite" in capsys.readouterr().err
+  assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]
+  # a failure before the end leaves the old output as it was, and nothing beside it
+  with monkeypatch.context() as m:
+    m.setattr(score_model, "gallery", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+      score_model.main(argv + ["--overwrite"])
+  assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["score"]
+  assert score_model.main(argv + ["--overwrite"]) == 0
+  assert sorted(p.name for p in out.iterdir()) == ["best_of_n.png", "gallery.png", "images",
+                                                   "report.json"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["score"]
+  report = json.loads((out / "report.json").read_text())
+  assert report["one_image"]["overall"] == 1.0  # rendered ground truth: all correct
