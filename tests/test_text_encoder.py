@@ -78,6 +78,34 @@ def test_parity_with_transformers(layer_types):
     assert max_rel_err(ours, ref, np.ones_like(mask)) <= 1e-5
 
 
+def test_rms_norm_eps_against_transformers_where_eps_dominates():
+    """Gemma's RMSNorm eps at work: the function against Gemma2RMSNorm on inputs whose
+    mean square is ~eps, and the whole encoder with a config eps (0.5) of the order of its
+    activations' mean square, so an eps the model ignores or hard-codes fails."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    rng = np.random.default_rng(4)
+    for eps in (1e-6, 1e-5):
+        x = (np.sqrt(eps) * rng.standard_normal((3, 48))).astype(np.float32)
+        w = (0.3 * rng.standard_normal(48)).astype(np.float32)
+        norm = Gemma2RMSNorm(48, eps=eps)
+        with torch.no_grad():
+            norm.weight.copy_(torch.from_numpy(w))
+            theirs = norm(torch.from_numpy(x)).numpy()
+        ours = np.asarray(te.rms_norm(jnp.asarray(x), jnp.asarray(w), eps))
+        assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+        wrong = np.asarray(te.rms_norm(jnp.asarray(x), jnp.asarray(w), 10 * eps))
+        assert np.abs(wrong - theirs).max() > 0.2 * np.abs(theirs).max()
+    model = hf_model(rms_norm_eps=0.5)
+    ids, mask = inputs()
+    ref = reference(model, ids, mask)
+    cfg = gw.config_from_hf(model.config.to_dict())
+    assert cfg.rms_norm_eps == 0.5
+    params = gw.hf_to_params(torch_state(model), cfg)
+    assert max_rel_err(np.asarray(te.make_encode_fn(cfg)(params, ids, mask)), ref, mask) <= 1e-5
+    wrong = dataclasses.replace(cfg, rms_norm_eps=0.05)
+    assert max_rel_err(np.asarray(te.make_encode_fn(wrong)(params, ids, mask)), ref, mask) > 1e-2
+
+
 def test_sliding_window_matters():
     """Guard that the parity config actually exercises the sliding window and softcap."""
     model = hf_model()
