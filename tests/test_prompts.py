@@ -136,12 +136,61 @@ def test_word_level_tokenizer_folder(tmp_path):
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        P.load_tokenizer(str(tmp_path / "missing"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(Exception):
-        P.load_tokenizer(str(tmp_path / "empty"))
-    assert not os.listdir(tmp_path / "empty")
+    """Each way a tokenizer folder can be wrong has its own error type and message naming
+    the folder; nothing is written into it."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    missing = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=f"tokenizer folder '{missing}' does not exist"):
+        P.load_tokenizer(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError,
+                       match=f"tokenizer folder '{empty}' holds no tokenizer .none of "
+                             "tokenizer.json, tokenizer_config.json"):
+        P.load_tokenizer(str(empty))
+    assert not os.listdir(empty)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"tokenizer folder '{broken}' could not be loaded"):
+        P.load_tokenizer(str(broken))
+    assert os.listdir(broken) == ["tokenizer.json"]
+    no_pad = tmp_path / "no_pad"  # a real tokenizer without a pad token
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {"<unk>": 0, "red": 1}, unk_token="<unk>"))).save_pretrained(str(no_pad))
+    with pytest.raises(ValueError, match=f"tokenizer in '{no_pad}' has no pad token"):
+        P.load_tokenizer(str(no_pad))
+
+
+def test_prompt_problems_name_cut_prompts_and_unknown_words(setup, tmp_path):
+    """A prompt past max_length is named with the words cut (exactly the tokens tokenize()
+    drops), an unknown word by name; the encoder warns once per problem."""
+    import warnings
+
+    words = ["a", "blue", "square", "above", "green", "triangle", "and", "cat", "red",
+             "circle"]
+    build_word_level_tokenizer(words, str(tmp_path / "t"), lowercase=True)
+    tok = P.load_tokenizer(str(tmp_path / "t"))
+    cfg = P.PromptConfig(max_length=8, chi=None, lowercase=True)
+    long = "A blue square above a green triangle and a cat"  # <bos> + 10 words
+    msgs = P.prompt_problems(tok, [long, "a red hexagon", "a red circle"], cfg)
+    ids, _ = P.tokenize(tok, [long], cfg, use_chi=False)
+    assert tok.decode(ids[0], skip_special_tokens=True) == "a blue square above a green triangle"
+    assert msgs == [
+        f"prompt {long!r} is longer than the 8 caption tokens the model reads (max_length); "
+        "cut: 'and a cat'",
+        "prompt 'a red hexagon': the tokenizer does not know 'hexagon' (read as '<unk>')"]
+    with_chi = P.PromptConfig(max_length=8, chi=("a blue square", "and a red"), lowercase=True)
+    assert "cut: 'and a cat'" in P.prompt_problems(tok, [long], with_chi)[0]  # after the CHI
+    assert P.prompt_problems(tok, ["a red circle"], cfg) == []
+    enc = P.PromptEncoder.from_params(tok, setup["mcfg"], setup["params"], cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enc.encode([long, "a red hexagon", long])
+        enc.encode(["a red hexagon"])
+    assert [str(w.message) for w in caught if w.category is P.PromptWarning] == msgs
 
 
 def test_tiny_shapes_encoder(tmp_path):

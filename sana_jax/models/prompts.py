@@ -236,14 +236,24 @@ class PromptEncoder:
         mcfg = dc.replace(mcfg, **model_overrides)
         return cls.from_params(load_tokenizer(tokenizer_path), mcfg, params, config)
 
+    MAX_WARNINGS = 10  # prompts named one by one; past that, one line says more exist
+
     def warn(self, prompts) -> list[str]:
         """Issues a PromptWarning for each of prompt_problems(prompts) this encoder has
-        not warned about before (once per message over its lifetime); returns them."""
-        new = [m for m in prompt_problems(self.tokenizer, prompts, self.config)
+        not warned about before (once per message over its lifetime, the first
+        MAX_WARNINGS named, then one line saying further ones are not); returns them."""
+        if len(self.warned) > self.MAX_WARNINGS:
+            return []
+        new = [m for m in dict.fromkeys(prompt_problems(self.tokenizer, prompts, self.config))
                if m not in self.warned]
-        for m in dict.fromkeys(new):
+        for m in new:
             self.warned.add(m)
+            if len(self.warned) > self.MAX_WARNINGS:
+                m = (f"more than {self.MAX_WARNINGS} prompts are cut or have unknown words; "
+                     "further ones are not named")
             warnings.warn(m, PromptWarning, stacklevel=3)
+            if len(self.warned) > self.MAX_WARNINGS:
+                break
         return new
 
     def encode(self, prompts):
