@@ -105,9 +105,13 @@ def prune_and_finetune(args, work, data_dir, batch, base, grown_ckpt, row, curve
   np.savez(work / "latents.npz", latents=batch["latent"])
   pruned_ckpt = work / "pruned"
   chart = args.chart or str(work / "block_importance.png")
-  prune_cli.main(["--checkpoint", str(grown_ckpt), "--captions", str(work / "calib.npz"),
-                  "--latents", str(work / "latents.npz"), "--draws", "4",
-                  "--depth", str(base.depth), "--out", str(pruned_ckpt), "--chart", chart])
+  # --overwrite: this script made pruned_ckpt and the chart (or was told to write it there).
+  rc = prune_cli.main(["--checkpoint", str(grown_ckpt), "--captions", str(work / "calib.npz"),
+                       "--latents", str(work / "latents.npz"), "--draws", "4",
+                       "--depth", str(base.depth), "--out", str(pruned_ckpt), "--chart", chart,
+                       "--overwrite"])
+  if rc:
+    raise SystemExit(f"prune_cli exited {rc}")
   report = json.loads((pruned_ckpt / "block_importance.json").read_text())
   pruned, pcfg, _ = W.load_flax(pruned_ckpt)
   row(f"pruned to blocks {report['kept']} (most important)", pcfg, pruned)
