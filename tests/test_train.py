@@ -219,3 +219,23 @@ def test_loader_worker_processes_give_the_same_batches(data_dir):
   for a, b in zip(first_batches(0), first_batches(2)):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_loader_from_a_batch_continues_the_plan(data_dir):
+  # A run resumed at step s reads the plan from global batch s on (one batch per step),
+  # with any worker count: the same batches the uninterrupted loader gives from s on.
+  from sana_jax.data import input_pipeline
+  loader, plan = input_pipeline.make_loader(data_dir, 4, seed=5, num_epochs=4)
+  it = iter(loader)
+  full = [next(it) for _ in range(6)]
+  for workers in (0, 2):
+    loader, _ = input_pipeline.make_loader(data_dir, 4, seed=5, num_epochs=4,
+                                           worker_count=workers, start_batch=3)
+    it = iter(loader)
+    for want in full[3:]:
+      got = next(it)
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  half, _ = input_pipeline.make_loader(data_dir, 4, seed=5, num_epochs=4, rows=(1, 3))
+  np.testing.assert_array_equal(next(iter(half))["latent"], full[0]["latent"][1:3])
+  assert plan.batches_per_epoch == 2 and len(plan) == 8

@@ -123,3 +123,15 @@ def maybe_initialize_distributed() -> bool:
     jax.distributed.initialize()
     return True
   return False
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process reaches `name` (jax.distributed's coordination service, no
+  device collective); a no-op with one process.
+
+  Processes compile at different speeds; a collective then waits for the slowest, and
+  gloo (CPU) gives up after 30 s. Meeting here first keeps that wait out of collectives."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as _dist
+  _dist.global_state.client.wait_at_barrier(name, timeout_s * 1000)

@@ -172,9 +172,8 @@ def _move_aside(mgr: ocp.CheckpointManager, step: int) -> None:
     if dst.exists():
       shutil.rmtree(dst)
     shutil.move(str(src), str(dst))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"sana_jax_move_aside_{step}")
+  from sana_jax import parallel
+  parallel.barrier(f"sana_jax_move_aside_{step}")
   mgr.reload()
 
 

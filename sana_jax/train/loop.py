@@ -325,18 +325,6 @@ def init_params_from(path: str, model_cfg: DiTConfig, like):
   return jax.tree.map(lambda p, ref: np.asarray(p).astype(ref.dtype), params, like)
 
 
-def _barrier(name: str, timeout_s: int = 3600) -> None:
-  """Waits until every process gets here (the coordination service; no collective).
-
-  Several processes compile the step at different speeds; the first collective then
-  waits for the slowest, and gloo (CPU) gives up after 30 s. Meeting here first keeps that
-  wait out of the collective."""
-  if jax.process_count() == 1:
-    return
-  from jax._src import distributed
-  distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
-
-
 def _say(verbose: bool, msg: str) -> None:
   if verbose and jax.process_index() == 0:
     print(msg, flush=True)
@@ -389,7 +377,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     else:
       _say(verbose, "starting from step 0 (no checkpoint in the workdir)")
   else:
-    _say(verbose, f"resumed from step {start} ({mgr.directory / str(start)})")
+    _say(verbose, f"resumed from step {start} ({mgr.directory / str(start)})"
+         + (" (train.init_from is not used: the run continues)" if tc.init_from else ""))
   total = max(total, start)
   # One global batch per step: a run at step `start` reads the plan from batch `start` on.
   loader, _ = input_pipeline.make_loader(config.data.dir, tc.global_batch, tc.seed,
@@ -429,7 +418,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     client = distributed.global_state.client
     if preempted["flag"]:
       client.key_value_set(f"sana_jax_sigterm/{jax.process_index()}", str(step))
-    _barrier(f"sana_jax_stop_check_{step}")
+    parallel.barrier(f"sana_jax_stop_check_{step}")
     return bool(client.key_value_dir_get("sana_jax_sigterm/"))
 
   writer = metrics_lib.Writer(workdir, enabled=jax.process_index() == 0)
@@ -446,10 +435,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
       batch = {k: jax.make_array_from_process_local_data(
                    step_fn.batch_shardings[k], v, (tc.global_batch, *v.shape[1:]))
                for k, v in local.items()}
-      if compiled is None:  # compile ahead, then start together (see _barrier)
+      if compiled is None:  # compile ahead, then start together (see parallel.barrier)
         with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
           compiled = step_fn.jitted.lower(state, batch, null_caption).compile()
-        _barrier("sana_jax_train_step_compiled")
+        parallel.barrier("sana_jax_train_step_compiled")  # then the collectives start
       state, m = compiled(state, batch, null_caption)
       step += 1
       bar.update(1)
