@@ -91,6 +91,62 @@ def test_sample_writes_pngs_grid_and_record(model, tmp_path, capsys):
   assert "wrote 4 images (32x32, 2 dpm_solver steps, CFG 4.5)" in capsys.readouterr().out
 
 
+def _pngs(out, records):
+  return np.stack([np.asarray(Image.open(out / r["file"])) for r in records])
+
+
+def test_batch_size_does_not_change_the_images(model, tmp_path, monkeypatch):
+  """--batch_size 2 and 3 (uneven last batch) denoise in batches of that size and give
+  each seed the image it gets in one batch of all 4."""
+  prompts = ["--prompt", "a red circle", "--prompt", "a blue square above a star"]
+  runs, batches = {}, []
+  make = SanaPipeline._sampler
+
+  def counting_sampler(self, r):
+    run = make(self, r)
+
+    def counted(params, x, *rest):
+      batches[-1].append(x.shape[0])
+      return run(params, x, *rest)
+    return counted
+  monkeypatch.setattr(SanaPipeline, "_sampler", counting_sampler)
+  for bs in (None, 2, 3):
+    batches.append([])
+    out = tmp_path / f"bs{bs}"
+    argv = prompts + ["--model", str(model), "--num_images", "2", "--seed", "3",
+                      "--steps", "2", "--out", str(out), "--no_progress"]
+    assert sample.main(argv + ([] if bs is None else ["--batch_size", str(bs)])) == 0
+    records = json.loads((out / "samples.json").read_text())
+    runs[bs] = (records, _pngs(out, records))
+  assert batches == [[4], [2, 2], [3, 1]]
+  one_records, one = runs[None]
+  assert [r["seed"] for r in one_records] == [3, 4, 5, 6]
+  for bs in (2, 3):
+    records, images = runs[bs]
+    assert records == one_records
+    # Same seed, same image; a batch-dependent reduction order may move a pixel by 1.
+    diff = np.abs(images.astype(int) - one.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (bs, diff.max(), diff.mean())
+  assert len({im.tobytes() for im in one}) == 4
+
+
+def test_sampler_euler_is_used(model, tmp_path, capsys):
+  """--sampler euler: recorded, the library's Euler images, not the DPM-Solver ones."""
+  out = tmp_path / "out"
+  assert sample.main(["--model", str(model), "--prompt", "a red circle", "--num_images", "2",
+                      "--steps", "3", "--sampler", "euler", "--out", str(out),
+                      "--no_progress"]) == 0
+  assert "3 euler steps" in capsys.readouterr().out
+  records = json.loads((out / "samples.json").read_text())
+  assert all(r["solver"] == "euler" for r in records)
+  written = _pngs(out, records)
+  pipe = SanaPipeline.from_folder(model)
+  euler = pipe.generate(["a red circle"] * 2, [0, 1], SamplingOptions(steps=3, sampler="euler"))
+  dpm = pipe.generate(["a red circle"] * 2, [0, 1], SamplingOptions(steps=3))
+  np.testing.assert_array_equal(written, euler)
+  assert np.abs(written.astype(int) - dpm.astype(int)).max() > 8
+
+
 def _incomplete(model, tmp_path):
   bad = tmp_path / "incomplete"
   shutil.copytree(model, bad)

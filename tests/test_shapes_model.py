@@ -1,6 +1,7 @@
-"""The embedded default model: it loads, a 2-step sample runs, the evaluator scores it.
+"""The embedded default model: it loads, samples, and scores above a floor on a fixed
+subset; its builder (`python -m sana_jax.shapes_model`) holds the command-line contract.
 
-Quality is measured by `python -m sana_jax.eval.score_model` (see README), not here.
+The full quality figure is `python -m sana_jax.eval.score_model` (see README).
 """
 
 import pathlib
@@ -18,24 +19,29 @@ from sana_jax.shapes_model import DEFAULT_MODEL
 from tests.cli_contract import assert_refused, assert_unchanged, run_command, snapshot
 
 
+# Every 10th evaluation prompt (5 of each category), seed = index, default settings (20
+# DPM-Solver steps, CFG 3.0). Measured on this CPU (jax 0.10.2): 24 of 30 right, overall
+# 0.80 (other seed sets: 0.77, 0.77). Damaged copies in memory score far below the floor:
+# weights shuffled 0.00, zeroed 0.00, caption-projection rows shuffled 0.13.
+SUBSET_FLOOR = 0.6
+
+
+def subset_score(pipe) -> dict:
+  """ShapesEval report of `pipe` on the fixed subset (images checked for shape/dtype)."""
+  specs = shapes.eval_prompts()[::10]
+  images = pipe.generate([s["prompt"] for s in specs], list(range(len(specs))))
+  size = pipe.settings["image_size"]
+  assert images.shape == (len(specs), size, size, 3) and images.dtype == np.uint8
+  return evaluator.report([(s, evaluator.evaluate(im, s)) for im, s in zip(images, specs)])
+
+
 def test_shipped_model_samples_and_scores():
   folder, settings = bundle.check_folder(DEFAULT_MODEL)
   size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
   assert size < 8 * 2**20, f"the shipped model should stay a few MB, is {size / 2**20:.1f} MB"
-  pipe = SanaPipeline.from_folder(folder)
-  specs = shapes.eval_prompts()[::50][:6]  # one prompt of each category
-  images = pipe.generate([s["prompt"] for s in specs], list(range(len(specs))),
-                         options_steps(2))
-  assert images.shape == (len(specs), settings["image_size"], settings["image_size"], 3)
-  assert images.dtype == np.uint8
-  results = [evaluator.evaluate(im, s) for im, s in zip(images, specs)]
-  rep = evaluator.report(list(zip(specs, results)))
-  assert rep["images"] == len(specs) and 0.0 <= rep["overall"] <= 1.0
-
-
-def options_steps(n):
-  from sana_jax.pipeline import SamplingOptions
-  return SamplingOptions(steps=n)
+  rep = subset_score(SanaPipeline.from_folder(folder))
+  assert rep["images"] == 30 and len(rep["categories"]) == 6
+  assert rep["overall"] >= SUBSET_FLOOR, evaluator.format_report(rep)
 
 
 def test_context_probe_tells_the_random_encoder_from_the_pretrained_one(tmp_path):
