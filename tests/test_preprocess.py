@@ -71,6 +71,9 @@ def test_writes_training_data_and_null_caption(model, tmp_path, capsys, caplog):
   assert "Generating" not in printed.err and "Shuffling" not in printed.err  # one bar
   assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
   assert "open file descriptors" not in caplog.text + printed.err
+  # Nor TFDS's notes naming its temporary folder ("... Subsequent calls will reuse this
+  # data.") or "Using custom data configuration".
+  assert "reuse" not in printed.out + printed.err and "custom data" not in caplog.text
   recs = _records(version)
   assert list(recs) == ["train_32x32"] and len(recs["train_32x32"]) == 6
   enc, ae = _references(model)

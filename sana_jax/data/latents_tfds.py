@@ -13,9 +13,11 @@ Features:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import types
@@ -120,6 +122,16 @@ class SanaLatents(tfds.core.GeneratorBasedBuilder):
     self._per_bucket = per_bucket
     super().__init__(file_format=file_format, **kwargs)
 
+  # TFDS prints "Downloading and preparing dataset ... to DIR" and "... downloaded and
+  # prepared to DIR. Subsequent calls will reuse this data.": DIR is write_dataset's
+  # temporary folder, and nothing is downloaded or reused; write_dataset's caller reports
+  # where the dataset is.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
     return tfds.core.DatasetInfo(
@@ -217,14 +229,32 @@ def _install(new_version: pathlib.Path, data_dir: pathlib.Path, name: str,
   return final_parent / new_version.name
 
 
+class _DropCustomConfigWarning(logging.Filter):
+  def filter(self, record):
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _quiet_custom_config_warning():
+  """TFDS warns "Using custom data configuration: LatentsConfig(...)" for every config not
+  listed in BUILDER_CONFIGS; every dataset here is one (its geometry is the config)."""
+  logger, f = logging.getLogger("absl"), _DropCustomConfigWarning()
+  logger.addFilter(f)
+  try:
+    yield
+  finally:
+    logger.removeFilter(f)
+
+
 def _build(examples, tmp: pathlib.Path, name: str, *, per_bucket: bool, buckets, channels,
            caption_len, caption_channels, caption_dtype) -> pathlib.Path:
   """TFDS writes the dataset into the fresh data_dir `tmp`; returns its version folder."""
   config = LatentsConfig(name=name, buckets=tuple(tuple(b) for b in buckets), channels=channels,
                          caption_len=caption_len, caption_channels=caption_channels,
                          caption_dtype=caption_dtype)
-  builder = SanaLatents(config=config, data_dir=str(tmp), examples=examples,
-                        per_bucket=per_bucket)
+  with _quiet_custom_config_warning():
+    builder = SanaLatents(config=config, data_dir=str(tmp), examples=examples,
+                          per_bucket=per_bucket)
   _let_shuffler_spill_without_tensorflow()
   builder.download_and_prepare()
   return pathlib.Path(str(builder.data_dir))
