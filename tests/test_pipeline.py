@@ -262,3 +262,97 @@ def test_generate_bad_input(pixel_pipe):
     pixel_pipe.generate(["a red circle"], [0], opts, output="pil")
   with pytest.raises(ValueError, match="multiple of 4"):
     pixel_pipe.resolve(SamplingOptions(height=30))
+
+
+# -------------------------------------------- Euler and guidance intervals vs diffusers
+
+
+def _components(pipe, scheduler):
+  return diffusers.SanaPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
+                                vae=pipe.vae, transformer=pipe.transformer,
+                                scheduler=scheduler)
+
+
+def _reference_loop(pipe, scheduler, noise_nchw, interval):
+  """diffusers' SanaPipeline denoising loop written out, with the official guidance
+  interval: CFG ([null, cond] batch, v = v_null + s (v_cond - v_null)) only at steps whose
+  model time t has lo < t < hi, a conditional pass alone elsewhere. Captions from
+  diffusers' own encode_prompt (negative "", its own mask, as the converted folder)."""
+  lo, hi = interval
+  with torch.no_grad():
+    pe, pm, ne, nm = pipe.encode_prompt(
+        PROMPTS, do_classifier_free_guidance=True, negative_prompt="",
+        device=torch.device("cpu"), max_sequence_length=MAX_LEN,
+        complex_human_instruction=list(DIFFUSERS_CHI))
+    scheduler.set_timesteps(STEPS)
+    x = torch.from_numpy(noise_nchw)
+    scale = pipe.transformer.config.timestep_scale
+    guided = 0
+    for t in scheduler.timesteps:
+      if lo < float(t) < hi:
+        guided += 1
+        v = pipe.transformer(torch.cat([x, x]), encoder_hidden_states=torch.cat([ne, pe]),
+                             encoder_attention_mask=torch.cat([nm, pm]),
+                             timestep=(t * scale).expand(2 * x.shape[0]),
+                             return_dict=False)[0].float()
+        vn, vc = v.chunk(2)
+        v = vn + CFG * (vc - vn)
+      else:
+        v = pipe.transformer(x, encoder_hidden_states=pe, encoder_attention_mask=pm,
+                             timestep=(t * scale).expand(x.shape[0]),
+                             return_dict=False)[0].float()
+      x = scheduler.step(v, t, x, return_dict=False)[0]
+  return x.numpy(), guided
+
+
+@pytest.fixture()
+def one_torch_thread():
+  """Tiny torch models on a shared 2-core box run far faster single-threaded."""
+  n = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(n)
+
+
+def test_euler_same_latents_as_diffusers_flow_match_euler(converted, one_torch_thread):
+  """sampler="euler" against diffusers' SanaPipeline driving
+  FlowMatchEulerDiscreteScheduler(shift=3.0) (REFERENCE.md section 4), same latents."""
+  ref_pipe, model = converted
+  euler = _components(ref_pipe, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+  euler.set_progress_bar_config(disable=True)
+  noise = np.random.default_rng(6).standard_normal((2, LATENT_C, H // 8, W // 8)).astype(
+      np.float32)
+  ref = _diffusers_run(euler, noise, "latent").transpose(0, 2, 3, 1)
+  pipe = SanaPipeline.from_folder(model)
+  opts = SamplingOptions(height=H, width=W, steps=STEPS, guidance_scale=CFG, sampler="euler",
+                         resolution_binning=False)
+  ours = pipe.generate(PROMPTS, [0, 1], opts, latents=noise.transpose(0, 2, 3, 1),
+                       output="latent")
+  err = _rel(ours, ref)
+  assert err <= 1e-4, err
+  dpm = _diffusers_run(ref_pipe, noise, "latent").transpose(0, 2, 3, 1)
+  assert _rel(ref, dpm) > 1e-2  # the solver choice shows at this bound
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpm_solver"])
+def test_guidance_interval_same_latents_as_reference_loop(converted, one_torch_thread, solver):
+  ref_pipe, model = converted
+  sched = (diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0) if solver == "euler" else
+           diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                 prediction_type="flow_prediction"))
+  noise = np.random.default_rng(7).standard_normal((2, LATENT_C, H // 8, W // 8)).astype(
+      np.float32)
+  interval = (300.0, 850.0)
+  ref, guided = _reference_loop(ref_pipe, sched, noise, interval)
+  assert 0 < guided < STEPS, guided  # some steps guided, some not
+  pipe = SanaPipeline.from_folder(model)
+  x = noise.transpose(0, 2, 3, 1)
+  opts = dict(height=H, width=W, steps=STEPS, guidance_scale=CFG, sampler=solver,
+              resolution_binning=False)
+  ours = pipe.generate(PROMPTS, [0, 1], SamplingOptions(**opts, guidance_interval=interval),
+                       latents=x, output="latent")
+  err = _rel(ours, ref.transpose(0, 2, 3, 1))
+  assert err <= 1e-4, (solver, err)
+  full, n = _reference_loop(ref_pipe, type(sched).from_config(sched.config), noise,
+                            (-1.0, 1e9))
+  assert n == STEPS and _rel(full, ref) > 1e-3  # the interval changes the result
