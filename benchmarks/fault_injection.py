@@ -18,6 +18,7 @@ of the time is process start-up and (cached) compilation.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import random
@@ -29,6 +30,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def train_cmd(workdir, data_dir, steps, every):
@@ -58,8 +60,15 @@ def checkpoints(workdir) -> tuple[list[int], bool]:
 
 
 def logged_steps(workdir) -> int:
+  """Lines in metrics.jsonl (log_every=1: one per step run, re-run steps again)."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
   return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def last_logged_step(workdir) -> int:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  lines = path.read_text().splitlines() if path.exists() else []
+  return json.loads(lines[-1])["step"] if lines else 0
 
 
 def run_with_fault(cmd, workdir, kind, rng, timeout=900):
@@ -90,7 +99,7 @@ def run_with_fault(cmd, workdir, kind, rng, timeout=900):
     proc.wait()
     done, _ = checkpoints(workdir)
     return True, (f"killed {'during a checkpoint write' if in_write else 'between saves'} "
-                  f"at logged step {logged_steps(workdir)}, complete checkpoints {done}")
+                  f"after step {last_logged_step(workdir)}, complete checkpoints {done}")
   finally:
     if proc.poll() is None:
       proc.kill()

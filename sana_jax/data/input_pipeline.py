@@ -122,12 +122,12 @@ class _FromBatch:
     return self._plan[int(index) + self._start]
 
 
-def process_rows(batch_sharding: jax.sharding.Sharding, global_batch: int) -> tuple[int, int]:
+def process_rows(batch_sharding: jax.sharding.NamedSharding, global_batch: int
+                 ) -> tuple[int, int]:
   """[start, stop) of the global batch rows this process's devices hold under
   `batch_sharding` (batch on axis 0); the slice `jax.make_array_from_process_local_data`
   expects. Raises if the process's rows are not one contiguous block."""
-  shape = (global_batch,) + (1,) * (len(batch_sharding.spec) - 1 if hasattr(
-      batch_sharding, "spec") else 0)
+  shape = (global_batch,) + (1,) * (len(batch_sharding.spec) - 1)
   index = batch_sharding.addressable_devices_indices_map(shape)
   blocks = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
                    for s in index.values()})
