@@ -21,6 +21,10 @@ from tests import cli_contract
 from tests.test_sample_cli import write_pixel_model
 
 
+# The tiny model's word-level vocabulary does not know most shapes words: warned, expected.
+pytestmark = pytest.mark.filterwarnings("ignore::sana_jax.models.prompts.PromptWarning")
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
   return write_pixel_model(tmp_path_factory.mktemp("model"))
@@ -152,12 +156,23 @@ def test_two_shards_hold_exactly_the_unsharded_examples(model, images, tmp_path,
   assert sorted(p.name for p in parts.iterdir()) == ["sana_latents"]  # parts removed
 
 
-def test_parts_from_different_runs_are_not_joined(model, tmp_path):
+def test_default_shard_under_jax_distributed_and_mismatched_parts(model, tmp_path, capsys,
+                                                                   monkeypatch):
+  """Without --shard, a process of an initialised jax.distributed run writes the part of
+  its process index; parts written with other settings are refused, not joined."""
+  import jax
+  from sana_jax import parallel
+  monkeypatch.setattr(parallel, "maybe_initialize_distributed", lambda: True)
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
   out = tmp_path / "d"
   base = ["--model", str(model), "--out", str(out), "--num", "4", "--batch_size", "4",
           "--no_progress"]
-  assert preprocess.main([*base, "--shard", "0/2", "--seed", "1"]) == 0
+  assert preprocess.main([*base, "--seed", "1"]) == 0
+  assert "wrote part 0 of 2" in capsys.readouterr().out
   assert preprocess.main([*base, "--shard", "1/2", "--seed", "2"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "seed" in err and "'1'" in err and "'2'" in err
   assert latents_tfds.existing_dataset(out, "shapes32") is None
 
 
