@@ -284,7 +284,7 @@ def _encoders(model: pathlib.Path, settings: dict):
   enc = PromptEncoder.from_folders(
       str(model / "tokenizer"), str(model / "text_encoder"),
       PromptConfig(max_length=p["max_length"], chi=tuple(p["chi"]) if p.get("chi") else None,
-                   lowercase=p.get("lowercase", False)))
+                   lowercase=p.get("lowercase", False), null_prompt=p.get("null_prompt", "")))
   ae = bundle._autoencoder(model, settings["autoencoder"])  # pylint: disable=protected-access
   return enc, ae
 
@@ -324,7 +324,7 @@ def run(args) -> str:
   tfds.disable_progress_bar()  # one bar: ours, over the examples this run encodes
   enc, ae = _encoders(args.model, settings)
   null_emb, null_mask = enc.encode_null(1)
-  bar = tqdm.tqdm(total=total, desc=f"encode (part {index + 1}/{count})" if count > 1
+  bar = tqdm.tqdm(total=total, desc=f"encode (part {index} of {count})" if count > 1
                   else "encode", unit="img", disable=args.no_progress)
 
   def examples(bucket_latent):
