@@ -224,6 +224,18 @@ def test_matches_came_pytorch_50_steps(case, weight_decay, lr):
     assert err <= TOL, f"{what}: max rel err {err:.3g} > {TOL}"
 
 
+def test_scale_by_came_defaults_match_came_pytorch():
+  """scale_by_came's own defaults (betas, eps, clip), chained by hand as users of the bare
+  transformation do, against came-pytorch (came() passes its own defaults down)."""
+  def make(lr, weight_decay, spec):
+    return optax.chain(came_lib.scale_by_came(spec=spec),
+                       optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(lr))
+  worst = run_parity("generic", 0.05, SCHEDULE, steps=30, make_opt=make)
+  for what, err in worst.items():
+    assert err <= TOL, f"{what}: max rel err {err:.3g} > {TOL}"
+
+
 def _specs(leaves, spec):
   tree = _tree({k: jnp.zeros(sh) for k, (sh, _) in leaves.items()})
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]

@@ -114,8 +114,14 @@ def test_depthwise_impl_conv_equals_shift_in_the_model(reference):
   gradient is checked on the function above."""
   cfg, _, params = reference
   args = _inputs(cfg)
-  conv = _apply(cfg.replace(depthwise_impl="conv"), params, *args)
+  conv_cfg = cfg.replace(depthwise_impl="conv")
+  conv = _apply(conv_cfg, params, *args)
   assert ref.rel_err(conv, _apply(cfg, params, *args)) <= 1e-5
+  # and the option is honoured: only "conv" lowers to a grouped convolution
+  jaxpr = lambda c: str(jax.make_jaxpr(
+      lambda p: dit.SanaDiT(c).apply({"params": p}, *args))(params))
+  assert f"feature_group_count={2 * cfg.mlp_hidden}" in jaxpr(conv_cfg)
+  assert "conv_general_dilated" not in jaxpr(cfg)
 
 
 # Remat runs on a smaller twin (the gradient compile dominates): width 32, 1 block.
