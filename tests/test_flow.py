@@ -103,6 +103,11 @@ def test_mode_and_uniform_schemes():
   ts = flow.timesteps_from_draws(v, 3.0, "mode", mode_scale=1.29)
   idx_ref = np.clip(np.floor(u_ref.astype(np.float32) * 1000), 0, 999)
   assert np.mean(np.asarray(ts.index) == idx_ref) > 0.995  # float32 cos ulp at boundaries
+  for scale in (0.0, 0.8):  # a scale other than the default reaches the formula
+    u_ref = 1 - v - scale * (np.cos(np.pi * v / 2) ** 2 - 1 + v)
+    ts = flow.timesteps_from_draws(v, 3.0, "mode", mode_scale=scale)
+    idx_ref = np.clip(np.floor(u_ref.astype(np.float32) * 1000), 0, 999)
+    assert np.mean(np.asarray(ts.index) == idx_ref) > 0.995, scale
   ts = flow.timesteps_from_draws(v, 3.0, "uniform")
   np.testing.assert_array_equal(np.asarray(ts.index), np.floor(v * np.float32(1000)))
   with pytest.raises(ValueError, match="scheme"):
