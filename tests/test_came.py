@@ -236,6 +236,41 @@ def test_scale_by_came_defaults_match_came_pytorch():
     assert err <= TOL, f"{what}: max rel err {err:.3g} > {TOL}"
 
 
+def test_zero_and_tiny_gradients_match_came_pytorch():
+  """Where the eps decide: a matrix whose gradient has all-zero rows and columns (an unused
+  embedding row: its instability is exactly 0, so eps2 keeps rsqrt finite), gradients of
+  size 1e-10 (g^2 = 1e-20, so eps1 = 1e-30 vs 1e-16 matters) and a vector with zero
+  entries. came-pytorch on the same (torch-layout) tensors, 8 steps."""
+  rng = np.random.default_rng(11)
+  shapes = {"w": (7, 9), "tiny": (5, 6), "v": (8,)}
+  init = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  grads = []
+  for _ in range(8):
+    g = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    g["w"][2] = 0.0
+    g["w"][:, 4] = 0.0
+    g["tiny"] *= np.float32(1e-10)
+    g["v"][::3] = 0.0
+    grads.append(g)
+  opt = came_lib.came(1e-2)
+  params = {k: jnp.asarray(v) for k, v in init.items()}
+  state = opt.init(params)
+  tparams = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in init.items()}
+  topt = came_pytorch.CAME(list(tparams.values()), lr=1e-2)
+  for g in grads:
+    u, state = opt.update({k: jnp.asarray(v) for k, v in g.items()}, state, params)
+    params = optax.apply_updates(params, u)
+    for k, p in tparams.items():
+      p.grad = torch.tensor(g[k])
+    topt.step()
+  for k, p in tparams.items():
+    ours = np.asarray(params[k])
+    assert np.all(np.isfinite(ours)), k
+    theirs = p.detach().numpy()
+    delta = theirs - init[k]  # compare the accumulated update, not the (large) params
+    assert rel_err(ours - init[k], delta) <= 1e-4, (k, rel_err(ours - init[k], delta))
+
+
 def _specs(leaves, spec):
   tree = _tree({k: jnp.zeros(sh) for k, (sh, _) in leaves.items()})
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
