@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from sana_jax.data import input_pipeline
+from sana_jax.data import input_pipeline, latents_tfds
 from sana_jax.train import checkpoint, loop
 from tests import train_fixtures
 
@@ -169,9 +169,7 @@ def test_each_process_reads_its_share_and_an_epoch_reads_every_example_once(runs
   reads = [[json.loads(l) for l in f.read_text().splitlines()] for f in u.reads]
   per_batch = [{r["batch"]: r for r in rs if r["batch"] < STEPS} for rs in reads]
   plan = input_pipeline.make_plan(runs["data_dir"], BATCH, 0, 1000)
-  src = {k: v for k, v in
-         __import__("sana_jax.data.latents_tfds", fromlist=["x"]).open_dataset(
-             runs["data_dir"]).items()}
+  src = latents_tfds.open_dataset(runs["data_dir"])
   for b in range(STEPS):
     p0, p1 = per_batch[0][b], per_batch[1][b]
     assert (p0["rows"], p1["rows"]) == ([0, 4], [4, 8])  # the rows each one's devices hold
