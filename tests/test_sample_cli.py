@@ -131,7 +131,7 @@ def test_batch_size_does_not_change_the_images(model, tmp_path, monkeypatch):
 
 
 def test_sampler_euler_is_used(model, tmp_path, capsys):
-  """--sampler euler: recorded, the library's Euler images, not the DPM-Solver ones."""
+  """--sampler euler: recorded, and the files are the library's Euler images."""
   out = tmp_path / "out"
   assert sample.main(["--model", str(model), "--prompt", "a red circle", "--num_images", "2",
                       "--steps", "3", "--sampler", "euler", "--out", str(out),
@@ -142,9 +142,8 @@ def test_sampler_euler_is_used(model, tmp_path, capsys):
   written = _pngs(out, records)
   pipe = SanaPipeline.from_folder(model)
   euler = pipe.generate(["a red circle"] * 2, [0, 1], SamplingOptions(steps=3, sampler="euler"))
-  dpm = pipe.generate(["a red circle"] * 2, [0, 1], SamplingOptions(steps=3))
+  # (Euler != DPM-Solver on the same model: tests/test_pipeline.py, against diffusers.)
   np.testing.assert_array_equal(written, euler)
-  assert np.abs(written.astype(int) - dpm.astype(int)).max() > 8
 
 
 def _incomplete(model, tmp_path):
