@@ -153,6 +153,15 @@ def test_which_leaves_are_quantized():
   mu = came_lib.came_8bit(1e-3, spec=SPEC, quantize_unfactored=True).init(p)[0].mu
   assert isinstance(mu["blocks"]["dw"], quant8.QuantizedArray)  # 18000 per layer
   assert not isinstance(mu["blocks"]["bias"], quant8.QuantizedArray)
+  # The official threshold: matrices with *more than* 16384 elements, per layer.
+  sizes = {"at": (128, 128), "above": (129, 128), "mid": (100, 120),
+           "stacked_at": (3, 128, 128), "stacked_above": (3, 128, 129)}
+  tree = {k: jnp.zeros(s) for k, s in sizes.items()}
+  spec = came_lib.reference_spec(stacked=lambda path: path.startswith("stacked"))
+  mu = came_lib.came_8bit(1e-3, spec=spec).init(tree)[0].mu
+  is_q = {k: isinstance(v, quant8.QuantizedArray) for k, v in mu.items()}
+  assert is_q == {"at": False, "above": True, "mid": False, "stacked_at": False,
+                  "stacked_above": True}, is_q
 
 
 @pytest.mark.parametrize("unfactored", [False, True])
