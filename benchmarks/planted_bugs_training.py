@@ -33,6 +33,7 @@ STEP_TIMES = "tests/test_flow.py::test_train_step_timesteps_follow_the_scheme"
 OPT = "tests/test_train_options.py"
 EMA = f"{OPT}::test_ema_is_the_recurrence_over_the_step_parameters"
 SKIP = f"{OPT}::test_nonfinite_batch_is_skipped_and_counted"
+SKIP_GRAD = f"{OPT}::test_finite_loss_with_nonfinite_gradient_is_skipped"
 ACCUM = f"{OPT}::test_grad_accum_gives_the_one_batch_gradient"
 STOP = f"{OPT}::test_consecutive_nonfinite_steps_stop_the_run"
 LR = f"{OPT}::test_learning_rate_warmup_and_sqrt_scaling"
@@ -45,7 +46,7 @@ SCHEDULES = ["tests/test_samplers.py::test_schedules_bitwise_equal_diffusers",
              "tests/test_samplers.py::test_dpm_model_times_are_floored",
              "tests/test_samplers.py::test_sampler_parity_with_sana_pipeline"]
 # What a developer runs after touching the step: the fast step tests first.
-STEP_TESTS = [STEP_TIMES, EMA, SKIP, ACCUM, STOP]
+STEP_TESTS = [STEP_TIMES, SKIP_GRAD, EMA, SKIP, ACCUM, STOP]
 OPTIMIZER_TESTS = [LR, CLIP, OPTIMIZERS]
 FLOP_TESTS = [FWD_FLOPS, STEP_FLOPS, MFU]
 
