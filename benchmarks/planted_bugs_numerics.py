@@ -141,9 +141,11 @@ BUGS = [
         "r = jax.lax.rsqrt(row / jnp.mean(row, axis=rows, keepdims=True))",
         "r = jax.lax.rsqrt(row)", (CAME, "-k", "pytorch")),
     Bug("came_eps2_dropped", "eps2 dropped from the instability", OPT,
-        "res = (upd - m) ** 2 + eps[1]", "res = (upd - m) ** 2", (CAME, "-k", "pytorch or zero")),
+        "res = (upd - m) ** 2 + eps[1]", "res = (upd - m) ** 2",
+        (CAME, "-k", "pytorch or zero")),
     Bug("came_eps1_swapped", "eps1 -> eps2 (1e-16) added to g^2", OPT,
-        "u = g * g + eps[0]", "u = g * g + eps[1]", (CAME, "-k", "pytorch or zero")),
+        "u = g * g + eps[0]", "u = g * g + eps[1]",
+        (CAME, "-k", "pytorch or zero")),
     Bug("came_wd_ignored", "came() ignores weight_decay", OPT,
         '''      scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),''',
@@ -160,9 +162,10 @@ BUGS = [
         "  res = (upd - m) ** 2 + eps[1]",
         "  m = quant8.dequantize(quant8.quantize(m, mu.tile)) if quantized else m\n"
         "  res = (upd - m) ** 2 + eps[1]", (CAME8,)),
-    Bug("came8_min_size_ge", "8-bit threshold > 16384 -> >= 1024", OPT,
+    Bug("came8_min_size_ge", "8-bit threshold > 16384 -> > 1024", OPT,
         "and math.prod(shape[spec.batch_ndim:]) > min_8bit_size)",
-        "and math.prod(shape[spec.batch_ndim:]) > min_8bit_size // 16)", (CAME8,)),
+        "and math.prod(shape[spec.batch_ndim:]) > min_8bit_size // 16)",
+        (CAME8, "-k", "quantized or numpy")),
     Bug("came_stacked_warning_dropped", "spec=None on stacked trees is silent again", OPT,
         '''    if spec is None:
       _warn_if_stacked(''', '''    if False:
@@ -178,7 +181,8 @@ BUGS = [
         "jnp.asarray(1.02 * math.sqrt(c.hidden_size), dtype=dt)", (GEMMA, "-k", "parity")),
     Bug("gemma_rms_eps_hardcoded", "Gemma RMSNorm eps hard-coded 1e-6 (config says 1e-5)", TE,
         "y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)",
-        "y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + 1e-6)", (GEMMA,)),
+        "y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + 1e-6)",
+        (GEMMA, "-k", "parity or eps")),
     Bug("gemma_rms_no_one", "Gemma RMSNorm x * w instead of x * (1 + w)", TE,
         "return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)",
         "return (y * weight.astype(jnp.float32)).astype(x.dtype)", (GEMMA, "-k", "parity")),
@@ -197,8 +201,8 @@ BUGS = [
 ]
 
 # came_b3_8bit needs the planted default to reach scale_by_came
-_B3_USE = ("      scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec, quantize_mu=True,",
-           "      scale_by_came(b1, b2, _b3_planted, eps, clip_threshold, spec=spec, quantize_mu=True,")
+_B3_USE = ("scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec, quantize_mu=True,",
+           "scale_by_came(b1, b2, _b3_planted, eps, clip_threshold, spec=spec, quantize_mu=True,")
 
 
 def _copy_tree(dst):

@@ -391,7 +391,8 @@ def test_8bit_path_matches_an_independent_numpy_came_8bit():
   opt = came_lib.came_8bit(1.0, spec=spec)  # lr 1: the update is -step
   state = opt.init(params)
   mu = state[0].mu
-  assert isinstance(mu["w"], quant8.QuantizedArray) and isinstance(mu["stack"], quant8.QuantizedArray)
+  assert isinstance(mu["w"], quant8.QuantizedArray)
+  assert isinstance(mu["stack"], quant8.QuantizedArray)
   assert not any(isinstance(mu[k], quant8.QuantizedArray) for k in ("small", "bias", "long"))
   refs = {"w": [NumpyCame8bit((160, 144), mu["w"].tile)],
           "small": [NumpyCame8bit((30, 20))], "bias": [NumpyCame8bit((144,))],
@@ -447,7 +448,7 @@ def test_wrong_b3_is_far_outside_the_bound(b3):
   assert err > 0.1, err
 
 
-# ----------------------------------------------------------------------------- stacked trees, spec=None
+# ----------------------------------------------------------------------------- stacked, spec=None
 
 
 def _state_bytes_per_param(opt, tree):
