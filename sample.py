@@ -6,7 +6,8 @@
 
 Without --model it samples from the embedded ShapesEval model shipped in the repository.
 Writes one PNG per image (prompt index, image index, seed in the name), a grid.png and
-a samples.json with the prompt and seed of each image into --out, then prints where.
+a samples.json with the prompt and seed of each image into --out (default: a new
+outputs/run-NNN for each run), then prints where.
 
 Every argument is checked before the model is loaded: a bad one ends with `error: ...` and
 exit status 2. An --out that already holds files is refused unless --overwrite is given;
@@ -75,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--batch_size", type=int, default=None,
                   help="images per denoising batch, >= 1; the images do not depend on it "
                        "(default: all images in one batch)")
-  ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs"),
-                  help="output folder, new or empty unless --overwrite (default: outputs)")
+  ap.add_argument("--out", type=pathlib.Path, default=None,
+                  help="output folder, new or empty unless --overwrite (default: the next "
+                       "free outputs/run-NNN, so a rerun never touches an earlier run)")
   ap.add_argument("--overwrite", action="store_true",
                   help="replace a non-empty --out, once the new images are complete "
                        "(default: off, refuse)")
@@ -111,6 +113,12 @@ def read_prompts(args) -> list[str]:
   if any(not p.strip() for p in prompts):
     raise UsageError(f"empty prompt: --prompt {next(p for p in prompts if not p.strip())!r}")
   return prompts
+
+
+def next_run_folder(root: pathlib.Path) -> pathlib.Path:
+  """root/run-NNN with NNN one above the highest existing (run-001 in a new root)."""
+  taken = [int(p.name[4:]) for p in root.glob("run-*") if p.name[4:].isdigit()]
+  return root / f"run-{max(taken, default=0) + 1:03d}"
 
 
 def check_out(out: pathlib.Path, overwrite: bool) -> None:
@@ -149,6 +157,8 @@ def check_args(args) -> dict:
   n = len(prompts) * args.num_images
   if args.seed + n - 1 > MAX_SEED:
     raise UsageError(f"--seed {args.seed}: seeds up to {MAX_SEED} (seed + images - 1)")
+  if args.out is None:
+    args.out = next_run_folder(pathlib.Path("outputs"))
   check_out(args.out, args.overwrite)
 
   from sana_jax import bundle

@@ -177,3 +177,15 @@ def test_every_option_has_a_help_text_with_its_default():
     if action.dest == "help":
       continue
     assert action.help and "default" in action.help, (action.option_strings, action.help)
+
+
+def test_default_out_is_a_new_run_folder_each_time(tmp_path):
+  """Without --out, runs go to outputs/run-001, run-002, ...: rerunning the README's first
+  command never meets a refusal nor touches an earlier run."""
+  from sample import next_run_folder
+  root = tmp_path / "outputs"
+  assert next_run_folder(root) == root / "run-001"
+  (root / "run-001").mkdir(parents=True)
+  (root / "run-007").mkdir()
+  (root / "run-x").mkdir()
+  assert next_run_folder(root) == root / "run-008"
