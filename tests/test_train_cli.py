@@ -122,6 +122,9 @@ def _case(tmp, data_dir, name):
     return base + ["--config.train.ema_decay=1.5"], ["train.ema_decay=1.5"]
   if name == "unknown_optimizer":
     return base + ["--config.train.optimizer=sgd"], ["train.optimizer", "sgd"]
+  if name == "unknown_timestep_sampler":
+    return base + ["--config.train.timestep_sampler=cosine"], ["train.timestep_sampler",
+                                                              "cosine", "logit_normal"]
   if name == "max_steps_zero":
     return base + ["--max_steps", "0"], ["--max_steps", "0"]
   if name == "max_steps_not_int":
@@ -166,7 +169,8 @@ CASES = ["no_config", "no_workdir", "unknown_flag", "missing_config_file", "conf
          "bad_float", "bad_bool", "bool_for_int", "mesh_not_dividing",
          "mesh_too_many_devices", "mesh_zero_axis", "mesh_product_wrong",
          "batch_not_divisible", "zero_steps", "zero_log_every", "zero_checkpoint_every",
-         "ema_decay_above_1", "unknown_optimizer", "max_steps_zero", "max_steps_not_int",
+         "ema_decay_above_1", "unknown_optimizer", "unknown_timestep_sampler", "max_steps_zero",
+         "max_steps_not_int",
          "no_data_dir", "missing_dataset", "not_a_dataset", "batch_larger_than_dataset",
          "too_few_epochs", "channels_mismatch", "workdir_is_a_file", "init_from_other_depth",
          "init_from_not_a_model", "resume_with_other_depth", "resume_with_other_optimizer"]

@@ -31,6 +31,7 @@ import tqdm
 
 from sana_jax import parallel
 from sana_jax.data import input_pipeline
+from sana_jax.diffusion import flow
 from sana_jax.models.dit_config import DiTConfig
 from sana_jax.train import checkpoint
 from sana_jax.train import metrics as metrics_lib
@@ -114,6 +115,9 @@ def validate(config: ml_collections.ConfigDict) -> dict:
     bad.append(f"train.cfg_dropout={tc.cfg_dropout!r} must be in [0, 1]")
   if not isinstance(tc.lr, (int, float)) or tc.lr < 0:
     bad.append(f"train.lr={tc.lr!r} must be a number >= 0")
+  if tc.timestep_sampler not in flow.TIMESTEP_SAMPLERS:
+    bad.append(f"train.timestep_sampler={tc.timestep_sampler!r} must be one of "
+               f"{', '.join(flow.TIMESTEP_SAMPLERS)}")
   if not isinstance(config.data.num_epochs, int) or config.data.num_epochs < 1:
     bad.append(f"data.num_epochs={config.data.num_epochs!r} must be a positive integer")
   if config.data.get("worker_count", 0) < 0:
@@ -391,7 +395,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   null_caption = jax.make_array_from_process_local_data(replicated, null_caption,
                                                         null_caption.shape)
   step_fn = step_lib.jit_train_step(config, tx, mesh, shardings)
-  compiled = None
+  compiled = {}  # one executable per batch shape (aspect bucket)
   config_dict = config.to_dict()
   multi = jax.process_count() > 1
 
@@ -422,9 +426,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     return bool(client.key_value_dir_get("sana_jax_sigterm/"))
 
   writer = metrics_lib.Writer(workdir, enabled=jax.process_index() == 0)
-  h, w = shapes["buckets"][0]
-  flops = metrics_lib.train_step_flops(model_cfg, h, w, shapes["caption_len"], tc.global_batch,
-                                       model_cfg.remat_policy != "none")
+
+  def step_flops(latent_shape, policy):
+    """FLOPs of one step on this batch's aspect bucket (hardware: with the remat recompute;
+    model FLOPs for MFU: policy "none")."""
+    _, h, w, _ = latent_shape
+    return metrics_lib.train_step_flops(model_cfg, h, w, shapes["caption_len"],
+                                        tc.global_batch, policy)
   bar = tqdm.tqdm(total=total, initial=start, desc="train",
                   disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
   t_last, step_last = time.perf_counter(), start
@@ -435,11 +443,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
       batch = {k: jax.make_array_from_process_local_data(
                    step_fn.batch_shardings[k], v, (tc.global_batch, *v.shape[1:]))
                for k, v in local.items()}
-      if compiled is None:  # compile ahead, then start together (see parallel.barrier)
+      shape = batch["latent"].shape
+      if shape not in compiled:  # compile ahead, then start together (see parallel.barrier)
         with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-          compiled = step_fn.jitted.lower(state, batch, null_caption).compile()
-        parallel.barrier("sana_jax_train_step_compiled")  # then the collectives start
-      state, m = compiled(state, batch, null_caption)
+          compiled[shape] = step_fn.jitted.lower(state, batch, null_caption).compile()
+        # then the collectives start
+        parallel.barrier("sana_jax_train_step_compiled_" + "x".join(map(str, shape[1:3])))
+      state, m = compiled[shape](state, batch, null_caption)
       step += 1
       bar.update(1)
       if step % tc.log_every == 0 or step == total:
@@ -450,9 +460,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
         t_last, step_last = now, step
         scalars = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
                    "skipped": int(state.skipped), "steps_per_s": 1 / dt,
-                   "images_per_s": tc.global_batch / dt, "tflops": flops / dt / 1e12}
+                   "images_per_s": tc.global_batch / dt,
+                   "tflops": step_flops(shape, model_cfg.remat_policy) / dt / 1e12}
         if tc.peak_tflops:
-          scalars["mfu"] = flops / dt / 1e12 / (tc.peak_tflops * jax.device_count())
+          scalars["mfu"] = metrics_lib.mfu(step_flops(shape, "none"), dt, tc.peak_tflops,
+                                           jax.device_count())
         writer.write(step, scalars)
         bar.set_postfix(loss=f"{float(m['loss']):.4f}", skipped=int(state.skipped))
         if run >= tc.max_consecutive_nonfinite:
