@@ -277,7 +277,7 @@ def max_batch(config, mesh, chip: Chip, batches, cap: int, verify: bool, log
     for b in batches:
       at(b)
     ok = [b for b in batches if seen[b].fits(chip)]
-    return (max(ok) if ok else 0), "compiled", seen
+    return (max(ok) if ok else 0), "largest of --batches", seen
   if not at(1).fits(chip):
     return 0, "compiled", seen
   r1, r2 = at(1), at(2)
