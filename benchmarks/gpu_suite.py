@@ -147,9 +147,22 @@ def _diffusers_dit(cfg, device, dtype):
     return SanaTransformer2DModel(**config).to(dtype)
 
 
+def _random_tree(shapes, seed: int):
+  """N(0, 0.02) arrays shaped like `shapes` (ShapeDtypeStructs): small leaves from numpy
+  (no compile per leaf shape), big ones on the device (bench_pipeline's layer-wise fill)."""
+  import jax
+  import numpy as np
+  from benchmarks.bench_pipeline import _random_tree as device_random_tree
+  rng = np.random.default_rng(seed)
+  leaves, tree = jax.tree.flatten(shapes)
+  out = [device_random_tree(s, seed + i) if s.size > 2**22 else
+         jax.numpy.asarray((0.02 * rng.standard_normal(s.shape)).astype(np.float32), s.dtype)
+         for i, s in enumerate(leaves)]
+  return jax.tree.unflatten(tree, out)
+
+
 def _random_dit_params(cfg, dtype: str):
   import jax
-  from benchmarks.bench_pipeline import _random_tree
   from sana_jax.models import dit
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), dit.abstract_params(cfg))
   return _random_tree(shapes, 1)
@@ -221,7 +234,6 @@ def pipeline_ours(g, args) -> list[dict]:
   from sana_jax.models import text_encoder as te
   from sana_jax.models.prompts import PromptConfig, PromptEncoder
   from sana_jax.pipeline import SamplingOptions, SanaPipeline
-  from benchmarks.bench_pipeline import _random_tree
   tok, gcfg = _tokenizer_and_gemma(g, tempfile.mkdtemp(prefix="gpu_suite_tok_"))
   dummy = jax.numpy.zeros((1, 8), jax.numpy.int32)
   gparams = _random_tree(te.nn.meta.unbox(jax.eval_shape(
