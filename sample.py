@@ -27,23 +27,14 @@ import time
 import uuid
 import warnings
 
+from sana_jax.cli import CommandParser, UsageError
+
 MAX_UPSCALE = 2.0  # the largest resize factor from the sampled bin to the requested size
 MAX_SEED = 2**63 - 1
 
 
-class UsageError(ValueError):
-  """A bad command-line argument (reported as `error: ...`, exit status 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # argparse's own errors in the contract's form
-    self.print_usage(sys.stderr)
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-  ap = _Parser(prog="sample.py", description=__doc__,
+  ap = CommandParser(prog="sample.py", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--prompt", action="append", default=[],
                   help="a prompt; may be repeated (default: none, then --prompts_file)")

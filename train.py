@@ -15,20 +15,13 @@ see docs/training.md.
 import argparse
 import sys
 
+from sana_jax.cli import CommandParser
+
 EXIT_PREEMPTED = 143
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse that reports bad arguments as `error: ...` (exit status 2)."""
-
-  def error(self, message):
-    self.print_usage(sys.stderr)
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-  ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", required=True,
                   help="a config file (configs/*.py with get_config()); required, no default")
   ap.add_argument("--workdir", required=True,

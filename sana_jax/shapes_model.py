@@ -34,6 +34,7 @@ import ml_dtypes  # noqa: F401  (bf16/fp16 numpy dtypes)
 import numpy as np
 
 from sana_jax import bundle
+from sana_jax.cli import CommandParser, UsageError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "sana_jax" / "assets" / "shapes_model"
@@ -51,10 +52,6 @@ def text_encoder_config(config):
   vocab = len(shapes.vocabulary()) + 4  # + <pad>, <eos>, <bos>, <unk>
   return text_encoder.gemma2_tiny(vocab, hidden_size=te.hidden_size, num_layers=te.num_layers,
                                   layer_types=None)
-
-
-class UsageError(ValueError):
-  """A bad command-line argument (reported as `error: ...`, exit status 2)."""
 
 
 def _check_new_output(flag: str, path: pathlib.Path, overwrite: bool, is_dir: bool) -> None:
@@ -313,17 +310,10 @@ def curve(workdirs, out: pathlib.Path, smooth: int = 8, overwrite: bool = False)
   print(f"wrote {out} ({len(steps)} points, last step {steps[-1]}, last loss {loss[-1]:.4f})")
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # argparse's own errors in the contract's form
-    self.print_usage(sys.stderr)
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-  ap = _Parser(prog="python -m sana_jax.shapes_model", description=__doc__,
+  ap = CommandParser(prog="python -m sana_jax.shapes_model", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+  sub = ap.add_subparsers(dest="cmd", required=True, parser_class=CommandParser)
   overwrite = "replace an existing output once the new one is complete (default: off, refuse)"
   a = sub.add_parser("init", help="write tokenizer, text encoder and pipeline.json")
   a.add_argument("--out", type=pathlib.Path, required=True,

@@ -29,26 +29,19 @@ import pathlib
 import re
 import sys
 
+from sana_jax.cli import CommandParser, UsageError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_SHAPES_NUM = 20000
-
-
-class UsageError(ValueError):
-  """A bad argument: reported as `error: ...` with exit status 2."""
 
 
 class PartsError(ValueError):
   """The written parts do not make one dataset (see latents_tfds.merge_parts)."""
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # the contract's `error: ...` line and status 2, no usage dump
-    self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-  ap = _Parser(prog="python -m sana_jax.data.preprocess", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = CommandParser(prog="python -m sana_jax.data.preprocess", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", type=pathlib.Path, required=True,
                   help="model folder whose text encoder, tokenizer and autoencoder encode the "
                        "data (required)")

@@ -32,6 +32,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from sana_jax.cli import CommandParser, UsageError  # noqa: F401  (re-exported)
 from sana_jax.scaling.best_of_n import GenerateFn, check_request, run_best_of_n
 from sana_jax.scaling.judges import JUDGE_NAMES, JudgeError, ShapesJudge, make_judge
 
@@ -41,18 +42,6 @@ from sana_jax.scaling.judges import JUDGE_NAMES, JudgeError, ShapesJudge, make_j
 # that name the allowed values, outputs checked first and written whole (temporary sibling,
 # then rename).
 # --------------------------------------------------------------------------------------
-
-
-class UsageError(ValueError):
-    """Bad command-line input: reported as `error: <message>` with exit status 2."""
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse whose errors are the contract's: `error: <message>` on stderr, exit 2."""
-
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"error: {message}\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -30,6 +30,7 @@ import numpy as np
 import tqdm
 
 from sana_jax import parallel
+from sana_jax.cli import UsageError
 from sana_jax.data import input_pipeline
 from sana_jax.diffusion import flow
 from sana_jax.models.dit_config import DiTConfig
@@ -42,10 +43,6 @@ from sana_jax.train import step as step_lib
 log = logging.getLogger(__name__)
 
 NULL_CAPTION_FILE = "null_caption.npz"
-
-
-class UsageError(ValueError):
-  """Bad input found before any work: train.py prints `error: ...` and exits 2."""
 
 
 class DatasetNotFound(UsageError, FileNotFoundError):

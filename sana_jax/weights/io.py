@@ -30,6 +30,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from sana_jax.cli import UsageError  # noqa: F401  (re-exported: converters raise it)
+
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -253,10 +255,6 @@ def write_pth(obj, path: str | os.PathLike, overwrite: bool = True) -> None:
 
 
 # ----------------------------------------------------------------- command-line helpers
-
-
-class UsageError(ValueError):
-  """A bad command-line argument: reported as `error: ...` with exit status 2."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
