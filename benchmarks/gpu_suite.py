@@ -356,7 +356,7 @@ def train_ours(g, args) -> list[dict]:
         first, ms = _median_ms(run, g["train_steps"], _jax_sync)
         row.update(ms=ms, first_s=first, peak_gb=_jax_peak_gb(),
                    flops=_train_flops(g, b, policy != "none"))
-        del holder, state
+        holder = state = None  # free the state before the next case compiles
       except Exception as e:  # noqa: BLE001 - an out-of-memory case is a result, not a crash
         row.update(error=f"{type(e).__name__}: {str(e)[:120]}")
       rows.append(row)
@@ -409,7 +409,7 @@ def train_torch(g, args) -> list[dict]:
       first, ms = _median_ms(run, g["train_steps"], _torch_sync)
       row.update(ms=ms, first_s=first, peak_gb=_torch_peak_gb(),
                  flops=_train_flops(g, b, True))
-      del model, opt, ema
+      model = opt = ema = None  # free before the next batch builds its model
     except Exception as e:  # noqa: BLE001
       row.update(error=f"{type(e).__name__}: {str(e)[:120]}")
     if torch.cuda.is_available():

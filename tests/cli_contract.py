@@ -46,6 +46,22 @@ def run_command(args: list[str], *, cwd: pathlib.Path | str = REPO, timeout: flo
   return result
 
 
+def call_main(main, argv, capsys) -> subprocess.CompletedProcess:
+  """A command's `main(argv)` in-process, as the CompletedProcess `run_command` returns
+  (argparse's SystemExit is the exit status; stdout/stderr from pytest's capsys; `.seconds`
+  set). An exception escaping main fails the test."""
+  argv = [str(a) for a in argv]
+  t = time.perf_counter()
+  try:
+    rc = main(argv)
+  except SystemExit as e:
+    rc = e.code
+  captured = capsys.readouterr()
+  result = subprocess.CompletedProcess(argv, rc, captured.out, captured.err)
+  result.seconds = time.perf_counter() - t
+  return result
+
+
 def assert_refused(result: subprocess.CompletedProcess, *fragments: str,
                    max_seconds: float = REFUSAL_SECONDS) -> str:
   """Exit status 2, an `error: ...` line naming every fragment, no traceback, quickly.

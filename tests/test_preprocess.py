@@ -8,8 +8,6 @@ the same folder (PromptEncoder.from_folders, PixelAutoencoder, shapes.example).
 from __future__ import annotations
 
 import json
-import pathlib
-import subprocess
 
 import numpy as np
 import pytest
@@ -267,11 +265,6 @@ def test_bad_input_is_refused_before_any_model_loads(case, model, images, tmp_pa
     raise AssertionError("a model was loaded before the arguments were checked")
   monkeypatch.setattr(preprocess, "_encoders", no_model)
   before = cli_contract.snapshot(tmp_path, model, images)
-  try:
-    rc = preprocess.main(argv)
-  except SystemExit as e:  # argparse's own refusals
-    rc = e.code
-  captured = capsys.readouterr()
-  result = subprocess.CompletedProcess(argv, rc, captured.out, captured.err)
+  result = cli_contract.call_main(preprocess.main, argv, capsys)
   cli_contract.assert_refused(result, *fragments)
   cli_contract.assert_unchanged(before)

@@ -13,11 +13,11 @@ tests/test_sample_cli.py; one runs `python sample.py` as a subprocess.
 import json
 import pathlib
 import subprocess
-import time
 
 import pytest
 
 import sample
+from tests import cli_contract
 from tests.cli_contract import assert_refused, assert_unchanged, run_command, snapshot
 from tests.test_sample_cli import write_pixel_model
 
@@ -28,17 +28,8 @@ def model(tmp_path_factory):
 
 
 def call_main(argv, capsys) -> subprocess.CompletedProcess:
-  """sample.main(argv) in-process, as a CompletedProcess (argparse's exit included) that
-  tests.cli_contract.assert_refused reads; an exception escaping main fails the test."""
-  t = time.perf_counter()
-  try:
-    rc = sample.main([str(a) for a in argv])
-  except SystemExit as e:
-    rc = e.code
-  captured = capsys.readouterr()
-  result = subprocess.CompletedProcess(argv, rc, captured.out, captured.err)
-  result.seconds = time.perf_counter() - t
-  return result
+  """sample.main(argv) in-process (tests.cli_contract.call_main)."""
+  return cli_contract.call_main(sample.main, argv, capsys)
 
 
 def _old_run(tmp_path) -> pathlib.Path:

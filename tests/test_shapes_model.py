@@ -6,7 +6,6 @@ The full quality figure is `python -m sana_jax.eval.score_model` (see README).
 
 import pathlib
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from sana_jax.data import shapes
 from sana_jax.eval import shapes as evaluator
 from sana_jax.pipeline import SanaPipeline
 from sana_jax.shapes_model import DEFAULT_MODEL
+from tests import cli_contract
 from tests.cli_contract import assert_refused, assert_unchanged, run_command, snapshot
 
 
@@ -85,17 +85,9 @@ def test_pretraining_makes_word_order_readable_through_position_free_attention()
 
 
 def _call_main(argv, capsys) -> subprocess.CompletedProcess:
-  """shapes_model.main(argv) in-process as a CompletedProcess (argparse's exit included)."""
+  """shapes_model.main(argv) in-process (tests.cli_contract.call_main)."""
   from sana_jax import shapes_model
-  t = time.perf_counter()
-  try:
-    rc = shapes_model.main([str(a) for a in argv])
-  except SystemExit as e:
-    rc = e.code
-  captured = capsys.readouterr()
-  result = subprocess.CompletedProcess(argv, rc, captured.out, captured.err)
-  result.seconds = time.perf_counter() - t
-  return result
+  return cli_contract.call_main(shapes_model.main, argv, capsys)
 
 
 def _fake_run(tmp_path, steps=(100, 200)) -> pathlib.Path:

@@ -19,7 +19,7 @@ import train
 from configs import tiny
 from sana_jax.models import dit
 from sana_jax.models.dit_config import DiTConfig
-from tests import train_fixtures
+from tests import cli_contract, train_fixtures
 from tests.cli_contract import assert_refused, assert_unchanged, run_command, snapshot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,16 +32,8 @@ def data_dir(tmp_path_factory):
 
 
 def _main(argv, capsys) -> subprocess.CompletedProcess:
-  """train.main(argv) as a completed process (exit status, stdout, stderr, seconds)."""
-  t = time.perf_counter()
-  try:
-    code = train.main(argv)
-  except SystemExit as e:  # argparse
-    code = e.code
-  out, err = capsys.readouterr()
-  result = subprocess.CompletedProcess(argv, code, out, err)
-  result.seconds = time.perf_counter() - t
-  return result
+  """train.main(argv) in-process (tests.cli_contract.call_main)."""
+  return cli_contract.call_main(train.main, argv, capsys)
 
 
 def _other_depth_folder(root: pathlib.Path) -> str:
