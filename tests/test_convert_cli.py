@@ -27,6 +27,7 @@ from sana_jax.weights import dcae as dcae_w
 from sana_jax.weights import dit as W
 from sana_jax.weights import gemma as gemma_w
 from sana_jax.weights import io
+from tests.test_autoencoder import CFG_B
 from tests.cli_contract import assert_refused, assert_unchanged, run_command, snapshot
 
 CFG = DiTConfig(in_channels=5, out_channels=5, hidden_size=48, depth=2, self_head_dim=8,
@@ -35,17 +36,7 @@ CFG = DiTConfig(in_channels=5, out_channels=5, hidden_size=48, depth=2, self_hea
 GEMMA = {"model_type": "gemma2", "vocab_size": 31, "hidden_size": 16, "intermediate_size": 24,
          "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
          "head_dim": 8, "sliding_window": 4, "query_pre_attn_scalar": 8}
-VAE = dict(
-    in_channels=3, latent_channels=12, attention_head_dim=16,
-    encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-    decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-    encoder_block_out_channels=[8, 24, 48, 96], decoder_block_out_channels=[8, 24, 48, 96],
-    encoder_layers_per_block=[0, 2, 1, 1], decoder_layers_per_block=[0, 1, 2, 1],
-    encoder_qkv_multiscales=[[], [], [5], [3, 5]], decoder_qkv_multiscales=[[], [], [3], [5]],
-    upsample_block_type="pixel_shuffle", downsample_block_type="pixel_unshuffle",
-    decoder_norm_types=["batch_norm", "batch_norm", "rms_norm", "batch_norm"],
-    decoder_act_fns=["relu", "relu", "silu", "silu"], encoder_out_shortcut=False,
-    decoder_in_shortcut=True, scaling_factor=1.3)
+VAE = CFG_B  # the DC-AE branch configuration the autoencoder tests use
 
 
 def _write(path: pathlib.Path, text: str | bytes) -> pathlib.Path:
