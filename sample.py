@@ -34,47 +34,94 @@ MAX_SEED = 2**63 - 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = CommandParser(prog="sample.py", description=__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--prompt", action="append", default=[],
-                  help="a prompt; may be repeated (default: none, then --prompts_file)")
-  ap.add_argument("--prompts_file", type=pathlib.Path,
-                  help="a text file with one prompt per line, blank lines skipped (default: "
-                       "none)")
-  ap.add_argument("--model", type=pathlib.Path, default=None,
-                  help="model folder (default: the embedded ShapesEval model, "
-                       "sana_jax/assets/shapes_model)")
-  ap.add_argument("--height", type=int, default=None,
-                  help="image height in pixels, a multiple of the model's size multiple "
-                       "(default: the model's image_size in pipeline.json)")
-  ap.add_argument("--width", type=int, default=None,
-                  help="image width in pixels (default: the model's image_size)")
-  ap.add_argument("--no_binning", action="store_true",
-                  help="sample at exactly --height x --width instead of the nearest "
-                       "aspect-ratio bin of the model's base size resized to it (default: "
-                       "off, binning as diffusers)")
-  ap.add_argument("--steps", type=int, default=None,
-                  help="denoising steps, >= 1 (default: the model's, pipeline.json)")
-  ap.add_argument("--guidance", type=float, default=None,
-                  help="classifier-free guidance scale, >= 0; 1 is one conditional pass, 0 "
-                       "the unconditional one (default: the model's, pipeline.json)")
-  ap.add_argument("--sampler", choices=("dpm_solver", "euler"), default=None,
-                  help="flow solver (default: the model's, pipeline.json)")
-  ap.add_argument("--seed", type=int, default=0,
-                  help="seed of the first image; image k uses seed + k (default: 0)")
-  ap.add_argument("--num_images", type=int, default=1,
-                  help="images per prompt, >= 1 (default: 1)")
-  ap.add_argument("--batch_size", type=int, default=None,
-                  help="images per denoising batch, >= 1; the images do not depend on it "
-                       "(default: all images in one batch)")
-  ap.add_argument("--out", type=pathlib.Path, default=None,
-                  help="output folder, new or empty unless --overwrite (default: the next "
-                       "free outputs/run-NNN, so a rerun never touches an earlier run)")
-  ap.add_argument("--overwrite", action="store_true",
-                  help="replace a non-empty --out, once the new images are complete "
-                       "(default: off, refuse)")
-  ap.add_argument("--no_progress", action="store_true",
-                  help="no progress bar (default: off, show it)")
+  ap = CommandParser(
+    prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  ap.add_argument(
+    "--prompt",
+    action="append",
+    default=[],
+    help="a prompt; may be repeated (default: none, then --prompts_file)",
+  )
+  ap.add_argument(
+    "--prompts_file",
+    type=pathlib.Path,
+    help="a text file with one prompt per line, blank lines skipped (default: none)",
+  )
+  ap.add_argument(
+    "--model",
+    type=pathlib.Path,
+    default=None,
+    help="model folder (default: the embedded ShapesEval model, sana_jax/assets/shapes_model)",
+  )
+  ap.add_argument(
+    "--height",
+    type=int,
+    default=None,
+    help="image height in pixels, a multiple of the model's size multiple "
+    "(default: the model's image_size in pipeline.json)",
+  )
+  ap.add_argument(
+    "--width",
+    type=int,
+    default=None,
+    help="image width in pixels (default: the model's image_size)",
+  )
+  ap.add_argument(
+    "--no_binning",
+    action="store_true",
+    help="sample at exactly --height x --width instead of the nearest "
+    "aspect-ratio bin of the model's base size resized to it (default: "
+    "off, binning as diffusers)",
+  )
+  ap.add_argument(
+    "--steps",
+    type=int,
+    default=None,
+    help="denoising steps, >= 1 (default: the model's, pipeline.json)",
+  )
+  ap.add_argument(
+    "--guidance",
+    type=float,
+    default=None,
+    help="classifier-free guidance scale, >= 0; 1 is one conditional pass, 0 "
+    "the unconditional one (default: the model's, pipeline.json)",
+  )
+  ap.add_argument(
+    "--sampler",
+    choices=("dpm_solver", "euler"),
+    default=None,
+    help="flow solver (default: the model's, pipeline.json)",
+  )
+  ap.add_argument(
+    "--seed",
+    type=int,
+    default=0,
+    help="seed of the first image; image k uses seed + k (default: 0)",
+  )
+  ap.add_argument("--num_images", type=int, default=1, help="images per prompt, >= 1 (default: 1)")
+  ap.add_argument(
+    "--batch_size",
+    type=int,
+    default=None,
+    help="images per denoising batch, >= 1; the images do not depend on it "
+    "(default: all images in one batch)",
+  )
+  ap.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=None,
+    help="output folder, new or empty unless --overwrite (default: the next "
+    "free outputs/run-NNN, so a rerun never touches an earlier run)",
+  )
+  ap.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace a non-empty --out, once the new images are complete (default: off, refuse)",
+  )
+  ap.add_argument(
+    "--no_progress", action="store_true", help="no progress bar (default: off, show it)"
+  )
   return ap
 
 
@@ -119,9 +166,11 @@ def check_out(out: pathlib.Path, overwrite: bool) -> None:
     raise UsageError(f"--out {out} is an existing file; give a folder (new or empty)")
   if out.is_dir() and any(out.iterdir()) and not overwrite:
     n = sum(1 for _ in out.iterdir())
-    raise UsageError(f"--out {out} already holds {n} entries (a previous run?); pass "
-                     "--overwrite to replace it once the new images exist, or give a new "
-                     "folder")
+    raise UsageError(
+      f"--out {out} already holds {n} entries (a previous run?); pass "
+      "--overwrite to replace it once the new images exist, or give a new "
+      "folder"
+    )
   parent = out.absolute().parent
   while not parent.exists():
     parent = parent.parent
@@ -137,8 +186,14 @@ def check_out(out: pathlib.Path, overwrite: bool) -> None:
 
 def check_args(args) -> dict:
   """Every check that needs no model weights; returns what main needs."""
-  for name, low in (("num_images", 1), ("batch_size", 1), ("steps", 1), ("height", 1),
-                    ("width", 1), ("seed", 0)):
+  for name, low in (
+    ("num_images", 1),
+    ("batch_size", 1),
+    ("steps", 1),
+    ("height", 1),
+    ("width", 1),
+    ("seed", 0),
+  ):
     v = getattr(args, name)
     if v is not None and v < low:
       raise UsageError(f"--{name} {v}: must be >= {low}")
@@ -155,6 +210,7 @@ def check_args(args) -> dict:
   from sana_jax import bundle
   from sana_jax.pipeline import folder_geometry, generation_size
   from sana_jax.shapes_model import DEFAULT_MODEL
+
   model = args.model or DEFAULT_MODEL
   if model.exists() and not model.is_dir():
     raise UsageError(f"--model {model} is a file; give a model folder")
@@ -168,21 +224,26 @@ def check_args(args) -> dict:
   w = base if args.width is None else args.width
   for name, v in (("height", h), ("width", w)):
     if v % m:
-      raise UsageError(f"--{name} {v}: must be a multiple of {m} for this model "
-                       f"(autoencoder downsampling {geo['downsample']} x patch "
-                       f"{geo['patch_size']})")
+      raise UsageError(
+        f"--{name} {v}: must be a multiple of {m} for this model "
+        f"(autoencoder downsampling {geo['downsample']} x patch "
+        f"{geo['patch_size']})"
+      )
   gen_h, gen_w = generation_size(h, w, base, m, binning=not args.no_binning)
   factor = max(h / gen_h, w / gen_w)
   if factor > MAX_UPSCALE:
     raise UsageError(
-        f"--height/--width {h}x{w}: this model samples that aspect ratio at {gen_h}x{gen_w} "
-        f"(its base size is {base} px), so the images would be upscaled {factor:g}x; at "
-        f"most {MAX_UPSCALE:g}x is allowed ({int(gen_h * MAX_UPSCALE)}x"
-        f"{int(gen_w * MAX_UPSCALE)} here), or pass --no_binning to sample at {h}x{w}")
+      f"--height/--width {h}x{w}: this model samples that aspect ratio at {gen_h}x{gen_w} "
+      f"(its base size is {base} px), so the images would be upscaled {factor:g}x; at "
+      f"most {MAX_UPSCALE:g}x is allowed ({int(gen_h * MAX_UPSCALE)}x"
+      f"{int(gen_w * MAX_UPSCALE)} here), or pass --no_binning to sample at {h}x{w}"
+    )
   note = None
   if (gen_h, gen_w) != (h, w):
-    note = (f"note: sampling at {gen_h}x{gen_w} (the aspect-ratio bin of this model's "
-            f"{base} px base size nearest {h}x{w}), then resizing the images to {h}x{w}")
+    note = (
+      f"note: sampling at {gen_h}x{gen_w} (the aspect-ratio bin of this model's "
+      f"{base} px base size nearest {h}x{w}), then resizing the images to {h}x{w}"
+    )
   return {"prompts": prompts, "model": model, "note": note}
 
 
@@ -201,12 +262,18 @@ def main(argv=None) -> int:
   from sana_jax.models.prompts import PromptWarning
   from sana_jax.pipeline import SamplingOptions, SanaPipeline
   from sana_jax.utils_images import save_images
+
   prompts = plan["prompts"]
   t0 = time.perf_counter()
   pipe = SanaPipeline.from_folder(plan["model"])
-  opts = SamplingOptions(height=args.height, width=args.width, steps=args.steps,
-                         guidance_scale=args.guidance, sampler=args.sampler,
-                         resolution_binning=not args.no_binning)
+  opts = SamplingOptions(
+    height=args.height,
+    width=args.width,
+    steps=args.steps,
+    guidance_scale=args.guidance,
+    sampler=args.sampler,
+    resolution_binning=not args.no_binning,
+  )
   resolved = pipe.resolve(opts)
   if plan["note"]:
     print(plan["note"])
@@ -215,18 +282,37 @@ def main(argv=None) -> int:
   with warnings.catch_warnings():
     warnings.simplefilter("always", PromptWarning)
     warnings.showwarning = _show_warning
-    images = pipe.generate([p for _, p in flat], seeds, opts, progress=not args.no_progress,
-                           batch_size=args.batch_size)
-  names = [f"p{i:03d}_{k % args.num_images:02d}_seed{s}.png"
-           for k, ((i, _), s) in enumerate(zip(flat, seeds))]
-  records = [{"file": n, "prompt": p, "seed": s, **{k: resolved[k] for k in (
-      "steps", "guidance_scale", "solver", "flow_shift")}} for n, (_, p), s in zip(names, flat, seeds)]
-  save_images(args.out, images, names, records, grid_cols=args.num_images,
-              captions=[p for _, p in flat], overwrite=args.overwrite)
+    images = pipe.generate(
+      [p for _, p in flat], seeds, opts, progress=not args.no_progress, batch_size=args.batch_size
+    )
+  names = [
+    f"p{i:03d}_{k % args.num_images:02d}_seed{s}.png"
+    for k, ((i, _), s) in enumerate(zip(flat, seeds))
+  ]
+  records = [
+    {
+      "file": n,
+      "prompt": p,
+      "seed": s,
+      **{k: resolved[k] for k in ("steps", "guidance_scale", "solver", "flow_shift")},
+    }
+    for n, (_, p), s in zip(names, flat, seeds)
+  ]
+  save_images(
+    args.out,
+    images,
+    names,
+    records,
+    grid_cols=args.num_images,
+    captions=[p for _, p in flat],
+    overwrite=args.overwrite,
+  )
   dt = time.perf_counter() - t0
-  print(f"wrote {len(images)} images ({resolved['height']}x{resolved['width']}, "
-        f"{resolved['steps']} {resolved['solver']} steps, CFG {resolved['guidance_scale']}) "
-        f"and grid.png to {args.out.resolve()} in {dt:.1f} s")
+  print(
+    f"wrote {len(images)} images ({resolved['height']}x{resolved['width']}, "
+    f"{resolved['steps']} {resolved['solver']} steps, CFG {resolved['guidance_scale']}) "
+    f"and grid.png to {args.out.resolve()} in {dt:.1f} s"
+  )
   return 0
 
 

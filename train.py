@@ -22,18 +22,31 @@ EXIT_PREEMPTED = 143
 
 def _parser() -> argparse.ArgumentParser:
   ap = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", required=True,
-                  help="a config file (configs/*.py with get_config()); required, no default")
-  ap.add_argument("--workdir", required=True,
-                  help="where checkpoints (WORKDIR/checkpoints), metrics.jsonl and "
-                       "TensorBoard logs go; an existing run there is resumed; required, no "
-                       "default")
-  ap.add_argument("--max_steps", type=int, default=None,
-                  help="stop after this step (checkpointing it) even if train.steps is "
-                       "larger (default: none, run to train.steps)")
-  ap.add_argument("--no_progress", action="store_true",
-                  help="no progress bar; the start, resume and end lines are still printed "
-                       "(default: off, a tqdm bar is shown)")
+  ap.add_argument(
+    "--config",
+    required=True,
+    help="a config file (configs/*.py with get_config()); required, no default",
+  )
+  ap.add_argument(
+    "--workdir",
+    required=True,
+    help="where checkpoints (WORKDIR/checkpoints), metrics.jsonl and "
+    "TensorBoard logs go; an existing run there is resumed; required, no "
+    "default",
+  )
+  ap.add_argument(
+    "--max_steps",
+    type=int,
+    default=None,
+    help="stop after this step (checkpointing it) even if train.steps is "
+    "larger (default: none, run to train.steps)",
+  )
+  ap.add_argument(
+    "--no_progress",
+    action="store_true",
+    help="no progress bar; the start, resume and end lines are still printed "
+    "(default: off, a tqdm bar is shown)",
+  )
   return ap
 
 
@@ -44,6 +57,7 @@ def _error(message: str) -> int:
 
 def main(argv=None) -> int:
   from sana_jax.config_loader import load_config, split_config_args
+
   argv = list(sys.argv[1:] if argv is None else argv)
   argv, overrides = split_config_args(argv)
   args = _parser().parse_args(argv)
@@ -54,25 +68,28 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     return _error(str(e))
   from sana_jax.train import loop
+
   shown = " ".join(f"--config.{o}" for o in overrides)
   import jax
+
   try:
     from sana_jax import parallel
+
     parallel.maybe_initialize_distributed()
   except ValueError as e:
     return _error(str(e))
   if jax.process_index() == 0:
     print(f"train.py: config {args.config}{' ' + shown if shown else ''}", flush=True)
   try:
-    state = loop.train(config, args.workdir, max_steps=args.max_steps,
-                       progress=not args.no_progress)
+    state = loop.train(
+      config, args.workdir, max_steps=args.max_steps, progress=not args.no_progress
+    )
   except loop.UsageError as e:
     return _error(str(e))
   except loop.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  target = config.train.steps if args.max_steps is None else min(config.train.steps,
-                                                                 args.max_steps)
+  target = config.train.steps if args.max_steps is None else min(config.train.steps, args.max_steps)
   if int(state.step) < target:  # only SIGTERM stops the loop early
     return EXIT_PREEMPTED
   return 0

@@ -25,14 +25,18 @@ import numpy as np  # noqa: E402
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--sizes", type=int, nargs="+", default=[512])
   ap.add_argument("--runs", type=int, default=3)
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   ap.add_argument("--compare-upsample", action="store_true")
-  ap.add_argument("--memory", action="store_true",
-                  help="only print XLA's compiled memory: one 1024 px tile vs a 4096 px decode")
+  ap.add_argument(
+    "--memory",
+    action="store_true",
+    help="only print XLA's compiled memory: one 1024 px tile vs a 4096 px decode",
+  )
   args = ap.parse_args()
   if args.memory:
     return memory()
@@ -47,13 +51,19 @@ def main():
   cfg = ae.dcae_f32c32_config()
   torch.manual_seed(0)
   ref = TorchDecoder(
-      in_channels=cfg.in_channels, latent_channels=cfg.latent_channels,
-      attention_head_dim=cfg.attention_head_dim, block_type=cfg.decoder_block_types,
-      block_out_channels=cfg.decoder_block_out_channels,
-      layers_per_block=cfg.decoder_layers_per_block, qkv_multiscales=cfg.decoder_qkv_multiscales,
-      norm_type=cfg.decoder_norm_types, act_fn=cfg.decoder_act_fns,
-      upsample_block_type=cfg.upsample_block_type, in_shortcut=cfg.decoder_in_shortcut,
-      conv_act_fn=cfg.decoder_conv_act_fn).eval()
+    in_channels=cfg.in_channels,
+    latent_channels=cfg.latent_channels,
+    attention_head_dim=cfg.attention_head_dim,
+    block_type=cfg.decoder_block_types,
+    block_out_channels=cfg.decoder_block_out_channels,
+    layers_per_block=cfg.decoder_layers_per_block,
+    qkv_multiscales=cfg.decoder_qkv_multiscales,
+    norm_type=cfg.decoder_norm_types,
+    act_fn=cfg.decoder_act_fns,
+    upsample_block_type=cfg.upsample_block_type,
+    in_shortcut=cfg.decoder_in_shortcut,
+    conv_act_fn=cfg.decoder_conv_act_fn,
+  ).eval()
   sd = {f"decoder.{k}": v.numpy() for k, v in ref.state_dict().items()}
   params = dcae.convert_state_dict(sd, cfg, parts=("decoder",))
   del sd
@@ -86,17 +96,33 @@ def main():
         times[impl].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     for impl in impls:
-      rows.append((size, impl, med["torch"], med[impl], med[impl] / med["torch"], compile_s[impl],
-                   times["torch"], times[impl]))
+      rows.append(
+        (
+          size,
+          impl,
+          med["torch"],
+          med[impl],
+          med[impl] / med["torch"],
+          compile_s[impl],
+          times["torch"],
+          times[impl],
+        )
+      )
 
-  print(f"\nDC-AE f32c32 decoder, fp32, batch 1, {args.runs} runs (median), "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-        f"({args.threads} threads)")
-  print(f"{'px':>5} {'ours (impl)':>12} {'torch s':>9} {'ours s':>8} {'ratio':>6} "
-        f"{'1st call s':>10}  runs torch / ours")
+  print(
+    f"\nDC-AE f32c32 decoder, fp32, batch 1, {args.runs} runs (median), "
+    f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+    f"({args.threads} threads)"
+  )
+  print(
+    f"{'px':>5} {'ours (impl)':>12} {'torch s':>9} {'ours s':>8} {'ratio':>6} "
+    f"{'1st call s':>10}  runs torch / ours"
+  )
   for size, impl, tt, tj, ratio, comp, rt, rj in rows:
-    print(f"{size:>5} {impl:>12} {tt:>9.2f} {tj:>8.2f} {ratio:>6.2f} {comp:>10.1f}  "
-          f"{[round(x, 2) for x in rt]} / {[round(x, 2) for x in rj]}")
+    print(
+      f"{size:>5} {impl:>12} {tt:>9.2f} {tj:>8.2f} {ratio:>6.2f} {comp:>10.1f}  "
+      f"{[round(x, 2) for x in rt]} / {[round(x, 2) for x in rj]}"
+    )
 
 
 def memory():

@@ -50,13 +50,13 @@ def _nbytes(tree) -> int:
 def _optimizers():
   spec = O.sana_spec()
   return {
-      "optax.adamw": optax.adamw(1e-4),
-      "optax.adafactor": optax.adafactor(1e-4),
-      "came": O.came(1e-4, spec=spec),
-      "came_8bit (default, block 2048)": O.came_8bit(1e-4, spec=spec),
-      "came_8bit block 16384": O.came_8bit(1e-4, spec=spec, block_size=16384),
-      "came_8bit + quantize_unfactored": O.came_8bit(1e-4, spec=spec, quantize_unfactored=True),
-      "came_8bit whole-matrix blocks": O.came_8bit(1e-4, spec=spec, block_size=1 << 30),
+    "optax.adamw": optax.adamw(1e-4),
+    "optax.adafactor": optax.adafactor(1e-4),
+    "came": O.came(1e-4, spec=spec),
+    "came_8bit (default, block 2048)": O.came_8bit(1e-4, spec=spec),
+    "came_8bit block 16384": O.came_8bit(1e-4, spec=spec, block_size=16384),
+    "came_8bit + quantize_unfactored": O.came_8bit(1e-4, spec=spec, quantize_unfactored=True),
+    "came_8bit whole-matrix blocks": O.came_8bit(1e-4, spec=spec, block_size=1 << 30),
   }
 
 
@@ -67,17 +67,18 @@ def _breakdown(state, n):
   is_nu = lambda x: isinstance(x, (O.FactoredMoments, O.FullMoment))
   nu = jax.tree.leaves(came_state.nu, is_leaf=is_nu)
   parts = {
-      "uint8 m": sum(x.q.size for x in mu if is_q(x)),
-      "block min/scale": sum(8 * x.minimum.size for x in mu if is_q(x)),
-      "fp32 m (small/unfactored)": sum(4 * x.size for x in mu if not is_q(x)),
-      "fp32 row/col stats": sum(_nbytes(x) for x in nu if isinstance(x, O.FactoredMoments)),
-      "fp32 v (unfactored)": sum(_nbytes(x) for x in nu if isinstance(x, O.FullMoment)),
+    "uint8 m": sum(x.q.size for x in mu if is_q(x)),
+    "block min/scale": sum(8 * x.minimum.size for x in mu if is_q(x)),
+    "fp32 m (small/unfactored)": sum(4 * x.size for x in mu if not is_q(x)),
+    "fp32 row/col stats": sum(_nbytes(x) for x in nu if isinstance(x, O.FactoredMoments)),
+    "fp32 v (unfactored)": sum(_nbytes(x) for x in nu if isinstance(x, O.FullMoment)),
   }
   return {k: v / n for k, v in parts.items()}
 
 
 def memory_table():
   from configs import sana15_1600m, sana15_4800m
+
   trees = {"SANA-1.5 1.6B": sana15_1600m, "SANA-1.5 4.8B": sana15_4800m}
   opts = _optimizers()
   rows, breakdowns = {}, {}
@@ -103,6 +104,7 @@ def memory_table():
 
 def _params_0p6b(depth):
   from configs import sana_600m
+
   cfg = _model_config(sana_600m)
   full = dit.abstract_params(cfg)
   n_full = sum(math.prod(x.shape) for x in jax.tree.leaves(full))
@@ -115,18 +117,26 @@ def _params_0p6b(depth):
 def time_update(depth, repeats):
   abstract, n_full = _params_0p6b(depth)
   n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
-  print(f"\nUpdate time on the Sana 0.6B tree ({n_full / 1e6:.1f}M params); timed on "
-        f"{'depth %d: ' % depth if depth else ''}{n / 1e6:.1f}M params, fp32, "
-        f"{jax.devices()[0].platform}, {os.cpu_count()} cores")
+  print(
+    f"\nUpdate time on the Sana 0.6B tree ({n_full / 1e6:.1f}M params); timed on "
+    f"{'depth %d: ' % depth if depth else ''}{n / 1e6:.1f}M params, fp32, "
+    f"{jax.devices()[0].platform}, {os.cpu_count()} cores"
+  )
   key = jax.random.key(0)
   results = {}
-  for name, opt in [("optax.adamw", optax.adamw(1e-4)),
-                    ("came", O.came(1e-4, spec=O.sana_spec())),
-                    ("came_8bit", O.came_8bit(1e-4, spec=O.sana_spec()))]:
+  for name, opt in [
+    ("optax.adamw", optax.adamw(1e-4)),
+    ("came", O.came(1e-4, spec=O.sana_spec())),
+    ("came_8bit", O.came_8bit(1e-4, spec=O.sana_spec())),
+  ]:
     params = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), abstract)
-    grads = jax.tree.map(lambda s, k: jax.random.normal(k, s.shape, s.dtype), abstract,
-                         jax.tree.unflatten(jax.tree.structure(abstract),
-                                            list(jax.random.split(key, len(jax.tree.leaves(abstract))))))
+    grads = jax.tree.map(
+      lambda s, k: jax.random.normal(k, s.shape, s.dtype),
+      abstract,
+      jax.tree.unflatten(
+        jax.tree.structure(abstract), list(jax.random.split(key, len(jax.tree.leaves(abstract))))
+      ),
+    )
     state = jax.jit(opt.init)(params)
 
     def step(params, state, grads):
@@ -143,8 +153,10 @@ def time_update(depth, repeats):
       jax.block_until_ready((params, state))
       times.append(time.perf_counter() - t0)
     results[name] = statistics.median(times)
-    print(f"  {name:<14} median {results[name] * 1e3:9.1f} ms  "
-          f"(runs: {', '.join(f'{t * 1e3:.0f}' for t in times)})")
+    print(
+      f"  {name:<14} median {results[name] * 1e3:9.1f} ms  "
+      f"(runs: {', '.join(f'{t * 1e3:.0f}' for t in times)})"
+    )
     del params, state, grads
   for name in ("came", "came_8bit"):
     print(f"  ratio {name} / optax.adamw: {results[name] / results['optax.adamw']:.2f}x")
@@ -154,6 +166,7 @@ def tiny_dit(steps):
   """Distil a randomly initialised teacher DiT into a student (same tiny config, other
   seed) on fresh random inputs every step; report the loss on a held-out batch."""
   from configs import tiny
+
   cfg = _model_config(tiny)
   model = dit.SanaDiT(dit.DiTConfig.coerce(cfg))
   params = dit.init_params(cfg, jax.random.key(0))
@@ -196,14 +209,18 @@ def tiny_dit(steps):
   f8, st = run(O.came_8bit(lr, spec=spec, min_8bit_size=1024, block_size=256))
   is_q = lambda v: isinstance(v, O.quant8.QuantizedArray)
   nq = sum(is_q(v) for v in jax.tree.leaves(st[0].mu, is_leaf=is_q))
-  print(f"\nTiny DiT distillation ({sum(x.size for x in jax.tree.leaves(params)) / 1e3:.0f}K "
-        f"params, {nq} leaves with 8-bit m), {steps} steps, held-out loss {init_loss:.4f} at "
-        f"init: came {f32:.5f}, came_8bit {f8:.5f} ({(f8 - f32) / f32:+.2%})")
+  print(
+    f"\nTiny DiT distillation ({sum(x.size for x in jax.tree.leaves(params)) / 1e3:.0f}K "
+    f"params, {nq} leaves with 8-bit m), {steps} steps, held-out loss {init_loss:.4f} at "
+    f"init: came {f32:.5f}, came_8bit {f8:.5f} ({(f8 - f32) / f32:+.2%})"
+  )
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--depth", type=int, default=7, help="blocks of the 0.6B tree to time (0 = all 28)")
+  ap.add_argument(
+    "--depth", type=int, default=7, help="blocks of the 0.6B tree to time (0 = all 28)"
+  )
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--dit_steps", type=int, default=300)
   ap.add_argument("--skip_time", action="store_true")

@@ -29,8 +29,9 @@ import sys
 import time
 
 # 8 simulated CPU devices for the FSDP memory analysis; must precede the jax import.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -44,7 +45,7 @@ from sana_jax import parallel  # noqa: E402
 from sana_jax.models import dit  # noqa: E402
 from sana_jax.models.dit_config import DiTConfig  # noqa: E402
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def model_config(mod) -> DiTConfig:
@@ -63,13 +64,17 @@ def time_forward(runs: int, impls: list[str], threads: int) -> None:
 
   from sana_jax.weights import dit as dit_weights
   from configs import sana_600m
+
   torch.set_num_threads(threads)
   cfg = model_config(sana_600m).diffusers_compatible()
-  print(f"== forward time: Sana 0.6B geometry (depth {cfg.depth}, width {cfg.hidden_size}), "
-        f"fp32, 512 px (16x16 latent), batch 1, 300 caption tokens; torch threads "
-        f"{torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}")
+  print(
+    f"== forward time: Sana 0.6B geometry (depth {cfg.depth}, width {cfg.hidden_size}), "
+    f"fp32, 512 px (16x16 latent), batch 1, 300 caption tokens; torch threads "
+    f"{torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}"
+  )
   t0 = time.perf_counter()
   from tests.dit_reference import diffusers_model
+
   model = diffusers_model(cfg, relative_scale=0.2)
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   params = jax.device_put(dit_weights.diffusers_to_params(sd, cfg), jax.devices()[0])
@@ -83,14 +88,22 @@ def time_forward(runs: int, impls: list[str], threads: int) -> None:
   mask[:, 180:] = 0
   t = np.array([500.0], np.float32)
   args = (x, t, y, mask)
-  tx, tt, ty, tm = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
-                    torch.from_numpy(t), torch.from_numpy(y), torch.from_numpy(mask.astype(
-                        np.float32)))
+  tx, tt, ty, tm = (
+    torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+    torch.from_numpy(t),
+    torch.from_numpy(y),
+    torch.from_numpy(mask.astype(np.float32)),
+  )
 
   def theirs():
     with torch.inference_mode():
-      return model(hidden_states=tx, encoder_hidden_states=ty, timestep=tt,
-                   encoder_attention_mask=tm, return_dict=False)[0]
+      return model(
+        hidden_states=tx,
+        encoder_hidden_states=ty,
+        timestep=tt,
+        encoder_attention_mask=tm,
+        return_dict=False,
+      )[0]
 
   runners = {}
   for impl in impls:
@@ -98,8 +111,7 @@ def time_forward(runs: int, impls: list[str], threads: int) -> None:
     t0 = time.perf_counter()
     fn = jax.jit(dit.SanaDiT(c).apply).lower({"params": params}, *args).compile()
     print(f"compiled ours ({impl}) in {time.perf_counter() - t0:.1f} s")
-    runners[f"ours ({impl})"] = (lambda fn=fn: jax.block_until_ready(fn({"params": params},
-                                                                         *args)))
+    runners[f"ours ({impl})"] = lambda fn=fn: jax.block_until_ready(fn({"params": params}, *args))
   runners["diffusers"] = theirs
 
   ref = theirs().numpy().transpose(0, 2, 3, 1)
@@ -118,8 +130,10 @@ def time_forward(runs: int, impls: list[str], threads: int) -> None:
       times[name].append(time.perf_counter() - s)
     loads.append(os.getloadavg()[0])
   med_ref = statistics.median(times["diffusers"])
-  print(f"\n{runs} alternating runs; 1-min load average during the runs "
-        f"{min(loads):.1f}-{max(loads):.1f} (2 cores)")
+  print(
+    f"\n{runs} alternating runs; 1-min load average during the runs "
+    f"{min(loads):.1f}-{max(loads):.1f} (2 cores)"
+  )
   print(f"| {'model':<16} | median s | min s  | max s  | ours / diffusers |")
   print(f"|{'-' * 18}|----------|--------|--------|------------------|")
   for name, ts in times.items():
@@ -133,29 +147,40 @@ def time_forward(runs: int, impls: list[str], threads: int) -> None:
 
 def forward_memory(compute_dtypes: list[str], batch: int) -> None:
   from configs import sana15_4800m
+
   base = model_config(sana15_4800m)
   mesh = parallel.make_mesh(data=1, fsdp=8)
-  print(f"\n== compiled forward memory: SANA-1.5 4.8B (depth {base.depth}, width "
-        f"{base.hidden_size}), 1024 px (32x32 latent), global batch {batch} "
-        f"({batch // 8} per device), 300 caption tokens, mesh data=1 fsdp=8, per device")
-  print("| compute | params (fp32) | arguments GiB | outputs GiB | temps GiB | code KiB "
-        "| total GiB | compile s |")
-  print("|---------|---------------|---------------|-------------|-----------|----------"
-        "|-----------|-----------|")
+  print(
+    f"\n== compiled forward memory: SANA-1.5 4.8B (depth {base.depth}, width "
+    f"{base.hidden_size}), 1024 px (32x32 latent), global batch {batch} "
+    f"({batch // 8} per device), 300 caption tokens, mesh data=1 fsdp=8, per device"
+  )
+  print(
+    "| compute | params (fp32) | arguments GiB | outputs GiB | temps GiB | code KiB "
+    "| total GiB | compile s |"
+  )
+  print(
+    "|---------|---------------|---------------|-------------|-----------|----------"
+    "|-----------|-----------|"
+  )
   for dtype in compute_dtypes:
     cfg = base.replace(compute_dtype=dtype)
     p_sh = parallel.param_shardings(cfg, mesh)
     shapes = dit.abstract_params(cfg)
     n_params = dit.count_params(shapes)
     abstract = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, p_sh)
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, p_sh
+    )
 
     def arg(shape, dtype):
       return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
 
-    inputs = (arg((batch, 32, 32, cfg.in_channels), jnp.float32), arg((batch,), jnp.float32),
-              arg((batch, 300, cfg.caption_channels), jnp.float32),
-              arg((batch, 300), jnp.int32))
+    inputs = (
+      arg((batch, 32, 32, cfg.in_channels), jnp.float32),
+      arg((batch,), jnp.float32),
+      arg((batch, 300, cfg.caption_channels), jnp.float32),
+      arg((batch, 300), jnp.int32),
+    )
     out_sh = NamedSharding(mesh, P(("data", "fsdp")))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
@@ -163,11 +188,18 @@ def forward_memory(compute_dtypes: list[str], batch: int) -> None:
       compiled = fn.lower({"params": abstract}, *inputs).compile()
     secs = time.perf_counter() - t0
     m = compiled.memory_analysis()
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             + m.generated_code_size_in_bytes - m.alias_size_in_bytes)
-    print(f"| {dtype:<7} | {n_params / 1e9:9.3f} B   | {m.argument_size_in_bytes / GIB:13.3f} "
-          f"| {m.output_size_in_bytes / GIB:11.4f} | {m.temp_size_in_bytes / GIB:9.3f} "
-          f"| {m.generated_code_size_in_bytes / 2**10:8.1f} | {total / GIB:9.3f} | {secs:9.1f} |")
+    total = (
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      + m.temp_size_in_bytes
+      + m.generated_code_size_in_bytes
+      - m.alias_size_in_bytes
+    )
+    print(
+      f"| {dtype:<7} | {n_params / 1e9:9.3f} B   | {m.argument_size_in_bytes / GIB:13.3f} "
+      f"| {m.output_size_in_bytes / GIB:11.4f} | {m.temp_size_in_bytes / GIB:9.3f} "
+      f"| {m.generated_code_size_in_bytes / 2**10:8.1f} | {total / GIB:9.3f} | {secs:9.1f} |"
+    )
 
 
 def main():

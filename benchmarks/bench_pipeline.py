@@ -50,28 +50,41 @@ def _tokenizer(folder: str):
   from sana_jax.bundle_from_diffusers import DIFFUSERS_CHI
   from sana_jax.data.tokenizer import build_word_level_tokenizer, words_of
   from sana_jax.models.prompts import load_tokenizer
+
   build_word_level_tokenizer(words_of(list(DIFFUSERS_CHI) + [PROMPT.lower()]), folder)
   return load_tokenizer(folder)
 
 
 def _dit_config():
   from sana_jax.models.dit_config import DiTConfig
+
   return DiTConfig(sample_size=16).diffusers_compatible()  # Sana 0.6B geometry, 512 px
 
 
 def _peak_rss_gb() -> float:
   import resource
+
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _summary(first, phases, setup_s, seq_len, extra=None) -> dict:
-  return {"setup_s": setup_s, "first_s": first, "phases": phases, "seq_len": seq_len,
-          "peak_rss_gb": _peak_rss_gb(), "loadavg": os.getloadavg(), **(extra or {})}
+  return {
+    "setup_s": setup_s,
+    "first_s": first,
+    "phases": phases,
+    "seq_len": seq_len,
+    "peak_rss_gb": _peak_rss_gb(),
+    "loadavg": os.getloadavg(),
+    **(extra or {}),
+  }
 
 
 def _log(what: str) -> None:
-  print(f"  [{time.strftime('%H:%M:%S')}] {what} (peak RSS {_peak_rss_gb():.1f} GB)",
-        file=sys.stderr, flush=True)
+  print(
+    f"  [{time.strftime('%H:%M:%S')}] {what} (peak RSS {_peak_rss_gb():.1f} GB)",
+    file=sys.stderr,
+    flush=True,
+  )
 
 
 def _random_tree(shapes, seed: int, std: float = 0.02):
@@ -81,8 +94,10 @@ def _random_tree(shapes, seed: int, std: float = 0.02):
   import jax
   import jax.numpy as jnp
 
-  fill = jax.jit(lambda buf, k, i: buf.at[i].set(
-      std * jax.random.normal(k, buf.shape[1:], buf.dtype)), donate_argnums=0)
+  fill = jax.jit(
+    lambda buf, k, i: buf.at[i].set(std * jax.random.normal(k, buf.shape[1:], buf.dtype)),
+    donate_argnums=0,
+  )
   leaves, tree = jax.tree.flatten(shapes)
   out = []
   for n, s in enumerate(leaves):
@@ -93,8 +108,11 @@ def _random_tree(shapes, seed: int, std: float = 0.02):
         buf = fill(buf, jax.random.fold_in(key, i), i)
       out.append(jax.block_until_ready(buf))
     else:
-      out.append(jax.block_until_ready(jax.jit(
-          lambda k, s=s: std * jax.random.normal(k, s.shape, s.dtype))(key)))
+      out.append(
+        jax.block_until_ready(
+          jax.jit(lambda k, s=s: std * jax.random.normal(k, s.shape, s.dtype))(key)
+        )
+      )
   return jax.tree.unflatten(tree, out)
 
 
@@ -129,11 +147,18 @@ def worker_ours(args) -> dict:
 
   t0 = time.perf_counter()
   tok = _tokenizer(tempfile.mkdtemp(prefix="bench_tok_"))
-  gcfg = te.gemma2_2b(vocab_size=args.vocab, param_dtype=args.text_encoder_dtype,
-                      dtype=args.text_encoder_compute or args.text_encoder_dtype)
+  gcfg = te.gemma2_2b(
+    vocab_size=args.vocab,
+    param_dtype=args.text_encoder_dtype,
+    dtype=args.text_encoder_compute or args.text_encoder_dtype,
+  )
   dummy = jax.numpy.zeros((1, 8), jax.numpy.int32)
-  gparams = _random_tree(te.nn.meta.unbox(jax.eval_shape(
-      te.Gemma2Encoder(gcfg).init, jax.random.key(0), dummy, dummy)["params"]), 0)
+  gparams = _random_tree(
+    te.nn.meta.unbox(
+      jax.eval_shape(te.Gemma2Encoder(gcfg).init, jax.random.key(0), dummy, dummy)["params"]
+    ),
+    0,
+  )
   _log("text encoder params")
   cfg = _dit_config()
   dparams = _random_tree(dit.abstract_params(cfg), 1)
@@ -141,21 +166,33 @@ def worker_ours(args) -> dict:
   vcfg = ae.dcae_f32c32_config()
   vparams = ae.init_params(vcfg, 2)
   _log("DC-AE params")
-  encoder = PromptEncoder.from_params(tok, gcfg, gparams, PromptConfig(
-      max_length=300, chi=DIFFUSERS_CHI, lowercase=True))
-  settings = {"format": bundle_lib.FORMAT, "image_size": 512, "flow_shift": 3.0,
-              "sampler": {"name": "dpm_solver", "steps": args.steps, "guidance_scale": 4.5,
-                          "use_null_mask": True},
-              "prompt": {}, "autoencoder": {"kind": "dcae"}}
+  encoder = PromptEncoder.from_params(
+    tok, gcfg, gparams, PromptConfig(max_length=300, chi=DIFFUSERS_CHI, lowercase=True)
+  )
+  settings = {
+    "format": bundle_lib.FORMAT,
+    "image_size": 512,
+    "flow_shift": 3.0,
+    "sampler": {
+      "name": "dpm_solver",
+      "steps": args.steps,
+      "guidance_scale": 4.5,
+      "use_null_mask": True,
+    },
+    "prompt": {},
+    "autoencoder": {"kind": "dcae"},
+  }
   autoencoder = bundle_lib.Autoencoder(
-      "dcae", vcfg.spatial_compression_ratio, vcfg.latent_channels,
-      lambda x: np.asarray(ae.encode(vcfg, vparams, x)),
-      lambda z: np.asarray(ae.decode(vcfg, vparams, z)))
+    "dcae",
+    vcfg.spatial_compression_ratio,
+    vcfg.latent_channels,
+    lambda x: np.asarray(ae.encode(vcfg, vparams, x)),
+    lambda z: np.asarray(ae.decode(vcfg, vparams, z)),
+  )
   b = bundle_lib.Bundle(None, settings, cfg, dparams, None, encoder, autoencoder)
   pipe = SanaPipeline(b, cache_caption_kv=not args.no_kv_cache)
   setup_s = time.perf_counter() - t0
-  opts = SamplingOptions(height=args.size, width=args.size, steps=args.steps,
-                         guidance_scale=4.5)
+  opts = SamplingOptions(height=args.size, width=args.size, steps=args.steps, guidance_scale=4.5)
 
   def run():
     t = {}
@@ -176,10 +213,19 @@ def worker_ours(args) -> dict:
     _log("decode")
   img, first, phases = _warm_up_and_time(run, args.runs)
   from sana_jax.models.prompts import tokenize
+
   seq_len = int(tokenize(tok, [PROMPT], encoder.config)[0].shape[1])
-  return _summary(first, phases, setup_s, seq_len,
-                  {"finite": bool(np.isfinite(img).all()), "shape": list(img.shape),
-                   "kv_cache": not args.no_kv_cache})
+  return _summary(
+    first,
+    phases,
+    setup_s,
+    seq_len,
+    {
+      "finite": bool(np.isfinite(img).all()),
+      "shape": list(img.shape),
+      "kv_cache": not args.no_kv_cache,
+    },
+  )
 
 
 def worker_diffusers(args) -> dict:
@@ -194,10 +240,18 @@ def worker_diffusers(args) -> dict:
   torch.set_num_threads(args.threads)
   t0 = time.perf_counter()
   tok = _tokenizer(tempfile.mkdtemp(prefix="bench_tok_"))
-  hc = Gemma2Config(vocab_size=args.vocab, hidden_size=2304, intermediate_size=9216,
-                    num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-                    head_dim=256, sliding_window=4096, query_pre_attn_scalar=256,
-                    attn_logit_softcapping=50.0)
+  hc = Gemma2Config(
+    vocab_size=args.vocab,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    sliding_window=4096,
+    query_pre_attn_scalar=256,
+    attn_logit_softcapping=50.0,
+  )
   hc._attn_implementation = "eager"  # sdpa rejects the softcap
   torch.manual_seed(0)
   default = torch.get_default_dtype()
@@ -212,9 +266,11 @@ def worker_diffusers(args) -> dict:
   transformer = diffusers.SanaTransformer2DModel(**tcfg).eval()
   vae = diffusers.AutoencoderDC(**ae.dcae_f32c32_config().to_diffusers()).eval()
   scheduler = diffusers.DPMSolverMultistepScheduler(
-      use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
-  pipe = diffusers.SanaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae,
-                                transformer=transformer, scheduler=scheduler)
+    use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"
+  )
+  pipe = diffusers.SanaPipeline(
+    tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+  )
   pipe.set_progress_bar_config(disable=True)
   setup_s = time.perf_counter() - t0
 
@@ -226,6 +282,7 @@ def worker_diffusers(args) -> dict:
       out = fn(*a, **k)
       log.append((what, start, time.perf_counter()))
       return out
+
     return wrapper
 
   text_encoder.forward = timed("encode", text_encoder.forward)
@@ -235,25 +292,46 @@ def worker_diffusers(args) -> dict:
   def run():
     log.clear()
     start = time.perf_counter()
-    img = pipe(PROMPT, negative_prompt="", num_inference_steps=args.steps, guidance_scale=4.5,
-               height=args.size, width=args.size, use_resolution_binning=False,
-               output_type="np", generator=torch.Generator().manual_seed(0)).images
+    img = pipe(
+      PROMPT,
+      negative_prompt="",
+      num_inference_steps=args.steps,
+      guidance_scale=4.5,
+      height=args.size,
+      width=args.size,
+      use_resolution_binning=False,
+      output_type="np",
+      generator=torch.Generator().manual_seed(0),
+    ).images
     e2e = time.perf_counter() - start
     dit = [c for c in log if c[0] == "dit"]
-    t = {"e2e_s": e2e, "encode_s": sum(e - s for w, s, e in log if w == "encode"),
-         "denoise_s": dit[-1][2] - dit[0][1],  # first DiT call start .. last DiT call end
-         "decode_s": sum(e - s for w, s, e in log if w == "decode")}
+    t = {
+      "e2e_s": e2e,
+      "encode_s": sum(e - s for w, s, e in log if w == "encode"),
+      "denoise_s": dit[-1][2] - dit[0][1],  # first DiT call start .. last DiT call end
+      "decode_s": sum(e - s for w, s, e in log if w == "decode"),
+    }
     return img, t
 
   _log("built pipeline")
   img, first, phases = _warm_up_and_time(run, args.runs)
   from sana_jax.bundle_from_diffusers import DIFFUSERS_CHI
   from sana_jax.models.prompts import PromptConfig, tokenize
-  seq_len = int(tokenize(tok, [PROMPT], PromptConfig(chi=DIFFUSERS_CHI, lowercase=True))[0]
-                .shape[1])
-  return _summary(first, phases, setup_s, seq_len,
-                  {"finite": bool(np.isfinite(img).all()), "shape": list(img.shape),
-                   "threads": torch.get_num_threads()})
+
+  seq_len = int(
+    tokenize(tok, [PROMPT], PromptConfig(chi=DIFFUSERS_CHI, lowercase=True))[0].shape[1]
+  )
+  return _summary(
+    first,
+    phases,
+    setup_s,
+    seq_len,
+    {
+      "finite": bool(np.isfinite(img).all()),
+      "shape": list(img.shape),
+      "threads": torch.get_num_threads(),
+    },
+  )
 
 
 # -------------------------------------------------------------------------------- driver
@@ -273,28 +351,49 @@ def _spawn(which: str, args) -> dict:
   need += 1.0
   waited = 0
   while _mem_available_gb() < need and waited < args.wait_memory:
-    print(f"[{which}] waiting for memory: {_mem_available_gb():.1f} GB available, "
-          f"~{need:.1f} GB needed", file=sys.stderr, flush=True)
+    print(
+      f"[{which}] waiting for memory: {_mem_available_gb():.1f} GB available, "
+      f"~{need:.1f} GB needed",
+      file=sys.stderr,
+      flush=True,
+    )
     time.sleep(30)
     waited += 30
   if _mem_available_gb() < need:
-    raise SystemExit(f"not enough memory for {which}: {_mem_available_gb():.1f} GB available, "
-                     f"~{need:.1f} GB needed (lower --vocab, or wait)")
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", which, "--runs",
-         str(args.runs), "--steps", str(args.steps), "--size", str(args.size), "--vocab",
-         str(args.vocab), "--threads", str(args.threads), "--text_encoder_dtype",
-         args.text_encoder_dtype] + (
-             ["--text_encoder_compute", args.text_encoder_compute]
-             if args.text_encoder_compute else []) + (
-             ["--no_kv_cache"] if args.no_kv_cache else []) + (
-             ["--memory_trace"] if args.memory_trace else [])
+    raise SystemExit(
+      f"not enough memory for {which}: {_mem_available_gb():.1f} GB available, "
+      f"~{need:.1f} GB needed (lower --vocab, or wait)"
+    )
+  cmd = (
+    [
+      sys.executable,
+      os.path.abspath(__file__),
+      "--worker",
+      which,
+      "--runs",
+      str(args.runs),
+      "--steps",
+      str(args.steps),
+      "--size",
+      str(args.size),
+      "--vocab",
+      str(args.vocab),
+      "--threads",
+      str(args.threads),
+      "--text_encoder_dtype",
+      args.text_encoder_dtype,
+    ]
+    + (["--text_encoder_compute", args.text_encoder_compute] if args.text_encoder_compute else [])
+    + (["--no_kv_cache"] if args.no_kv_cache else [])
+    + (["--memory_trace"] if args.memory_trace else [])
+  )
   load_before = os.getloadavg()
   print(f"[{which}] running (load average {load_before[0]:.1f})", file=sys.stderr, flush=True)
   proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
   if proc.returncode:
     raise SystemExit(f"{which} worker failed (exit {proc.returncode})")
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  res = json.loads(line[len("RESULT "):])
+  res = json.loads(line[len("RESULT ") :])
   res["load_before"] = load_before
   return res
 
@@ -304,26 +403,43 @@ def _median(res, key):
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--runs", type=int, default=3, help="timed runs after the warm-up")
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--size", type=int, default=512)
   ap.add_argument("--vocab", type=int, default=16384, help="Gemma embedding rows")
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
-  ap.add_argument("--text_encoder_dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                  help="Gemma-2 weight storage; torch computes in it, and so does ours "
-                       "unless --text_encoder_compute says otherwise")
-  ap.add_argument("--text_encoder_compute", choices=("bfloat16", "float32"), default=None,
-                  help="ours: Gemma-2 matmul input dtype (norms, softmax and the output "
-                       "stay fp32); default: the storage dtype")
-  ap.add_argument("--no_kv_cache", action="store_true",
-                  help="ours: recompute caption K/V at every step")
+  ap.add_argument(
+    "--text_encoder_dtype",
+    choices=("bfloat16", "float32"),
+    default="bfloat16",
+    help="Gemma-2 weight storage; torch computes in it, and so does ours "
+    "unless --text_encoder_compute says otherwise",
+  )
+  ap.add_argument(
+    "--text_encoder_compute",
+    choices=("bfloat16", "float32"),
+    default=None,
+    help="ours: Gemma-2 matmul input dtype (norms, softmax and the output "
+    "stay fp32); default: the storage dtype",
+  )
+  ap.add_argument(
+    "--no_kv_cache", action="store_true", help="ours: recompute caption K/V at every step"
+  )
   ap.add_argument("--only", choices=("ours", "diffusers"), default=None)
-  ap.add_argument("--memory_trace", action="store_true",
-                  help="ours: log peak memory after each piece before the timed calls")
-  ap.add_argument("--wait_memory", type=int, default=600,
-                  help="seconds to wait for free memory before a worker starts")
+  ap.add_argument(
+    "--memory_trace",
+    action="store_true",
+    help="ours: log peak memory after each piece before the timed calls",
+  )
+  ap.add_argument(
+    "--wait_memory",
+    type=int,
+    default=600,
+    help="seconds to wait for free memory before a worker starts",
+  )
   ap.add_argument("--worker", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
 
@@ -334,30 +450,40 @@ def main(argv=None) -> int:
 
   order = [args.only] if args.only else ["diffusers", "ours"]
   results = {w: _spawn(w, args) for w in order}
-  print(f"Sana 0.6B DiT + DC-AE f32c32 (fp32) + Gemma-2-2B layers (vocab {args.vocab}, "
-        f"{args.text_encoder_dtype} weights), random weights; {args.size} px, {args.steps} DPM-Solver steps, CFG 4.5, batch 1; "
-        f"{os.cpu_count()} CPU cores; median of {args.runs} runs after a warm-up call")
+  print(
+    f"Sana 0.6B DiT + DC-AE f32c32 (fp32) + Gemma-2-2B layers (vocab {args.vocab}, "
+    f"{args.text_encoder_dtype} weights), random weights; {args.size} px, {args.steps} DPM-Solver steps, CFG 4.5, batch 1; "
+    f"{os.cpu_count()} CPU cores; median of {args.runs} runs after a warm-up call"
+  )
   seq = next(iter(results.values()))["seq_len"]
   print(f"text encoder tokens: {seq} (CHI + prompt) and 300 (negative prompt)")
-  hdr = (f"{'pipeline':<22}{'setup s':>8}{'1st call':>9}{'e2e s':>8}{'encode':>8}"
-         f"{'denoise':>8}{'decode':>8}  {'e2e runs':<22}{'load avg 1/5/15 min':>20}"
-         f"{'peak GB':>8}")
+  hdr = (
+    f"{'pipeline':<22}{'setup s':>8}{'1st call':>9}{'e2e s':>8}{'encode':>8}"
+    f"{'denoise':>8}{'decode':>8}  {'e2e runs':<22}{'load avg 1/5/15 min':>20}"
+    f"{'peak GB':>8}"
+  )
   print(hdr)
-  names = {"diffusers": "diffusers SanaPipeline",
-           "ours": "sana_jax" + (" (no K/V cache)" if args.no_kv_cache else "")}
+  names = {
+    "diffusers": "diffusers SanaPipeline",
+    "ours": "sana_jax" + (" (no K/V cache)" if args.no_kv_cache else ""),
+  }
   for w, r in results.items():
     runs = " ".join(f"{p['e2e_s']:.1f}" for p in r["phases"])
     la = "/".join(f"{v:.1f}" for v in r["loadavg"])
-    print(f"{names[w]:<22}{r['setup_s']:8.0f}{r['first_s']:9.1f}{_median(r, 'e2e_s'):8.1f}"
-          f"{_median(r, 'encode_s'):8.1f}{_median(r, 'denoise_s'):8.1f}"
-          f"{_median(r, 'decode_s'):8.1f}  {runs:<22}{la:>20}{r['peak_rss_gb']:8.1f}")
+    print(
+      f"{names[w]:<22}{r['setup_s']:8.0f}{r['first_s']:9.1f}{_median(r, 'e2e_s'):8.1f}"
+      f"{_median(r, 'encode_s'):8.1f}{_median(r, 'denoise_s'):8.1f}"
+      f"{_median(r, 'decode_s'):8.1f}  {runs:<22}{la:>20}{r['peak_rss_gb']:8.1f}"
+    )
     if not r["finite"]:
       print(f"  warning: {w} produced non-finite pixels")
   if len(results) == 2:
     o, d = results["ours"], results["diffusers"]
-    print(f"ratio ours/diffusers: end-to-end {_median(o, 'e2e_s') / _median(d, 'e2e_s'):.2f}x, "
-          f"denoiser-only {_median(o, 'denoise_s') / _median(d, 'denoise_s'):.2f}x "
-          f"(goal <= 0.8x)")
+    print(
+      f"ratio ours/diffusers: end-to-end {_median(o, 'e2e_s') / _median(d, 'e2e_s'):.2f}x, "
+      f"denoiser-only {_median(o, 'denoise_s') / _median(d, 'denoise_s'):.2f}x "
+      f"(goal <= 0.8x)"
+    )
   return 0
 
 

@@ -45,6 +45,7 @@ def main():
 
   from configs import sana15_1600m
   from tests import dit_reference as ref
+
   torch.set_num_threads(a.threads)
   jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -53,9 +54,11 @@ def main():
   t0 = time.perf_counter()
   model = ref.diffusers_model(cfg, seed=a.seed, relative_scale=0.2)
   n_torch = sum(p.numel() for p in model.parameters())
-  print(f"SANA-1.5 1.6B: depth {cfg.depth}, width {cfg.hidden_size}, cross {cfg.cross_heads}x"
-        f"{cfg.cross_head_dim}, {n_torch / 1e9:.3f} B params; built in "
-        f"{time.perf_counter() - t0:.0f} s")
+  print(
+    f"SANA-1.5 1.6B: depth {cfg.depth}, width {cfg.hidden_size}, cross {cfg.cross_heads}x"
+    f"{cfg.cross_head_dim}, {n_torch / 1e9:.3f} B params; built in "
+    f"{time.perf_counter() - t0:.0f} s"
+  )
 
   rng = np.random.default_rng(a.seed)
   n = a.latent
@@ -92,8 +95,10 @@ def main():
   ours = np.asarray(jax.jit(dit.SanaDiT(cfg).apply)({"params": params}, x, t, y, mask))
   print(f"our forward (with compile) {time.perf_counter() - t0:.1f} s")
   err = float(np.max(np.abs(ours.astype(np.float64) - theirs)) / np.max(np.abs(theirs)))
-  print(f"\nSANA-1.5 1.6B, {n * 32} px ({n}x{n} latent), t={a.timestep:g}: max |ours - "
-        f"diffusers| / max |diffusers| = {err:.3e}  ({'<=' if err <= 1e-5 else '>'} 1e-5)")
+  print(
+    f"\nSANA-1.5 1.6B, {n * 32} px ({n}x{n} latent), t={a.timestep:g}: max |ours - "
+    f"diffusers| / max |diffusers| = {err:.3e}  ({'<=' if err <= 1e-5 else '>'} 1e-5)"
+  )
   print(f"load average: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
   return 0 if err <= 1e-5 else 1
 

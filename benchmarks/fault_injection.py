@@ -34,11 +34,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def train_cmd(workdir, data_dir, steps, every):
-  return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny.py"),
-          "--workdir", str(workdir), f"--config.data.dir={data_dir}",
-          f"--config.train.steps={steps}", f"--config.train.checkpoint_every={every}",
-          "--config.train.log_every=1", "--config.train.keep_checkpoints=3",
-          "--config.mesh.num_devices=1", "--config.mesh.data=1", "--no_progress"]
+  return [
+    sys.executable,
+    str(REPO / "train.py"),
+    "--config",
+    str(REPO / "configs/tiny.py"),
+    "--workdir",
+    str(workdir),
+    f"--config.data.dir={data_dir}",
+    f"--config.train.steps={steps}",
+    f"--config.train.checkpoint_every={every}",
+    "--config.train.log_every=1",
+    "--config.train.keep_checkpoints=3",
+    "--config.mesh.num_devices=1",
+    "--config.mesh.data=1",
+    "--no_progress",
+  ]
 
 
 def env():
@@ -73,8 +84,14 @@ def last_logged_step(workdir) -> int:
 
 def run_with_fault(cmd, workdir, kind, rng, timeout=900):
   """Starts cmd and kills it per `kind`; returns (killed, note)."""
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    cmd,
+    cwd=REPO,
+    env=env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    stdin=subprocess.DEVNULL,
+  )
   start_logged = logged_steps(workdir)
   start_done = set(checkpoints(workdir)[0])
   deadline = time.time() + timeout
@@ -98,8 +115,10 @@ def run_with_fault(cmd, workdir, kind, rng, timeout=900):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done, _ = checkpoints(workdir)
-    return True, (f"killed {'during a checkpoint write' if in_write else 'between saves'} "
-                  f"after step {last_logged_step(workdir)}, complete checkpoints {done}")
+    return True, (
+      f"killed {'during a checkpoint write' if in_write else 'between saves'} "
+      f"after step {last_logged_step(workdir)}, complete checkpoints {done}"
+    )
   finally:
     if proc.poll() is None:
       proc.kill()
@@ -107,15 +126,18 @@ def run_with_fault(cmd, workdir, kind, rng, timeout=900):
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--faults", type=int, default=6, help="faults to inject (default: 6)")
   ap.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
-  ap.add_argument("--checkpoint_every", type=int, default=3,
-                  help="checkpoint interval in steps (default: 3)")
+  ap.add_argument(
+    "--checkpoint_every", type=int, default=3, help="checkpoint interval in steps (default: 3)"
+  )
   ap.add_argument("--seed", type=int, default=0, help="seed of the fault times (default: 0)")
-  ap.add_argument("--workdir", default=None,
-                  help="folder for the runs (default: a new temporary folder)")
+  ap.add_argument(
+    "--workdir", default=None, help="folder for the runs (default: a new temporary folder)"
+  )
   args = ap.parse_args(argv)
   import jax
   import numpy as np
@@ -127,9 +149,13 @@ def main(argv=None) -> int:
   data_dir = train_fixtures.write_tiny_dataset(root / "data")
   rng = random.Random(args.seed)
   t0 = time.perf_counter()
-  ref = subprocess.run(train_cmd(root / "uninterrupted", data_dir, args.steps,
-                                 args.checkpoint_every), cwd=REPO, env=env(),
-                       capture_output=True, text=True)
+  ref = subprocess.run(
+    train_cmd(root / "uninterrupted", data_dir, args.steps, args.checkpoint_every),
+    cwd=REPO,
+    env=env(),
+    capture_output=True,
+    text=True,
+  )
   if ref.returncode:
     print(ref.stderr[-3000:])
     return 1
@@ -158,10 +184,13 @@ def main(argv=None) -> int:
     a, sa = checkpoint.restore_params(root / "uninterrupted", ema=ema)
     b, sb = checkpoint.restore_params(workdir, ema=ema)
     same &= sa == sb == args.steps and all(
-        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+      np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
   survived = restarts_ok if same else 0
-  print(f"final parameters and EMA {'bit-identical to' if same else 'DIFFER from'} the "
-        f"uninterrupted run")
+  print(
+    f"final parameters and EMA {'bit-identical to' if same else 'DIFFER from'} the "
+    f"uninterrupted run"
+  )
   print(f"{survived} of {injected} faults survived ({time.perf_counter() - t0:.0f} s)")
   return 0 if same and survived == injected else 1
 

@@ -42,9 +42,11 @@ OPTIMIZERS = f"{OPT}::test_each_optimizer_matches_its_reference"
 FWD_FLOPS = f"{OPT}::test_forward_flops_equal_the_counted_matmuls"
 STEP_FLOPS = f"{OPT}::test_train_step_flops_equal_the_counted_matmuls"
 MFU = f"{OPT}::test_mfu"
-SCHEDULES = ["tests/test_samplers.py::test_schedules_bitwise_equal_diffusers",
-             "tests/test_samplers.py::test_dpm_model_times_are_floored",
-             "tests/test_samplers.py::test_sampler_parity_with_sana_pipeline"]
+SCHEDULES = [
+  "tests/test_samplers.py::test_schedules_bitwise_equal_diffusers",
+  "tests/test_samplers.py::test_dpm_model_times_are_floored",
+  "tests/test_samplers.py::test_sampler_parity_with_sana_pipeline",
+]
 # What a developer runs after touching the step: the fast step tests first.
 STEP_TESTS = [STEP_TIMES, SKIP_GRAD, EMA, SKIP, ACCUM, STOP]
 OPTIMIZER_TESTS = [LR, CLIP, OPTIMIZERS]
@@ -72,153 +74,387 @@ def _p(name, path, old, new, tests, what):
 
 
 PLANTS = [
-    # ---------------------------------------------------------------- train/step.py
-    _p("timestep_draws_always_normal", STEP,
-       "draws = flow.timestep_draws(k_t, (b,), tc.timestep_sampler)",
-       "draws = jax.random.normal(k_t, (b,), jnp.float32)", STEP_TESTS,
-       "the issue's bug: normals for every scheme"),
-    _p("timestep_scheme_ignored", STEP,
-       "draws = flow.timestep_draws(k_t, (b,), tc.timestep_sampler)",
-       "draws = flow.timestep_draws(k_t, (b,), 'logit_normal')", STEP_TESTS,
-       "train.timestep_sampler ignored for the draws"),
-    _p("rng_not_folded_with_step", STEP,
-       "key = jax.random.fold_in(jax.random.key(tc.seed), state.step)",
-       "key = jax.random.key(tc.seed)", STEP_TESTS,
-       "the same noise and timesteps at every step"),
-    _p("cfg_dropout_ignored", STEP,
-       'batch["caption"], null_caption, tc.cfg_dropout)',
-       'batch["caption"], null_caption, 0.0)', STEP_TESTS, "no CFG dropout"),
-    _p("ema_decay_swapped", STEP,
-       "lambda e, p: decay * e + (1 - decay) * p",
-       "lambda e, p: (1 - decay) * e + decay * p", STEP_TESTS, "EMA weights swapped"),
-    _p("ema_of_old_params", STEP,
-       "decay * e + (1 - decay) * p, state.ema_params, params)",
-       "decay * e + (1 - decay) * p, state.ema_params, state.params)", STEP_TESTS,
-       "EMA updated with the parameters before the step"),
-    _p("ema_not_updated", STEP,
-       "ema_params=keep(ema, state.ema_params),", "ema_params=state.ema_params,", STEP_TESTS,
-       "EMA frozen at the initial parameters"),
-    _p("grad_accum_summed", STEP,
-       "loss, grads = jax.tree_util.tree_map(lambda a: a / k, (loss, grads))",
-       "loss = loss / k", STEP_TESTS, "micro-batch gradients summed, not averaged"),
-    _p("grad_accum_last_microbatch", STEP,
-       "return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None",
-       "return jax.tree_util.tree_map(lambda a, b: k * b, acc, (l, g)), None", STEP_TESTS,
-       "only the last micro-batch's gradient kept"),
-    _p("skip_keeps_new_opt_state", STEP,
-       "opt_state=keep(opt_state, state.opt_state),", "opt_state=opt_state,", STEP_TESTS,
-       "a non-finite step still writes the optimizer state"),
-    _p("skip_keeps_new_params", STEP,
-       "params=keep(params, state.params),", "params=params,", STEP_TESTS,
-       "a non-finite step still writes the parameters"),
-    _p("skip_checks_loss_only", STEP,
-       "finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)",
-       "finite = jnp.isfinite(loss)", STEP_TESTS,
-       "a finite loss with a non-finite gradient is applied"),
-    _p("nonfinite_run_never_resets", STEP,
-       "nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))",
-       "nonfinite_run=state.nonfinite_run + (~finite).astype(jnp.int32))", STEP_TESTS,
-       "consecutive count never reset by a good step"),
-    _p("nonfinite_run_not_counted", STEP,
-       "nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))",
-       "nonfinite_run=jnp.where(finite, 0, state.nonfinite_run))", STEP_TESTS,
-       "NonFiniteError can never fire"),
-    # ---------------------------------------------------------------- diffusion/flow.py
-    _p("target_sign", FLOWPY, "  return noise - x0\n", "  return x0 - noise\n", FLOW,
-       "velocity target x0 - eps"),
-    _p("noise_sign", FLOWPY, "  return a * x0 + s * noise\n", "  return a * x0 - s * noise\n",
-       FLOW, "x_t = alpha x0 - sigma eps"),
-    _p("model_time_not_floored", FLOWPY, "  model_time = np.floor(s * num_train_timesteps)",
-       "  model_time = s * num_train_timesteps", FLOW, "model time not floored"),
-    _p("exact_grid", FLOWPY,
-       "return 1.0 - np.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps,\n"
-       "                             dtype=np.float64)",
-       "return np.arange(num_train_timesteps, dtype=np.float64) / num_train_timesteps", FLOW,
-       "i/1000 grid instead of the official linspace"),
-    _p("logit_mean_std_swapped", FLOWPY, "jax.nn.sigmoid(n * jnp.float32(std) + jnp.float32(mean))",
-       "jax.nn.sigmoid(n * jnp.float32(mean) + jnp.float32(std))", FLOW,
-       "logit-normal mean and std swapped"),
-    _p("mode_sign", FLOWPY, "return 1 - v - mode_scale * (", "return 1 - v + mode_scale * (",
-       FLOW, "mode density with the wrong sign"),
-    _p("mode_scale_ignored", FLOWPY, "u = u_mode(draws, mode_scale)", "u = u_mode(draws)", FLOW,
-       "mode_scale ignored"),
-    _p("uniform_draws_for_logit_normal", FLOWPY,
-       '  if scheme == "logit_normal":\n    return jax.random.normal(rng, shape, jnp.float32)',
-       '  if scheme == "logit_normal":\n    return jax.random.uniform(rng, shape, jnp.float32)',
-       FLOW, "the draw helper itself wrong for logit_normal"),
-    _p("cfg_drop_inverted", FLOWPY, "jnp.where((u < prob)[:, None, None], null, caption)",
-       "jnp.where((u > prob)[:, None, None], null, caption)", FLOW,
-       "90% of captions dropped"),
-    _p("loss_batch_sum", FLOWPY, "  return per if per_example else jnp.mean(per)",
-       "  return per if per_example else jnp.sum(per)", FLOW, "loss summed over the batch"),
-    _p("index_rounded", FLOWPY,
-       "i = jnp.floor(u * jnp.float32(num_train_timesteps)).astype(jnp.int32)",
-       "i = jnp.round(u * jnp.float32(num_train_timesteps)).astype(jnp.int32)", FLOW,
-       "index rounded instead of floored"),
-    # ---------------------------------------------------------------- diffusion/schedules.py
-    _p("shift_formula", SCHED, "  return shift * s / (1 + (shift - 1) * s)",
-       "  return shift * s / (1 + shift * s)", [FLOW] + SCHEDULES, "flow shift denominator"),
-    _p("dpm_model_time_rounded", SCHED,
-       "model_times = (sigmas * num_train_timesteps).astype(np.int64).astype(np.float32)",
-       "model_times = np.round(sigmas * num_train_timesteps).astype(np.float32)", SCHEDULES,
-       "DPM model time rounded, not truncated"),
-    _p("euler_single_shift", SCHED,
-       "  sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).astype(np.float32)",
-       "  sigmas = sigmas.astype(np.float32)", SCHEDULES, "Euler grid shifted once"),
-    _p("dpm_half_phi", SCHED, "half_phi[i] = f32(f32(0.5) * phi[i])",
-       "half_phi[i] = f32(phi[i])", SCHEDULES, "2nd-order term doubled"),
-    # ---------------------------------------------------------------- train/optimizer.py
-    _p("sqrt_scaling_inverted", OPTPY, "math.sqrt(tc.global_batch / 256)",
-       "math.sqrt(256 / tc.global_batch)", OPTIMIZER_TESTS, "LR scaled by sqrt(256 / batch)"),
-    _p("sqrt_scaling_linear", OPTPY, "math.sqrt(tc.global_batch / 256)",
-       "(tc.global_batch / 256)", OPTIMIZER_TESTS, "linear instead of sqrt LR scaling"),
-    _p("warmup_ignored", OPTPY, "  if tc.warmup_steps <= 0:\n",
-       "  if True:\n", OPTIMIZER_TESTS, "no warm-up"),
-    _p("grad_clip_ignored", OPTPY, "    chain.insert(0, optax.clip_by_global_norm(tc.grad_clip))",
-       "    pass", OPTIMIZER_TESTS, "train.grad_clip ignored"),
-    _p("grad_clip_elementwise", OPTPY, "chain.insert(0, optax.clip_by_global_norm(tc.grad_clip))",
-       "chain.insert(0, optax.clip(tc.grad_clip))", OPTIMIZER_TESTS,
-       "per-element clip instead of the global norm"),
-    _p("grad_clip_after_optimizer", OPTPY,
-       "chain.insert(0, optax.clip_by_global_norm(tc.grad_clip))",
-       "chain.append(optax.clip_by_global_norm(tc.grad_clip))", OPTIMIZER_TESTS,
-       "the update clipped instead of the gradient"),
-    _p("came_weight_decay_dropped", OPTPY,
-       "opt = came_lib.came(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())",
-       "opt = came_lib.came(schedule, spec=came_lib.sana_spec())", OPTIMIZER_TESTS,
-       "CAME without weight decay"),
-    _p("came_8bit_is_came", OPTPY,
-       "opt = came_lib.came_8bit(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())",
-       "opt = came_lib.came(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())",
-       OPTIMIZER_TESTS, "came_8bit silently runs fp32 CAME"),
-    _p("adamw_weight_decay_default", OPTPY,
-       "opt = optax.adamw(schedule, weight_decay=tc.weight_decay)", "opt = optax.adamw(schedule)",
-       OPTIMIZER_TESTS, "AdamW with optax's default decay 1e-4"),
-    _p("adamw_constant_lr", OPTPY, "opt = optax.adamw(schedule, weight_decay=tc.weight_decay)",
-       "opt = optax.adamw(tc.lr, weight_decay=tc.weight_decay)", OPTIMIZER_TESTS,
-       "AdamW ignores the schedule"),
-    # ---------------------------------------------------------------- train/metrics.py
-    _p("flops_linear_attention_once", METRICS,
-       '"linear_attention": 2 * 2 * n * c * d + 2 * n * c,',
-       '"linear_attention": 2 * n * c * d,', FLOP_TESTS, "linear attention counted once"),
-    _p("flops_depthwise_dropped", METRICS, '"depthwise": 2 * 9 * n * 2 * hid,',
-       '"depthwise": 0,', FLOP_TESTS, "depthwise conv not counted"),
-    _p("flops_timestep_mlp_dropped", METRICS, '"t_fc2_block": 2 * (c * c + c * 6 * c),',
-       '"t_fc2_block": 0,', FLOP_TESTS, "timestep MLP not counted"),
-    _p("flops_cross_kv_per_token", METRICS, '"cross_kv": 2 * caption_len * c * 2 * ci,',
-       '"cross_kv": 2 * n * c * 2 * ci,', FLOP_TESTS, "cross k/v counted per image token"),
-    _p("flops_backward_once", METRICS, "  bwd = 2 * fwd - sum(", "  bwd = fwd - sum(",
-       FLOP_TESTS, "backward counted as one forward"),
-    _p("flops_remat_ignored", METRICS, '"full": sum(block.values()),', '"full": 0.0,',
-       FLOP_TESTS, "remat recomputation not counted"),
-    _p("mfu_devices_ignored", METRICS, "(peak_tflops * 1e12 * devices)", "(peak_tflops * 1e12)",
-       FLOP_TESTS, "MFU against one device's peak"),
+  # ---------------------------------------------------------------- train/step.py
+  _p(
+    "timestep_draws_always_normal",
+    STEP,
+    "draws = flow.timestep_draws(k_t, (b,), tc.timestep_sampler)",
+    "draws = jax.random.normal(k_t, (b,), jnp.float32)",
+    STEP_TESTS,
+    "the issue's bug: normals for every scheme",
+  ),
+  _p(
+    "timestep_scheme_ignored",
+    STEP,
+    "draws = flow.timestep_draws(k_t, (b,), tc.timestep_sampler)",
+    "draws = flow.timestep_draws(k_t, (b,), 'logit_normal')",
+    STEP_TESTS,
+    "train.timestep_sampler ignored for the draws",
+  ),
+  _p(
+    "rng_not_folded_with_step",
+    STEP,
+    "key = jax.random.fold_in(jax.random.key(tc.seed), state.step)",
+    "key = jax.random.key(tc.seed)",
+    STEP_TESTS,
+    "the same noise and timesteps at every step",
+  ),
+  _p(
+    "cfg_dropout_ignored",
+    STEP,
+    'batch["caption"], null_caption, tc.cfg_dropout)',
+    'batch["caption"], null_caption, 0.0)',
+    STEP_TESTS,
+    "no CFG dropout",
+  ),
+  _p(
+    "ema_decay_swapped",
+    STEP,
+    "lambda e, p: decay * e + (1 - decay) * p",
+    "lambda e, p: (1 - decay) * e + decay * p",
+    STEP_TESTS,
+    "EMA weights swapped",
+  ),
+  _p(
+    "ema_of_old_params",
+    STEP,
+    "decay * e + (1 - decay) * p, state.ema_params, params)",
+    "decay * e + (1 - decay) * p, state.ema_params, state.params)",
+    STEP_TESTS,
+    "EMA updated with the parameters before the step",
+  ),
+  _p(
+    "ema_not_updated",
+    STEP,
+    "ema_params=keep(ema, state.ema_params),",
+    "ema_params=state.ema_params,",
+    STEP_TESTS,
+    "EMA frozen at the initial parameters",
+  ),
+  _p(
+    "grad_accum_summed",
+    STEP,
+    "loss, grads = jax.tree_util.tree_map(lambda a: a / k, (loss, grads))",
+    "loss = loss / k",
+    STEP_TESTS,
+    "micro-batch gradients summed, not averaged",
+  ),
+  _p(
+    "grad_accum_last_microbatch",
+    STEP,
+    "return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None",
+    "return jax.tree_util.tree_map(lambda a, b: k * b, acc, (l, g)), None",
+    STEP_TESTS,
+    "only the last micro-batch's gradient kept",
+  ),
+  _p(
+    "skip_keeps_new_opt_state",
+    STEP,
+    "opt_state=keep(opt_state, state.opt_state),",
+    "opt_state=opt_state,",
+    STEP_TESTS,
+    "a non-finite step still writes the optimizer state",
+  ),
+  _p(
+    "skip_keeps_new_params",
+    STEP,
+    "params=keep(params, state.params),",
+    "params=params,",
+    STEP_TESTS,
+    "a non-finite step still writes the parameters",
+  ),
+  _p(
+    "skip_checks_loss_only",
+    STEP,
+    "finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)",
+    "finite = jnp.isfinite(loss)",
+    STEP_TESTS,
+    "a finite loss with a non-finite gradient is applied",
+  ),
+  _p(
+    "nonfinite_run_never_resets",
+    STEP,
+    "nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))",
+    "nonfinite_run=state.nonfinite_run + (~finite).astype(jnp.int32))",
+    STEP_TESTS,
+    "consecutive count never reset by a good step",
+  ),
+  _p(
+    "nonfinite_run_not_counted",
+    STEP,
+    "nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))",
+    "nonfinite_run=jnp.where(finite, 0, state.nonfinite_run))",
+    STEP_TESTS,
+    "NonFiniteError can never fire",
+  ),
+  # ---------------------------------------------------------------- diffusion/flow.py
+  _p(
+    "target_sign",
+    FLOWPY,
+    "  return noise - x0\n",
+    "  return x0 - noise\n",
+    FLOW,
+    "velocity target x0 - eps",
+  ),
+  _p(
+    "noise_sign",
+    FLOWPY,
+    "  return a * x0 + s * noise\n",
+    "  return a * x0 - s * noise\n",
+    FLOW,
+    "x_t = alpha x0 - sigma eps",
+  ),
+  _p(
+    "model_time_not_floored",
+    FLOWPY,
+    "  model_time = np.floor(s * num_train_timesteps)",
+    "  model_time = s * num_train_timesteps",
+    FLOW,
+    "model time not floored",
+  ),
+  _p(
+    "exact_grid",
+    FLOWPY,
+    "return 1.0 - np.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps,\n"
+    "                             dtype=np.float64)",
+    "return np.arange(num_train_timesteps, dtype=np.float64) / num_train_timesteps",
+    FLOW,
+    "i/1000 grid instead of the official linspace",
+  ),
+  _p(
+    "logit_mean_std_swapped",
+    FLOWPY,
+    "jax.nn.sigmoid(n * jnp.float32(std) + jnp.float32(mean))",
+    "jax.nn.sigmoid(n * jnp.float32(mean) + jnp.float32(std))",
+    FLOW,
+    "logit-normal mean and std swapped",
+  ),
+  _p(
+    "mode_sign",
+    FLOWPY,
+    "return 1 - v - mode_scale * (",
+    "return 1 - v + mode_scale * (",
+    FLOW,
+    "mode density with the wrong sign",
+  ),
+  _p(
+    "mode_scale_ignored",
+    FLOWPY,
+    "u = u_mode(draws, mode_scale)",
+    "u = u_mode(draws)",
+    FLOW,
+    "mode_scale ignored",
+  ),
+  _p(
+    "uniform_draws_for_logit_normal",
+    FLOWPY,
+    '  if scheme == "logit_normal":\n    return jax.random.normal(rng, shape, jnp.float32)',
+    '  if scheme == "logit_normal":\n    return jax.random.uniform(rng, shape, jnp.float32)',
+    FLOW,
+    "the draw helper itself wrong for logit_normal",
+  ),
+  _p(
+    "cfg_drop_inverted",
+    FLOWPY,
+    "jnp.where((u < prob)[:, None, None], null, caption)",
+    "jnp.where((u > prob)[:, None, None], null, caption)",
+    FLOW,
+    "90% of captions dropped",
+  ),
+  _p(
+    "loss_batch_sum",
+    FLOWPY,
+    "  return per if per_example else jnp.mean(per)",
+    "  return per if per_example else jnp.sum(per)",
+    FLOW,
+    "loss summed over the batch",
+  ),
+  _p(
+    "index_rounded",
+    FLOWPY,
+    "i = jnp.floor(u * jnp.float32(num_train_timesteps)).astype(jnp.int32)",
+    "i = jnp.round(u * jnp.float32(num_train_timesteps)).astype(jnp.int32)",
+    FLOW,
+    "index rounded instead of floored",
+  ),
+  # ---------------------------------------------------------------- diffusion/schedules.py
+  _p(
+    "shift_formula",
+    SCHED,
+    "  return shift * s / (1 + (shift - 1) * s)",
+    "  return shift * s / (1 + shift * s)",
+    [FLOW] + SCHEDULES,
+    "flow shift denominator",
+  ),
+  _p(
+    "dpm_model_time_rounded",
+    SCHED,
+    "model_times = (sigmas * num_train_timesteps).astype(np.int64).astype(np.float32)",
+    "model_times = np.round(sigmas * num_train_timesteps).astype(np.float32)",
+    SCHEDULES,
+    "DPM model time rounded, not truncated",
+  ),
+  _p(
+    "euler_single_shift",
+    SCHED,
+    "  sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).astype(np.float32)",
+    "  sigmas = sigmas.astype(np.float32)",
+    SCHEDULES,
+    "Euler grid shifted once",
+  ),
+  _p(
+    "dpm_half_phi",
+    SCHED,
+    "half_phi[i] = f32(f32(0.5) * phi[i])",
+    "half_phi[i] = f32(phi[i])",
+    SCHEDULES,
+    "2nd-order term doubled",
+  ),
+  # ---------------------------------------------------------------- train/optimizer.py
+  _p(
+    "sqrt_scaling_inverted",
+    OPTPY,
+    "math.sqrt(tc.global_batch / 256)",
+    "math.sqrt(256 / tc.global_batch)",
+    OPTIMIZER_TESTS,
+    "LR scaled by sqrt(256 / batch)",
+  ),
+  _p(
+    "sqrt_scaling_linear",
+    OPTPY,
+    "math.sqrt(tc.global_batch / 256)",
+    "(tc.global_batch / 256)",
+    OPTIMIZER_TESTS,
+    "linear instead of sqrt LR scaling",
+  ),
+  _p(
+    "warmup_ignored",
+    OPTPY,
+    "  if tc.warmup_steps <= 0:\n",
+    "  if True:\n",
+    OPTIMIZER_TESTS,
+    "no warm-up",
+  ),
+  _p(
+    "grad_clip_ignored",
+    OPTPY,
+    "    chain.insert(0, optax.clip_by_global_norm(tc.grad_clip))",
+    "    pass",
+    OPTIMIZER_TESTS,
+    "train.grad_clip ignored",
+  ),
+  _p(
+    "grad_clip_elementwise",
+    OPTPY,
+    "chain.insert(0, optax.clip_by_global_norm(tc.grad_clip))",
+    "chain.insert(0, optax.clip(tc.grad_clip))",
+    OPTIMIZER_TESTS,
+    "per-element clip instead of the global norm",
+  ),
+  _p(
+    "grad_clip_after_optimizer",
+    OPTPY,
+    "chain.insert(0, optax.clip_by_global_norm(tc.grad_clip))",
+    "chain.append(optax.clip_by_global_norm(tc.grad_clip))",
+    OPTIMIZER_TESTS,
+    "the update clipped instead of the gradient",
+  ),
+  _p(
+    "came_weight_decay_dropped",
+    OPTPY,
+    "opt = came_lib.came(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())",
+    "opt = came_lib.came(schedule, spec=came_lib.sana_spec())",
+    OPTIMIZER_TESTS,
+    "CAME without weight decay",
+  ),
+  _p(
+    "came_8bit_is_came",
+    OPTPY,
+    "opt = came_lib.came_8bit(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())",
+    "opt = came_lib.came(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())",
+    OPTIMIZER_TESTS,
+    "came_8bit silently runs fp32 CAME",
+  ),
+  _p(
+    "adamw_weight_decay_default",
+    OPTPY,
+    "opt = optax.adamw(schedule, weight_decay=tc.weight_decay)",
+    "opt = optax.adamw(schedule)",
+    OPTIMIZER_TESTS,
+    "AdamW with optax's default decay 1e-4",
+  ),
+  _p(
+    "adamw_constant_lr",
+    OPTPY,
+    "opt = optax.adamw(schedule, weight_decay=tc.weight_decay)",
+    "opt = optax.adamw(tc.lr, weight_decay=tc.weight_decay)",
+    OPTIMIZER_TESTS,
+    "AdamW ignores the schedule",
+  ),
+  # ---------------------------------------------------------------- train/metrics.py
+  _p(
+    "flops_linear_attention_once",
+    METRICS,
+    '"linear_attention": 2 * 2 * n * c * d + 2 * n * c,',
+    '"linear_attention": 2 * n * c * d,',
+    FLOP_TESTS,
+    "linear attention counted once",
+  ),
+  _p(
+    "flops_depthwise_dropped",
+    METRICS,
+    '"depthwise": 2 * 9 * n * 2 * hid,',
+    '"depthwise": 0,',
+    FLOP_TESTS,
+    "depthwise conv not counted",
+  ),
+  _p(
+    "flops_timestep_mlp_dropped",
+    METRICS,
+    '"t_fc2_block": 2 * (c * c + c * 6 * c),',
+    '"t_fc2_block": 0,',
+    FLOP_TESTS,
+    "timestep MLP not counted",
+  ),
+  _p(
+    "flops_cross_kv_per_token",
+    METRICS,
+    '"cross_kv": 2 * caption_len * c * 2 * ci,',
+    '"cross_kv": 2 * n * c * 2 * ci,',
+    FLOP_TESTS,
+    "cross k/v counted per image token",
+  ),
+  _p(
+    "flops_backward_once",
+    METRICS,
+    "  bwd = 2 * fwd - sum(",
+    "  bwd = fwd - sum(",
+    FLOP_TESTS,
+    "backward counted as one forward",
+  ),
+  _p(
+    "flops_remat_ignored",
+    METRICS,
+    '"full": sum(block.values()),',
+    '"full": 0.0,',
+    FLOP_TESTS,
+    "remat recomputation not counted",
+  ),
+  _p(
+    "mfu_devices_ignored",
+    METRICS,
+    "(peak_tflops * 1e12 * devices)",
+    "(peak_tflops * 1e12)",
+    FLOP_TESTS,
+    "MFU against one device's peak",
+  ),
 ]
 
 
 def _snapshot(dest: pathlib.Path) -> None:
-  archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, check=True,
-                           capture_output=True).stdout
+  archive = subprocess.run(
+    ["git", "archive", "HEAD"], cwd=REPO, check=True, capture_output=True
+  ).stdout
   subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
 
 
@@ -241,8 +477,9 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--only", nargs="*", default=None, help="plant names to run (default: all)")
   ap.add_argument("--list", action="store_true", help="list the plants and exit (default: off)")
-  ap.add_argument("--timeout", type=float, default=1800.0,
-                  help="seconds per pytest run (default: 1800)")
+  ap.add_argument(
+    "--timeout", type=float, default=1800.0, help="seconds per pytest run (default: 1800)"
+  )
   args = ap.parse_args(argv)
   plants = PLANTS
   if args.only:
@@ -258,16 +495,23 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory(prefix="planted_bugs_") as tmp:
     root = pathlib.Path(tmp)
     _snapshot(root)
-    where = subprocess.run([sys.executable, "-c", "import sana_jax; print(sana_jax.__file__)"],
-                           cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+      [sys.executable, "-c", "import sana_jax; print(sana_jax.__file__)"],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
     if not where.startswith(str(root)):
       print(f"error: the copy imports sana_jax from {where}, not from {root}", file=sys.stderr)
       return 2
     tests = sorted({t for p in plants for t in p.tests})
     t0 = time.perf_counter()
     rc, out = _pytest(root, tests, args.timeout)
-    print(f"baseline: {len(tests)} test selections, exit {rc} ({time.perf_counter() - t0:.0f} s)",
-          flush=True)
+    print(
+      f"baseline: {len(tests)} test selections, exit {rc} ({time.perf_counter() - t0:.0f} s)",
+      flush=True,
+    )
     if rc != 0:
       print(out[-3000:])
       print("error: the unmodified tests do not pass; nothing planted", file=sys.stderr)
@@ -278,8 +522,9 @@ def main(argv=None) -> int:
       original = f.read_text()
       if original.count(p.old) != 1:
         errors.append(p)
-        print(f"ERROR  {p.name:32s} text found {original.count(p.old)} times in {p.path}",
-              flush=True)
+        print(
+          f"ERROR  {p.name:32s} text found {original.count(p.old)} times in {p.path}", flush=True
+        )
         continue
       t0 = time.perf_counter()
       try:
@@ -293,14 +538,15 @@ def main(argv=None) -> int:
         print(f"caught {p.name:32s} by {_first_failure(out)}  ({dt:.0f} s)", flush=True)
       elif rc == 0:
         missed.append(p)
-        print(f"MISSED {p.name:32s} ({p.what}; ran {', '.join(p.tests)})  ({dt:.0f} s)",
-              flush=True)
+        print(f"MISSED {p.name:32s} ({p.what}; ran {', '.join(p.tests)})  ({dt:.0f} s)", flush=True)
       else:
         errors.append(p)
         print(f"ERROR  {p.name:32s} pytest exit {rc}: {out[-500:]}", flush=True)
-  print(f"\n{len(plants)} planted, {len(caught)} caught"
-        + (f"; missed: {', '.join(p.name for p in missed)}" if missed else "")
-        + (f"; errors: {', '.join(p.name for p in errors)}" if errors else ""))
+  print(
+    f"\n{len(plants)} planted, {len(caught)} caught"
+    + (f"; missed: {', '.join(p.name for p in missed)}" if missed else "")
+    + (f"; errors: {', '.join(p.name for p in errors)}" if errors else "")
+  )
   return 0 if not (missed or errors) else 1
 
 

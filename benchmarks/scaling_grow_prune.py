@@ -43,8 +43,9 @@ from sana_jax.train import checkpoint, loop  # noqa: E402
 from sana_jax.weights import dit as W  # noqa: E402
 
 
-def write_dataset(root: pathlib.Path, n=8, hw=(4, 6), channels=4, caption_len=12,
-                  caption_channels=20, seed=0) -> str:
+def write_dataset(
+  root: pathlib.Path, n=8, hw=(4, 6), channels=4, caption_len=12, caption_channels=20, seed=0
+) -> str:
   rng = np.random.default_rng(seed)
   latents = rng.standard_normal((n, *hw, channels)).astype(np.float32)
   captions = rng.standard_normal((n, caption_len, caption_channels)).astype(np.float32)
@@ -53,20 +54,32 @@ def write_dataset(root: pathlib.Path, n=8, hw=(4, 6), channels=4, caption_len=12
 
   def examples():
     for i in range(n):
-      yield {"latent": latents[i], "caption": captions[i], "caption_mask": masks[i],
-             "text": f"example {i}"}
+      yield {
+        "latent": latents[i],
+        "caption": captions[i],
+        "caption_mask": masks[i],
+        "text": f"example {i}",
+      }
 
   return latents_tfds.write_dataset(
-      examples, str(root), "tiny", buckets=[hw], channels=channels, caption_len=caption_len,
-      caption_channels=caption_channels,
-      null_caption=rng.standard_normal((caption_len, caption_channels)).astype(np.float32),
-      null_mask=np.ones(caption_len, np.int32))
+    examples,
+    str(root),
+    "tiny",
+    buckets=[hw],
+    channels=channels,
+    caption_len=caption_len,
+    caption_channels=caption_channels,
+    null_caption=rng.standard_normal((caption_len, caption_channels)).astype(np.float32),
+    null_mask=np.ones(caption_len, np.int32),
+  )
 
 
 def load_set(data_dir: str) -> dict:
   src = latents_tfds.open_dataset(data_dir)["train_4x6"]
-  return {k: np.stack([np.asarray(src[i][k]) for i in range(len(src))])
-          for k in ("latent", "caption", "caption_mask")}
+  return {
+    k: np.stack([np.asarray(src[i][k]) for i in range(len(src))])
+    for k in ("latent", "caption", "caption_mask")
+  }
 
 
 def fixed_loss(cfg: DiTConfig, params, batch, flow_shift: float, draws: int = 16) -> float:
@@ -78,8 +91,9 @@ def fixed_loss(cfg: DiTConfig, params, batch, flow_shift: float, draws: int = 16
     x0 = jnp.asarray(batch["latent"])
     noise = jax.random.normal(k1, x0.shape)
     ti = flow.training_inputs(x0, noise, jax.random.normal(k2, (x0.shape[0],)), flow_shift)
-    pred = model.apply({"params": params}, ti.x_t, ti.model_time, batch["caption"],
-                       batch["caption_mask"])
+    pred = model.apply(
+      {"params": params}, ti.x_t, ti.model_time, batch["caption"], batch["caption_mask"]
+    )
     return flow.flow_loss(pred, x0, noise)
 
   return float(np.mean([loss(params, jax.random.key(100 + i)) for i in range(draws)]))
@@ -91,8 +105,14 @@ def train_run(data_dir, workdir: pathlib.Path, depth: int, steps: int, init_from
   config.data.dir = data_dir
   config.model.depth = depth
   config.mesh.update(num_devices=1, data=1)
-  config.train.update(steps=steps, checkpoint_every=steps, ema_decay=0.0, log_every=10,
-                      init_from=init_from, async_checkpoints=False)
+  config.train.update(
+    steps=steps,
+    checkpoint_every=steps,
+    ema_decay=0.0,
+    log_every=10,
+    init_from=init_from,
+    async_checkpoints=False,
+  )
   loop.train(config, str(workdir), progress=False)
   params, _ = checkpoint.restore_params(workdir, ema=False)
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -106,30 +126,47 @@ def prune_and_finetune(args, work, data_dir, batch, base, grown_ckpt, row, curve
   pruned_ckpt = work / "pruned"
   chart = args.chart or str(work / "block_importance.png")
   # --overwrite: this script made pruned_ckpt and the chart (or was told to write it there).
-  rc = prune_cli.main(["--checkpoint", str(grown_ckpt), "--captions", str(work / "calib.npz"),
-                       "--latents", str(work / "latents.npz"), "--draws", "4",
-                       "--depth", str(base.depth), "--out", str(pruned_ckpt), "--chart", chart,
-                       "--overwrite"])
+  rc = prune_cli.main(
+    [
+      "--checkpoint",
+      str(grown_ckpt),
+      "--captions",
+      str(work / "calib.npz"),
+      "--latents",
+      str(work / "latents.npz"),
+      "--draws",
+      "4",
+      "--depth",
+      str(base.depth),
+      "--out",
+      str(pruned_ckpt),
+      "--chart",
+      chart,
+      "--overwrite",
+    ]
+  )
   if rc:
     raise SystemExit(f"prune_cli exited {rc}")
   report = json.loads((pruned_ckpt / "block_importance.json").read_text())
   pruned, pcfg, _ = W.load_flax(pruned_ckpt)
   row(f"pruned to blocks {report['kept']} (most important)", pcfg, pruned)
   grown, gcfg, _ = W.load_flax(grown_ckpt)
-  least = sorted(np.argsort(report["importance"], kind="stable")[:base.depth].tolist())
+  least = sorted(np.argsort(report["importance"], kind="stable")[: base.depth].tolist())
   for name, idx in (("least important", least), ("first", list(range(base.depth)))):
     if idx != report["kept"]:
       p, c = pruning.keep_blocks(grown, gcfg, idx)
       row(f"  (baseline: blocks {idx}, {name})", c, jax.device_get(p))
-  tuned, curves["pruned finetune"] = train_run(data_dir, work / "finetune", pcfg.depth,
-                                               args.finetune, str(pruned_ckpt))
+  tuned, curves["pruned finetune"] = train_run(
+    data_dir, work / "finetune", pcfg.depth, args.finetune, str(pruned_ckpt)
+  )
   row(f"pruned + {args.finetune} fine-tune steps", pcfg, tuned)
   return report
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--workdir", default="/tmp/sana_jax_scaling_run")
   ap.add_argument("--depth", type=int, default=6)
   ap.add_argument("--keep", type=int, default=2)
@@ -160,22 +197,26 @@ def main(argv=None) -> int:
 
   grown_ckpt = None
   for strategy in args.strategies.split(","):
-    kw = dict(keep=args.keep, key=jax.random.key(1)) if strategy == "constant" \
-        else dict(zero_gate=True)
+    kw = (
+      dict(keep=args.keep, key=jax.random.key(1))
+      if strategy == "constant"
+      else dict(zero_gate=True)
+    )
     grown, gcfg = growth.grow(src, base, args.depth, strategy, **kw)
     grown = jax.device_get(grown)
     tag = f"{strategy} (keep {args.keep})" if strategy == "constant" else f"{strategy} + zero gate"
     row(f"grown {tag}", gcfg, grown)
     ckpt = work / f"grown_{strategy}"
     W.save_flax(ckpt, grown, gcfg)
-    trained, curves[f"grown {strategy}"] = train_run(data_dir, work / f"train_{strategy}",
-                                                     gcfg.depth, args.steps, str(ckpt))
+    trained, curves[f"grown {strategy}"] = train_run(
+      data_dir, work / f"train_{strategy}", gcfg.depth, args.steps, str(ckpt)
+    )
     row(f"grown {tag} + {args.steps} steps", gcfg, trained)
     if strategy == "constant":
       grown_ckpt = work / "grown_trained"
       W.save_flax(grown_ckpt, trained, gcfg)
   if grown_ckpt is not None:
-    cut = dict(src, blocks=jax.tree_util.tree_map(lambda a: a[:args.keep], src["blocks"]))
+    cut = dict(src, blocks=jax.tree_util.tree_map(lambda a: a[: args.keep], src["blocks"]))
     row(f"(source cut to its first {args.keep} blocks)", base.replace(depth=args.keep), cut)
     report = prune_and_finetune(args, work, data_dir, batch, base, grown_ckpt, row, curves)
 

@@ -45,7 +45,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")          # compile for TPU, run nothing
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU, run nothing
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other jax processes may hold libtpu
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -75,17 +75,17 @@ class Chip:
 
 
 CHIPS = {  # REFERENCE.md section 11
-    "v5e": Chip("TPU v5e", 197.0, 16.0, 0.82),
-    "v6e": Chip("TPU v6e", 918.0, 32.0, 1.64),
-    "v5p": Chip("TPU v5p", 459.0, 95.0, 2.77),
-    "v4": Chip("TPU v4", 275.0, 32.0, 1.2),
+  "v5e": Chip("TPU v5e", 197.0, 16.0, 0.82),
+  "v6e": Chip("TPU v6e", 918.0, 32.0, 1.64),
+  "v5p": Chip("TPU v5p", 459.0, 95.0, 2.77),
+  "v4": Chip("TPU v4", 275.0, 32.0, 1.2),
 }
 
 MODELS = {  # name: (config module, latent side)
-    "tiny": ("tiny", 8),
-    "1.6B": ("sana15_1600m", 32),
-    "4.8B": ("sana15_4800m", 32),
-    "1.6B@4K": ("sana_1600m_4k", 128),
+  "tiny": ("tiny", 8),
+  "1.6B": ("sana15_1600m", 32),
+  "4.8B": ("sana15_4800m", 32),
+  "1.6B@4K": ("sana_1600m_4k", 128),
 }
 
 POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -98,6 +98,7 @@ def load_config(name: str):
 def topology(name: str):
   """(chip figures, the topology's devices) for e.g. "v5e:4x4"."""
   from jax.experimental import topologies
+
   kind = name.split(":")[0]
   if kind not in CHIPS:
     raise ValueError(f"unknown chip {kind!r} in {name!r}; known: {sorted(CHIPS)}")
@@ -106,7 +107,7 @@ def topology(name: str):
 
 
 def parse_mesh(text: str) -> dict:
-  """"data=1,fsdp=-1" -> {"data": 1, "fsdp": -1}."""
+  """ "data=1,fsdp=-1" -> {"data": 1, "fsdp": -1}."""
   out = {}
   for part in text.split(","):
     k, v = part.split("=")
@@ -142,7 +143,7 @@ class Compiled:
   flops: float = 0.0
   bytes: float = 0.0
   secs: float = 0.0
-  oom: str = ""      # the compiler's refusal, if it ran out of memory
+  oom: str = ""  # the compiler's refusal, if it ran out of memory
 
   @property
   def total(self) -> int:
@@ -165,10 +166,16 @@ def _analyse(lowered_fn) -> Compiled:
   ma = compiled.memory_analysis()
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-  return Compiled(arg=ma.argument_size_in_bytes, out=ma.output_size_in_bytes,
-                  temp=ma.temp_size_in_bytes, code=ma.generated_code_size_in_bytes,
-                  alias=ma.alias_size_in_bytes, flops=float(ca.get("flops", 0.0)),
-                  bytes=float(ca.get("bytes accessed", 0.0)), secs=secs)
+  return Compiled(
+    arg=ma.argument_size_in_bytes,
+    out=ma.output_size_in_bytes,
+    temp=ma.temp_size_in_bytes,
+    code=ma.generated_code_size_in_bytes,
+    alias=ma.alias_size_in_bytes,
+    flops=float(ca.get("flops", 0.0)),
+    bytes=float(ca.get("bytes accessed", 0.0)),
+    secs=secs,
+  )
 
 
 def train_program(config, mesh, per_chip_batch: int):
@@ -180,23 +187,29 @@ def train_program(config, mesh, per_chip_batch: int):
   shardings = state_lib.state_shardings(config.model, tx, mesh)
   abstract = state_lib.abstract_state(config.model, tx)
   sds = jax.ShapeDtypeStruct
-  state_in = jax.tree_util.tree_map(lambda a, s: sds(a.shape, a.dtype, sharding=s),
-                                    abstract, shardings)
+  state_in = jax.tree_util.tree_map(
+    lambda a, s: sds(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   run = step_lib.jit_train_step(config, tx, mesh, shardings)
   m, side = config.model, config.latent_side
   bsh = run.batch_shardings
-  batch_in = {"latent": sds((batch, side, side, m.in_channels), jnp.float32,
-                            sharding=bsh["latent"]),
-              "caption": sds((batch, m.caption_len, m.caption_channels), jnp.float32,
-                             sharding=bsh["caption"]),
-              "caption_mask": sds((batch, m.caption_len), jnp.int32,
-                                  sharding=bsh["caption_mask"])}
-  null = sds((m.caption_len, m.caption_channels), jnp.float32,
-             sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  batch_in = {
+    "latent": sds((batch, side, side, m.in_channels), jnp.float32, sharding=bsh["latent"]),
+    "caption": sds(
+      (batch, m.caption_len, m.caption_channels), jnp.float32, sharding=bsh["caption"]
+    ),
+    "caption_mask": sds((batch, m.caption_len), jnp.int32, sharding=bsh["caption_mask"]),
+  }
+  null = sds(
+    (m.caption_len, m.caption_channels),
+    jnp.float32,
+    sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
 
   def lower():
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
       return run.jitted.lower(state_in, batch_in, null)
+
   return lower
 
 
@@ -207,8 +220,9 @@ def forward_program(config, mesh, per_chip_batch: int):
   cfg = DiTConfig.coerce(config.model)
   p_sh = parallel.param_shardings(cfg, mesh)
   sds = jax.ShapeDtypeStruct
-  params = jax.tree_util.tree_map(lambda a, s: sds(a.shape, jnp.bfloat16, sharding=s),
-                                  dit.abstract_params(cfg), p_sh)
+  params = jax.tree_util.tree_map(
+    lambda a, s: sds(a.shape, jnp.bfloat16, sharding=s), dit.abstract_params(cfg), p_sh
+  )
   side = config.latent_side
   bs = lambda nd: parallel.batch_sharding(mesh, nd)  # noqa: E731
   x = sds((batch, side, side, cfg.in_channels), jnp.float32, sharding=bs(4))
@@ -221,6 +235,7 @@ def forward_program(config, mesh, per_chip_batch: int):
   def lower():
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
       return fn.lower(params, x, t, cap, mask)
+
   return lower
 
 
@@ -256,8 +271,9 @@ def _config(model: str, policy: str, depthwise: str):
   return config
 
 
-def max_batch(config, mesh, chip: Chip, batches, cap: int, verify: bool, log
-              ) -> tuple[int, str, dict]:
+def max_batch(
+  config, mesh, chip: Chip, batches, cap: int, verify: bool, log
+) -> tuple[int, str, dict]:
   """Largest per-chip batch the compiler fits (0 if batch 1 does not), how it was found
   ("compiled", or "extrapolated" linearly from the compiles at batch 1 and 2), and
   {batch: Compiled}. With `verify` the extrapolation is checked by compiling the predicted
@@ -268,9 +284,11 @@ def max_batch(config, mesh, chip: Chip, batches, cap: int, verify: bool, log
     if b not in seen:
       seen[b] = _analyse(train_program(_copy(config), mesh, b))
       r = seen[b]
-      log(f"    batch {b}: " + (f"OOM ({r.oom})" if r.oom else
-                                f"total {r.total / GB:.2f} GB, temp {r.temp / GB:.2f} GB")
-          + f", compile {r.secs:.0f} s")
+      log(
+        f"    batch {b}: "
+        + (f"OOM ({r.oom})" if r.oom else f"total {r.total / GB:.2f} GB, temp {r.temp / GB:.2f} GB")
+        + f", compile {r.secs:.0f} s"
+      )
     return seen[b]
 
   if batches:  # explicit list: compile each
@@ -298,8 +316,7 @@ def max_batch(config, mesh, chip: Chip, batches, cap: int, verify: bool, log
   return b, "compiled", seen
 
 
-def plan_train(model, topo_name, mesh_text, policy, depthwise, batches, cap, verify, probes,
-               log):
+def plan_train(model, topo_name, mesh_text, policy, depthwise, batches, cap, verify, probes, log):
   chip, devices = topology(topo_name)
   mesh = parallel.make_mesh(**parse_mesh(mesh_text), devices=devices)
   config = _config(model, policy, depthwise)
@@ -308,19 +325,37 @@ def plan_train(model, topo_name, mesh_text, policy, depthwise, batches, cap, ver
   fitting = [b for b in seen if seen[b].fits(chip)]
   b = max(fitting) if fitting else min(seen)
   r = seen[b]
-  flops, nbytes = (corrected_cost(train_program, config, mesh, b) if probes and not r.oom
-                   else (float("nan"), float("nan")))
+  flops, nbytes = (
+    corrected_cost(train_program, config, mesh, b)
+    if probes and not r.oom
+    else (float("nan"), float("nan"))
+  )
   cfg = DiTConfig.coerce(config.model)
   side = config.latent_side
   model_flops = metrics.train_step_flops(cfg, side, side, cfg.caption_len, b, remat=False)
-  hw_flops = metrics.train_step_flops(cfg, side, side, cfg.caption_len, b,
-                                      remat=policy != "none")
-  return dict(kind="train", model=model, params=dit.count_params(dit.abstract_params(cfg)),
-              topo=topo_name, chips=len(devices), chip=chip, mesh=dict(mesh.shape),
-              policy=policy, depthwise=depthwise, batch=b, fits=bool(best), r=r,
-              max_batch=best, how=how,
-              flops=flops, bytes=nbytes, model_flops=model_flops, hw_flops=hw_flops,
-              compiles=len(seen) + 2, secs=sum(x.secs for x in seen.values()))
+  hw_flops = metrics.train_step_flops(cfg, side, side, cfg.caption_len, b, remat=policy != "none")
+  return dict(
+    kind="train",
+    model=model,
+    params=dit.count_params(dit.abstract_params(cfg)),
+    topo=topo_name,
+    chips=len(devices),
+    chip=chip,
+    mesh=dict(mesh.shape),
+    policy=policy,
+    depthwise=depthwise,
+    batch=b,
+    fits=bool(best),
+    r=r,
+    max_batch=best,
+    how=how,
+    flops=flops,
+    bytes=nbytes,
+    model_flops=model_flops,
+    hw_flops=hw_flops,
+    compiles=len(seen) + 2,
+    secs=sum(x.secs for x in seen.values()),
+  )
 
 
 def plan_forward(model, topo_name, mesh_text, depthwise, batch, probes, log):
@@ -328,18 +363,41 @@ def plan_forward(model, topo_name, mesh_text, depthwise, batch, probes, log):
   mesh = parallel.make_mesh(**parse_mesh(mesh_text), devices=devices)
   config = _config(model, "none", depthwise)
   r = _analyse(forward_program(_copy(config), mesh, batch))
-  log(f"    forward batch {batch}: " + (f"OOM ({r.oom})" if r.oom else
-                                        f"total {r.total / GB:.2f} GB") + f", {r.secs:.0f} s")
-  flops, nbytes = (corrected_cost(forward_program, config, mesh, batch) if probes and not r.oom
-                   else (float("nan"), float("nan")))
+  log(
+    f"    forward batch {batch}: "
+    + (f"OOM ({r.oom})" if r.oom else f"total {r.total / GB:.2f} GB")
+    + f", {r.secs:.0f} s"
+  )
+  flops, nbytes = (
+    corrected_cost(forward_program, config, mesh, batch)
+    if probes and not r.oom
+    else (float("nan"), float("nan"))
+  )
   cfg = DiTConfig.coerce(config.model)
   side = config.latent_side
   f = batch * metrics.dit_forward_flops(cfg, side, side, cfg.caption_len)
-  return dict(kind="forward", model=model, params=dit.count_params(dit.abstract_params(cfg)),
-              topo=topo_name, chips=len(devices), chip=chip, mesh=dict(mesh.shape),
-              policy="-", depthwise=depthwise, batch=batch, fits=r.fits(chip), r=r,
-              max_batch=None, how="",
-              flops=flops, bytes=nbytes, model_flops=f, hw_flops=f, compiles=3, secs=r.secs)
+  return dict(
+    kind="forward",
+    model=model,
+    params=dit.count_params(dit.abstract_params(cfg)),
+    topo=topo_name,
+    chips=len(devices),
+    chip=chip,
+    mesh=dict(mesh.shape),
+    policy="-",
+    depthwise=depthwise,
+    batch=batch,
+    fits=r.fits(chip),
+    r=r,
+    max_batch=None,
+    how="",
+    flops=flops,
+    bytes=nbytes,
+    model_flops=f,
+    hw_flops=f,
+    compiles=3,
+    secs=r.secs,
+  )
 
 
 def roofline(row) -> tuple[float, float, str]:
@@ -355,12 +413,16 @@ def roofline(row) -> tuple[float, float, str]:
   return t, row["model_flops"] / (t * peak), kind
 
 
-BANNER = ("COMPILER PLANS, NOT MEASURED STEP TIMES: libtpu's AOT compile on a CPU; the "
-          "roofline ignores communication and is a lower bound on step time.")
-HEADER = ("| program | model | topology (chips) | mesh | remat | depthwise | largest per-chip "
-          "batch that fits | compiled at batch | arguments GB | temporaries GB | total GB / HBM "
-          "| XLA TFLOP/step (raw) | analytic TFLOP (model; with recompute) | HBM GB accessed | "
-          "roofline bound s/step (bound by) | MFU bound | compile s |")
+BANNER = (
+  "COMPILER PLANS, NOT MEASURED STEP TIMES: libtpu's AOT compile on a CPU; the "
+  "roofline ignores communication and is a lower bound on step time."
+)
+HEADER = (
+  "| program | model | topology (chips) | mesh | remat | depthwise | largest per-chip "
+  "batch that fits | compiled at batch | arguments GB | temporaries GB | total GB / HBM "
+  "| XLA TFLOP/step (raw) | analytic TFLOP (model; with recompute) | HBM GB accessed | "
+  "roofline bound s/step (bound by) | MFU bound | compile s |"
+)
 
 
 def _f(x, fmt):
@@ -378,16 +440,19 @@ def format_row(row) -> str:
     mem = f"{r.arg / GB:.2f} | {r.temp / GB:.2f} | {r.total / GB:.2f} / {chip.hbm_gb:.0f} "
     t, mfu, kind = roofline(row)
   if row["kind"] == "train":
-    best = (f"{row['max_batch']} ({row['how']})" if row["max_batch"]
-            else "none: batch 1 does not fit")
+    best = (
+      f"{row['max_batch']} ({row['how']})" if row["max_batch"] else "none: batch 1 does not fit"
+    )
   else:
     best = "-"
-  return (f"| {row['kind']} | {row['model']} ({row['params'] / 1e9:.2f} B) | "
-          f"{row['topo']} ({row['chips']}) | {mesh} | {row['policy']} | {row['depthwise']} | "
-          f"{best} | {row['batch']} | {mem}| {_f(row['flops'] / 1e12, '.2f')} "
-          f"({r.flops / 1e12:.2f}) | {row['model_flops'] / 1e12:.2f} "
-          f"({row['hw_flops'] / 1e12:.2f}) | {_f(row['bytes'] / GB, '.1f')} | "
-          f"{_f(t, '.3f')} ({kind}) | {_f(mfu, '.0%')} | {row['secs']:.0f} |")
+  return (
+    f"| {row['kind']} | {row['model']} ({row['params'] / 1e9:.2f} B) | "
+    f"{row['topo']} ({row['chips']}) | {mesh} | {row['policy']} | {row['depthwise']} | "
+    f"{best} | {row['batch']} | {mem}| {_f(row['flops'] / 1e12, '.2f')} "
+    f"({r.flops / 1e12:.2f}) | {row['model_flops'] / 1e12:.2f} "
+    f"({row['hw_flops'] / 1e12:.2f}) | {_f(row['bytes'] / GB, '.1f')} | "
+    f"{_f(t, '.3f')} ({kind}) | {_f(mfu, '.0%')} | {row['secs']:.0f} |"
+  )
 
 
 def default_mesh(model: str, topo: str) -> str:
@@ -397,34 +462,65 @@ def default_mesh(model: str, topo: str) -> str:
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--models", default="1.6B,4.8B",
-                  help=f"comma-separated, from {sorted(MODELS)} (default: %(default)s)")
-  ap.add_argument("--topologies", default="v5e:4x4,v6e:4x4,v5p:4x4x4",
-                  help="comma-separated libtpu topology names (default: %(default)s)")
-  ap.add_argument("--meshes", default="",
-                  help="';'-separated mesh specs such as 'data=1,fsdp=-1;data=4,fsdp=-1' "
-                       "(default: FSDP over every chip)")
-  ap.add_argument("--policies", default=",".join(POLICIES),
-                  help="remat policies, comma-separated (default: %(default)s)")
-  ap.add_argument("--depthwise", default="shift",
-                  help="depthwise_impl values, comma-separated: shift, conv "
-                       "(default: %(default)s)")
-  ap.add_argument("--batches", default="",
-                  help="per-chip batches to compile, comma-separated (default: search the "
-                       "largest that fits)")
-  ap.add_argument("--max_batch", type=int, default=64,
-                  help="largest per-chip batch the search tries (default: %(default)s)")
-  ap.add_argument("--forward_batch", type=int, default=4,
-                  help="per-chip batch of the forward plan; 0 skips it (default: %(default)s)")
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  ap.add_argument(
+    "--models",
+    default="1.6B,4.8B",
+    help=f"comma-separated, from {sorted(MODELS)} (default: %(default)s)",
+  )
+  ap.add_argument(
+    "--topologies",
+    default="v5e:4x4,v6e:4x4,v5p:4x4x4",
+    help="comma-separated libtpu topology names (default: %(default)s)",
+  )
+  ap.add_argument(
+    "--meshes",
+    default="",
+    help="';'-separated mesh specs such as 'data=1,fsdp=-1;data=4,fsdp=-1' "
+    "(default: FSDP over every chip)",
+  )
+  ap.add_argument(
+    "--policies",
+    default=",".join(POLICIES),
+    help="remat policies, comma-separated (default: %(default)s)",
+  )
+  ap.add_argument(
+    "--depthwise",
+    default="shift",
+    help="depthwise_impl values, comma-separated: shift, conv (default: %(default)s)",
+  )
+  ap.add_argument(
+    "--batches",
+    default="",
+    help="per-chip batches to compile, comma-separated (default: search the largest that fits)",
+  )
+  ap.add_argument(
+    "--max_batch",
+    type=int,
+    default=64,
+    help="largest per-chip batch the search tries (default: %(default)s)",
+  )
+  ap.add_argument(
+    "--forward_batch",
+    type=int,
+    default=4,
+    help="per-chip batch of the forward plan; 0 skips it (default: %(default)s)",
+  )
   ap.add_argument("--no_train", action="store_true", help="forward plans only (default: off)")
-  ap.add_argument("--verify", action="store_true",
-                  help="compile the extrapolated largest batch and its neighbours to confirm "
-                       "it (default: off: extrapolate from the compiles at batch 1 and 2)")
-  ap.add_argument("--no_probes", action="store_true",
-                  help="skip the depth-1/2 cost probes that correct XLA's once-per-loop "
-                       "FLOP and byte counts (default: run them)")
+  ap.add_argument(
+    "--verify",
+    action="store_true",
+    help="compile the extrapolated largest batch and its neighbours to confirm "
+    "it (default: off: extrapolate from the compiles at batch 1 and 2)",
+  )
+  ap.add_argument(
+    "--no_probes",
+    action="store_true",
+    help="skip the depth-1/2 cost probes that correct XLA's once-per-loop "
+    "FLOP and byte counts (default: run them)",
+  )
   a = ap.parse_args(argv)
   for m in a.models.split(","):
     if m not in MODELS:
@@ -436,8 +532,10 @@ def main(argv=None) -> int:
   batches = [int(b) for b in a.batches.split(",")] if a.batches else []
   log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
   print(BANNER)
-  print(f"jax {jax.__version__}; load average {os.getloadavg()[0]:.1f}; GB = 1e9 bytes; "
-        "TFLOP and GB per chip per step")
+  print(
+    f"jax {jax.__version__}; load average {os.getloadavg()[0]:.1f}; GB = 1e9 bytes; "
+    "TFLOP and GB per chip per step"
+  )
   print(HEADER)
   print("|" + "---|" * (HEADER.count("|") - 1))
   for model in a.models.split(","):
@@ -448,13 +546,31 @@ def main(argv=None) -> int:
           if not a.no_train:
             for policy in policies:
               log(f"[{model} {topo} {mesh} {policy} {dw}]")
-              print(format_row(plan_train(model, topo, mesh, policy, dw, batches,
-                                          a.max_batch, a.verify, not a.no_probes, log)),
-                    flush=True)
+              print(
+                format_row(
+                  plan_train(
+                    model,
+                    topo,
+                    mesh,
+                    policy,
+                    dw,
+                    batches,
+                    a.max_batch,
+                    a.verify,
+                    not a.no_probes,
+                    log,
+                  )
+                ),
+                flush=True,
+              )
           if a.forward_batch:
             log(f"[{model} {topo} {mesh} forward {dw}]")
-            print(format_row(plan_forward(model, topo, mesh, dw, a.forward_batch,
-                                          not a.no_probes, log)), flush=True)
+            print(
+              format_row(
+                plan_forward(model, topo, mesh, dw, a.forward_batch, not a.no_probes, log)
+              ),
+              flush=True,
+            )
   return 0
 
 

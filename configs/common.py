@@ -10,37 +10,57 @@ def dit(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(DiTConfig(**overrides).to_dict())
 
 
-def base_config(model: ml_collections.ConfigDict, *, flow_shift: float, name: str,
-                image_size: int) -> ml_collections.ConfigDict:
+def base_config(
+  model: ml_collections.ConfigDict, *, flow_shift: float, name: str, image_size: int
+) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = name
   config.model = model
-  config.image_size = image_size          # pixels; latent = image_size / 32
+  config.image_size = image_size  # pixels; latent = image_size / 32
   config.vae_downsample = 32
   config.flow_shift = flow_shift
-  config.sampler = ml_collections.ConfigDict(dict(
-      name="dpm_solver", steps=20, guidance_scale=4.5))
+  config.sampler = ml_collections.ConfigDict(dict(name="dpm_solver", steps=20, guidance_scale=4.5))
   return config
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
   """Training defaults of the official recipe (REFERENCE.md section 4)."""
-  tc = ml_collections.ConfigDict(dict(
-      steps=100_000, global_batch=256, grad_accum=1, optimizer="came_8bit", lr=1e-4,
-      weight_decay=0.0, warmup_steps=2000, sqrt_lr_scaling=False, grad_clip=0.1,
-      ema_decay=0.9999, cfg_dropout=0.1, timestep_sampler="logit_normal", seed=0,
-      log_every=10, checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
-      max_consecutive_nonfinite=20, peak_tflops=0.0, init_from=""))
+  tc = ml_collections.ConfigDict(
+    dict(
+      steps=100_000,
+      global_batch=256,
+      grad_accum=1,
+      optimizer="came_8bit",
+      lr=1e-4,
+      weight_decay=0.0,
+      warmup_steps=2000,
+      sqrt_lr_scaling=False,
+      grad_clip=0.1,
+      ema_decay=0.9999,
+      cfg_dropout=0.1,
+      timestep_sampler="logit_normal",
+      seed=0,
+      log_every=10,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      async_checkpoints=True,
+      max_consecutive_nonfinite=20,
+      peak_tflops=0.0,
+      init_from="",
+    )
+  )
   tc.update(overrides)
   return tc
 
 
-def add_training(config: ml_collections.ConfigDict, *, data_dir: str = "", mesh=None,
-                 **train_overrides) -> ml_collections.ConfigDict:
+def add_training(
+  config: ml_collections.ConfigDict, *, data_dir: str = "", mesh=None, **train_overrides
+) -> ml_collections.ConfigDict:
   config.train = train_config(**train_overrides)
   # worker_count: grain reader processes (0 reads in the training process; a GPU that
   # steps faster than one process decodes needs several).
   config.data = ml_collections.ConfigDict(dict(dir=data_dir, num_epochs=1000, worker_count=0))
   config.mesh = ml_collections.ConfigDict(
-      {**dict(data=-1, fsdp=1, tensor=1, num_devices=-1), **(mesh or {})})
+    {**dict(data=-1, fsdp=1, tensor=1, num_devices=-1), **(mesh or {})}
+  )
   return config

@@ -6,7 +6,15 @@ from configs import common
 
 
 def get_config():
-  model = common.dit(hidden_size=2240, depth=20, cross_heads=20, cross_head_dim=112,
-                     sample_size=128, use_pe=True, pe_interpolation=2.0, fp16_attn_clip=True)
+  model = common.dit(
+    hidden_size=2240,
+    depth=20,
+    cross_heads=20,
+    cross_head_dim=112,
+    sample_size=128,
+    use_pe=True,
+    pe_interpolation=2.0,
+    fp16_attn_clip=True,
+  )
   config = common.base_config(model, flow_shift=6.0, name="sana_1600m_4k", image_size=4096)
   return common.add_training(config, mesh=dict(data=1, fsdp=-1))

@@ -5,7 +5,6 @@ from configs import common
 
 
 def get_config():
-  model = common.dit(hidden_size=1152, depth=28, cross_heads=16, cross_head_dim=72,
-                     sample_size=32)
+  model = common.dit(hidden_size=1152, depth=28, cross_heads=16, cross_head_dim=72, sample_size=32)
   config = common.base_config(model, flow_shift=4.0, name="sana_600m", image_size=1024)
   return common.add_training(config, mesh=dict(data=1, fsdp=-1))

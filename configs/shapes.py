@@ -26,27 +26,63 @@ from configs import common
 
 
 def get_config():
-  model = common.dit(in_channels=3, out_channels=3, patch_size=4, hidden_size=128, depth=6,
-                     self_head_dim=32, cross_heads=4, cross_head_dim=32, caption_channels=64,
-                     caption_len=24, mlp_ratio=2.5, sample_size=32, qk_norm=True,
-                     cross_norm=True)
+  model = common.dit(
+    in_channels=3,
+    out_channels=3,
+    patch_size=4,
+    hidden_size=128,
+    depth=6,
+    self_head_dim=32,
+    cross_heads=4,
+    cross_head_dim=32,
+    caption_channels=64,
+    caption_len=24,
+    mlp_ratio=2.5,
+    sample_size=32,
+    qk_norm=True,
+    cross_norm=True,
+  )
   config = common.base_config(model, flow_shift=1.0, name="shapes", image_size=32)
   config.vae_downsample = 1
   config.autoencoder = "pixels"
-  config.sampler = ml_collections.ConfigDict(dict(name="dpm_solver", steps=20,
-                                                  guidance_scale=3.0))
+  config.sampler = ml_collections.ConfigDict(dict(name="dpm_solver", steps=20, guidance_scale=3.0))
   # embed_scale multiplies Gemma's random token table (std 1) before pre-training. A
   # random encoder is nearly context-free (`python -m sana_jax.shapes_model probe`).
   # pretrain: `sana_jax.shapes_encoder` trains the encoder so that a position-free
   # readout recovers every word and each token names the 6 words before it; steps=0
   # keeps the random weights.
-  config.text_encoder = ml_collections.ConfigDict(dict(
-      kind="gemma2_tiny", hidden_size=64, num_layers=2, seed=0, embed_scale=1.0,
-      pretrain=dict(steps=1000, batch=128, lr=3e-3, num_prompts=20000, readout_heads=4,
-                    readout_width=64, context_words=6, seed=0)))
+  config.text_encoder = ml_collections.ConfigDict(
+    dict(
+      kind="gemma2_tiny",
+      hidden_size=64,
+      num_layers=2,
+      seed=0,
+      embed_scale=1.0,
+      pretrain=dict(
+        steps=1000,
+        batch=128,
+        lr=3e-3,
+        num_prompts=20000,
+        readout_heads=4,
+        readout_width=64,
+        context_words=6,
+        seed=0,
+      ),
+    )
+  )
   config.prompt = ml_collections.ConfigDict(dict(max_length=24, chi=None, lowercase=True))
   config.dataset = ml_collections.ConfigDict(dict(num_train=50000, seed=0))
-  return common.add_training(config, steps=15915, global_batch=64, optimizer="came_8bit",
-                             lr=3e-4, warmup_steps=200, grad_clip=1.0, ema_decay=0.999,
-                             cfg_dropout=0.1, log_every=25, checkpoint_every=250,
-                             keep_checkpoints=2)
+  return common.add_training(
+    config,
+    steps=15915,
+    global_batch=64,
+    optimizer="came_8bit",
+    lr=3e-4,
+    warmup_steps=200,
+    grad_clip=1.0,
+    ema_decay=0.999,
+    cfg_dropout=0.1,
+    log_every=25,
+    checkpoint_every=250,
+    keep_checkpoints=2,
+  )

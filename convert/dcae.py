@@ -33,20 +33,32 @@ WEIGHTS = "diffusion_pytorch_model"
 
 def build_parser() -> io.ArgumentParser:
   ap = io.ArgumentParser(prog="python -m convert.dcae", description=__doc__)
-  ap.add_argument("--src", required=True,
-                  help="required: diffusers AutoencoderDC folder, a SANA pipeline root with "
-                  "vae/, or our folder")
-  ap.add_argument("--dst", default=None,
-                  help="new output folder; required unless --check")
-  ap.add_argument("--parts", nargs="+", default=["encoder", "decoder"],
-                  choices=["encoder", "decoder"],
-                  help="convert only these halves (default: encoder decoder)")
-  ap.add_argument("--to-diffusers", action="store_true",
-                  help="write a diffusers AutoencoderDC folder instead of ours")
-  ap.add_argument("--check", action="store_true",
-                  help="only load strictly and print a summary (writes nothing)")
-  ap.add_argument("--overwrite", action="store_true",
-                  help="replace an existing --dst (only once the new output is complete)")
+  ap.add_argument(
+    "--src",
+    required=True,
+    help="required: diffusers AutoencoderDC folder, a SANA pipeline root with vae/, or our folder",
+  )
+  ap.add_argument("--dst", default=None, help="new output folder; required unless --check")
+  ap.add_argument(
+    "--parts",
+    nargs="+",
+    default=["encoder", "decoder"],
+    choices=["encoder", "decoder"],
+    help="convert only these halves (default: encoder decoder)",
+  )
+  ap.add_argument(
+    "--to-diffusers",
+    action="store_true",
+    help="write a diffusers AutoencoderDC folder instead of ours",
+  )
+  ap.add_argument(
+    "--check", action="store_true", help="only load strictly and print a summary (writes nothing)"
+  )
+  ap.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing --dst (only once the new output is complete)",
+  )
   return ap
 
 
@@ -62,13 +74,16 @@ def check_source(src: pathlib.Path) -> pathlib.Path:
     io.check_safetensors(folder / dcae.PARAMS_NAME)
     return folder
   if cfg.get("_class_name") not in (None, "AutoencoderDC"):
-    raise CheckpointError(f"{folder / 'config.json'}: _class_name is "
-                          f"{cfg.get('_class_name')!r}, expected 'AutoencoderDC'")
+    raise CheckpointError(
+      f"{folder / 'config.json'}: _class_name is "
+      f"{cfg.get('_class_name')!r}, expected 'AutoencoderDC'"
+    )
   try:
     dcae.config_from_folder(folder)
   except (KeyError, TypeError) as e:
-    raise CheckpointError(f"{folder / 'config.json'}: not an AutoencoderDC config: "
-                          f"{type(e).__name__}: {e}") from None
+    raise CheckpointError(
+      f"{folder / 'config.json'}: not an AutoencoderDC config: {type(e).__name__}: {e}"
+    ) from None
   index, single = folder / f"{WEIGHTS}.safetensors.index.json", folder / f"{WEIGHTS}.safetensors"
   if index.is_file():
     weight_map = io.read_json(index, "safetensors index").get("weight_map")
@@ -81,9 +96,11 @@ def check_source(src: pathlib.Path) -> pathlib.Path:
   elif single.is_file():
     shards = [single]
   else:
-    raise CheckpointError(f"{folder}: no {single.name} or {index.name} (a diffusers "
-                          "AutoencoderDC folder, e.g. the 'vae' subfolder of a SANA pipeline, "
-                          "is expected)")
+    raise CheckpointError(
+      f"{folder}: no {single.name} or {index.name} (a diffusers "
+      "AutoencoderDC folder, e.g. the 'vae' subfolder of a SANA pipeline, "
+      "is expected)"
+    )
   for s in shards:
     io.check_safetensors(s)
   return folder
@@ -96,8 +113,10 @@ def _main(argv: list[str]) -> int:
   if args.check and (args.dst or args.to_diffusers or args.overwrite):
     raise UsageError("--check writes nothing: drop --dst / --to-diffusers / --overwrite")
   if args.to_diffusers and set(args.parts) != {"encoder", "decoder"}:
-    raise UsageError(f"--to-diffusers writes a whole AutoencoderDC: --parts {' '.join(args.parts)} "
-                     "must be both encoder and decoder")
+    raise UsageError(
+      f"--to-diffusers writes a whole AutoencoderDC: --parts {' '.join(args.parts)} "
+      "must be both encoder and decoder"
+    )
   src = pathlib.Path(args.src)
   folder = check_source(src)
   if args.dst:
@@ -108,8 +127,10 @@ def _main(argv: list[str]) -> int:
   _, params, config = dcae.load_autoencoder(folder, parts=args.parts)
   n = {p: ae.num_params(params[p]) for p in args.parts}
   summary = ", ".join(f"{p} {v / 1e6:.1f}M" for p, v in n.items())
-  print(f"{args.src}: DC-AE f{config.spatial_compression_ratio}c{config.latent_channels}, "
-        f"{summary} parameters, scaling factor {config.scaling_factor}")
+  print(
+    f"{args.src}: DC-AE f{config.spatial_compression_ratio}c{config.latent_channels}, "
+    f"{summary} parameters, scaling factor {config.scaling_factor}"
+  )
   if args.check:
     return 0
   with io.atomic_output(args.dst, is_dir=True, overwrite=args.overwrite) as tmp:

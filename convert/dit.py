@@ -43,21 +43,24 @@ def detect_format(src: pathlib.Path) -> str:
   if src.is_file():
     if src.suffix in OFFICIAL_SUFFIXES:
       return "official"
-    raise CheckpointError(f"--src {src}: a file must be an official checkpoint "
-                          f"({'/'.join(OFFICIAL_SUFFIXES)}); folders are ours or diffusers'")
+    raise CheckpointError(
+      f"--src {src}: a file must be an official checkpoint "
+      f"({'/'.join(OFFICIAL_SUFFIXES)}); folders are ours or diffusers'"
+    )
   cfg_file = src / "config.json"
   if not cfg_file.exists():
-    raise CheckpointError(f"--src {src}: folder without config.json is neither ours nor "
-                          "diffusers'")
+    raise CheckpointError(f"--src {src}: folder without config.json is neither ours nor diffusers'")
   meta = io.read_json(cfg_file, "config.json")
   if meta.get("format") == W.FORMAT:
     return "flax"
   if meta.get("_class_name") == "SanaTransformer2DModel":
     return "diffusers"
-  raise CheckpointError(f"{cfg_file} describes neither a sana_jax DiT (format "
-                        f"{W.FORMAT!r}) nor a diffusers SanaTransformer2DModel "
-                        f"(format {meta.get('format')!r}, _class_name "
-                        f"{meta.get('_class_name')!r})")
+  raise CheckpointError(
+    f"{cfg_file} describes neither a sana_jax DiT (format "
+    f"{W.FORMAT!r}) nor a diffusers SanaTransformer2DModel "
+    f"(format {meta.get('format')!r}, _class_name "
+    f"{meta.get('_class_name')!r})"
+  )
 
 
 def load_any(src: pathlib.Path, fmt: str, cfg: DiTConfig | None, ema: bool):
@@ -76,8 +79,9 @@ def load_any(src: pathlib.Path, fmt: str, cfg: DiTConfig | None, ema: bool):
 
 def _check_same_config(given: DiTConfig | None, stored: DiTConfig) -> None:
   if given is not None and given.to_dict() != stored.to_dict():
-    diff = {k: (v, stored.to_dict()[k]) for k, v in given.to_dict().items()
-            if stored.to_dict()[k] != v}
+    diff = {
+      k: (v, stored.to_dict()[k]) for k, v in given.to_dict().items() if stored.to_dict()[k] != v
+    }
     raise CheckpointError(f"--config does not fit the checkpoint (config, checkpoint): {diff}")
 
 
@@ -104,8 +108,10 @@ def _load_dit_config(path: str, overrides: list[str]) -> DiTConfig:
   if not p.is_file():
     raise UsageError(f"--config {p}: no such file ({what})")
   if p.suffix != ".py":
-    raise UsageError(f"--config {p}: must be {what}, e.g. configs/sana_1600m_2k.py; "
-                     f"got a {p.suffix or 'suffix-less'} file")
+    raise UsageError(
+      f"--config {p}: must be {what}, e.g. configs/sana_1600m_2k.py; "
+      f"got a {p.suffix or 'suffix-less'} file"
+    )
   try:
     config = load_config(str(p), overrides)
   except Exception as e:  # the user's own file: any failure is reported, never a traceback
@@ -136,8 +142,9 @@ def _source_config(src: pathlib.Path, fmt: str) -> DiTConfig | None:
       io.check_safetensors(src / "params.safetensors")
     else:
       if meta.get("_class_name") != "SanaTransformer2DModel":
-        raise CheckpointError(f"_class_name is {meta.get('_class_name')!r}, expected "
-                              "'SanaTransformer2DModel'")
+        raise CheckpointError(
+          f"_class_name is {meta.get('_class_name')!r}, expected 'SanaTransformer2DModel'"
+        )
       cfg = W.from_diffusers_config(meta)
       files = sorted(src.glob("*.safetensors"))
       if not files:
@@ -167,30 +174,60 @@ def _has_null_embedding(src: pathlib.Path, fmt: str) -> bool | None:
 
 def build_parser() -> io.ArgumentParser:
   ap = io.ArgumentParser(prog="python -m convert.dit", description=__doc__)
-  ap.add_argument("--src", required=True,
-                  help="required: official .pth/.pt/.bin file, diffusers "
-                  "SanaTransformer2DModel folder, or our folder")
-  ap.add_argument("--dst", required=True,
-                  help="required: output (.pth/.pt file for --to official, else a new folder)")
+  ap.add_argument(
+    "--src",
+    required=True,
+    help="required: official .pth/.pt/.bin file, diffusers "
+    "SanaTransformer2DModel folder, or our folder",
+  )
+  ap.add_argument(
+    "--dst",
+    required=True,
+    help="required: output (.pth/.pt file for --to official, else a new folder)",
+  )
   ap.add_argument("--to", required=True, choices=FORMATS, help="required: output format")
-  ap.add_argument("--from", dest="src_format", choices=FORMATS + ("auto",), default="auto",
-                  help="source format; auto detects it from --src")
-  ap.add_argument("--overwrite", action="store_true",
-                  help="replace an existing --dst (only once the new output is complete)")
-  ap.add_argument("--ema", action="store_true",
-                  help="official source: convert state_dict_ema instead of state_dict")
-  ap.add_argument("--config", default=None,
-                  help="a configs/*.py file whose `model` field describes the source "
-                  "(needed only for official sources at non-released widths; overrides as "
-                  "--config.field=value); default: read from the source")
-  ap.add_argument("--null-embedding", default=None,
-                  help=".npy/.safetensors (caption_len, caption_channels) null-caption "
-                  "embedding for official outputs from sources without one; default: the "
-                  "source's own")
-  ap.add_argument("--no-null-embedding", action="store_true",
-                  help="write an official checkpoint without y_embedder.y_embedding")
-  ap.add_argument("--max-shard-mb", type=int, default=None,
-                  help="--to diffusers: shard size in MiB; default: one file")
+  ap.add_argument(
+    "--from",
+    dest="src_format",
+    choices=FORMATS + ("auto",),
+    default="auto",
+    help="source format; auto detects it from --src",
+  )
+  ap.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing --dst (only once the new output is complete)",
+  )
+  ap.add_argument(
+    "--ema",
+    action="store_true",
+    help="official source: convert state_dict_ema instead of state_dict",
+  )
+  ap.add_argument(
+    "--config",
+    default=None,
+    help="a configs/*.py file whose `model` field describes the source "
+    "(needed only for official sources at non-released widths; overrides as "
+    "--config.field=value); default: read from the source",
+  )
+  ap.add_argument(
+    "--null-embedding",
+    default=None,
+    help=".npy/.safetensors (caption_len, caption_channels) null-caption "
+    "embedding for official outputs from sources without one; default: the "
+    "source's own",
+  )
+  ap.add_argument(
+    "--no-null-embedding",
+    action="store_true",
+    help="write an official checkpoint without y_embedder.y_embedding",
+  )
+  ap.add_argument(
+    "--max-shard-mb",
+    type=int,
+    default=None,
+    help="--to diffusers: shard size in MiB; default: one file",
+  )
   return ap
 
 
@@ -220,28 +257,37 @@ def _main(argv: list[str]) -> int:
   if args.null_embedding and args.no_null_embedding:
     raise UsageError("--null-embedding and --no-null-embedding exclude each other")
   if args.max_shard_mb is not None and (args.to != "diffusers" or args.max_shard_mb < 1):
-    raise UsageError(f"--max-shard-mb {args.max_shard_mb}: a positive number of MiB, and "
-                     "only with --to diffusers")
+    raise UsageError(
+      f"--max-shard-mb {args.max_shard_mb}: a positive number of MiB, and only with --to diffusers"
+    )
   if official_out and dst.suffix not in (".pth", ".pt"):
     raise UsageError(f"--dst {dst}: --to official writes a .pth or .pt file")
   if not official_out and dst.suffix in FILE_SUFFIXES:
-    raise UsageError(f"--dst {dst}: --to {args.to} writes a folder; give a folder path "
-                     f"(not a {dst.suffix} file)")
+    raise UsageError(
+      f"--dst {dst}: --to {args.to} writes a folder; give a folder path (not a {dst.suffix} file)"
+    )
   io.check_not_source(dst, src)
   io.check_output(dst, overwrite=args.overwrite, is_dir=not official_out)
   null = None
-  known = (cfg or src_cfg)
+  known = cfg or src_cfg
   if args.null_embedding:
     null = _read_array(args.null_embedding)
     if null.ndim != 2 or (known is not None and null.shape[1] != known.caption_channels):
-      raise UsageError(f"--null-embedding {args.null_embedding} has shape {null.shape}, "
-                       "expected (caption_len, "
-                       f"{known.caption_channels if known else 'caption_channels'})")
-  if (official_out and null is None and not args.no_null_embedding
-      and _has_null_embedding(src, fmt) is False):
+      raise UsageError(
+        f"--null-embedding {args.null_embedding} has shape {null.shape}, "
+        "expected (caption_len, "
+        f"{known.caption_channels if known else 'caption_channels'})"
+      )
+  if (
+    official_out
+    and null is None
+    and not args.no_null_embedding
+    and _has_null_embedding(src, fmt) is False
+  ):
     raise UsageError(
-        "the official format carries y_embedder.y_embedding (the null-caption embedding), "
-        f"which this {fmt} source lacks: pass --null-embedding FILE or --no-null-embedding")
+      "the official format carries y_embedder.y_embedding (the null-caption embedding), "
+      f"which this {fmt} source lacks: pass --null-embedding FILE or --no-null-embedding"
+    )
 
   # The work.
   with warnings.catch_warnings(record=True) as caught:
@@ -253,14 +299,17 @@ def _main(argv: list[str]) -> int:
   if official_out:
     if null is not None:
       if null.shape[1] != cfg.caption_channels:
-        raise UsageError(f"--null-embedding {args.null_embedding} has shape {null.shape}, "
-                         f"expected (caption_len, {cfg.caption_channels})")
+        raise UsageError(
+          f"--null-embedding {args.null_embedding} has shape {null.shape}, "
+          f"expected (caption_len, {cfg.caption_channels})"
+        )
       cfg = cfg.replace(caption_len=null.shape[0])  # diffusers configs do not record it
       extras = {**extras, "null_caption_embedding": null}
     if "null_caption_embedding" not in extras and not args.no_null_embedding:
       raise CheckpointError(
-          "the official format carries y_embedder.y_embedding (the null-caption embedding), "
-          "which this source lacks: pass --null-embedding FILE or --no-null-embedding")
+        "the official format carries y_embedder.y_embedding (the null-caption embedding), "
+        "which this source lacks: pass --null-embedding FILE or --no-null-embedding"
+      )
     W.save_official(dst, params, cfg, extras, overwrite=args.overwrite)
   elif args.to == "diffusers":
     max_bytes = args.max_shard_mb * 2**20 if args.max_shard_mb else None
@@ -268,10 +317,13 @@ def _main(argv: list[str]) -> int:
   else:
     W.save_flax(dst, params, cfg, extras, overwrite=args.overwrite)
   n = sum(int(np.prod(np.shape(v))) for v in W.flatten(params).values())
-  pe = (f", positional embedding (sample_size {cfg.sample_size}, pe_interpolation "
-        f"{cfg.pe_interpolation})" if cfg.use_pe else "")
-  print(f"wrote {args.to} checkpoint ({n / 1e6:.1f}M parameters, depth {cfg.depth}{pe}) "
-        f"to {dst}")
+  pe = (
+    f", positional embedding (sample_size {cfg.sample_size}, pe_interpolation "
+    f"{cfg.pe_interpolation})"
+    if cfg.use_pe
+    else ""
+  )
+  print(f"wrote {args.to} checkpoint ({n / 1e6:.1f}M parameters, depth {cfg.depth}{pe}) to {dst}")
   return 0
 
 

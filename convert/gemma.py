@@ -29,21 +29,36 @@ from sana_jax.weights import gemma  # noqa: E402
 from sana_jax.weights import io  # noqa: E402
 from sana_jax.weights.io import CheckpointError, UsageError  # noqa: E402
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "tokenizer.model",
+  "special_tokens_map.json",
+)
 
 
 def build_parser() -> io.ArgumentParser:
   ap = io.ArgumentParser(prog="python -m convert.gemma", description=__doc__)
-  ap.add_argument("--src", required=True,
-                  help="required: transformers Gemma-2 folder (config.json + safetensors)")
+  ap.add_argument(
+    "--src", required=True, help="required: transformers Gemma-2 folder (config.json + safetensors)"
+  )
   ap.add_argument("--dst", required=True, help="required: new output folder (sana_jax format)")
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                  help="storage dtype of the converted parameters")
-  ap.add_argument("--tokenizer", action="store_true",
-                  help="also copy the tokenizer files of --src into DST/tokenizer")
-  ap.add_argument("--overwrite", action="store_true",
-                  help="replace an existing --dst (only once the new output is complete)")
+  ap.add_argument(
+    "--dtype",
+    default="float32",
+    choices=["float32", "bfloat16"],
+    help="storage dtype of the converted parameters",
+  )
+  ap.add_argument(
+    "--tokenizer",
+    action="store_true",
+    help="also copy the tokenizer files of --src into DST/tokenizer",
+  )
+  ap.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing --dst (only once the new output is complete)",
+  )
   return ap
 
 
@@ -67,8 +82,10 @@ def check_source(src: pathlib.Path, tokenizer: bool) -> tuple[gemma.Gemma2Config
   elif (src / "model.safetensors").is_file():
     files = [src / "model.safetensors"]
   else:
-    raise CheckpointError(f"--src {src} holds neither model.safetensors nor "
-                          f"model.safetensors.index.json (files: {sorted(os.listdir(src))[:20]})")
+    raise CheckpointError(
+      f"--src {src} holds neither model.safetensors nor "
+      f"model.safetensors.index.json (files: {sorted(os.listdir(src))[:20]})"
+    )
   missing = [f.name for f in files if not f.is_file()]
   if missing:
     raise CheckpointError(f"{index}: shards listed in the index are missing: {missing}")
@@ -89,6 +106,7 @@ def _main(argv: list[str]) -> int:
 
   if args.dtype == "bfloat16":
     import ml_dtypes
+
     dtype = ml_dtypes.bfloat16
   else:
     dtype = np.float32
@@ -104,8 +122,10 @@ def _main(argv: list[str]) -> int:
       copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
       for f in copied:
         shutil.copy2(src / f, tok_dir)
-  print(f"wrote {dst}: {n:,} parameters ({args.dtype}), "
-        f"{config.num_layers} layers, hidden {config.hidden_size}")
+  print(
+    f"wrote {dst}: {n:,} parameters ({args.dtype}), "
+    f"{config.num_layers} layers, hidden {config.hidden_size}"
+  )
   if copied:
     print(f"copied tokenizer files {copied} to {dst / 'tokenizer'}")
   return 0

@@ -66,15 +66,22 @@ def check_folder(folder: str | pathlib.Path) -> tuple[pathlib.Path, dict]:
     raise BundleError(f"{folder / PIPELINE_FILE}: malformed JSON: {e}") from None
   if not isinstance(settings, dict) or settings.get("format") != FORMAT:
     settings = settings if isinstance(settings, dict) else {}
-    raise BundleError(f"{folder}/{PIPELINE_FILE}: format {settings.get('format')!r}, expected "
-                      f"{FORMAT!r}")
-  need = {"transformer": ["config.json", "params.safetensors"],
-          "text_encoder": ["config.json", "params.safetensors"],
-          "tokenizer": []}
+    raise BundleError(
+      f"{folder}/{PIPELINE_FILE}: format {settings.get('format')!r}, expected {FORMAT!r}"
+    )
+  need = {
+    "transformer": ["config.json", "params.safetensors"],
+    "text_encoder": ["config.json", "params.safetensors"],
+    "tokenizer": [],
+  }
   if settings["autoencoder"]["kind"] == "dcae":
     need["vae"] = ["config.json"]
-  missing = [f"{part}/{f}" if f else f"{part}/" for part, files in need.items()
-             for f in (files or [""]) if not (folder / part / f).exists()]
+  missing = [
+    f"{part}/{f}" if f else f"{part}/"
+    for part, files in need.items()
+    for f in (files or [""])
+    if not (folder / part / f).exists()
+  ]
   if missing:
     raise BundleError(f"model folder {folder} is incomplete; missing: {missing}")
   return folder, settings
@@ -83,12 +90,14 @@ def check_folder(folder: str | pathlib.Path) -> tuple[pathlib.Path, dict]:
 def _autoencoder(folder: pathlib.Path, spec: dict) -> Autoencoder:
   if spec["kind"] == "pixels":
     from sana_jax.models.pixels import PixelAutoencoder
+
     px = PixelAutoencoder(spec.get("channels", 3), spec.get("scale", 1.0))
     return Autoencoder("pixels", 1, px.latent_channels, px.encode, px.decode)
   if spec["kind"] == "dcae":
     from sana_jax.models import autoencoder as ae
     from sana_jax.models import tiling
     from sana_jax.weights import dcae
+
     _, params, cfg = dcae.load_autoencoder(folder / "vae")
     tile = spec.get("tile_latents", 32)
 
@@ -98,8 +107,13 @@ def _autoencoder(folder: pathlib.Path, spec: dict) -> Autoencoder:
         return tiling.decode_tiled(cfg, params, latents, tile=tile)
       return np.asarray(ae.decode(cfg, params, latents))
 
-    return Autoencoder("dcae", cfg.spatial_compression_ratio, cfg.latent_channels,
-                       lambda x: np.asarray(ae.encode(cfg, params, x)), decode)
+    return Autoencoder(
+      "dcae",
+      cfg.spatial_compression_ratio,
+      cfg.latent_channels,
+      lambda x: np.asarray(ae.encode(cfg, params, x)),
+      decode,
+    )
   raise BundleError(f"unknown autoencoder kind {spec['kind']!r} (pixels or dcae)")
 
 
@@ -107,31 +121,50 @@ def load(folder: str | pathlib.Path, compute_dtype: str | None = None) -> Bundle
   """Loads a model folder (strict: every part checked against its config)."""
   from sana_jax.models.prompts import PromptConfig, PromptEncoder
   from sana_jax.weights import dit as dit_weights
+
   folder, settings = check_folder(folder)
   params, dit_cfg, extras = dit_weights.load_flax(folder / "transformer")
   if compute_dtype:
     dit_cfg = dit_cfg.replace(compute_dtype=compute_dtype)
   p = settings["prompt"]
-  prompt_cfg = PromptConfig(max_length=p["max_length"],
-                            chi=tuple(p["chi"]) if p.get("chi") else None,
-                            lowercase=p.get("lowercase", False),
-                            null_prompt=p.get("null_prompt", ""))
-  encoder = PromptEncoder.from_folders(str(folder / "tokenizer"), str(folder / "text_encoder"),
-                                       prompt_cfg)
+  prompt_cfg = PromptConfig(
+    max_length=p["max_length"],
+    chi=tuple(p["chi"]) if p.get("chi") else None,
+    lowercase=p.get("lowercase", False),
+    null_prompt=p.get("null_prompt", ""),
+  )
+  encoder = PromptEncoder.from_folders(
+    str(folder / "tokenizer"), str(folder / "text_encoder"), prompt_cfg
+  )
   null = extras.get("null_caption_embedding")
-  return Bundle(folder, settings, dit_cfg, params, null, encoder,
-                _autoencoder(folder, settings["autoencoder"]))
+  return Bundle(
+    folder, settings, dit_cfg, params, null, encoder, _autoencoder(folder, settings["autoencoder"])
+  )
 
 
-def write_settings(folder: str | pathlib.Path, *, image_size: int, flow_shift: float,
-                   sampler: dict, prompt: dict, autoencoder: dict,
-                   overwrite: bool = True) -> None:
+def write_settings(
+  folder: str | pathlib.Path,
+  *,
+  image_size: int,
+  flow_shift: float,
+  sampler: dict,
+  prompt: dict,
+  autoencoder: dict,
+  overwrite: bool = True,
+) -> None:
   """Writes FOLDER/pipeline.json whole (a temporary sibling renamed into place); an existing
   one raises FileExistsError unless `overwrite`."""
   from sana_jax.weights import io
+
   folder = pathlib.Path(folder)
-  settings = {"format": FORMAT, "image_size": image_size, "flow_shift": flow_shift,
-              "sampler": sampler, "prompt": prompt, "autoencoder": autoencoder}
+  settings = {
+    "format": FORMAT,
+    "image_size": image_size,
+    "flow_shift": flow_shift,
+    "sampler": sampler,
+    "prompt": prompt,
+    "autoencoder": autoencoder,
+  }
   text = json.dumps(settings, indent=2)
   with io.atomic_output(folder / PIPELINE_FILE, is_dir=False, overwrite=overwrite) as tmp:
     tmp.write_text(text)

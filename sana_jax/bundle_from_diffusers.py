@@ -40,13 +40,15 @@ from sana_jax.models.prompts import COMPLEX_HUMAN_INSTRUCTION
 # diffusers' SanaPipeline default `complex_human_instruction`: the official text with
 # 'Enhanced prompt' in single quotes.
 DIFFUSERS_CHI: tuple[str, ...] = tuple(
-    line.replace('"Enhanced prompt"', "'Enhanced prompt'") for line in COMPLEX_HUMAN_INSTRUCTION)
+  line.replace('"Enhanced prompt"', "'Enhanced prompt'") for line in COMPLEX_HUMAN_INSTRUCTION
+)
 
 PARTS = ("transformer", "text_encoder", "tokenizer", "vae")
 
 
 def _read_json(path: pathlib.Path) -> dict:
   from sana_jax.weights import io
+
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found (a diffusers SanaPipeline folder is expected)")
   return io.read_json(path, path.name)
@@ -69,14 +71,16 @@ def check_parts(src: pathlib.Path, max_length: int = 300) -> None:
   from sana_jax.weights import dcae
   from sana_jax.weights import dit as dit_weights
   from sana_jax.weights import gemma, io
+
   check_source(src)
   sampler_settings(_read_json(src / "scheduler" / "scheduler_config.json"))
   tcfg_file = src / "transformer" / "config.json"
   try:
     dit_weights.from_diffusers_config(_read_json(tcfg_file), caption_len=max_length)
   except (KeyError, TypeError) as e:
-    raise ValueError(f"{tcfg_file}: not a SanaTransformer2DModel config: "
-                     f"{type(e).__name__}: {e}") from None
+    raise ValueError(
+      f"{tcfg_file}: not a SanaTransformer2DModel config: {type(e).__name__}: {e}"
+    ) from None
   gcfg_file = src / "text_encoder" / "config.json"
   try:
     gemma.config_from_hf(_read_json(gcfg_file))
@@ -86,8 +90,7 @@ def check_parts(src: pathlib.Path, max_length: int = 300) -> None:
   try:
     dcae.config_from_folder(src / "vae")
   except (KeyError, TypeError) as e:
-    raise ValueError(f"{vcfg_file}: not an AutoencoderDC config: {type(e).__name__}: {e}"
-                     ) from None
+    raise ValueError(f"{vcfg_file}: not an AutoencoderDC config: {type(e).__name__}: {e}") from None
   _vae_downsample(_read_json(vcfg_file))
   for part in ("transformer", "text_encoder", "vae"):
     files = sorted((src / part).glob("*.safetensors"))
@@ -104,17 +107,24 @@ def _vae_downsample(vcfg: dict) -> int:
   return 2 ** (len(channels) - 1)
 
 
-def sampler_settings(scheduler_config: dict, steps: int = 20,
-                     guidance_scale: float = 4.5) -> tuple[dict, float]:
+def sampler_settings(
+  scheduler_config: dict, steps: int = 20, guidance_scale: float = 4.5
+) -> tuple[dict, float]:
   """(pipeline.json "sampler", flow shift) for a diffusers flow scheduler config."""
   cls = scheduler_config.get("_class_name")
   if cls == "DPMSolverMultistepScheduler":
-    if not scheduler_config.get("use_flow_sigmas") or \
-        scheduler_config.get("prediction_type") != "flow_prediction":
-      raise ValueError("DPMSolverMultistepScheduler must have use_flow_sigmas=True and "
-                       f"prediction_type='flow_prediction' (SANA), got {scheduler_config}")
-    if scheduler_config.get("solver_order", 2) != 2 or \
-        scheduler_config.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
+    if (
+      not scheduler_config.get("use_flow_sigmas")
+      or scheduler_config.get("prediction_type") != "flow_prediction"
+    ):
+      raise ValueError(
+        "DPMSolverMultistepScheduler must have use_flow_sigmas=True and "
+        f"prediction_type='flow_prediction' (SANA), got {scheduler_config}"
+      )
+    if (
+      scheduler_config.get("solver_order", 2) != 2
+      or scheduler_config.get("algorithm_type", "dpmsolver++") != "dpmsolver++"
+    ):
       raise ValueError("only 2nd-order dpmsolver++ is implemented (SANA's Flow DPM-Solver)")
     name, shift = "dpm_solver", float(scheduler_config.get("flow_shift", 1.0))
   elif cls == "FlowMatchEulerDiscreteScheduler":
@@ -122,10 +132,16 @@ def sampler_settings(scheduler_config: dict, steps: int = 20,
       raise ValueError("FlowMatchEulerDiscreteScheduler with dynamic shifting is not supported")
     name, shift = "euler", float(scheduler_config.get("shift", 1.0))
   else:
-    raise ValueError(f"scheduler {cls!r} is not supported (DPMSolverMultistepScheduler with "
-                     "flow sigmas, or FlowMatchEulerDiscreteScheduler)")
-  return {"name": name, "steps": steps, "guidance_scale": guidance_scale,
-          "use_null_mask": True}, shift
+    raise ValueError(
+      f"scheduler {cls!r} is not supported (DPMSolverMultistepScheduler with "
+      "flow sigmas, or FlowMatchEulerDiscreteScheduler)"
+    )
+  return {
+    "name": name,
+    "steps": steps,
+    "guidance_scale": guidance_scale,
+    "use_null_mask": True,
+  }, shift
 
 
 def pipeline_settings(src: pathlib.Path, max_length: int = 300) -> dict:
@@ -135,22 +151,37 @@ def pipeline_settings(src: pathlib.Path, max_length: int = 300) -> dict:
   vcfg = _read_json(src / "vae" / "config.json")
   sampler, shift = sampler_settings(sched)
   image_size = int(tcfg.get("sample_size", 32)) * _vae_downsample(vcfg)
-  prompt = {"max_length": max_length, "chi": list(DIFFUSERS_CHI), "lowercase": True,
-            "null_prompt": ""}
-  return dict(image_size=image_size, flow_shift=shift, sampler=sampler, prompt=prompt,
-              autoencoder={"kind": "dcae"})
+  prompt = {
+    "max_length": max_length,
+    "chi": list(DIFFUSERS_CHI),
+    "lowercase": True,
+    "null_prompt": "",
+  }
+  return dict(
+    image_size=image_size,
+    flow_shift=shift,
+    sampler=sampler,
+    prompt=prompt,
+    autoencoder={"kind": "dcae"},
+  )
 
 
-def write_pipeline_json(src: pathlib.Path, out: pathlib.Path, max_length: int = 300,
-                        overwrite: bool = True) -> dict:
+def write_pipeline_json(
+  src: pathlib.Path, out: pathlib.Path, max_length: int = 300, overwrite: bool = True
+) -> dict:
   """pipeline.json for `out` from SRC's scheduler, transformer and vae configs."""
   bundle.write_settings(out, overwrite=overwrite, **pipeline_settings(src, max_length))
   return json.loads((out / bundle.PIPELINE_FILE).read_text())
 
 
-def convert(src: str | pathlib.Path, out: str | pathlib.Path, text_encoder_dtype: str = "float32",
-            max_length: int = 300, settings_only: bool = False,
-            overwrite: bool = False) -> pathlib.Path:
+def convert(
+  src: str | pathlib.Path,
+  out: str | pathlib.Path,
+  text_encoder_dtype: str = "float32",
+  max_length: int = 300,
+  settings_only: bool = False,
+  overwrite: bool = False,
+) -> pathlib.Path:
   """Builds the model folder `out` from the diffusers SanaPipeline folder `src`.
 
   Everything is checked first (`check_parts`); an existing `out` (with settings_only:
@@ -165,34 +196,34 @@ def convert(src: str | pathlib.Path, out: str | pathlib.Path, text_encoder_dtype
 
   src, out = pathlib.Path(src), pathlib.Path(out)
   if text_encoder_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"text_encoder_dtype must be float32 or bfloat16, got "
-                     f"{text_encoder_dtype!r}")
+    raise ValueError(f"text_encoder_dtype must be float32 or bfloat16, got {text_encoder_dtype!r}")
   if not isinstance(max_length, int) or max_length < 1:
-    raise ValueError(f"max_length must be a positive number of caption tokens, got "
-                     f"{max_length!r}")
+    raise ValueError(f"max_length must be a positive number of caption tokens, got {max_length!r}")
   check_source(src)
   settings = pipeline_settings(src, max_length)
   if settings_only:
     if not overwrite and (out / bundle.PIPELINE_FILE).exists():
-      raise FileExistsError(f"{out / bundle.PIPELINE_FILE} exists; pass --overwrite to "
-                            "replace it")
+      raise FileExistsError(f"{out / bundle.PIPELINE_FILE} exists; pass --overwrite to replace it")
     bundle.write_settings(out, overwrite=overwrite, **settings)
     return out
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} exists; choose a new output folder or pass --overwrite")
   check_parts(src, max_length)
   with io.atomic_output(out, is_dir=True, overwrite=overwrite) as tmp:
-    cfg = dit_weights.from_diffusers_config(_read_json(src / "transformer" / "config.json"),
-                                            caption_len=max_length)  # not in diffusers' json
+    cfg = dit_weights.from_diffusers_config(
+      _read_json(src / "transformer" / "config.json"), caption_len=max_length
+    )  # not in diffusers' json
     params, cfg = dit_weights.load_diffusers(src / "transformer", cfg)
     dit_weights.save_flax(tmp / "transformer", params, cfg)
     del params
     if text_encoder_dtype == "bfloat16":
       import ml_dtypes
+
       dtype = ml_dtypes.bfloat16
     else:
       dtype = np.float32
     import dataclasses
+
     tparams, tcfg = gemma.load_hf_folder(str(src / "text_encoder"), dtype=dtype)
     tcfg = dataclasses.replace(tcfg, param_dtype=text_encoder_dtype)
     gemma.save_params(tparams, tcfg, str(tmp / "text_encoder"))
@@ -207,26 +238,45 @@ def convert(src: str | pathlib.Path, out: str | pathlib.Path, text_encoder_dtype
 
 def build_parser():
   from sana_jax.weights import io
+
   ap = io.ArgumentParser(prog="python -m sana_jax.bundle_from_diffusers", description=__doc__)
-  ap.add_argument("--src", required=True, type=pathlib.Path,
-                  help="required: diffusers SanaPipeline folder (save_pretrained output)")
-  ap.add_argument("--out", required=True, type=pathlib.Path,
-                  help="required: new model folder (with --settings_only: the folder that "
-                  "receives pipeline.json)")
-  ap.add_argument("--text_encoder_dtype", default="float32", choices=("float32", "bfloat16"),
-                  help="storage dtype of the converted Gemma-2 parameters")
-  ap.add_argument("--max_length", type=int, default=300,
-                  help="caption tokens kept (positive)")
-  ap.add_argument("--settings_only", action="store_true",
-                  help="only write OUT/pipeline.json (parts converted separately)")
-  ap.add_argument("--overwrite", action="store_true",
-                  help="replace an existing OUT (OUT/pipeline.json with --settings_only), "
-                  "only once the new one is complete")
+  ap.add_argument(
+    "--src",
+    required=True,
+    type=pathlib.Path,
+    help="required: diffusers SanaPipeline folder (save_pretrained output)",
+  )
+  ap.add_argument(
+    "--out",
+    required=True,
+    type=pathlib.Path,
+    help="required: new model folder (with --settings_only: the folder that "
+    "receives pipeline.json)",
+  )
+  ap.add_argument(
+    "--text_encoder_dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="storage dtype of the converted Gemma-2 parameters",
+  )
+  ap.add_argument("--max_length", type=int, default=300, help="caption tokens kept (positive)")
+  ap.add_argument(
+    "--settings_only",
+    action="store_true",
+    help="only write OUT/pipeline.json (parts converted separately)",
+  )
+  ap.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing OUT (OUT/pipeline.json with --settings_only), "
+    "only once the new one is complete",
+  )
   return ap
 
 
 def _main(argv) -> int:
   from sana_jax.weights import io
+
   args = build_parser().parse_args(argv)
   if args.max_length < 1:
     raise io.UsageError(f"--max_length {args.max_length}: a positive number of caption tokens")
@@ -237,15 +287,17 @@ def _main(argv) -> int:
   if args.settings_only:
     if out.exists() and not out.is_dir():
       raise io.UsageError(f"--out {out} is a file; --settings_only writes OUT/pipeline.json")
-    io.check_output(out / bundle.PIPELINE_FILE, overwrite=args.overwrite, is_dir=False,
-                    flag="--out")
+    io.check_output(
+      out / bundle.PIPELINE_FILE, overwrite=args.overwrite, is_dir=False, flag="--out"
+    )
     pipeline_settings(src, args.max_length)
   else:
     io.check_not_source(out, src, "--out")
     io.check_output(out, overwrite=args.overwrite, is_dir=True, flag="--out")
     check_parts(src, args.max_length)
-  out = convert(src, out, args.text_encoder_dtype, args.max_length, args.settings_only,
-                overwrite=args.overwrite)
+  out = convert(
+    src, out, args.text_encoder_dtype, args.max_length, args.settings_only, overwrite=args.overwrite
+  )
   what = bundle.PIPELINE_FILE if args.settings_only else "model folder"
   print(f"wrote {what} to {out}")
   return 0
@@ -254,6 +306,7 @@ def _main(argv) -> int:
 def main(argv=None) -> int:
   """The command; returns its exit status (2, with `error: ...` on stderr, for bad input)."""
   from sana_jax.weights import io
+
   return io.run_main(_main, argv)
 
 

@@ -35,8 +35,9 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     raise ValueError(f"{path} has no get_config()")
   config = module.get_config()
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ValueError(f"{path}: get_config() returned a {type(config).__name__}, not an "
-                     "ml_collections.ConfigDict")
+    raise ValueError(
+      f"{path}: get_config() returned a {type(config).__name__}, not an ml_collections.ConfigDict"
+    )
   apply_overrides(config, overrides)
   return config
 
@@ -51,26 +52,30 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     *parents, leaf = key.split(".")
     for p in parents:
       if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-        raise ValueError(f"unknown config field {key!r} (in --config.{item}); known "
-                         f"fields there: {_known(node)}")
+        raise ValueError(
+          f"unknown config field {key!r} (in --config.{item}); known fields there: {_known(node)}"
+        )
       node = node[p]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-      raise ValueError(f"unknown config field {key!r} (in --config.{item}); known fields "
-                       f"there: {_known(node)}")
+      raise ValueError(
+        f"unknown config field {key!r} (in --config.{item}); known fields there: {_known(node)}"
+      )
     old = node[leaf]
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
       value = raw
     if isinstance(old, ml_collections.ConfigDict):
-      raise ValueError(f"{key} is a section, not a field (in --config.{item}); its fields: "
-                       f"{_known(old)}")
+      raise ValueError(
+        f"{key} is a section, not a field (in --config.{item}); its fields: {_known(old)}"
+      )
     if isinstance(old, bool) and not isinstance(value, bool):
       raise ValueError(f"{key} is a bool, got {raw!r} (allowed: True or False)")
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
-    if old is not None and (not isinstance(value, type(old))
-                            or (isinstance(value, bool) and not isinstance(old, bool))):
+    if old is not None and (
+      not isinstance(value, type(old)) or (isinstance(value, bool) and not isinstance(old, bool))
+    ):
       raise ValueError(f"{key} is a {type(old).__name__} (now {old!r}), got {raw!r}")
     node[leaf] = value
 
@@ -84,6 +89,6 @@ def _known(node) -> str:
 
 def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """Separates `--config.a.b=v` overrides from the other arguments."""
-  overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+  overrides = [a[len("--config.") :] for a in argv if a.startswith("--config.")]
   rest = [a for a in argv if not a.startswith("--config.")]
   return rest, overrides

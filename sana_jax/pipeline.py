@@ -29,11 +29,48 @@ from sana_jax.models import dit
 # diffusers' SANA / PixArt resolution bins (ASPECT_RATIO_{512,1024,2048,4096}_BIN): every
 # table is base/16 times these (h, w) unit pairs, keyed by round(h / w, 2); the 512 and
 # 1024 tables lack the ratios in _SMALL_BASE_DROPS. Tested against diffusers' tables.
-_BIN_UNITS = ((8, 32), (8, 31), (8, 30), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25),
-              (10, 24), (11, 23), (11, 22), (11, 21), (12, 21), (12, 20), (13, 19), (13, 18),
-              (14, 18), (14, 17), (15, 17), (15, 16), (16, 16), (16, 15), (17, 15), (17, 14),
-              (18, 14), (18, 13), (19, 13), (20, 12), (21, 12), (22, 11), (23, 11), (24, 10),
-              (25, 10), (26, 9), (27, 9), (28, 9), (29, 8), (30, 8), (31, 8), (32, 8))
+_BIN_UNITS = (
+  (8, 32),
+  (8, 31),
+  (8, 30),
+  (8, 29),
+  (9, 28),
+  (9, 27),
+  (9, 26),
+  (10, 25),
+  (10, 24),
+  (11, 23),
+  (11, 22),
+  (11, 21),
+  (12, 21),
+  (12, 20),
+  (13, 19),
+  (13, 18),
+  (14, 18),
+  (14, 17),
+  (15, 17),
+  (15, 16),
+  (16, 16),
+  (16, 15),
+  (17, 15),
+  (17, 14),
+  (18, 14),
+  (18, 13),
+  (19, 13),
+  (20, 12),
+  (21, 12),
+  (22, 11),
+  (23, 11),
+  (24, 10),
+  (25, 10),
+  (26, 9),
+  (27, 9),
+  (28, 9),
+  (29, 8),
+  (30, 8),
+  (31, 8),
+  (32, 8),
+)
 _SMALL_BASE_DROPS = (0.26, 0.27, 2.89, 3.11, 3.62, 3.75, 3.88)
 ASPECT_RATIOS = tuple(round(h / w, 2) for h, w in _BIN_UNITS)
 
@@ -86,8 +123,14 @@ def resize_and_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
   box = (left, top, left + width, top + height)
   if image.dtype == np.uint8:
     return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC).crop(box))
-  chans = [np.asarray(Image.fromarray(np.asarray(image[..., c], np.float32), mode="F")
-                      .resize(size, Image.BICUBIC).crop(box)) for c in range(image.shape[-1])]
+  chans = [
+    np.asarray(
+      Image.fromarray(np.asarray(image[..., c], np.float32), mode="F")
+      .resize(size, Image.BICUBIC)
+      .crop(box)
+    )
+    for c in range(image.shape[-1])
+  ]
   return np.stack(chans, -1).astype(image.dtype)
 
 
@@ -96,21 +139,28 @@ def folder_geometry(folder) -> dict:
   {"image_size": base size in pixels (pipeline.json), "multiple": sizes must be multiples
   of this (autoencoder downsampling x DiT patch), "downsample", "patch_size"}."""
   import json
+
   folder, settings = bundle_lib.check_folder(folder)
   meta = json.loads((folder / "transformer" / "config.json").read_text())
   patch = int(meta.get("model", {}).get("patch_size", 1))
   ae = settings["autoencoder"]
   if ae["kind"] == "dcae":
     from sana_jax.weights import dcae
+
     down = int(dcae.config_from_folder(folder / "vae").spatial_compression_ratio)
   else:
     down = 1
-  return {"image_size": int(settings["image_size"]), "multiple": down * patch,
-          "downsample": down, "patch_size": patch}
+  return {
+    "image_size": int(settings["image_size"]),
+    "multiple": down * patch,
+    "downsample": down,
+    "patch_size": patch,
+  }
 
 
-def generation_size(height: int, width: int, image_size: int, multiple: int,
-                    binning: bool = True) -> tuple[int, int]:
+def generation_size(
+  height: int, width: int, image_size: int, multiple: int, binning: bool = True
+) -> tuple[int, int]:
   """The size the DiT samples at for a requested (height, width): the request itself
   without binning or at the model's own size, else the nearest aspect-ratio bin of
   `image_size` (diffusers' resolution binning; the images are resized back afterwards).
@@ -148,15 +198,15 @@ class SanaPipeline:
     captions once per batch instead of at every denoising step (same numbers)."""
     self.bundle = bundle
     self.model = dit.SanaDiT(bundle.dit_config)
-    self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32),
-                                         bundle.dit_params)
+    self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), bundle.dit_params)
     self.settings = bundle.settings
     self.cache_caption_kv = cache_caption_kv
     self._apply = jax.jit(self.model.apply)
 
   @classmethod
-  def from_folder(cls, folder, compute_dtype: str | None = None,
-                  cache_caption_kv: bool = True) -> "SanaPipeline":
+  def from_folder(
+    cls, folder, compute_dtype: str | None = None, cache_caption_kv: bool = True
+  ) -> "SanaPipeline":
     return cls(bundle_lib.load(folder, compute_dtype), cache_caption_kv=cache_caption_kv)
 
   @property
@@ -182,14 +232,25 @@ class SanaPipeline:
     try:
       gen_h, gen_w = generation_size(h, w, s["image_size"], m, opts.resolution_binning)
     except ValueError as e:
-      raise ValueError(f"{e} (autoencoder downsampling {self.bundle.autoencoder.downsample}"
-                       f" x patch {self.bundle.dit_config.patch_size})") from None
-    use_null_mask = (s["sampler"].get("use_null_mask", False) if opts.use_null_mask is None
-                     else opts.use_null_mask)
-    return {"height": h, "width": w, "gen_height": gen_h, "gen_width": gen_w, "steps": steps,
-            "guidance_scale": float(scale), "solver": solver,
-            "flow_shift": s["flow_shift"] if opts.flow_shift is None else opts.flow_shift,
-            "guidance_interval": opts.guidance_interval, "use_null_mask": bool(use_null_mask)}
+      raise ValueError(
+        f"{e} (autoencoder downsampling {self.bundle.autoencoder.downsample}"
+        f" x patch {self.bundle.dit_config.patch_size})"
+      ) from None
+    use_null_mask = (
+      s["sampler"].get("use_null_mask", False) if opts.use_null_mask is None else opts.use_null_mask
+    )
+    return {
+      "height": h,
+      "width": w,
+      "gen_height": gen_h,
+      "gen_width": gen_w,
+      "steps": steps,
+      "guidance_scale": float(scale),
+      "solver": solver,
+      "flow_shift": s["flow_shift"] if opts.flow_shift is None else opts.flow_shift,
+      "guidance_interval": opts.guidance_interval,
+      "use_null_mask": bool(use_null_mask),
+    }
 
   def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(caption (B, L, Cy), mask (B, L), null caption (L, Cy))."""
@@ -214,15 +275,20 @@ class SanaPipeline:
     """Initial latents, one key per seed: (len(seeds), h/f, w/f, C) float32."""
     f = self.bundle.autoencoder.downsample
     shape = (h // f, w // f, self.bundle.dit_config.in_channels)
-    return np.stack([np.asarray(jax.random.normal(jax.random.key(int(s)), shape))
-                     for s in seeds])
+    return np.stack([np.asarray(jax.random.normal(jax.random.key(int(s)), shape)) for s in seeds])
 
   def _sampler(self, r: dict):
     apply = _apply_fn_for(self.model, self.cache_caption_kv)
-    return samplers.make_sampler(apply, num_steps=r["steps"], shift=r["flow_shift"],
-                                 solver=r["solver"], guidance_scale=r["guidance_scale"],
-                                 guidance_interval=r["guidance_interval"],
-                                 use_null_mask=r["use_null_mask"], progress=_progress_hook)
+    return samplers.make_sampler(
+      apply,
+      num_steps=r["steps"],
+      shift=r["flow_shift"],
+      solver=r["solver"],
+      guidance_scale=r["guidance_scale"],
+      guidance_interval=r["guidance_interval"],
+      use_null_mask=r["use_null_mask"],
+      progress=_progress_hook,
+    )
 
   def _caption_inputs(self, caption, null):
     """What the sampler gets as captions: the captions themselves, or (cache_caption_kv)
@@ -234,11 +300,19 @@ class SanaPipeline:
     null_kv = kv_fn(self.params, jnp.asarray(null)[None])[0]
     return kv, null_kv
 
-  def generate(self, prompts: Sequence[str], seeds: Sequence[int],
-               opts: SamplingOptions = SamplingOptions(), progress: bool = False,
-               batch_size: int | None = None, *, latents: np.ndarray | None = None,
-               output: str = "uint8", devices: Sequence | None = None,
-               timings: dict | None = None) -> np.ndarray:
+  def generate(
+    self,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    opts: SamplingOptions = SamplingOptions(),
+    progress: bool = False,
+    batch_size: int | None = None,
+    *,
+    latents: np.ndarray | None = None,
+    output: str = "uint8",
+    devices: Sequence | None = None,
+    timings: dict | None = None,
+  ) -> np.ndarray:
     """One image per (prompt, seed) pair: prompts and seeds of equal length.
 
     latents: optional initial noise (N, gen_height/f, gen_width/f, C) float32 (NHWC) in
@@ -257,22 +331,31 @@ class SanaPipeline:
     f = self.bundle.autoencoder.downsample
     shape = (n, r["gen_height"] // f, r["gen_width"] // f, self.bundle.dit_config.in_channels)
     if latents is not None and tuple(np.shape(latents)) != shape:
-      raise ValueError(f"latents must have shape {shape} (N, h, w, C), got "
-                       f"{tuple(np.shape(latents))}")
+      raise ValueError(
+        f"latents must have shape {shape} (N, h, w, C), got {tuple(np.shape(latents))}"
+      )
     if not prompts or any(not isinstance(p, str) for p in prompts):
       raise ValueError("prompts must be a non-empty list of strings")
     clock = time.perf_counter()
     emb, mask = self.bundle.prompt_encoder.encode(list(prompts))
     null, null_mask = self.null_caption(r["use_null_mask"])
     tick = time.perf_counter()
-    noise = (self.noise(seeds, r["gen_height"], r["gen_width"]) if latents is None
-             else np.asarray(latents, np.float32))
+    noise = (
+      self.noise(seeds, r["gen_height"], r["gen_width"])
+      if latents is None
+      else np.asarray(latents, np.float32)
+    )
     run = self._sampler(r)
     batch_size = batch_size or n
     out = []
     import tqdm
-    bar = tqdm.tqdm(total=r["steps"] * math.ceil(n / batch_size), desc="sampling",
-                    disable=not progress, unit="step")
+
+    bar = tqdm.tqdm(
+      total=r["steps"] * math.ceil(n / batch_size),
+      desc="sampling",
+      disable=not progress,
+      unit="step",
+    )
     _progress_bar["bar"] = bar if progress else None
     try:
       for start in range(0, n, batch_size):
@@ -300,12 +383,19 @@ class SanaPipeline:
         if output == "float":  # bicubic overshoot
           images = np.clip(images, 0.0, 1.0)
     if timings is not None:
-      timings.update(encode_s=tick - clock, denoise_s=tock - tick,
-                     decode_s=time.perf_counter() - tock)
+      timings.update(
+        encode_s=tick - clock, denoise_s=tock - tick, decode_s=time.perf_counter() - tock
+      )
     return images
 
-  def __call__(self, prompts: Sequence[str] | str, num_images_per_prompt: int = 1,
-               seed: int = 0, progress: bool = False, **options) -> np.ndarray:
+  def __call__(
+    self,
+    prompts: Sequence[str] | str,
+    num_images_per_prompt: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+    **options,
+  ) -> np.ndarray:
     """Images for each prompt: (len(prompts) * num_images_per_prompt, H, W, 3) uint8,
     grouped by prompt; image k uses seed + k."""
     if isinstance(prompts, str):
@@ -335,10 +425,12 @@ def _apply_fn_for(model: dit.SanaDiT, cached_kv: bool = False):
     if not cached_kv:
       _APPLY_FNS[key] = lambda params, x, t, c, m: model.apply({"params": params}, x, t, c, m)
     else:
+
       def apply(params, x, t, c, m):
         b, l, _ = c.shape
         kv = c.reshape(b, l, cfg.depth, 2, cfg.cross_inner).transpose(2, 0, 1, 3, 4)
         return model.apply({"params": params}, x, t, c, m, caption_kv=kv)
+
       _APPLY_FNS[key] = apply
   return _APPLY_FNS[key]
 
@@ -347,10 +439,12 @@ def _kv_fn_for(model: dit.SanaDiT):
   """jitted (params, caption (B, L, Cy)) -> packed cross-attention K/V (B, L, depth*2*Ci)."""
   key = model.cfg
   if key not in _KV_FNS:
+
     def kv(params, caption):
       out = model.apply({"params": params}, caption, method=dit.SanaDiT.precompute_caption_kv)
       b, l = caption.shape[:2]
       return out.transpose(1, 2, 0, 3, 4).reshape(b, l, -1)  # (depth, B, L, 2, Ci) -> packed
+
     _KV_FNS[key] = jax.jit(kv)
   return _KV_FNS[key]
 
@@ -369,5 +463,6 @@ def make_generate_fn(model: str | None = None, **options):
   """For sana_jax.scaling.best_of_n_cli: a generate_fn over a model folder (default: the
   embedded ShapesEval model)."""
   from sana_jax.shapes_model import DEFAULT_MODEL
+
   pipe = SanaPipeline.from_folder(model or DEFAULT_MODEL)
   return pipe.generate_fn(**options)

@@ -33,31 +33,36 @@ class PretrainConfig:
   steps: int = 3000
   batch: int = 128
   lr: float = 3e-3
-  num_prompts: int = 20000       # training captions, drawn like the training data's
+  num_prompts: int = 20000  # training captions, drawn like the training data's
   readout_heads: int = 4
   readout_width: int = 64
-  context_words: int = 6         # each token also names the words before it (linear heads)
+  context_words: int = 6  # each token also names the words before it (linear heads)
   seed: int = 0
-  train_encoder: bool = True     # False: only the readout learns (the frozen-encoder baseline)
+  train_encoder: bool = True  # False: only the readout learns (the frozen-encoder baseline)
 
 
 def training_captions(num: int, seed: int) -> list[str]:
   """`num` captions from the training grammar (categories cycled, evaluation prompts
   excluded), as the DiT's training data draws them."""
   from sana_jax.data import shapes
+
   rng = np.random.default_rng([seed, 7])
-  return [shapes.sample_spec(shapes.CATEGORIES[i % len(shapes.CATEGORIES)], rng)["prompt"]
-          for i in range(num)]
+  return [
+    shapes.sample_spec(shapes.CATEGORIES[i % len(shapes.CATEGORIES)], rng)["prompt"]
+    for i in range(num)
+  ]
 
 
 def init_readout(key: jax.Array, length: int, width: int, vocab: int, cfg: PretrainConfig):
   kq, kk, kv, ko, kc = jax.random.split(key, 5)
   w = cfg.readout_width
-  return {"context": jax.random.normal(kc, (cfg.context_words, width, vocab)) / np.sqrt(width),
-          "queries": jax.random.normal(kq, (length, w)),
-          "w_k": jax.random.normal(kk, (width, w)) / np.sqrt(width),
-          "w_v": jax.random.normal(kv, (width, w)) / np.sqrt(width),
-          "w_o": jax.random.normal(ko, (w, vocab)) / np.sqrt(w)}
+  return {
+    "context": jax.random.normal(kc, (cfg.context_words, width, vocab)) / np.sqrt(width),
+    "queries": jax.random.normal(kq, (length, w)),
+    "w_k": jax.random.normal(kk, (width, w)) / np.sqrt(width),
+    "w_v": jax.random.normal(kv, (width, w)) / np.sqrt(width),
+    "w_o": jax.random.normal(ko, (w, vocab)) / np.sqrt(w),
+  }
 
 
 def readout_logits(readout: dict, h: jax.Array, mask: jax.Array, heads: int) -> jax.Array:
@@ -96,8 +101,12 @@ def _losses(params, ids, mask, enc_cfg, heads):
   clog = context_logits(params["readout"], h)
   cce = optax.softmax_cross_entropy_with_integer_labels(clog, shifted)
   cacc = jnp.sum((jnp.argmax(clog, -1) == shifted) * cm) / jnp.sum(cm)
-  return (jnp.sum(ce * m) / jnp.sum(m), jnp.sum(cce * cm) / jnp.sum(cm),
-          jnp.mean(jnp.all(correct, axis=-1)), cacc)
+  return (
+    jnp.sum(ce * m) / jnp.sum(m),
+    jnp.sum(cce * cm) / jnp.sum(cm),
+    jnp.mean(jnp.all(correct, axis=-1)),
+    cacc,
+  )
 
 
 def _loss(params, ids, mask, enc_cfg, heads, train_encoder=True):
@@ -107,8 +116,14 @@ def _loss(params, ids, mask, enc_cfg, heads, train_encoder=True):
   return readout_ce + context_ce, (acc, cacc)
 
 
-def pretrain(enc_cfg: text_encoder.Gemma2Config, enc_params: dict, tokenizer, prompt_cfg,
-             cfg: PretrainConfig = PretrainConfig(), progress: bool = True):
+def pretrain(
+  enc_cfg: text_encoder.Gemma2Config,
+  enc_params: dict,
+  tokenizer,
+  prompt_cfg,
+  cfg: PretrainConfig = PretrainConfig(),
+  progress: bool = True,
+):
   """Trains `enc_params` (a Gemma2Encoder tree) with the position-free readout.
 
   Returns (encoder params, {"readout_loss", "context_loss", "caption_accuracy",
@@ -117,22 +132,29 @@ def pretrain(enc_cfg: text_encoder.Gemma2Config, enc_params: dict, tokenizer, pr
   preceding words the context heads name.
   """
   from sana_jax.models import prompts
+
   captions = training_captions(cfg.num_prompts + 512, cfg.seed)
   ids, mask = prompts.tokenize(tokenizer, captions, prompt_cfg, use_chi=False)
   ids_tr, mask_tr, ids_ho, mask_ho = ids[:-512], mask[:-512], ids[-512:], mask[-512:]
   key = jax.random.PRNGKey(cfg.seed)
-  params = {"encoder": enc_params,
-            "readout": init_readout(key, ids.shape[1], enc_cfg.hidden_size,
-                                    enc_cfg.vocab_size, cfg)}
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(optax.warmup_cosine_decay_schedule(
-                       0.0, cfg.lr, min(200, cfg.steps // 10 + 1), cfg.steps), weight_decay=0.0))
+  params = {
+    "encoder": enc_params,
+    "readout": init_readout(key, ids.shape[1], enc_cfg.hidden_size, enc_cfg.vocab_size, cfg),
+  }
+  tx = optax.chain(
+    optax.clip_by_global_norm(1.0),
+    optax.adamw(
+      optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(200, cfg.steps // 10 + 1), cfg.steps),
+      weight_decay=0.0,
+    ),
+  )
   opt_state = tx.init(params)
 
   @jax.jit
   def step(params, opt_state, ids, mask):
     (loss, (acc, cacc)), grads = jax.value_and_grad(_loss, has_aux=True)(
-        params, ids, mask, enc_cfg, cfg.readout_heads, cfg.train_encoder)
+      params, ids, mask, enc_cfg, cfg.readout_heads, cfg.train_encoder
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, acc, cacc
 
@@ -142,9 +164,15 @@ def pretrain(enc_cfg: text_encoder.Gemma2Config, enc_params: dict, tokenizer, pr
     sel = rng.integers(0, len(ids_tr), cfg.batch)
     params, opt_state, loss, acc, cacc = step(params, opt_state, ids_tr[sel], mask_tr[sel])
     if bar.n % 100 == 0:
-      bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.2f}",
-                      context=f"{float(cacc):.2f}")
+      bar.set_postfix(
+        loss=f"{float(loss):.3f}", acc=f"{float(acc):.2f}", context=f"{float(cacc):.2f}"
+      )
   rce, cce, acc, cacc = jax.jit(lambda p, i, m: _losses(p, i, m, enc_cfg, cfg.readout_heads))(
-      params, ids_ho, mask_ho)
-  return params["encoder"], {"readout_loss": float(rce), "context_loss": float(cce),
-                             "caption_accuracy": float(acc), "context_accuracy": float(cacc)}
+    params, ids_ho, mask_ho
+  )
+  return params["encoder"], {
+    "readout_loss": float(rce),
+    "context_loss": float(cce),
+    "caption_accuracy": float(acc),
+    "context_accuracy": float(cacc),
+  }

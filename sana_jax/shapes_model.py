@@ -42,16 +42,19 @@ DEFAULT_MODEL = REPO / "sana_jax" / "assets" / "shapes_model"
 
 def shapes_config():
   from sana_jax.config_loader import load_config
+
   return load_config(str(REPO / "configs" / "shapes.py"))
 
 
 def text_encoder_config(config):
   from sana_jax.data import shapes
   from sana_jax.models import text_encoder
+
   te = config.text_encoder
   vocab = len(shapes.vocabulary()) + 4  # + <pad>, <eos>, <bos>, <unk>
-  return text_encoder.gemma2_tiny(vocab, hidden_size=te.hidden_size, num_layers=te.num_layers,
-                                  layer_types=None)
+  return text_encoder.gemma2_tiny(
+    vocab, hidden_size=te.hidden_size, num_layers=te.num_layers, layer_types=None
+  )
 
 
 def _check_new_output(flag: str, path: pathlib.Path, overwrite: bool, is_dir: bool) -> None:
@@ -60,11 +63,15 @@ def _check_new_output(flag: str, path: pathlib.Path, overwrite: bool, is_dir: bo
   path = pathlib.Path(path)
   if path.exists():
     if path.is_dir() != is_dir:
-      raise UsageError(f"{flag} {path} is an existing {'folder' if path.is_dir() else 'file'};"
-                       f" give a {'folder' if is_dir else 'file'} path")
+      raise UsageError(
+        f"{flag} {path} is an existing {'folder' if path.is_dir() else 'file'};"
+        f" give a {'folder' if is_dir else 'file'} path"
+      )
     if not overwrite and not (is_dir and not any(path.iterdir())):
-      raise UsageError(f"{flag} {path} already exists; pass --overwrite to replace it "
-                       "(once the new one is complete)")
+      raise UsageError(
+        f"{flag} {path} already exists; pass --overwrite to replace it "
+        "(once the new one is complete)"
+      )
   parent = path.absolute().parent
   while not parent.exists():
     parent = parent.parent
@@ -121,29 +128,42 @@ def _init_into(out: pathlib.Path, config) -> None:
   from sana_jax.data.tokenizer import build_word_level_tokenizer
   from sana_jax.models import text_encoder
   from sana_jax.weights import gemma
-  build_word_level_tokenizer(list(shapes.vocabulary()), str(out / "tokenizer"),
-                             lowercase=config.prompt.lowercase)
+
+  build_word_level_tokenizer(
+    list(shapes.vocabulary()), str(out / "tokenizer"), lowercase=config.prompt.lowercase
+  )
   tcfg = text_encoder_config(config)
   if tcfg.hidden_size != config.model.caption_channels:
     raise ValueError("text encoder width must equal model.caption_channels")
   params = text_encoder.init_params(tcfg, config.text_encoder.seed)
-  params["embed"]["embedding"] = (params["embed"]["embedding"]
-                                  * config.text_encoder.get("embed_scale", 1.0))
+  params["embed"]["embedding"] = params["embed"]["embedding"] * config.text_encoder.get(
+    "embed_scale", 1.0
+  )
   pretrain = config.text_encoder.get("pretrain")
   if pretrain is not None and pretrain.steps > 0:
     from sana_jax import shapes_encoder
     from sana_jax.models.prompts import load_tokenizer
+
     params, measured = shapes_encoder.pretrain(
-        tcfg, params, load_tokenizer(str(out / "tokenizer")),
-        prompt_config(config.prompt.to_dict()),
-        shapes_encoder.PretrainConfig(**pretrain.to_dict()))
-    print("caption encoder pre-trained (held-out captions): "
-          + ", ".join(f"{k} {v:.4f}" for k, v in measured.items()))
+      tcfg,
+      params,
+      load_tokenizer(str(out / "tokenizer")),
+      prompt_config(config.prompt.to_dict()),
+      shapes_encoder.PretrainConfig(**pretrain.to_dict()),
+    )
+    print(
+      "caption encoder pre-trained (held-out captions): "
+      + ", ".join(f"{k} {v:.4f}" for k, v in measured.items())
+    )
   gemma.save_params(jax.device_get(params), tcfg, str(out / "text_encoder"))
   bundle.write_settings(
-      out, image_size=config.image_size, flow_shift=config.flow_shift,
-      sampler=config.sampler.to_dict(), prompt=config.prompt.to_dict(),
-      autoencoder={"kind": config.autoencoder, "channels": config.model.in_channels})
+    out,
+    image_size=config.image_size,
+    flow_shift=config.flow_shift,
+    sampler=config.sampler.to_dict(),
+    prompt=config.prompt.to_dict(),
+    autoencoder={"kind": config.autoencoder, "channels": config.model.in_channels},
+  )
 
 
 def null_caption(model: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
@@ -160,8 +180,9 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def check_export(workdir: pathlib.Path, model: pathlib.Path, step: int | None,
-                 overwrite: bool) -> int:
+def check_export(
+  workdir: pathlib.Path, model: pathlib.Path, step: int | None, overwrite: bool
+) -> int:
   """Every check export makes before loading anything (UsageError naming the argument);
   returns the step to export."""
   workdir, model = pathlib.Path(workdir), pathlib.Path(model)
@@ -172,29 +193,42 @@ def check_export(workdir: pathlib.Path, model: pathlib.Path, step: int | None,
     raise UsageError(f"--workdir {workdir}: no checkpoints in {workdir / 'checkpoints'}")
   if step is not None and step not in steps:
     shown = ", ".join(map(str, steps[-10:]))
-    raise UsageError(f"--step {step}: no checkpoint of that step in {workdir} (saved steps: "
-                     f"{'..., ' if len(steps) > 10 else ''}{shown})")
+    raise UsageError(
+      f"--step {step}: no checkpoint of that step in {workdir} (saved steps: "
+      f"{'..., ' if len(steps) > 10 else ''}{shown})"
+    )
   if not model.is_dir():
     raise UsageError(f"--model {model}: no such folder (make one with `init --out`)")
-  missing = [p for p in (bundle.PIPELINE_FILE, "tokenizer", "text_encoder")
-             if not (model / p).exists()]
+  missing = [
+    p for p in (bundle.PIPELINE_FILE, "tokenizer", "text_encoder") if not (model / p).exists()
+  ]
   if missing:
-    raise UsageError(f"--model {model} is not a model folder made by init (missing: "
-                     f"{', '.join(missing)})")
+    raise UsageError(
+      f"--model {model} is not a model folder made by init (missing: {', '.join(missing)})"
+    )
   if (model / "transformer").exists() and not overwrite:
-    raise UsageError(f"--model {model} already has a transformer/; pass --overwrite to "
-                     "replace it (once the new one is written)")
+    raise UsageError(
+      f"--model {model} already has a transformer/; pass --overwrite to "
+      "replace it (once the new one is written)"
+    )
   _check_new_output("--model", model / "transformer", True, is_dir=True)
   return steps[-1] if step is None else step
 
 
-def export(workdir: pathlib.Path, model: pathlib.Path, step: int | None = None,
-           storage_dtype: str = "float16", ema: bool = True, overwrite: bool = False) -> None:
+def export(
+  workdir: pathlib.Path,
+  model: pathlib.Path,
+  step: int | None = None,
+  storage_dtype: str = "float16",
+  ema: bool = True,
+  overwrite: bool = False,
+) -> None:
   """Writes model/transformer from the run's checkpoint `step` (default: the latest),
   whole; an existing transformer/ is replaced only with overwrite."""
   from sana_jax.models.dit_config import DiTConfig
   from sana_jax.train import checkpoint
   from sana_jax.weights import dit as dit_weights
+
   model = pathlib.Path(model)
   step = check_export(workdir, model, step, overwrite)
   saved = checkpoint.read_config(workdir, step)
@@ -213,10 +247,11 @@ def export(workdir: pathlib.Path, model: pathlib.Path, step: int | None = None,
 # are (almost) context-free gives both the same bag of tokens, and a DiT that reads the
 # caption through cross-attention (no position on the caption side) cannot tell them apart.
 _SWAPS = {
-    "colour binding": ("a photo of a red circle and a blue square",
-                       "a photo of a blue circle and a red square"),
-    "position": ("a photo of a circle left of a square",
-                 "a photo of a square left of a circle"),
+  "colour binding": (
+    "a photo of a red circle and a blue square",
+    "a photo of a blue circle and a red square",
+  ),
+  "position": ("a photo of a circle left of a square", "a photo of a square left of a circle"),
 }
 
 
@@ -224,16 +259,20 @@ def prompt_config(prompt: dict):
   """The PromptConfig of a shapes model's prompt settings (config.prompt or the "prompt"
   of pipeline.json): no CHI."""
   from sana_jax.models.prompts import PromptConfig
-  return PromptConfig(max_length=prompt["max_length"], chi=None,
-                      lowercase=prompt.get("lowercase", False))
+
+  return PromptConfig(
+    max_length=prompt["max_length"], chi=None, lowercase=prompt.get("lowercase", False)
+  )
 
 
 def _prompt_encoder(model: pathlib.Path):
   from sana_jax.models.prompts import PromptEncoder
   import json
+
   p = json.loads((model / bundle.PIPELINE_FILE).read_text())["prompt"]
-  return PromptEncoder.from_folders(str(model / "tokenizer"), str(model / "text_encoder"),
-                                    prompt_config(p))
+  return PromptEncoder.from_folders(
+    str(model / "tokenizer"), str(model / "text_encoder"), prompt_config(p)
+  )
 
 
 def context_probe(model: pathlib.Path) -> dict:
@@ -246,8 +285,10 @@ def context_probe(model: pathlib.Path) -> dict:
   cosine of "circle" vs "square" in the same context (must stay well below 1)}.
   """
   enc = _prompt_encoder(model)
-  prompts = [p for pair in _SWAPS.values() for p in pair] + ["a photo of a circle",
-                                                             "a photo of a square"]
+  prompts = [p for pair in _SWAPS.values() for p in pair] + [
+    "a photo of a circle",
+    "a photo of a square",
+  ]
   emb, mask = enc.encode(prompts)
   emb, mask = np.asarray(emb, np.float32), np.asarray(mask) > 0
 
@@ -256,8 +297,10 @@ def context_probe(model: pathlib.Path) -> dict:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
   circle = 1 + prompts[0].split().index("circle")  # word-level tokens after <bos>
-  out = {"same_word_cos": float(unit_tokens(0)[circle] @ unit_tokens(1)[circle]),
-         "distinct_word_cos": float(unit_tokens(4)[-1] @ unit_tokens(5)[-1])}
+  out = {
+    "same_word_cos": float(unit_tokens(0)[circle] @ unit_tokens(1)[circle]),
+    "distinct_word_cos": float(unit_tokens(4)[-1] @ unit_tokens(5)[-1]),
+  }
   for k, name in enumerate(_SWAPS):
     a, b = unit_tokens(2 * k), unit_tokens(2 * k + 1)
     out[f"{name} bag_sim"] = float(np.mean(np.max(a @ b.T, axis=1)))
@@ -279,12 +322,15 @@ def curve(workdirs, out: pathlib.Path, smooth: int = 8, overwrite: bool = False)
   An existing `out` is replaced only with overwrite."""
   import json
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   steps, loss, bounds, offset = [], [], [], 0
   for workdir in workdirs:
-    rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text()
-            .splitlines() if l]
+    rows = [
+      json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines() if l
+    ]
     steps += [offset + r["step"] for r in rows]
     loss += [r["loss"] for r in rows]
     offset = steps[-1]
@@ -294,14 +340,16 @@ def curve(workdirs, out: pathlib.Path, smooth: int = 8, overwrite: bool = False)
   avg = np.convolve(loss, np.ones(k) / k, mode="valid")
   fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
   ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss (batch, every log step)")
-  ax.plot(steps[k - 1:], avg, lw=2, label=f"moving average ({k})")
+  ax.plot(steps[k - 1 :], avg, lw=2, label=f"moving average ({k})")
   for b in bounds[:-1]:
     ax.axvline(b, color="gray", ls="--", lw=1)
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel("flow-matching loss")
-  ax.set_title("Embedded ShapesEval model: training loss"
-               + (f" ({len(bounds)} stages)" if len(bounds) > 1 else ""))
+  ax.set_title(
+    "Embedded ShapesEval model: training loss"
+    + (f" ({len(bounds)} stages)" if len(bounds) > 1 else "")
+  )
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -311,33 +359,59 @@ def curve(workdirs, out: pathlib.Path, smooth: int = 8, overwrite: bool = False)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = CommandParser(prog="python -m sana_jax.shapes_model", description=__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = CommandParser(
+    prog="python -m sana_jax.shapes_model",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   sub = ap.add_subparsers(dest="cmd", required=True, parser_class=CommandParser)
   overwrite = "replace an existing output once the new one is complete (default: off, refuse)"
   a = sub.add_parser("init", help="write tokenizer, text encoder and pipeline.json")
-  a.add_argument("--out", type=pathlib.Path, required=True,
-                 help="model folder to create, new or empty (required; no default)")
+  a.add_argument(
+    "--out",
+    type=pathlib.Path,
+    required=True,
+    help="model folder to create, new or empty (required; no default)",
+  )
   a.add_argument("--overwrite", action="store_true", help=overwrite)
   b = sub.add_parser("export", help="write MODEL/transformer from a training run")
-  b.add_argument("--workdir", type=pathlib.Path, required=True,
-                 help="train.py workdir with checkpoints/ (required)")
-  b.add_argument("--model", type=pathlib.Path, required=True,
-                 help="model folder made by init (required; no default)")
-  b.add_argument("--step", type=int, default=None,
-                 help="checkpoint step to export (default: the latest)")
-  b.add_argument("--raw", action="store_true",
-                 help="export the raw parameters, not the EMA (default: off, EMA)")
+  b.add_argument(
+    "--workdir",
+    type=pathlib.Path,
+    required=True,
+    help="train.py workdir with checkpoints/ (required)",
+  )
+  b.add_argument(
+    "--model",
+    type=pathlib.Path,
+    required=True,
+    help="model folder made by init (required; no default)",
+  )
+  b.add_argument(
+    "--step", type=int, default=None, help="checkpoint step to export (default: the latest)"
+  )
+  b.add_argument(
+    "--raw", action="store_true", help="export the raw parameters, not the EMA (default: off, EMA)"
+  )
   b.add_argument("--overwrite", action="store_true", help=overwrite)
   d = sub.add_parser("probe", help="how much word order the text encoder's output carries")
-  d.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL,
-                 help="model folder (default: the shipped sana_jax/assets/shapes_model; "
-                      "read only)")
+  d.add_argument(
+    "--model",
+    type=pathlib.Path,
+    default=DEFAULT_MODEL,
+    help="model folder (default: the shipped sana_jax/assets/shapes_model; read only)",
+  )
   c = sub.add_parser("curve", help="plot the training loss of one or more runs")
-  c.add_argument("--workdir", type=pathlib.Path, nargs="+", required=True,
-                 help="train.py workdirs with metrics.jsonl, in stage order (required)")
-  c.add_argument("--out", type=pathlib.Path, required=True,
-                 help="image file to write, e.g. curve.png (required)")
+  c.add_argument(
+    "--workdir",
+    type=pathlib.Path,
+    nargs="+",
+    required=True,
+    help="train.py workdirs with metrics.jsonl, in stage order (required)",
+  )
+  c.add_argument(
+    "--out", type=pathlib.Path, required=True, help="image file to write, e.g. curve.png (required)"
+  )
   c.add_argument("--overwrite", action="store_true", help=overwrite)
   return ap
 

@@ -13,8 +13,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def grid(images: Sequence[np.ndarray], cols: int, captions: Sequence[str] | None = None,
-         scale: int = 1, caption_height: int = 0) -> Image.Image:
+def grid(
+  images: Sequence[np.ndarray],
+  cols: int,
+  captions: Sequence[str] | None = None,
+  scale: int = 1,
+  caption_height: int = 0,
+) -> Image.Image:
   """Images (H, W, 3) uint8 in a grid of `cols` columns, optional caption strip per row."""
   n = len(images)
   cols = max(1, min(cols, n))
@@ -33,9 +38,15 @@ def grid(images: Sequence[np.ndarray], cols: int, captions: Sequence[str] | None
   return canvas
 
 
-def save_images(out: pathlib.Path, images: np.ndarray, names: Sequence[str],
-                records: Sequence[dict], grid_cols: int, captions: Sequence[str],
-                overwrite: bool = False) -> None:
+def save_images(
+  out: pathlib.Path,
+  images: np.ndarray,
+  names: Sequence[str],
+  records: Sequence[dict],
+  grid_cols: int,
+  captions: Sequence[str],
+  overwrite: bool = False,
+) -> None:
   """Writes every PNG, grid.png and samples.json as the folder `out`, whole or not at all.
 
   Everything is written into a temporary sibling of `out` first, which is then renamed to
@@ -44,8 +55,9 @@ def save_images(out: pathlib.Path, images: np.ndarray, names: Sequence[str],
   nothing is touched). On any failure `out` is left as it was."""
   out = pathlib.Path(out)
   if out.exists() and not (out.is_dir() and (overwrite or not any(out.iterdir()))):
-    raise FileExistsError(f"{out} exists and is not an empty folder; not overwritten "
-                          "(overwrite=True replaces it)")
+    raise FileExistsError(
+      f"{out} exists and is not an empty folder; not overwritten (overwrite=True replaces it)"
+    )
   out.parent.mkdir(parents=True, exist_ok=True)
   tag = uuid.uuid4().hex[:8]
   tmp = out.parent / f".{out.name}.new-{tag}"

@@ -27,8 +27,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 REFUSAL_SECONDS = 60
 
 
-def run_command(args: list[str], *, cwd: pathlib.Path | str = REPO, timeout: float = 300,
-                env: dict | None = None) -> subprocess.CompletedProcess:
+def run_command(
+  args: list[str], *, cwd: pathlib.Path | str = REPO, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
   """Runs `python ARGS...` (a script path relative to the repo, or `-m module ...`) in a
   subprocess with the test environment; returns the completed process (text output) with
   `.seconds` set to its wall time."""
@@ -40,8 +41,15 @@ def run_command(args: list[str], *, cwd: pathlib.Path | str = REPO, timeout: flo
   if argv and argv[0].endswith(".py") and not pathlib.Path(argv[0]).is_absolute():
     argv[0] = str(REPO / argv[0])
   t = time.perf_counter()
-  result = subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
+  result = subprocess.run(
+    [sys.executable, *argv],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=full_env,
+    stdin=subprocess.DEVNULL,
+  )
   result.seconds = time.perf_counter() - t
   return result
 
@@ -62,8 +70,9 @@ def call_main(main, argv, capsys) -> subprocess.CompletedProcess:
   return result
 
 
-def assert_refused(result: subprocess.CompletedProcess, *fragments: str,
-                   max_seconds: float = REFUSAL_SECONDS) -> str:
+def assert_refused(
+  result: subprocess.CompletedProcess, *fragments: str, max_seconds: float = REFUSAL_SECONDS
+) -> str:
   """Exit status 2, an `error: ...` line naming every fragment, no traceback, quickly.
   Returns the error line."""
   out = result.stdout + result.stderr
@@ -89,7 +98,7 @@ def snapshot(*roots: pathlib.Path | str) -> dict:
       state[str(root)] = "absent"
       continue
     for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
-      state[str(p)] = (None if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest())
+      state[str(p)] = None if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
   state["__roots__"] = tuple(str(r) for r in roots)
   return state
 
@@ -101,4 +110,5 @@ def assert_unchanged(before: dict) -> None:
   deleted = sorted(set(before) - set(after))
   changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
   assert not (created or deleted or changed), (
-      f"created {created[:5]}, deleted {deleted[:5]}, changed {changed[:5]}")
+    f"created {created[:5]}, deleted {deleted[:5]}, changed {changed[:5]}"
+  )

@@ -18,6 +18,7 @@ def diffusers_model(cfg: DiTConfig, seed: int = 0, relative_scale: float | None 
   constant tensors), which keeps full-width, many-block networks well-conditioned.
   """
   from diffusers import SanaTransformer2DModel
+
   config = dit_weights.to_diffusers_config(cfg)
   config.pop("_class_name")
   torch.manual_seed(seed)
@@ -42,11 +43,12 @@ def run_diffusers(model, latents_nhwc, timestep, caption, mask) -> np.ndarray:
   """Diffusers forward on NHWC numpy inputs; returns NHWC numpy."""
   with torch.no_grad():
     out = model(
-        hidden_states=torch.from_numpy(np.ascontiguousarray(latents_nhwc.transpose(0, 3, 1, 2))),
-        encoder_hidden_states=torch.from_numpy(caption),
-        timestep=torch.from_numpy(np.asarray(timestep, np.float32)),
-        encoder_attention_mask=torch.from_numpy(mask.astype(np.float32)),
-        return_dict=False)[0]
+      hidden_states=torch.from_numpy(np.ascontiguousarray(latents_nhwc.transpose(0, 3, 1, 2))),
+      encoder_hidden_states=torch.from_numpy(caption),
+      timestep=torch.from_numpy(np.asarray(timestep, np.float32)),
+      encoder_attention_mask=torch.from_numpy(mask.astype(np.float32)),
+      return_dict=False,
+    )[0]
   return out.numpy().transpose(0, 2, 3, 1)
 
 
@@ -77,6 +79,8 @@ def random_params(cfg, seed):
     else:
       v = z / np.sqrt(per[0])
     return v.astype(np.float32)
+
   from sana_jax.models import dit
   import jax
+
   return jax.tree_util.tree_map_with_path(one, dit.abstract_params(cfg))

@@ -30,8 +30,10 @@ def main() -> int:
   args = ap.parse_args(argv[:split])
 
   import jax
+
   jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
   from sana_jax.data import input_pipeline
+
   original = input_pipeline.BatchPlanSource.__getitem__
   lock = threading.Lock()
 
@@ -41,15 +43,16 @@ def main() -> int:
       time.sleep(60)
     split_name, idx = self.record_indices(index)
     src = self._sources[split_name]  # pylint: disable=protected-access
-    texts = [bytes(src[int(i)]["text"]).decode() for i in idx[self.rows[0]:self.rows[1]]]
+    texts = [bytes(src[int(i)]["text"]).decode() for i in idx[self.rows[0] : self.rows[1]]]
     with lock, open(args.reads, "a") as f:
       f.write(json.dumps({"batch": index, "rows": list(self.rows), "texts": texts}) + "\n")
     return original(self, index)
 
   input_pipeline.BatchPlanSource.__getitem__ = recording
-  sys.argv = [str(REPO / "train.py"), *argv[split + 1:]]
+  sys.argv = [str(REPO / "train.py"), *argv[split + 1 :]]
   import train
-  return train.main(argv[split + 1:])
+
+  return train.main(argv[split + 1 :])
 
 
 if __name__ == "__main__":

@@ -22,28 +22,45 @@ from sana_jax.weights import dcae  # noqa: E402
 # ResBlock + EfficientViT stages, two multiscale kernels in one stage, stride-2 conv
 # downsample, interpolate upsample, RMSNorm + SiLU. f8; 64x96 images -> 8x12 latents.
 CFG_A = dict(
-    in_channels=3, latent_channels=8, attention_head_dim=12,
-    encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-    decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-    encoder_block_out_channels=[12, 24, 48, 96], decoder_block_out_channels=[12, 24, 48, 96],
-    encoder_layers_per_block=[1, 1, 2, 1], decoder_layers_per_block=[1, 2, 1, 2],
-    encoder_qkv_multiscales=[[], [], [3, 5], [5]], decoder_qkv_multiscales=[[], [], [5], [3]],
-    upsample_block_type="interpolate", downsample_block_type="Conv", scaling_factor=0.7)
+  in_channels=3,
+  latent_channels=8,
+  attention_head_dim=12,
+  encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
+  decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
+  encoder_block_out_channels=[12, 24, 48, 96],
+  decoder_block_out_channels=[12, 24, 48, 96],
+  encoder_layers_per_block=[1, 1, 2, 1],
+  decoder_layers_per_block=[1, 2, 1, 2],
+  encoder_qkv_multiscales=[[], [], [3, 5], [5]],
+  decoder_qkv_multiscales=[[], [], [5], [3]],
+  upsample_block_type="interpolate",
+  downsample_block_type="Conv",
+  scaling_factor=0.7,
+)
 
 # Other branches: first stage without layers (conv_in / conv_out are down/up blocks),
 # pixel (un)shuffle resampling, batch norm + ReLU decoder stages, no in/out shortcut on
 # one side, and the quadratic attention path (deepest stage has 4x3 = 12 <= 16 tokens).
 CFG_B = dict(
-    in_channels=3, latent_channels=12, attention_head_dim=16,
-    encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-    decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-    encoder_block_out_channels=[8, 24, 48, 96], decoder_block_out_channels=[8, 24, 48, 96],
-    encoder_layers_per_block=[0, 2, 1, 1], decoder_layers_per_block=[0, 1, 2, 1],
-    encoder_qkv_multiscales=[[], [], [5], [3, 5]], decoder_qkv_multiscales=[[], [], [3], [5]],
-    upsample_block_type="pixel_shuffle", downsample_block_type="pixel_unshuffle",
-    decoder_norm_types=["batch_norm", "batch_norm", "rms_norm", "batch_norm"],
-    decoder_act_fns=["relu", "relu", "silu", "silu"], encoder_out_shortcut=False,
-    decoder_in_shortcut=True, scaling_factor=1.3)
+  in_channels=3,
+  latent_channels=12,
+  attention_head_dim=16,
+  encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
+  decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
+  encoder_block_out_channels=[8, 24, 48, 96],
+  decoder_block_out_channels=[8, 24, 48, 96],
+  encoder_layers_per_block=[0, 2, 1, 1],
+  decoder_layers_per_block=[0, 1, 2, 1],
+  encoder_qkv_multiscales=[[], [], [5], [3, 5]],
+  decoder_qkv_multiscales=[[], [], [3], [5]],
+  upsample_block_type="pixel_shuffle",
+  downsample_block_type="pixel_unshuffle",
+  decoder_norm_types=["batch_norm", "batch_norm", "rms_norm", "batch_norm"],
+  decoder_act_fns=["relu", "relu", "silu", "silu"],
+  encoder_out_shortcut=False,
+  decoder_in_shortcut=True,
+  scaling_factor=1.3,
+)
 
 
 def _randomise_affine(model, seed=0):
@@ -129,12 +146,22 @@ def test_f32c32_decoder_parity_256px():
   t0 = time.time()
   cfg = ae.dcae_f32c32_config()
   torch.manual_seed(0)
-  ref = _randomise_affine(Decoder(
-      in_channels=3, latent_channels=32, attention_head_dim=32,
-      block_type=cfg.decoder_block_types, block_out_channels=cfg.decoder_block_out_channels,
-      layers_per_block=cfg.decoder_layers_per_block, qkv_multiscales=cfg.decoder_qkv_multiscales,
-      norm_type="rms_norm", act_fn="silu", upsample_block_type="interpolate",
-      in_shortcut=True, conv_act_fn="relu").eval())
+  ref = _randomise_affine(
+    Decoder(
+      in_channels=3,
+      latent_channels=32,
+      attention_head_dim=32,
+      block_type=cfg.decoder_block_types,
+      block_out_channels=cfg.decoder_block_out_channels,
+      layers_per_block=cfg.decoder_layers_per_block,
+      qkv_multiscales=cfg.decoder_qkv_multiscales,
+      norm_type="rms_norm",
+      act_fn="silu",
+      upsample_block_type="interpolate",
+      in_shortcut=True,
+      conv_act_fn="relu",
+    ).eval()
+  )
   sd = {f"decoder.{k}": v.numpy() for k, v in ref.state_dict().items()}
   params = dcae.convert_state_dict(sd, cfg, parts=("decoder",))
   del sd
@@ -156,8 +183,11 @@ def test_wrong_checkpoint_for_config(tmp_path):
 
   # Another latent width: conv_in / conv_out mis-shaped, named with both shapes.
   other = config.replace(latent_channels=16)
-  with pytest.raises(ValueError, match=r"mis-shaped.*decoder\.conv_in\.weight: checkpoint "
-                     r"\(96, 8, 3, 3\), expected \(96, 16, 3, 3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"mis-shaped.*decoder\.conv_in\.weight: checkpoint "
+    r"\(96, 8, 3, 3\), expected \(96, 16, 3, 3\)",
+  ):
     dcae.convert_state_dict(sd, other)
 
   # A missing and an unexpected tensor are both listed.
@@ -210,7 +240,8 @@ def test_sharded_folder_cli_and_round_trip(tmp_path):
   import pathlib
 
   spec = importlib.util.spec_from_file_location(
-      "convert_dcae", pathlib.Path(__file__).parents[1] / "convert" / "dcae.py")
+    "convert_dcae", pathlib.Path(__file__).parents[1] / "convert" / "dcae.py"
+  )
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)
 
@@ -227,8 +258,10 @@ def test_sharded_folder_cli_and_round_trip(tmp_path):
   for k in back:
     np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
 
-  assert cli.main(["--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "diff"),
-                   "--to-diffusers"]) == 0
+  assert (
+    cli.main(["--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "diff"), "--to-diffusers"])
+    == 0
+  )
   again = diffusers.AutoencoderDC.from_pretrained(tmp_path / "diff").eval()
   for k, v in again.state_dict().items():
     if not k.endswith("num_batches_tracked"):

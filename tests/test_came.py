@@ -26,27 +26,29 @@ TOL = 1e-5
 # name -> (Flax shape, view kind); dimensions all differ so a wrong transpose cannot pass.
 # The sana_jax DiT naming, classified by came.sana_spec().
 SANA_LEAVES = {
-    "t_block/kernel": ((37, 53), "matrix_t"),  # torch Linear weight (53, 37)
-    "t_block/bias": ((53,), "flat"),
-    "patch_embed/kernel": ((13, 17), "matrix_t"),  # torch 1x1 conv (17, 13, 1, 1) -> (17, 13)
-    "final_scale_shift_table": ((2, 41), "matrix"),  # torch parameter (2, C), same view
-    "blocks/scale_shift_table": ((3, 6, 41), "stacked"),  # 3 x torch (6, 41)
-    "blocks/self_attn/qkv/kernel": ((3, 19, 3, 23), "stacked_dg"),  # 3 x torch (69, 19)
-    "blocks/self_attn/out/kernel": ((3, 29, 19), "stacked_t"),  # 3 x torch (19, 29)
-    "blocks/self_attn/q_norm": ((3, 19), "stacked_flat"),  # 3 x torch (19,)
-    "blocks/mlp/inverted/bias": ((3, 2, 23), "stacked_flat"),  # 3 x torch (46,)
-    "blocks/mlp/depthwise_kernel": ((3, 3, 3, 2, 23), "stacked_flat"),  # 3 x (46,1,3,3) flat
+  "t_block/kernel": ((37, 53), "matrix_t"),  # torch Linear weight (53, 37)
+  "t_block/bias": ((53,), "flat"),
+  "patch_embed/kernel": ((13, 17), "matrix_t"),  # torch 1x1 conv (17, 13, 1, 1) -> (17, 13)
+  "final_scale_shift_table": ((2, 41), "matrix"),  # torch parameter (2, C), same view
+  "blocks/scale_shift_table": ((3, 6, 41), "stacked"),  # 3 x torch (6, 41)
+  "blocks/self_attn/qkv/kernel": ((3, 19, 3, 23), "stacked_dg"),  # 3 x torch (69, 19)
+  "blocks/self_attn/out/kernel": ((3, 29, 19), "stacked_t"),  # 3 x torch (19, 29)
+  "blocks/self_attn/q_norm": ((3, 19), "stacked_flat"),  # 3 x torch (19,)
+  "blocks/mlp/inverted/bias": ((3, 2, 23), "stacked_flat"),  # 3 x torch (46,)
+  "blocks/mlp/depthwise_kernel": ((3, 3, 3, 2, 23), "stacked_flat"),  # 3 x (46,1,3,3) flat
 }
 # Generic Flax layouts, classified by came.reference_spec() (no stacked axes).
 GENERIC_LEAVES = {
-    "dense/kernel": ((37, 53), "matrix_t"),
-    "dense/bias": ((53,), "flat"),
-    "table": ((6, 41), "matrix"),
-    "conv1x1/kernel": ((1, 1, 13, 17), "conv1x1"),  # torch (17, 13, 1, 1) -> (17, 13)
-    "dwconv/kernel": ((3, 3, 1, 11), "flat"),  # unfactored, flattened
+  "dense/kernel": ((37, 53), "matrix_t"),
+  "dense/bias": ((53,), "flat"),
+  "table": ((6, 41), "matrix"),
+  "conv1x1/kernel": ((1, 1, 13, 17), "conv1x1"),  # torch (17, 13, 1, 1) -> (17, 13)
+  "dwconv/kernel": ((3, 3, 1, 11), "flat"),  # unfactored, flattened
 }
-CASES = {"sana": (SANA_LEAVES, came_lib.sana_spec()),
-         "generic": (GENERIC_LEAVES, came_lib.reference_spec())}
+CASES = {
+  "sana": (SANA_LEAVES, came_lib.sana_spec()),
+  "generic": (GENERIC_LEAVES, came_lib.reference_spec()),
+}
 
 
 def _tree(flat):
@@ -61,8 +63,9 @@ def _tree(flat):
 
 
 def _flat(tree):
-  return {came_lib._path_str(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    came_lib._path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def to_torch_views(x, kind):
@@ -139,8 +142,9 @@ def run_parity(case, weight_decay, lr, steps=50, seed=0, make_opt=None):
   lr_fn = lr if callable(lr) else (lambda t: lr)
 
   # --- JAX
-  make_opt = make_opt or (lambda lr, weight_decay, spec: came_lib.came(
-      lr, weight_decay=weight_decay, spec=spec))
+  make_opt = make_opt or (
+    lambda lr, weight_decay, spec: came_lib.came(lr, weight_decay=weight_decay, spec=spec)
+  )
   opt = make_opt(lr, weight_decay=weight_decay, spec=spec)
   params = jax.tree.map(jnp.asarray, _tree(init))
   state = opt.init(params)
@@ -151,18 +155,26 @@ def run_parity(case, weight_decay, lr, steps=50, seed=0, make_opt=None):
     return optax.apply_updates(params, updates), state
 
   # --- torch: one parameter per view
-  tparams = {k: [torch.nn.Parameter(torch.tensor(np.ascontiguousarray(v)))
-                 for v in to_torch_views(init[k], LEAVES[k][1])] for k in init}
-  topt = came_pytorch.CAME([p for ps in tparams.values() for p in ps], lr=1.0,
-                           weight_decay=weight_decay)
+  tparams = {
+    k: [
+      torch.nn.Parameter(torch.tensor(np.ascontiguousarray(v)))
+      for v in to_torch_views(init[k], LEAVES[k][1])
+    ]
+    for k in init
+  }
+  topt = came_pytorch.CAME(
+    [p for ps in tparams.values() for p in ps], lr=1.0, weight_decay=weight_decay
+  )
 
   worst = {"params": 0.0, "mu": 0.0, "stats": 0.0}
   for t in range(steps):
     g = grad_of(_flat(params), target, noise, t)
     params, state = step(params, state, _tree({k: jnp.asarray(v) for k, v in g.items()}))
 
-    tp = {k: from_torch_views([p.detach().numpy() for p in ps], LEAVES[k][1], LEAVES[k][0])
-          for k, ps in tparams.items()}
+    tp = {
+      k: from_torch_views([p.detach().numpy() for p in ps], LEAVES[k][1], LEAVES[k][0])
+      for k, ps in tparams.items()
+    }
     tg = grad_of(tp, target, noise, t)
     for k, ps in tparams.items():
       for p, gv in zip(ps, to_torch_views(tg[k], LEAVES[k][1])):
@@ -191,31 +203,38 @@ def run_parity(case, weight_decay, lr, steps=50, seed=0, make_opt=None):
       for i, p in enumerate(ps):
         st = topt.state[p]
         sl = (lambda x: x[i]) if kind.startswith("stacked") else (lambda x: x)
-        for ours, key in ((d.v_row, "exp_avg_sq_col"), (d.v_col, "exp_avg_sq_row"),
-                          (d.res_row, "exp_avg_res_col"), (d.res_col, "exp_avg_res_row")):
-          worst["stats"] = max(worst["stats"],
-                               rel_err(np.asarray(sl(ours)).reshape(-1), st[key].numpy()))
+        for ours, key in (
+          (d.v_row, "exp_avg_sq_col"),
+          (d.v_col, "exp_avg_sq_row"),
+          (d.res_row, "exp_avg_res_col"),
+          (d.res_col, "exp_avg_res_row"),
+        ):
+          worst["stats"] = max(
+            worst["stats"], rel_err(np.asarray(sl(ours)).reshape(-1), st[key].numpy())
+          )
   return worst
 
 
 def _flat_nu(nu):
   is_entry = lambda x: isinstance(x, (came_lib.FactoredMoments, came_lib.FullMoment))
-  return {came_lib._path_str(p): x
-          for p, x in jax.tree_util.tree_flatten_with_path(nu, is_leaf=is_entry)[0]}
+  return {
+    came_lib._path_str(p): x
+    for p, x in jax.tree_util.tree_flatten_with_path(nu, is_leaf=is_entry)[0]
+  }
 
 
 SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 3e-2, 10, 50, 1e-3)
 
 
 @pytest.mark.parametrize(
-    "case,weight_decay,lr",
-    [
-        ("sana", 0.0, 1e-2),
-        ("sana", 0.1, 1e-2),
-        ("sana", 0.05, SCHEDULE),
-        ("generic", 0.05, SCHEDULE),
-    ],
-    ids=["sana-plain", "sana-weight_decay", "sana-schedule+wd", "generic-schedule+wd"],
+  "case,weight_decay,lr",
+  [
+    ("sana", 0.0, 1e-2),
+    ("sana", 0.1, 1e-2),
+    ("sana", 0.05, SCHEDULE),
+    ("generic", 0.05, SCHEDULE),
+  ],
+  ids=["sana-plain", "sana-weight_decay", "sana-schedule+wd", "generic-schedule+wd"],
 )
 def test_matches_came_pytorch_50_steps(case, weight_decay, lr):
   worst = run_parity(case, weight_decay, lr)
@@ -227,10 +246,14 @@ def test_matches_came_pytorch_50_steps(case, weight_decay, lr):
 def test_scale_by_came_defaults_match_came_pytorch():
   """scale_by_came's own defaults (betas, eps, clip), chained by hand as users of the bare
   transformation do, against came-pytorch (came() passes its own defaults down)."""
+
   def make(lr, weight_decay, spec):
-    return optax.chain(came_lib.scale_by_came(spec=spec),
-                       optax.add_decayed_weights(weight_decay),
-                       optax.scale_by_learning_rate(lr))
+    return optax.chain(
+      came_lib.scale_by_came(spec=spec),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(lr),
+    )
+
   worst = run_parity("generic", 0.05, SCHEDULE, steps=30, make_opt=make)
   for what, err in worst.items():
     assert err <= TOL, f"{what}: max rel err {err:.3g} > {TOL}"
@@ -281,24 +304,24 @@ def test_classification_reference_rule():
   LS = came_lib.LeafSpec
   got = _specs(SANA_LEAVES, came_lib.sana_spec())
   assert got == {
-      "t_block/kernel": LS(True, 0, 1),
-      "t_block/bias": LS(False, 0),
-      "patch_embed/kernel": LS(True, 0, 1),
-      "final_scale_shift_table": LS(True, 0, 1),
-      "blocks/scale_shift_table": LS(True, 1, 1),
-      "blocks/self_attn/qkv/kernel": LS(True, 1, 1),
-      "blocks/self_attn/out/kernel": LS(True, 1, 1),
-      "blocks/self_attn/q_norm": LS(False, 1),
-      "blocks/mlp/inverted/bias": LS(False, 1),
-      "blocks/mlp/depthwise_kernel": LS(False, 1),
+    "t_block/kernel": LS(True, 0, 1),
+    "t_block/bias": LS(False, 0),
+    "patch_embed/kernel": LS(True, 0, 1),
+    "final_scale_shift_table": LS(True, 0, 1),
+    "blocks/scale_shift_table": LS(True, 1, 1),
+    "blocks/self_attn/qkv/kernel": LS(True, 1, 1),
+    "blocks/self_attn/out/kernel": LS(True, 1, 1),
+    "blocks/self_attn/q_norm": LS(False, 1),
+    "blocks/mlp/inverted/bias": LS(False, 1),
+    "blocks/mlp/depthwise_kernel": LS(False, 1),
   }
   got = _specs(GENERIC_LEAVES, came_lib.reference_spec())
   assert got == {
-      "dense/kernel": LS(True, 0, 1),
-      "dense/bias": LS(False, 0),
-      "table": LS(True, 0, 1),
-      "conv1x1/kernel": LS(True, 2, 1),
-      "dwconv/kernel": LS(False, 0),
+    "dense/kernel": LS(True, 0, 1),
+    "dense/bias": LS(False, 0),
+    "table": LS(True, 0, 1),
+    "conv1x1/kernel": LS(True, 2, 1),
+    "dwconv/kernel": LS(False, 0),
   }
   # Without a stacked rule a stacked kernel is a rank-3 non-1x1 tensor: unfactored.
   assert came_lib.leaf_specs({"k": jnp.zeros((3, 4, 5))})[0] == LS(False, 0)
@@ -310,6 +333,7 @@ def test_sana_spec_on_the_dit_tree():
   torch 2-D / 1x1-conv weights' count."""
   dit = pytest.importorskip("sana_jax.models.dit")
   from configs import tiny
+
   cfg = tiny.get_config()
   tree = dit.abstract_params(cfg.model)
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -370,8 +394,7 @@ def test_stacked_equals_independent_layers():
 
 def test_bad_spec_raises():
   with pytest.raises(ValueError, match="factored needs"):
-    came_lib.scale_by_came(spec=lambda path, x: came_lib.LeafSpec(True)).init(
-        {"b": jnp.zeros(3)})
+    came_lib.scale_by_came(spec=lambda path, x: came_lib.LeafSpec(True)).init({"b": jnp.zeros(3)})
   with pytest.raises(ValueError, match="stacked axes"):
     came_lib.scale_by_came(spec=came_lib.reference_spec(lambda p: 2)).init({"b": jnp.zeros(3)})
   with pytest.raises(TypeError, match="static_args"):

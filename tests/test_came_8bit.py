@@ -113,8 +113,17 @@ def test_blocks_never_cross_a_layer():
       np.testing.assert_array_equal(a, b[i])
 
 
-@pytest.mark.parametrize("shape,bs", [((2240, 3, 2240), 2048), ((2240, 32), 2048), ((202, 202), 2048),
-                                      ((5600, 2240), 2048), ((3, 3, 2, 5600), 2048), ((7, 13), 4)])
+@pytest.mark.parametrize(
+  "shape,bs",
+  [
+    ((2240, 3, 2240), 2048),
+    ((2240, 32), 2048),
+    ((202, 202), 2048),
+    ((5600, 2240), 2048),
+    ((3, 3, 2, 5600), 2048),
+    ((7, 13), 4),
+  ],
+)
 def test_block_shape(shape, bs):
   tile = quant8.block_shape(shape, bs)
   assert all(s % t == 0 for s, t in zip(shape, tile))
@@ -130,16 +139,18 @@ def test_block_shape(shape, bs):
 
 def _tree(rng, L=2):
   return {
-      "blocks": {"kernel": jnp.asarray(rng.normal(size=(L, 96, 2, 100)), jnp.float32),
-                 "bias": jnp.asarray(rng.normal(size=(L, 100)), jnp.float32),
-                 "dw": jnp.asarray(rng.normal(size=(L, 3, 3, 2, 1000)), jnp.float32)},
-      "small": {"kernel": jnp.asarray(rng.normal(size=(30, 20)), jnp.float32)},
+    "blocks": {
+      "kernel": jnp.asarray(rng.normal(size=(L, 96, 2, 100)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(L, 100)), jnp.float32),
+      "dw": jnp.asarray(rng.normal(size=(L, 3, 3, 2, 1000)), jnp.float32),
+    },
+    "small": {"kernel": jnp.asarray(rng.normal(size=(30, 20)), jnp.float32)},
   }
 
 
 SPEC = came_lib.reference_spec(
-    stacked=lambda p: p.startswith("blocks/"),
-    matrix=lambda p, s: 1 if p.endswith("kernel") else None)
+  stacked=lambda p: p.startswith("blocks/"), matrix=lambda p, s: 1 if p.endswith("kernel") else None
+)
 
 
 def test_which_leaves_are_quantized():
@@ -154,14 +165,24 @@ def test_which_leaves_are_quantized():
   assert isinstance(mu["blocks"]["dw"], quant8.QuantizedArray)  # 18000 per layer
   assert not isinstance(mu["blocks"]["bias"], quant8.QuantizedArray)
   # The official threshold: matrices with *more than* 16384 elements, per layer.
-  sizes = {"at": (128, 128), "above": (129, 128), "mid": (100, 120),
-           "stacked_at": (3, 128, 128), "stacked_above": (3, 128, 129)}
+  sizes = {
+    "at": (128, 128),
+    "above": (129, 128),
+    "mid": (100, 120),
+    "stacked_at": (3, 128, 128),
+    "stacked_above": (3, 128, 129),
+  }
   tree = {k: jnp.zeros(s) for k, s in sizes.items()}
   spec = came_lib.reference_spec(stacked=lambda path: path.startswith("stacked"))
   mu = came_lib.came_8bit(1e-3, spec=spec).init(tree)[0].mu
   is_q = {k: isinstance(v, quant8.QuantizedArray) for k, v in mu.items()}
-  assert is_q == {"at": False, "above": True, "mid": False, "stacked_at": False,
-                  "stacked_above": True}, is_q
+  assert is_q == {
+    "at": False,
+    "above": True,
+    "mid": False,
+    "stacked_at": False,
+    "stacked_above": True,
+  }, is_q
 
 
 @pytest.mark.parametrize("unfactored", [False, True])
@@ -170,8 +191,10 @@ def test_step_uses_fp32_m_and_stores_requantized(unfactored):
   step: m is decoded, updated in fp32, used in fp32 for this step, stored requantised."""
   rng = np.random.default_rng(1)
   params = _tree(rng)
-  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
-           for _ in range(8)]
+  grads = [
+    jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    for _ in range(8)
+  ]
   kw = dict(spec=SPEC, block_size=256)
   o8 = came_lib.scale_by_came(quantize_mu=True, quantize_unfactored=unfactored, **kw)
   o32 = came_lib.scale_by_came(**kw)
@@ -195,8 +218,9 @@ def test_step_uses_fp32_m_and_stores_requantized(unfactored):
         dq = np.abs(np.asarray(m8.q, np.int32) - np.asarray(ref.q, np.int32))
         assert dq.max() <= 1 and np.mean(dq) < 1e-3
     # ... and the next step starts from its decode: continue the fp32 run from it
-    mu = jax.tree.map(lambda m8, m32: quant8.dequantize(m8) if is_q(m8) else m32,
-                      s8.mu, s32.mu, is_leaf=is_q)
+    mu = jax.tree.map(
+      lambda m8, m32: quant8.dequantize(m8) if is_q(m8) else m32, s8.mu, s32.mu, is_leaf=is_q
+    )
     s32 = s32._replace(mu=mu)
   n_q = sum(is_q(x) for x in jax.tree.leaves(s8.mu, is_leaf=is_q))
   assert n_q == (2 if unfactored else 1)
@@ -211,6 +235,7 @@ def _regression_data():
   Without matplotlib, a fixed random linear-plus-noise problem of the same shape."""
   try:
     import matplotlib.cbook as cbook
+
     z = cbook.get_sample_data("jacksboro_fault_dem.npz")["elevation"].astype(np.float32)
     source = "jacksboro DEM"
   except Exception:  # pragma: no cover - matplotlib is optional
@@ -247,8 +272,10 @@ def test_convergence_8bit_within_2_percent_of_came():
   f32 = _train(came_lib.came(lr), X, Y, steps)
   f8 = _train(came_lib.came_8bit(lr), X, Y, steps)  # W is 202 x 202 = 40804 > 16384
   f8u = _train(came_lib.came_8bit(lr, quantize_unfactored=True, min_8bit_size=100), X, Y, steps)
-  print(f"\n{source}: final loss after {steps} steps: came {f32:.6f}  came_8bit {f8:.6f} "
-        f"({(f8 - f32) / f32:+.2%})  came_8bit+unfactored {f8u:.6f} ({(f8u - f32) / f32:+.2%})")
+  print(
+    f"\n{source}: final loss after {steps} steps: came {f32:.6f}  came_8bit {f8:.6f} "
+    f"({(f8 - f32) / f32:+.2%})  came_8bit+unfactored {f8u:.6f} ({(f8u - f32) / f32:+.2%})"
+  )
   assert f32 < 0.1  # it did learn (the initial loss is about 1)
   assert abs(f8 - f32) <= 0.02 * f32
   # Beyond the reference: m of the 202-element bias in one 8-bit block (min_8bit_size 100)
@@ -277,14 +304,16 @@ def _run(opt, params, grads):
 def test_unquantized_8bit_is_came_bit_for_bit(spec_name):
   """came_8bit with quantisation disabled is came(): same params and state, bit for bit."""
   from tests import test_came as tc
+
   leaves, spec = tc.CASES[spec_name]
   init, target, noise = tc.make_problem(leaves, seed=3, steps=6)
   params = jax.tree.map(jnp.asarray, tc._tree(init))
   grads = [tc._tree({k: jnp.asarray(noise[k][t]) for k in noise}) for t in range(6)]
   sched = optax.linear_schedule(1e-2, 1e-3, 6)
   a, sa = _run(came_lib.came(sched, weight_decay=0.05, spec=spec), params, grads)
-  b, sb = _run(came_lib.came_8bit(sched, weight_decay=0.05, spec=spec, min_8bit_size=NO_8BIT),
-               params, grads)
+  b, sb = _run(
+    came_lib.came_8bit(sched, weight_decay=0.05, spec=spec, min_8bit_size=NO_8BIT), params, grads
+  )
   for pa, pb in zip(a, b):
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
       np.testing.assert_array_equal(x, y)
@@ -298,8 +327,10 @@ def test_unquantized_8bit_matches_came_pytorch(case):
   stacked, DenseGeneral, 1x1-conv and unfactored leaves (tests/test_came.py's trees)."""
   pytest.importorskip("came_pytorch")
   from tests import test_came as tc
+
   make = lambda lr, weight_decay, spec: came_lib.came_8bit(
-      lr, weight_decay=weight_decay, spec=spec, min_8bit_size=NO_8BIT)
+    lr, weight_decay=weight_decay, spec=spec, min_8bit_size=NO_8BIT
+  )
   worst = tc.run_parity(case, 0.05, tc.SCHEDULE, steps=30, make_opt=make)
   for what, err in worst.items():
     assert err <= tc.TOL, f"{what}: max rel err {err:.3g} > {tc.TOL}"
@@ -373,8 +404,11 @@ def _as_np_code(qa, tile):
   q = np.asarray(qa.q)
   split = tuple(v for s, t in zip(q.shape, tile) for v in (s // t, t))
   grid = tuple(v for n in np.asarray(qa.minimum).shape for v in (n, 1))
-  return (q.reshape(split), np.asarray(qa.minimum).reshape(grid),
-          np.asarray(qa.scale).reshape(grid))
+  return (
+    q.reshape(split),
+    np.asarray(qa.minimum).reshape(grid),
+    np.asarray(qa.scale).reshape(grid),
+  )
 
 
 def test_8bit_path_matches_an_independent_numpy_came_8bit():
@@ -384,8 +418,13 @@ def test_8bit_path_matches_an_independent_numpy_came_8bit():
   carry into later steps), and its stored codes must be ours. A b3 of 0.999 instead of
   0.9999, or any other beta, moves the step by tens of percent (next test)."""
   rng = np.random.default_rng(7)
-  shapes = {"w": (160, 144), "small": (30, 20), "bias": (144,), "long": (20000,),
-            "stack": (2, 136, 130)}
+  shapes = {
+    "w": (160, 144),
+    "small": (30, 20),
+    "bias": (144,),
+    "long": (20000,),
+    "stack": (2, 136, 130),
+  }
   params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
   spec = came_lib.reference_spec(stacked=lambda p: p == "stack")
   opt = came_lib.came_8bit(1.0, spec=spec)  # lr 1: the update is -step
@@ -394,16 +433,21 @@ def test_8bit_path_matches_an_independent_numpy_came_8bit():
   assert isinstance(mu["w"], quant8.QuantizedArray)
   assert isinstance(mu["stack"], quant8.QuantizedArray)
   assert not any(isinstance(mu[k], quant8.QuantizedArray) for k in ("small", "bias", "long"))
-  refs = {"w": [NumpyCame8bit((160, 144), mu["w"].tile)],
-          "small": [NumpyCame8bit((30, 20))], "bias": [NumpyCame8bit((144,))],
-          "long": [NumpyCame8bit((20000,))],
-          "stack": [NumpyCame8bit((136, 130), mu["stack"].tile[1:]) for _ in range(2)]}
+  refs = {
+    "w": [NumpyCame8bit((160, 144), mu["w"].tile)],
+    "small": [NumpyCame8bit((30, 20))],
+    "bias": [NumpyCame8bit((144,))],
+    "long": [NumpyCame8bit((20000,))],
+    "stack": [NumpyCame8bit((136, 130), mu["stack"].tile[1:]) for _ in range(2)],
+  }
   row_scale = np.exp(rng.normal(size=(160, 1)))  # non-uniform row statistics
   update = jax.jit(opt.update)
   worst, flips = {}, {}
   for t in range(12):
-    g = {k: (rng.normal(size=s) * (row_scale if k == "w" else 1.0)).astype(np.float32)
-         for k, s in shapes.items()}
+    g = {
+      k: (rng.normal(size=s) * (row_scale if k == "w" else 1.0)).astype(np.float32)
+      for k, s in shapes.items()
+    }
     ours_mu = state[0].mu
     for k in ("w", "stack"):  # start from our stored codes
       for i, r in enumerate(refs[k]):
@@ -411,14 +455,16 @@ def test_8bit_path_matches_an_independent_numpy_came_8bit():
         r.code = _as_np_code(qa, r.tile)
     u, state = update(jax.tree.map(jnp.asarray, g), state, params)
     for k, rs in refs.items():
-      theirs = (np.stack([r.step(x) for r, x in zip(rs, g[k])]) if k == "stack"
-                else rs[0].step(g[k]))
+      theirs = np.stack([r.step(x) for r, x in zip(rs, g[k])]) if k == "stack" else rs[0].step(g[k])
       err = np.abs(-np.asarray(u[k]) - theirs) / np.abs(theirs).max()
       worst[k] = max(worst.get(k, 0.0), float(np.max(err)))
     for k in ("w", "stack"):  # what we stored is what the reference encoder stores
       q = np.asarray(state[0].mu[k].q).astype(np.int32)
-      theirs = np.stack([r.code[0].reshape(q.shape[1:]) for r in refs[k]]) if k == "stack" \
-          else refs[k][0].code[0].reshape(q.shape)
+      theirs = (
+        np.stack([r.code[0].reshape(q.shape[1:]) for r in refs[k]])
+        if k == "stack"
+        else refs[k][0].code[0].reshape(q.shape)
+      )
       d = np.abs(q - theirs.astype(np.int32))
       assert d.max() <= 1, (k, t, d.max())
       flips[k] = max(flips.get(k, 0.0), float(d.mean()))
@@ -461,17 +507,24 @@ def test_stacked_tree_without_spec_warns_and_names_the_leaves():
   """nn.scan-stacked layers and spec=None: one StackedLayoutWarning naming every misread
   leaf and its bytes (the classification itself stays the official per-tensor one)."""
   L = 3
-  tree = {"embed": {"kernel": jnp.zeros((40, 48))},
-          "layers": {"attn": {"kernel": jnp.zeros((L, 48, 48)), "bias": jnp.zeros((L, 48))},
-                     "norm": jnp.zeros((L, 48)), "dense_general": jnp.zeros((L, 48, 2, 64))}}
+  tree = {
+    "embed": {"kernel": jnp.zeros((40, 48))},
+    "layers": {
+      "attn": {"kernel": jnp.zeros((L, 48, 48)), "bias": jnp.zeros((L, 48))},
+      "norm": jnp.zeros((L, 48)),
+      "dense_general": jnp.zeros((L, 48, 2, 64)),
+    },
+  }
   assert came_lib.find_stacked(tree) == ["layers"]
   with pytest.warns(came_lib.StackedLayoutWarning) as rec:
     state = came_lib.came_8bit(1e-3).init(tree)
   assert len(rec) == 1
   msg = str(rec[0].message)
-  for leaf in ("layers/attn/kernel (3, 48, 48): one unfactored tensor, not quantized",
-               "layers/attn/bias (3, 48): factored as one matrix",
-               "layers/norm (3, 48): factored as one matrix"):
+  for leaf in (
+    "layers/attn/kernel (3, 48, 48): one unfactored tensor, not quantized",
+    "layers/attn/bias (3, 48): factored as one matrix",
+    "layers/norm (3, 48): factored as one matrix",
+  ):
     assert leaf in msg, msg
   assert "embed/kernel" not in msg and "stacked_spec(['layers'])" in msg
   nbytes = 4 * (3 * 48 * 48) * 2  # m and v of the unfactored stacked kernel, fp32
@@ -480,6 +533,7 @@ def test_stacked_tree_without_spec_warns_and_names_the_leaves():
   assert isinstance(state[0].nu["layers"]["attn"]["kernel"], came_lib.FullMoment)
   # an explicit spec silences it and reads the layer axis
   import warnings
+
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     state = came_lib.came_8bit(1e-3, spec=came_lib.stacked_spec("layers")).init(tree)
@@ -492,13 +546,16 @@ def test_plain_trees_do_not_warn():
   """Convolutions, Dense stacks with equal input widths, a single rank-3 leaf: no warning,
   and the official classification."""
   import warnings
+
   trees = [
-      {"conv1": {"kernel": jnp.zeros((3, 3, 8, 16)), "bias": jnp.zeros(16)},
-       "conv2": {"kernel": jnp.zeros((3, 3, 16, 16)), "bias": jnp.zeros(16)},
-       "proj": {"kernel": jnp.zeros((1, 1, 16, 32))}},
-      {"a": {"kernel": jnp.zeros((64, 32))}, "b": {"kernel": jnp.zeros((64, 16))}},
-      {"k": jnp.zeros((3, 4, 5))},
-      {"conv1d": {"kernel": jnp.zeros((5, 8, 8)), "bias": jnp.zeros(8)}},
+    {
+      "conv1": {"kernel": jnp.zeros((3, 3, 8, 16)), "bias": jnp.zeros(16)},
+      "conv2": {"kernel": jnp.zeros((3, 3, 16, 16)), "bias": jnp.zeros(16)},
+      "proj": {"kernel": jnp.zeros((1, 1, 16, 32))},
+    },
+    {"a": {"kernel": jnp.zeros((64, 32))}, "b": {"kernel": jnp.zeros((64, 16))}},
+    {"k": jnp.zeros((3, 4, 5))},
+    {"conv1d": {"kernel": jnp.zeros((5, 8, 8)), "bias": jnp.zeros(8)}},
   ]
   for tree in trees:
     assert came_lib.find_stacked(tree) == []
@@ -515,6 +572,7 @@ def test_sana_1600m_shapes_bytes_per_param():
   import warnings
   from configs import sana15_1600m
   from sana_jax.models import dit
+
   tree = dit.abstract_params(sana15_1600m.get_config().model)
   with pytest.warns(came_lib.StackedLayoutWarning, match=r"7\.80 B/param") as rec:
     default = _state_bytes_per_param(came_lib.came_8bit(1e-4), tree)
@@ -524,7 +582,9 @@ def test_sana_1600m_shapes_bytes_per_param():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     stacked = _state_bytes_per_param(came_lib.came_8bit(1e-4, spec=came_lib.sana_spec()), tree)
-  print(f"\nSANA-1.5 1.6B came_8bit state: spec=None {default:.3f} B/param, "
-        f"sana_spec() {stacked:.3f} B/param")
+  print(
+    f"\nSANA-1.5 1.6B came_8bit state: spec=None {default:.3f} B/param, "
+    f"sana_spec() {stacked:.3f} B/param"
+  )
   assert 7.7 < default < 7.9
   assert abs(stacked - 1.02) < 0.01

@@ -14,23 +14,25 @@ from sana_jax.optim import quant8
 came_lib = importlib.import_module("sana_jax.optim.came")
 
 SPEC = came_lib.reference_spec(
-    stacked=lambda p: p.startswith("blocks/"),
-    matrix=lambda p, s: 1 if p.endswith("kernel") else None)
+  stacked=lambda p: p.startswith("blocks/"), matrix=lambda p, s: 1 if p.endswith("kernel") else None
+)
 
 
 def _params(rng, dtype=jnp.float32):
   shapes = {
-      "blocks": {"qkv": {"kernel": (2, 64, 3, 96)}, "bias": (2, 96), "dw": (2, 3, 3, 2, 40)},
-      "out": {"kernel": (96, 200), "bias": (200,)},
-      "norm": (24,),
+    "blocks": {"qkv": {"kernel": (2, 64, 3, 96)}, "bias": (2, 96), "dw": (2, 3, 3, 2, 40)},
+    "out": {"kernel": (96, 200), "bias": (200,)},
+    "norm": (24,),
   }
-  return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), dtype), shapes,
-                      is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(
+    lambda s: jnp.asarray(rng.normal(size=s), dtype), shapes, is_leaf=lambda x: isinstance(x, tuple)
+  )
 
 
 def _grads(rng, params, n):
-  return [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
-          for _ in range(n)]
+  return [
+    jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params) for _ in range(n)
+  ]
 
 
 def _run(opt, params, grads, jit=True):
@@ -43,9 +45,10 @@ def _run(opt, params, grads, jit=True):
 
 
 OPTS = {
-    "came": lambda **k: came_lib.came(1e-2, spec=SPEC, **k),
-    "came_8bit": lambda **k: came_lib.came_8bit(1e-2, spec=SPEC, min_8bit_size=1000,
-                                                block_size=256, **k),
+  "came": lambda **k: came_lib.came(1e-2, spec=SPEC, **k),
+  "came_8bit": lambda **k: came_lib.came_8bit(
+    1e-2, spec=SPEC, min_8bit_size=1000, block_size=256, **k
+  ),
 }
 
 
@@ -86,20 +89,22 @@ def test_inject_hyperparams_matches_and_changes_lr():
   betas = dict(b1=f32(0.9), b2=f32(0.999), b3=f32(0.9999))
   ref, _ = _run(OPTS["came"](**betas), p, gs)
   opt = optax.inject_hyperparams(came_lib.came, static_args=("spec",))(
-      learning_rate=1e-2, spec=SPEC)
+    learning_rate=1e-2, spec=SPEC
+  )
   got, state = _run(opt, p, gs)
   _close(got, ref)
   assert float(state.hyperparams["learning_rate"]) == pytest.approx(1e-2)
   # came_8bit: shape arguments must be static
   opt8 = optax.inject_hyperparams(
-      came_lib.came_8bit, static_args=("spec", "block_size", "min_8bit_size", "align"))(
-          learning_rate=1e-2, spec=SPEC, min_8bit_size=1000, block_size=256)
+    came_lib.came_8bit, static_args=("spec", "block_size", "min_8bit_size", "align")
+  )(learning_rate=1e-2, spec=SPEC, min_8bit_size=1000, block_size=256)
   got8, _ = _run(opt8, p, gs)
   ref8, _ = _run(OPTS["came_8bit"](**betas), p, gs)
   _close(got8, ref8, flips_ok=True)
   with pytest.raises(TypeError, match="static_args"):
     optax.inject_hyperparams(came_lib.came_8bit, static_args=("spec",))(
-        learning_rate=1e-2, spec=SPEC).init(p)
+      learning_rate=1e-2, spec=SPEC
+    ).init(p)
 
 
 @pytest.mark.parametrize("name", list(OPTS))
@@ -124,9 +129,14 @@ def test_masked_only_touches_masked_leaves(name):
   mask["blocks"]["qkv"]["kernel"] = True
   mask["out"]["bias"] = True
   got, _ = _run(optax.masked(OPTS[name](), mask), p, gs)
-  sub = {"blocks": {"qkv": {"kernel": p["blocks"]["qkv"]["kernel"]}}, "out": {"bias": p["out"]["bias"]}}
-  sub_g = [{"blocks": {"qkv": {"kernel": g["blocks"]["qkv"]["kernel"]}}, "out": {"bias": g["out"]["bias"]}}
-           for g in gs]
+  sub = {
+    "blocks": {"qkv": {"kernel": p["blocks"]["qkv"]["kernel"]}},
+    "out": {"bias": p["out"]["bias"]},
+  }
+  sub_g = [
+    {"blocks": {"qkv": {"kernel": g["blocks"]["qkv"]["kernel"]}}, "out": {"bias": g["out"]["bias"]}}
+    for g in gs
+  ]
   ref, _ = _run(OPTS[name](), sub, sub_g)
   _close(got["blocks"]["qkv"]["kernel"], ref["blocks"]["qkv"]["kernel"])
   _close(got["out"]["bias"], ref["out"]["bias"])
@@ -140,8 +150,7 @@ def test_apply_if_finite_skips_nan_step(name):
   p = _params(rng)
   g1, g2 = _grads(rng, p, 2)
   bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), g1)
-  got, state = _run(optax.apply_if_finite(OPTS[name](), max_consecutive_errors=3), p,
-                    [g1, bad, g2])
+  got, state = _run(optax.apply_if_finite(OPTS[name](), max_consecutive_errors=3), p, [g1, bad, g2])
   ref, _ = _run(OPTS[name](), p, [g1, g2])
   _close(got, ref)
   assert int(state.total_notfinite) == 1
@@ -207,9 +216,10 @@ def test_state_shards_like_params_and_sharded_update_matches(name):
   state = jax.jit(opt.init, in_shardings=(p_sh,), out_shardings=s_sh)(params)
 
   # every per-parameter state leaf is sharded wherever its parameter is
-  came_state, came_sh = state[0], s_sh[0]
-  is_entry = lambda x: isinstance(x, (quant8.QuantizedArray, came_lib.FactoredMoments,
-                                      came_lib.FullMoment))
+  came_state = state[0]
+  is_entry = lambda x: isinstance(
+    x, (quant8.QuantizedArray, came_lib.FactoredMoments, came_lib.FullMoment)
+  )
   pflat = jax.tree_util.tree_flatten_with_path(p_sh)[0]
   mu = jax.tree_util.tree_flatten_with_path(came_state.mu, is_leaf=is_entry)[0]
   nu = jax.tree_util.tree_flatten_with_path(came_state.nu, is_leaf=is_entry)[0]
@@ -227,8 +237,7 @@ def test_state_shards_like_params_and_sharded_update_matches(name):
     u, state = opt.update(g, state, params)
     return optax.apply_updates(params, u), state
 
-  step_sh = jax.jit(step.__wrapped__, in_shardings=(p_sh, s_sh, p_sh),
-                    out_shardings=(p_sh, s_sh))
+  step_sh = jax.jit(step.__wrapped__, in_shardings=(p_sh, s_sh, p_sh), out_shardings=(p_sh, s_sh))
   ref_p, ref_s = p, opt.init(p)
   for g in gs:
     params, state = step_sh(params, state, jax.device_put(g, p_sh))

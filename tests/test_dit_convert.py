@@ -16,12 +16,33 @@ from sana_jax.weights import io
 from sana_jax.weights.io import CheckpointError
 from tests import dit_reference as ref
 
-PLAIN = DiTConfig(in_channels=5, out_channels=5, hidden_size=48, depth=2, self_head_dim=8,
-                  cross_heads=4, cross_head_dim=10, caption_channels=20, caption_len=7,
-                  sample_size=9)
-QK = DiTConfig(in_channels=6, out_channels=6, patch_size=2, hidden_size=64, depth=3,
-               self_head_dim=16, cross_heads=3, cross_head_dim=12, caption_channels=28,
-               caption_len=11, sample_size=7, qk_norm=True, cross_norm=True)
+PLAIN = DiTConfig(
+  in_channels=5,
+  out_channels=5,
+  hidden_size=48,
+  depth=2,
+  self_head_dim=8,
+  cross_heads=4,
+  cross_head_dim=10,
+  caption_channels=20,
+  caption_len=7,
+  sample_size=9,
+)
+QK = DiTConfig(
+  in_channels=6,
+  out_channels=6,
+  patch_size=2,
+  hidden_size=64,
+  depth=3,
+  self_head_dim=16,
+  cross_heads=3,
+  cross_head_dim=12,
+  caption_channels=28,
+  caption_len=11,
+  sample_size=7,
+  qk_norm=True,
+  cross_norm=True,
+)
 
 
 @pytest.fixture(scope="module", params=["plain", "qk"])
@@ -32,7 +53,8 @@ def setup(request):
   official = W.diffusers_to_official(diff_sd, cfg)
   rng = np.random.default_rng(0)
   official["y_embedder.y_embedding"] = rng.standard_normal(
-      (cfg.caption_len, cfg.caption_channels)).astype(np.float32)
+    (cfg.caption_len, cfg.caption_channels)
+  ).astype(np.float32)
   base = cfg.sample_size // cfg.patch_size  # the official buffer: zeros without PE
   official["pos_embed"] = np.zeros((1, base * base, cfg.hidden_size), np.float32)
   return cfg, model, diff_sd, official
@@ -53,6 +75,7 @@ def test_official_flax_official_bit_exact(setup):
 
 def test_bf16_official_round_trip_keeps_dtype(setup):
   import ml_dtypes
+
   cfg, _, _, official = setup
   official = {k: v.astype(ml_dtypes.bfloat16) for k, v in official.items()}
   params, extras = W.official_to_params(official, cfg)
@@ -71,6 +94,7 @@ def test_diffusers_flax_diffusers_bit_exact(setup, tmp_path):
 
 def test_diffusers_output_loads_with_from_pretrained(setup, tmp_path):
   from diffusers import SanaTransformer2DModel
+
   cfg, model, diff_sd, _ = setup
   params = W.diffusers_to_params(diff_sd, cfg)
   W.save_diffusers(tmp_path / "out", params, cfg)
@@ -80,12 +104,17 @@ def test_diffusers_output_loads_with_from_pretrained(setup, tmp_path):
   y = rng.standard_normal((1, 5, cfg.caption_channels)).astype(np.float32)
   m = np.ones((1, 5), np.int32)
   _assert_same(ref.state_dict_numpy(loaded), diff_sd)  # every tensor, bit for bit
-  assert ref.rel_err(ref.run_diffusers(loaded, x, [500.0], y, m),
-                     ref.run_diffusers(model, x, [500.0], y, m)) <= 1e-6
+  assert (
+    ref.rel_err(
+      ref.run_diffusers(loaded, x, [500.0], y, m), ref.run_diffusers(model, x, [500.0], y, m)
+    )
+    <= 1e-6
+  )
 
 
 def test_official_to_diffusers_matches_diffusers_converter(setup):
   from diffusers.loaders.single_file_utils import convert_sana_transformer_to_diffusers
+
   cfg, _, _, official = setup
   ours = W.official_to_diffusers(official, cfg)
   oracle_in = {k: torch.from_numpy(v.copy()) for k, v in official.items()}
@@ -101,29 +130,72 @@ def test_cli_pth_round_trip_and_ema(setup, tmp_path, capsys):
   cfg, _, _, official = setup
   ema = {k: v if k == "pos_embed" else v + 1 for k, v in official.items()}
   to_t = lambda sd: {k: torch.from_numpy(v.copy()) for k, v in sd.items()}  # noqa: E731
-  torch.save({"state_dict": to_t(official), "state_dict_ema": to_t(ema), "step": 7},
-             tmp_path / "ckpt.pth")
+  torch.save(
+    {"state_dict": to_t(official), "state_dict_ema": to_t(ema), "step": 7}, tmp_path / "ckpt.pth"
+  )
   cfg_file = tmp_path / "cfg.py"
-  cfg_file.write_text("import ml_collections\ndef get_config():\n  return ml_collections."
-                      f"ConfigDict({{'model': {cfg.to_dict()!r}}})\n")
+  cfg_file.write_text(
+    "import ml_collections\ndef get_config():\n  return ml_collections."
+    f"ConfigDict({{'model': {cfg.to_dict()!r}}})\n"
+  )
   for which in ("", "--ema"):
-    args = ["--src", str(tmp_path / "ckpt.pth"), "--to", "flax", "--dst",
-            str(tmp_path / f"flax{which}"), "--config", str(cfg_file)] + ([which] if which else [])
+    args = [
+      "--src",
+      str(tmp_path / "ckpt.pth"),
+      "--to",
+      "flax",
+      "--dst",
+      str(tmp_path / f"flax{which}"),
+      "--config",
+      str(cfg_file),
+    ] + ([which] if which else [])
     assert cli.main(args) == 0
-    assert cli.main(["--src", str(tmp_path / f"flax{which}"), "--to", "official", "--dst",
-                     str(tmp_path / f"back{which}.pth")]) == 0
+    assert (
+      cli.main(
+        [
+          "--src",
+          str(tmp_path / f"flax{which}"),
+          "--to",
+          "official",
+          "--dst",
+          str(tmp_path / f"back{which}.pth"),
+        ]
+      )
+      == 0
+    )
     back = torch.load(tmp_path / f"back{which}.pth", weights_only=True)["state_dict"]
     _assert_same({k: v.numpy() for k, v in back.items()}, ema if which else official)
   # official -> diffusers through the CLI, then back to official with the null embedding.
-  assert cli.main(["--src", str(tmp_path / "flax"), "--to", "diffusers", "--dst",
-                   str(tmp_path / "diff")]) == 0
-  assert cli.main(["--src", str(tmp_path / "diff"), "--to", "official", "--dst",
-                   str(tmp_path / "x.pth")]) == 2
+  assert (
+    cli.main(
+      ["--src", str(tmp_path / "flax"), "--to", "diffusers", "--dst", str(tmp_path / "diff")]
+    )
+    == 0
+  )
+  assert (
+    cli.main(
+      ["--src", str(tmp_path / "diff"), "--to", "official", "--dst", str(tmp_path / "x.pth")]
+    )
+    == 2
+  )
   assert "null-embedding" in capsys.readouterr().err
   assert not (tmp_path / "x.pth").exists()
   np.save(tmp_path / "null.npy", official["y_embedder.y_embedding"])
-  assert cli.main(["--src", str(tmp_path / "diff"), "--to", "official", "--dst",
-                   str(tmp_path / "y.pth"), "--null-embedding", str(tmp_path / "null.npy")]) == 0
+  assert (
+    cli.main(
+      [
+        "--src",
+        str(tmp_path / "diff"),
+        "--to",
+        "official",
+        "--dst",
+        str(tmp_path / "y.pth"),
+        "--null-embedding",
+        str(tmp_path / "null.npy"),
+      ]
+    )
+    == 0
+  )
   back = torch.load(tmp_path / "y.pth", weights_only=True)["state_dict"]
   _assert_same({k: v.numpy() for k, v in back.items()}, official)
 
@@ -176,26 +248,41 @@ def test_truncated_and_missing_files(tmp_path, qk_official, capsys):
   W.save_diffusers(tmp_path / "d", params, QK)
   f = tmp_path / "d" / "diffusion_pytorch_model.safetensors"
   f.write_bytes(f.read_bytes()[:-100])
-  _expect_refused(capsys, ["--src", str(tmp_path / "d"), "--to", "flax", "--dst",
-                           str(tmp_path / "out")], tmp_path / "out", "truncated")
-  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in qk_official.items()}},
-             tmp_path / "c.pth")
+  _expect_refused(
+    capsys,
+    ["--src", str(tmp_path / "d"), "--to", "flax", "--dst", str(tmp_path / "out")],
+    tmp_path / "out",
+    "truncated",
+  )
+  torch.save(
+    {"state_dict": {k: torch.from_numpy(v) for k, v in qk_official.items()}}, tmp_path / "c.pth"
+  )
   data = (tmp_path / "c.pth").read_bytes()
   (tmp_path / "c.pth").write_bytes(data[: len(data) // 2])
-  _expect_refused(capsys, ["--src", str(tmp_path / "c.pth"), "--to", "flax", "--dst",
-                           str(tmp_path / "out")], tmp_path / "out", "cannot read")
-  _expect_refused(capsys, ["--src", str(tmp_path / "nope.pth"), "--to", "flax", "--dst",
-                           str(tmp_path / "out")], tmp_path / "out", "nope.pth")
+  _expect_refused(
+    capsys,
+    ["--src", str(tmp_path / "c.pth"), "--to", "flax", "--dst", str(tmp_path / "out")],
+    tmp_path / "out",
+    "cannot read",
+  )
+  _expect_refused(
+    capsys,
+    ["--src", str(tmp_path / "nope.pth"), "--to", "flax", "--dst", str(tmp_path / "out")],
+    tmp_path / "out",
+    "nope.pth",
+  )
 
 
 class _Evil:
   def __reduce__(self):
     import os
+
     return (os.system, ("touch /tmp/sana_jax_pwned",))
 
 
 def test_pickle_with_code_is_refused(tmp_path):
   import os
+
   if os.path.exists("/tmp/sana_jax_pwned"):
     os.remove("/tmp/sana_jax_pwned")
   with open(tmp_path / "evil.pth", "wb") as f:
@@ -217,16 +304,29 @@ def test_not_a_checkpoint_folder(tmp_path):
 # A released width (1152: cross heads 16 x 72 come from the released table, so no --config),
 # one block, a narrow MLP (mlp_ratio is read from the weights), a 6x6 base grid; every
 # other size small and distinct.
-PE_CFG = DiTConfig(in_channels=4, out_channels=4, hidden_size=1152, depth=1, cross_heads=16,
-                   cross_head_dim=72, caption_channels=24, caption_len=5, sample_size=6,
-                   mlp_ratio=0.5, use_pe=True, pe_interpolation=2.0)
+PE_CFG = DiTConfig(
+  in_channels=4,
+  out_channels=4,
+  hidden_size=1152,
+  depth=1,
+  cross_heads=16,
+  cross_head_dim=72,
+  caption_channels=24,
+  caption_len=5,
+  sample_size=6,
+  mlp_ratio=0.5,
+  use_pe=True,
+  pe_interpolation=2.0,
+)
 
 
 def _reference_pos_embed(hidden, base, interpolation):
   """The official buffer, (1, base**2, hidden), from diffusers' get_2d_sincos_pos_embed."""
   from diffusers.models.embeddings import get_2d_sincos_pos_embed
-  pe = get_2d_sincos_pos_embed(hidden, base, base_size=base, interpolation_scale=interpolation,
-                               output_type="pt")
+
+  pe = get_2d_sincos_pos_embed(
+    hidden, base, base_size=base, interpolation_scale=interpolation, output_type="pt"
+  )
   return np.asarray(pe, np.float32)[None]
 
 
@@ -236,15 +336,21 @@ def test_official_pe_checkpoint_converts_without_config(tmp_path, interpolation=
   non-square latent that is not the base grid."""
   import jax
   from sana_jax.models import dit
+
   cfg = PE_CFG.replace(pe_interpolation=interpolation)
   model = ref.diffusers_model(cfg, seed=11)
   official = W.diffusers_to_official(ref.state_dict_numpy(model), cfg)
   official["pos_embed"] = _reference_pos_embed(cfg.hidden_size, 6, interpolation)
   official["y_embedder.y_embedding"] = np.ones((5, 24), np.float32)
-  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in official.items()}},
-             tmp_path / "sana_2k.pth")
-  assert cli.main(["--src", str(tmp_path / "sana_2k.pth"), "--to", "flax", "--dst",
-                   str(tmp_path / "ours")]) == 0
+  torch.save(
+    {"state_dict": {k: torch.from_numpy(v) for k, v in official.items()}}, tmp_path / "sana_2k.pth"
+  )
+  assert (
+    cli.main(
+      ["--src", str(tmp_path / "sana_2k.pth"), "--to", "flax", "--dst", str(tmp_path / "ours")]
+    )
+    == 0
+  )
   params, got, _ = W.load_flax(tmp_path / "ours")
   assert (got.use_pe, got.sample_size, got.pe_interpolation) == (True, 6, interpolation)
   rng = np.random.default_rng(2)
@@ -252,26 +358,35 @@ def test_official_pe_checkpoint_converts_without_config(tmp_path, interpolation=
   y = rng.standard_normal((1, 3, 24)).astype(np.float32)
   m = np.ones((1, 3), np.int32)
   ours = jax.jit(dit.SanaDiT(got.diffusers_compatible()).apply)(
-      {"params": params}, x, np.array([500.0], np.float32), y, m)
+    {"params": params}, x, np.array([500.0], np.float32), y, m
+  )
   assert ref.rel_err(ours, ref.run_diffusers(model, x, [500.0], y, m)) <= 1e-5
 
 
 def test_pos_embed_inference_zero_bf16_and_refusals():
   import ml_dtypes
+
   # A zero buffer: no PE; its token count still gives the base grid (patch 2: sample 2*7).
   assert W.infer_positional({"pos_embed": np.zeros((1, 49, 8), np.float32)}, 2) == {
-      "use_pe": False, "sample_size": 14}
+    "use_pe": False,
+    "sample_size": 14,
+  }
   # fp32 at other interpolations; a bf16 buffer (bf16 checkpoint) at the 4K size.
-  for hidden, base, interp, dtype in [(48, 6, 0.75, np.float32), (40, 9, 1.3, np.float32),
-                                      (2240, 128, 2.0, ml_dtypes.bfloat16)]:
+  for hidden, base, interp, dtype in [
+    (48, 6, 0.75, np.float32),
+    (40, 9, 1.3, np.float32),
+    (2240, 128, 2.0, ml_dtypes.bfloat16),
+  ]:
     pe = _reference_pos_embed(hidden, base, interp).astype(dtype)
     assert W.infer_positional({"pos_embed": pe}, 1) == {
-        "use_pe": True, "sample_size": base, "pe_interpolation": interp}
+      "use_pe": True,
+      "sample_size": base,
+      "pe_interpolation": interp,
+    }
   # No interpolation reproduces these: named errors.
   good = _reference_pos_embed(48, 6, 1.0)
   swapped = np.concatenate([good[..., 24:], good[..., :24]], axis=-1)  # h channels first
-  for bad in (swapped, np.random.default_rng(0).standard_normal((1, 36, 48)),
-              good + 1e-3):
+  for bad in (swapped, np.random.default_rng(0).standard_normal((1, 36, 48)), good + 1e-3):
     with pytest.raises(W.PositionalEmbeddingError, match="matches no 2-D sin-cos"):
       W.infer_positional({"pos_embed": bad}, 1)
   with pytest.raises(W.PositionalEmbeddingError, match="square"):
@@ -298,7 +413,11 @@ def test_official_output_carries_pos_embed(setup, tmp_path):
   params, extras = W.official_to_params(official, cfg)
   sd = W.params_to_official(params, pe_cfg, extras)
   base = cfg.sample_size // cfg.patch_size
-  np.testing.assert_allclose(sd["pos_embed"], _reference_pos_embed(cfg.hidden_size, base, 1.5),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    sd["pos_embed"], _reference_pos_embed(cfg.hidden_size, base, 1.5), atol=1e-6
+  )
   assert W.infer_positional(sd, cfg.patch_size) == {
-      "use_pe": True, "sample_size": base * cfg.patch_size, "pe_interpolation": 1.5}
+    "use_pe": True,
+    "sample_size": base * cfg.patch_size,
+    "pe_interpolation": 1.5,
+  }

@@ -31,8 +31,7 @@ def test_sana_600m_512px_matches_diffusers():
   import torch
 
   cfg = DiTConfig.coerce(sana_600m.get_config().model).diffusers_compatible()
-  assert (cfg.depth, cfg.hidden_size, cfg.cross_heads, cfg.caption_channels) == (28, 1152, 16,
-                                                                                   2304)
+  assert (cfg.depth, cfg.hidden_size, cfg.cross_heads, cfg.caption_channels) == (28, 1152, 16, 2304)
   threads = torch.get_num_threads()
   torch.set_num_threads(2)  # conftest sets 1; this model is big enough to use both cores
   try:

@@ -11,20 +11,58 @@ from tests import dit_reference as ref
 
 # Width, heads, cross heads, caption width, caption length and latent h/w all differ.
 GEOMETRIES = {
-    "plain": dict(cfg=DiTConfig(in_channels=5, out_channels=5, hidden_size=48, depth=2,
-                                self_head_dim=8, cross_heads=4, cross_head_dim=10,
-                                caption_channels=20, sample_size=9),
-                  latent=(5, 9), caption_len=7),
-    "qknorm_patch2": dict(cfg=DiTConfig(in_channels=6, out_channels=6, patch_size=2,
-                                        hidden_size=64, depth=3, self_head_dim=16,
-                                        cross_heads=3, cross_head_dim=12, caption_channels=28,
-                                        sample_size=7, qk_norm=True, cross_norm=True),
-                          latent=(10, 14), caption_len=11),
-    "qknorm_pe": dict(cfg=DiTConfig(in_channels=3, out_channels=3, hidden_size=72, depth=2,
-                                    self_head_dim=12, cross_heads=5, cross_head_dim=8,
-                                    caption_channels=33, sample_size=6, qk_norm=True,
-                                    cross_norm=True, use_pe=True, pe_interpolation=2.0),
-                      latent=(7, 4), caption_len=13),
+  "plain": dict(
+    cfg=DiTConfig(
+      in_channels=5,
+      out_channels=5,
+      hidden_size=48,
+      depth=2,
+      self_head_dim=8,
+      cross_heads=4,
+      cross_head_dim=10,
+      caption_channels=20,
+      sample_size=9,
+    ),
+    latent=(5, 9),
+    caption_len=7,
+  ),
+  "qknorm_patch2": dict(
+    cfg=DiTConfig(
+      in_channels=6,
+      out_channels=6,
+      patch_size=2,
+      hidden_size=64,
+      depth=3,
+      self_head_dim=16,
+      cross_heads=3,
+      cross_head_dim=12,
+      caption_channels=28,
+      sample_size=7,
+      qk_norm=True,
+      cross_norm=True,
+    ),
+    latent=(10, 14),
+    caption_len=11,
+  ),
+  "qknorm_pe": dict(
+    cfg=DiTConfig(
+      in_channels=3,
+      out_channels=3,
+      hidden_size=72,
+      depth=2,
+      self_head_dim=12,
+      cross_heads=5,
+      cross_head_dim=8,
+      caption_channels=33,
+      sample_size=6,
+      qk_norm=True,
+      cross_norm=True,
+      use_pe=True,
+      pe_interpolation=2.0,
+    ),
+    latent=(7, 4),
+    caption_len=13,
+  ),
 }
 
 
@@ -33,7 +71,7 @@ def _inputs(cfg, latent, caption_len, seed=0):
   x = rng.standard_normal((2, *latent, cfg.in_channels)).astype(np.float32)
   y = rng.standard_normal((2, caption_len, cfg.caption_channels)).astype(np.float32)
   mask = np.ones((2, caption_len), np.int32)
-  mask[0, caption_len - 3:] = 0  # first caption padded, second full
+  mask[0, caption_len - 3 :] = 0  # first caption padded, second full
   t = np.array([999.0, 37.0], np.float32)  # integer timesteps: flooring is moot
   return x, t, y, mask
 
@@ -75,7 +113,8 @@ def test_floor_timestep_switch():
   exact = dit.SanaDiT(cfg).apply({"params": params}, x, np.array([10.0, 3.0]), y, mask)
   np.testing.assert_array_equal(floor, exact)
   nofloor = dit.SanaDiT(cfg.replace(floor_timestep=False)).apply(
-      {"params": params}, x, np.array([10.7, 3.2]), y, mask)
+    {"params": params}, x, np.array([10.7, 3.2]), y, mask
+  )
   assert not np.allclose(nofloor, exact)
 
 
@@ -98,4 +137,6 @@ def test_caption_norm_init():
   assert cfg.caption_norm_init == 0.01
   for value in (0.01, 1.0):
     params = dit.init_params(cfg.replace(caption_norm_init=value), jax.random.key(0))
-    np.testing.assert_array_equal(params["caption_norm"], np.full(cfg.hidden_size, value, np.float32))
+    np.testing.assert_array_equal(
+      params["caption_norm"], np.full(cfg.hidden_size, value, np.float32)
+    )

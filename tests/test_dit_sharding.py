@@ -32,9 +32,16 @@ def test_sharded_forward_equals_single_device(mesh_axes):
   assert len({str(s.index) for s in qkv.addressable_shards}) == mesh.shape["fsdp"]
   batch = parallel.batch_sharding(mesh, 4)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-    fwd = jax.jit(dit.SanaDiT(cfg).apply,
-                  in_shardings=({"params": shardings}, batch, parallel.batch_sharding(mesh, 1),
-                                parallel.batch_sharding(mesh, 3), parallel.batch_sharding(mesh, 2)))
+    fwd = jax.jit(
+      dit.SanaDiT(cfg).apply,
+      in_shardings=(
+        {"params": shardings},
+        batch,
+        parallel.batch_sharding(mesh, 1),
+        parallel.batch_sharding(mesh, 3),
+        parallel.batch_sharding(mesh, 2),
+      ),
+    )
     out = fwd({"params": sharded_params}, x, t, y, mask)
   # Sharded reductions sum in another order: compare relative to the output's scale.
   assert ref.rel_err(out, single) <= 1e-6

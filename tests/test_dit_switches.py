@@ -21,9 +21,19 @@ from tests import dit_reference as ref
 
 # All dimensions differ: width 64 (4 x 16 self heads), cross 3 x 12, caption 28 x 11,
 # latent 6 x 10, 2 blocks, qk/cross norm on.
-CFG = DiTConfig(in_channels=6, out_channels=6, hidden_size=64, depth=2, self_head_dim=16,
-                cross_heads=3, cross_head_dim=12, caption_channels=28, sample_size=6,
-                qk_norm=True, cross_norm=True)
+CFG = DiTConfig(
+  in_channels=6,
+  out_channels=6,
+  hidden_size=64,
+  depth=2,
+  self_head_dim=16,
+  cross_heads=3,
+  cross_head_dim=12,
+  caption_channels=28,
+  sample_size=6,
+  qk_norm=True,
+  cross_norm=True,
+)
 LATENT, LY = (6, 10), 11
 
 
@@ -32,7 +42,7 @@ def _inputs(cfg=CFG, seed=0):
   x = rng.standard_normal((2, *LATENT, cfg.in_channels)).astype(np.float32)
   y = rng.standard_normal((2, LY, cfg.caption_channels)).astype(np.float32)
   mask = np.ones((2, LY), np.int32)
-  mask[0, LY - 4:] = 0
+  mask[0, LY - 4 :] = 0
   t = np.array([999.0, 37.0], np.float32)
   return x, t, y, mask
 
@@ -62,18 +72,22 @@ def test_bfloat16_against_diffusers_in_bfloat16(reference):
   bf16_model = ref.diffusers_model(cfg, seed=5).to(torch.bfloat16)
   with torch.no_grad():
     out = bf16_model(
-        hidden_states=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).bfloat16(),
-        encoder_hidden_states=torch.from_numpy(y).bfloat16(),
-        timestep=torch.from_numpy(t), encoder_attention_mask=torch.from_numpy(mask).float(),
-        return_dict=False)[0]
+      hidden_states=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).bfloat16(),
+      encoder_hidden_states=torch.from_numpy(y).bfloat16(),
+      timestep=torch.from_numpy(t),
+      encoder_attention_mask=torch.from_numpy(mask).float(),
+      return_dict=False,
+    )[0]
   bf16_theirs = out.float().numpy().transpose(0, 2, 3, 1)
   torch_gap = ref.rel_err(bf16_theirs, f32_theirs)
   ours_f32 = _apply(cfg, params, x, t, y, mask)
   ours_bf16 = _apply(cfg.replace(compute_dtype="bfloat16"), params, x, t, y, mask)
   assert ours_bf16.dtype == np.float32
   our_gap = ref.rel_err(ours_bf16, f32_theirs)
-  print(f"\nbf16 vs fp32 diffusers: torch {torch_gap:.3g}, ours {our_gap:.3g}; "
-        f"ours vs torch bf16 {ref.rel_err(ours_bf16, bf16_theirs):.3g}")
+  print(
+    f"\nbf16 vs fp32 diffusers: torch {torch_gap:.3g}, ours {our_gap:.3g}; "
+    f"ours vs torch bf16 {ref.rel_err(ours_bf16, bf16_theirs):.3g}"
+  )
   assert 1e-3 < torch_gap < 0.1  # torch's own bf16 rounding is visible, and modest
   assert ref.rel_err(ours_f32, f32_theirs) <= 1e-5
   assert our_gap > 1e-4  # the switch computes in bf16
@@ -103,8 +117,9 @@ def test_depthwise_conv_gradients_equal_shift():
   x = jnp.asarray(rng.standard_normal((2, 4, 6, 2, 5)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((3, 3, 2, 5)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((2, 4, 6, 2, 5)), jnp.float32)
-  grad = lambda impl: jax.grad(lambda a, b: jnp.sum(dit.depthwise_conv3x3(a, b, impl) * w),
-                               argnums=(0, 1))(x, k)
+  grad = lambda impl: jax.grad(
+    lambda a, b: jnp.sum(dit.depthwise_conv3x3(a, b, impl) * w), argnums=(0, 1)
+  )(x, k)
   for a, b in zip(grad("conv"), grad("shift")):
     assert ref.rel_err(a, b) <= 1e-6
 
@@ -118,16 +133,26 @@ def test_depthwise_impl_conv_equals_shift_in_the_model(reference):
   conv = _apply(conv_cfg, params, *args)
   assert ref.rel_err(conv, _apply(cfg, params, *args)) <= 1e-5
   # and the option is honoured: only "conv" lowers to a grouped convolution
-  jaxpr = lambda c: str(jax.make_jaxpr(
-      lambda p: dit.SanaDiT(c).apply({"params": p}, *args))(params))
+  jaxpr = lambda c: str(
+    jax.make_jaxpr(lambda p: dit.SanaDiT(c).apply({"params": p}, *args))(params)
+  )
   assert f"feature_group_count={2 * cfg.mlp_hidden}" in jaxpr(conv_cfg)
   assert "conv_general_dilated" not in jaxpr(cfg)
 
 
 # Remat runs on a smaller twin (the gradient compile dominates): width 32, 1 block.
-RCFG = DiTConfig(in_channels=3, out_channels=3, hidden_size=32, depth=1, self_head_dim=8,
-                 cross_heads=2, cross_head_dim=10, caption_channels=12, qk_norm=True,
-                 cross_norm=True)
+RCFG = DiTConfig(
+  in_channels=3,
+  out_channels=3,
+  hidden_size=32,
+  depth=1,
+  self_head_dim=8,
+  cross_heads=2,
+  cross_head_dim=10,
+  caption_channels=12,
+  qk_norm=True,
+  cross_norm=True,
+)
 RLATENT = (3, 5)
 
 
@@ -144,7 +169,8 @@ def _loss_and_grads(cfg, params):
     return jnp.mean(out * w), out
 
   (value, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-      params, jnp.asarray(x))
+    params, jnp.asarray(x)
+  )
   jaxpr = jax.make_jaxpr(lambda p: loss(p, x)[0])(params)
   return (np.asarray(out), float(value), grads), jaxpr
 
@@ -168,7 +194,7 @@ def _remat_policies(jaxpr):
       if eqn.primitive.name in ("remat2", "checkpoint", "remat"):
         found.append(eqn.params.get("policy"))
       for v in eqn.params.values():
-        for sub in (v if isinstance(v, (list, tuple)) else [v]):
+        for sub in v if isinstance(v, (list, tuple)) else [v]:
           if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
             visit(sub.jaxpr)
           elif hasattr(sub, "eqns"):
@@ -186,8 +212,11 @@ def remat_base():
 
 # ----------------------------------------------------------------------------- remat
 
-_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_saveable,
-             "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+_POLICIES = {
+  "full": None,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
@@ -207,6 +236,7 @@ def test_remat_policy_equals_none(remat_base, policy):
 
 def test_sana_4k_config_turns_the_clip_on():
   from configs import sana_1600m_4k
+
   assert DiTConfig.coerce(sana_1600m_4k.get_config().model).fp16_attn_clip
 
 
@@ -220,6 +250,7 @@ def test_fp16_attn_clip_against_the_official_formula(reference):
     if "attn1.to_out.0." in k:
       sd[k] = sd[k] * np.float32(1e6)
   from diffusers import SanaTransformer2DModel
+
   config = dit_weights.to_diffusers_config(cfg)
   config.pop("_class_name")
   big = SanaTransformer2DModel(**config).eval()
@@ -274,5 +305,7 @@ def test_all_zero_caption_mask_attends_to_every_token(reference, mode):
     assert ref.rel_err(ours, all_kept) <= 1e-3
   assert ref.rel_err(theirs, all_kept) <= 1e-3  # the reference behaviour itself
   # and a partly masked caption is still masked (not affected by the all-zero rule)
-  assert ref.rel_err(_apply(cfg, params, x, t, y, mask),
-                     ref.run_diffusers(torch_model, x, t, y, mask)) <= 1e-5
+  assert (
+    ref.rel_err(_apply(cfg, params, x, t, y, mask), ref.run_diffusers(torch_model, x, t, y, mask))
+    <= 1e-5
+  )

@@ -29,13 +29,24 @@ from sana_jax.models.dit_config import DiTConfig
 from sana_jax.weights import dit as dit_weights
 from tests import dit_reference as ref
 
-OFFICIAL = dict(norm_eps=1e-6, qk_norm_eps=1e-5, cross_norm_eps=1e-6, caption_norm_eps=1e-5,
-                linear_attn_eps=1e-8)
+OFFICIAL = dict(
+  norm_eps=1e-6, qk_norm_eps=1e-5, cross_norm_eps=1e-6, caption_norm_eps=1e-5, linear_attn_eps=1e-8
+)
 
 # Width 48 (6 self heads x 8), cross 4 x 10 = 40, caption 20 x 7 tokens, latent 3 x 5.
-CFG = DiTConfig(in_channels=5, out_channels=5, hidden_size=48, depth=2, self_head_dim=8,
-                cross_heads=4, cross_head_dim=10, caption_channels=20, sample_size=5,
-                qk_norm=True, cross_norm=True)
+CFG = DiTConfig(
+  in_channels=5,
+  out_channels=5,
+  hidden_size=48,
+  depth=2,
+  self_head_dim=8,
+  cross_heads=4,
+  cross_head_dim=10,
+  caption_channels=20,
+  sample_size=5,
+  qk_norm=True,
+  cross_norm=True,
+)
 DCFG = CFG.diffusers_compatible()
 H, W, LY = 3, 5, 7
 TOL = 1e-5
@@ -70,8 +81,15 @@ def test_config_defaults_are_the_official_values():
     assert getattr(cfg, name) == value, name
   # The released configs keep them (none overrides an eps).
   import importlib
-  for mod in ("sana_600m", "sana_1600m", "sana15_1600m", "sana15_4800m", "sana_1600m_2k",
-              "sana_1600m_4k"):
+
+  for mod in (
+    "sana_600m",
+    "sana_1600m",
+    "sana15_1600m",
+    "sana15_4800m",
+    "sana_1600m_2k",
+    "sana_1600m_4k",
+  ):
     m = DiTConfig.coerce(importlib.import_module(f"configs.{mod}").get_config().model)
     for name, value in OFFICIAL.items():
       assert getattr(m, name) == value, (mod, name)
@@ -98,8 +116,10 @@ def _diffusers_linear_attn_eps():
   """The eps diffusers' SanaLinearAttnProcessor2_0 adds to its denominator, measured: with
   one token, one head, q = k = a (head dim 1), v = 1: out = a^2 / (a^2 + eps)."""
   from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0
-  attn = Attention(query_dim=1, heads=1, dim_head=1, bias=False,
-                   processor=SanaLinearAttnProcessor2_0())
+
+  attn = Attention(
+    query_dim=1, heads=1, dim_head=1, bias=False, processor=SanaLinearAttnProcessor2_0()
+  )
   with torch.no_grad():
     for lin in (attn.to_q, attn.to_k, attn.to_v):
       lin.weight.fill_(1.0)
@@ -189,7 +209,8 @@ def test_self_attention_qk_norm_eps_matches_diffusers(models):
     ours = dit.SelfAttention(cfg).apply({"params": p}, h)
     assert _rel(ours, theirs) <= TOL
   planted = dit.SelfAttention(DCFG.replace(qk_norm_eps=CFG.qk_norm_eps / PLANT)).apply(
-      {"params": p}, h)
+    {"params": p}, h
+  )
   assert _rel(planted, theirs) > 1e-2
 
 
@@ -219,8 +240,9 @@ def test_self_attention_linear_eps(models, which):
   wq = attn.to_q.weight.detach().numpy()
   n, d = H * W, cfg.self_head_dim
   # relu(q) . sum relu(k) ~ (n * d / 4) * ms: make it ~ eps
-  h = _scaled_input(rng, (2, n, cfg.hidden_size), 4 * cfg.linear_attn_eps / (n * d),
-                    lambda x: x @ wq.T)
+  h = _scaled_input(
+    rng, (2, n, cfg.hidden_size), 4 * cfg.linear_attn_eps / (n * d), lambda x: x @ wq.T
+  )
   # v is as small as q and k: drop the output bias (both models) so the output is the core's
   p["out"] = dict(p["out"], bias=jnp.zeros_like(p["out"]["bias"]))
   bias = attn.to_out[0].bias.detach().clone()
@@ -239,15 +261,17 @@ def test_self_attention_linear_eps(models, which):
   ours = dit.SelfAttention(cfg).apply({"params": p}, h)
   assert _rel(ours, theirs) <= 1e-4  # fp32 sums of ~1e-15 terms
   planted = dit.SelfAttention(cfg.replace(linear_attn_eps=cfg.linear_attn_eps * PLANT)).apply(
-      {"params": p}, h)
+    {"params": p}, h
+  )
   assert _rel(planted, theirs) > 1e-2
   planted = dit.SelfAttention(cfg.replace(linear_attn_eps=cfg.linear_attn_eps + 1e-2)).apply(
-      {"params": p}, h)
+    {"params": p}, h
+  )
   assert _rel(planted, theirs) > 0.5
 
 
 def _mask_bias(mask):
-  return (1 - _t(mask)) [:, None, :] * -10000.0
+  return (1 - _t(mask))[:, None, :] * -10000.0
 
 
 @pytest.mark.parametrize("which", ["diffusers", "official"])
@@ -269,8 +293,10 @@ def test_cross_attention_norm_eps(models, which):
   with torch.no_grad():
     sq = math.sqrt(eps / 2 / float(torch.mean(attn.to_q(_t(x)) ** 2)))
     sk = math.sqrt(eps / 2 / float(torch.mean(attn.to_k(_t(y)) ** 2)))
-  saved = {n: [t.detach().clone() for t in (getattr(attn, n).weight, getattr(attn, n).bias)]
-           for n in ("to_q", "to_k")}
+  saved = {
+    n: [t.detach().clone() for t in (getattr(attn, n).weight, getattr(attn, n).bias)]
+    for n in ("to_q", "to_k")
+  }
   saved_eps = (attn.norm_q.eps, attn.norm_k.eps)
   try:
     with torch.no_grad():
@@ -287,8 +313,10 @@ def test_cross_attention_norm_eps(models, which):
     attn.norm_q.eps, attn.norm_k.eps = saved_eps
   p = dict(p)
   p["q"] = jax.tree.map(lambda a: a * sq, p["q"])
-  p["kv"] = {"kernel": jnp.asarray(p["kv"]["kernel"]).at[:, 0].multiply(sk),
-             "bias": jnp.asarray(p["kv"]["bias"]).at[0].multiply(sk)}
+  p["kv"] = {
+    "kernel": jnp.asarray(p["kv"]["kernel"]).at[:, 0].multiply(sk),
+    "bias": jnp.asarray(p["kv"]["bias"]).at[0].multiply(sk),
+  }
   run = lambda c: dit.CrossAttention(c).apply({"params": p}, x, y, mask)
   assert _rel(run(cfg), theirs) <= TOL
   other = CFG if which == "diffusers" else DCFG  # 1e-6 <-> 1e-5: the issue's planted change
@@ -311,8 +339,10 @@ def test_block_layer_norm_eps_matches_diffusers(models, where):
   mask = np.ones((2, LY), np.int32)
   saved = None
   if where == "norm2":
-    saved = [(m, m.weight.detach().clone(), m.bias.detach().clone())
-             for m in (block.attn1.to_out[0], block.attn2.to_out[0])]
+    saved = [
+      (m, m.weight.detach().clone(), m.bias.detach().clone())
+      for m in (block.attn1.to_out[0], block.attn2.to_out[0])
+    ]
     with torch.no_grad():
       for m, _, _ in saved:
         m.weight.zero_()
@@ -322,9 +352,18 @@ def test_block_layer_norm_eps_matches_diffusers(models, where):
       p[name] = dict(p[name], out=jax.tree.map(jnp.zeros_like, p[name]["out"]))
   try:
     with torch.no_grad():
-      theirs = block(_t(x.reshape(2, H * W, -1)), encoder_hidden_states=_t(y),
-                     encoder_attention_mask=_mask_bias(mask), timestep=_t(t0.reshape(2, -1)),
-                     height=H, width=W).numpy().reshape(x.shape)
+      theirs = (
+        block(
+          _t(x.reshape(2, H * W, -1)),
+          encoder_hidden_states=_t(y),
+          encoder_attention_mask=_mask_bias(mask),
+          timestep=_t(t0.reshape(2, -1)),
+          height=H,
+          width=W,
+        )
+        .numpy()
+        .reshape(x.shape)
+      )
   finally:
     if saved:
       with torch.no_grad():
@@ -374,10 +413,13 @@ def test_final_layer_norm_eps_matches_diffusers(models):
   torch_model, params = models
   sd = ref.state_dict_numpy(torch_model)
   for k in list(sd):
-    if any(s in k for s in ("attn1.to_out.0.", "attn2.to_out.0.", "ff.conv_point.")) \
-        or k == "patch_embed.proj.bias":
+    if (
+      any(s in k for s in ("attn1.to_out.0.", "attn2.to_out.0.", "ff.conv_point."))
+      or k == "patch_embed.proj.bias"
+    ):
       sd[k] = np.zeros_like(sd[k])
   from diffusers import SanaTransformer2DModel
+
   config = dit_weights.to_diffusers_config(DCFG)
   config.pop("_class_name")
   zeroed = SanaTransformer2DModel(**config).eval()

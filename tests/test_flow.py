@@ -36,8 +36,14 @@ def official_reference(u, shift, x0, noise, pred):
   x_t = expand(alp) * x0 + expand(sig) * noise
   target = noise - x0
   loss = ((target - pred) ** 2).mean(dim=list(range(1, x0.dim()))).mean()
-  return dict(index=idx.numpy(), model_time=model_t.numpy(), sigma=sig.numpy(),
-              x_t=x_t.numpy(), target=target.numpy(), loss=float(loss))
+  return dict(
+    index=idx.numpy(),
+    model_time=model_t.numpy(),
+    sigma=sig.numpy(),
+    x_t=x_t.numpy(),
+    target=target.numpy(),
+    loss=float(loss),
+  )
 
 
 def _data(b, seed=0):
@@ -54,8 +60,7 @@ def test_hand_checked_values():
   u = np.array([0.0, 0.25, 0.5, 0.75, 0.9999], np.float32)
   ts = flow.timesteps_from_draws(u, 3.0, "uniform")
   np.testing.assert_array_equal(np.asarray(ts.index), [0, 250, 500, 750, 999])
-  np.testing.assert_allclose(np.asarray(ts.sigma), [0.0, 0.5, 0.75, 0.9, 2.997 / 2.998],
-                             rtol=1e-7)
+  np.testing.assert_allclose(np.asarray(ts.sigma), [0.0, 0.5, 0.75, 0.9, 2.997 / 2.998], rtol=1e-7)
   np.testing.assert_array_equal(np.asarray(ts.model_time), [0, 500, 750, 900, 999])
   # The trap: s_100 = 1 - linspace(...)[100] is a hair below 0.1, so 1000 shift(s) is a
   # hair below 250 and the official floor is 249 (the exact i/1000 grid would give 250).
@@ -70,8 +75,12 @@ def test_exact_values_for_given_uniform_draws(shift):
   b = 64
   x0, noise, pred = _data(b)
   # Uniform draws covering every index boundary region, incl. the 0/999 ends.
-  u = np.concatenate([np.float32([0.0, 0.0999, 0.1, 0.1001, 0.0605, 0.5, 0.999, 0.99999]),
-                      np.random.default_rng(1).random(b - 8).astype(np.float32)])
+  u = np.concatenate(
+    [
+      np.float32([0.0, 0.0999, 0.1, 0.1001, 0.0605, 0.5, 0.999, 0.99999]),
+      np.random.default_rng(1).random(b - 8).astype(np.float32),
+    ]
+  )
   ref = official_reference(torch.from_numpy(u), shift, *map(torch.from_numpy, (x0, noise, pred)))
   ours = flow.training_inputs(jnp.asarray(x0), jnp.asarray(noise), u, shift, "uniform")
   ts = flow.timesteps_from_draws(u, shift, "uniform")
@@ -91,8 +100,9 @@ def test_logit_normal_indices_match_torch_sigmoid():
   ts = flow.timesteps_from_draws(n.numpy(), 3.0, "logit_normal")
   np.testing.assert_array_equal(np.asarray(ts.index), ref_idx)
   # logit mean/std follow u = sigmoid(mean + std n)
-  ts = flow.timesteps_from_draws(n.numpy()[:1000], 3.0, "logit_normal", logit_mean=0.3,
-                                 logit_std=1.7)
+  ts = flow.timesteps_from_draws(
+    n.numpy()[:1000], 3.0, "logit_normal", logit_mean=0.3, logit_std=1.7
+  )
   ref_idx = (torch.sigmoid(n[:1000] * 1.7 + 0.3) * 1000).long().numpy()
   np.testing.assert_array_equal(np.asarray(ts.index), ref_idx)
 
@@ -156,8 +166,9 @@ def test_drop_captions_keeps_mask_semantics():
 # ------------------------------------------------------------- the sampled distribution
 
 
-def model_time_pmf(shift, *, mean=0.0, std=1.0, grid="official", rounding="floor",
-                   index_floor=True):
+def model_time_pmf(
+  shift, *, mean=0.0, std=1.0, grid="official", rounding="floor", index_floor=True
+):
   """Exact pmf over model times 0..999 implied by i = floor(1000 sigmoid(n)),
   n ~ N(mean, std), sigma = shift(s_i), t = floor(1000 sigma). The keyword arguments build
   the *wrong* models the statistical test must reject."""
@@ -218,12 +229,14 @@ def test_sampled_timestep_distribution_matches_official(shift):
   assert p > 1e-4
   # The same samples reject wrong models: another shift, rounding instead of flooring,
   # no flooring of the index.
-  wrong = {"shift x1.15": model_time_pmf(shift * 1.15),
-           "shift 1": model_time_pmf(1.0),
-           "round": model_time_pmf(shift, rounding="round"),
-           "no index floor": model_time_pmf(shift, index_floor=False),
-           "logit std 1.1": model_time_pmf(shift, std=1.1),
-           "grid i/1000": model_time_pmf(shift, grid="exact")}
+  wrong = {
+    "shift x1.15": model_time_pmf(shift * 1.15),
+    "shift 1": model_time_pmf(1.0),
+    "round": model_time_pmf(shift, rounding="round"),
+    "no index floor": model_time_pmf(shift, index_floor=False),
+    "logit std 1.1": model_time_pmf(shift, std=1.1),
+    "grid i/1000": model_time_pmf(shift, grid="exact"),
+  }
   for name, pmf in wrong.items():
     assert gof_pvalue(t, pmf) < 1e-8, name
 
@@ -234,7 +247,9 @@ def test_statistical_test_rejects_wrong_samplers():
   pmf = model_time_pmf(shift)
   n = np.random.default_rng(0).standard_normal(N_SAMPLES).astype(np.float32)
   u = 1 / (1 + np.exp(-n.astype(np.float64)))
-  good = np.floor(1000 * flow.shift_sigma(flow.base_sigma_grid()[np.floor(1000 * u).astype(int)], shift))
+  good = np.floor(
+    1000 * flow.shift_sigma(flow.base_sigma_grid()[np.floor(1000 * u).astype(int)], shift)
+  )
   assert gof_pvalue(good, pmf) > 1e-4  # sanity: the numpy re-implementation passes
   wrong_shift = np.asarray(flow.timesteps_from_draws(n, 3.5).model_time)
   assert gof_pvalue(wrong_shift, pmf) < 1e-8
@@ -285,6 +300,7 @@ class _TimeSpy:
 
   def __init__(self):
     import flax.linen as nn
+
     seen = self.seen = []
 
     class Spy(nn.Module):
@@ -292,8 +308,9 @@ class _TimeSpy:
 
       @nn.compact
       def __call__(self, x, t, caption, mask):
-        jax.debug.callback(lambda v, c: seen.append((np.asarray(v), np.asarray(c))), t,
-                           caption[:, 0, 0])
+        jax.debug.callback(
+          lambda v, c: seen.append((np.asarray(v), np.asarray(c))), t, caption[:, 0, 0]
+        )
         return x * self.param("w", nn.initializers.zeros, ())
 
     self.module = Spy
@@ -310,6 +327,7 @@ def test_train_step_timesteps_follow_the_scheme(scheme, monkeypatch):
   from sana_jax.models import dit
   from sana_jax.train import state as state_lib
   from sana_jax.train import step as step_lib
+
   shift, b, steps = 3.0, 50_000, 4
   spy = _TimeSpy()
   monkeypatch.setattr(dit, "SanaDiT", spy.module)
@@ -318,10 +336,12 @@ def test_train_step_timesteps_follow_the_scheme(scheme, monkeypatch):
   tx = optax.sgd(0.1)
   state = state_lib.create({"w": jnp.zeros(())}, tx)
   assert config.train.cfg_dropout == 0.1
-  batch = {"latent": jnp.ones((b, 1, 1, 1)), "caption": jnp.ones((b, 1, 1)),
-           "caption_mask": jnp.ones((b, 1), jnp.int32)}
-  step = jax.jit(lambda s: step_lib.train_step(s, batch, jnp.zeros((1, 1)), config=config,
-                                               tx=tx))
+  batch = {
+    "latent": jnp.ones((b, 1, 1, 1)),
+    "caption": jnp.ones((b, 1, 1)),
+    "caption_mask": jnp.ones((b, 1), jnp.int32),
+  }
+  step = jax.jit(lambda s: step_lib.train_step(s, batch, jnp.zeros((1, 1)), config=config, tx=tx))
   for _ in range(steps):
     state, _ = step(state)
   jax.effects_barrier()
@@ -335,8 +355,10 @@ def test_train_step_timesteps_follow_the_scheme(scheme, monkeypatch):
   p = gof_pvalue(t, pmf)
   own = np.asarray(flow.sample_timesteps(jax.random.key(1), b * steps, shift, scheme).model_time)
   p_own = gof_pvalue(own, pmf)
-  print(f"{scheme}: p-value of the step's model times {p:.3g}, of sample_timesteps {p_own:.3g}; "
-        f"share at model time 0: step {np.mean(t == 0):.3f}, sampler {np.mean(own == 0):.3f}")
+  print(
+    f"{scheme}: p-value of the step's model times {p:.3g}, of sample_timesteps {p_own:.3g}; "
+    f"share at model time 0: step {np.mean(t == 0):.3f}, sampler {np.mean(own == 0):.3f}"
+  )
   assert p_own > 1e-4, "the scheme's own sampler does not follow its pmf"
   assert p > 1e-4, "the train step's model times do not follow the scheme"
   # The same samples reject the other schemes' distributions.

@@ -14,9 +14,14 @@ def test_tiny_mode_runs_every_part_for_both_frameworks(capsys):
   assert gpu_suite.main(["--tiny"]) == 0
   out = capsys.readouterr().out
   rows = [l for l in out.splitlines() if re.match(r"(forward|pipeline|train)\s", l)]
-  frameworks = {("forward", "diffusers"), ("forward", "sana_jax"), ("pipeline", "diffusers"),
-                ("pipeline", "sana_jax"), ("train", "torch+came-pytorch"),
-                ("train", "sana_jax")}
+  frameworks = {
+    ("forward", "diffusers"),
+    ("forward", "sana_jax"),
+    ("pipeline", "diffusers"),
+    ("pipeline", "sana_jax"),
+    ("train", "torch+came-pytorch"),
+    ("train", "sana_jax"),
+  }
   seen = {(l.split()[0], f) for l in rows for _, f in frameworks if f" {f} " in f" {l} "}
   assert seen == frameworks, out
   for line in rows:
@@ -28,8 +33,9 @@ def test_tiny_mode_runs_every_part_for_both_frameworks(capsys):
 
 
 @pytest.mark.contract
-@pytest.mark.parametrize("args,named", [(["--only", "forward,bogus"], "bogus"),
-                                        (["--policies", "fastest"], "fastest")])
+@pytest.mark.parametrize(
+  "args,named", [(["--only", "forward,bogus"], "bogus"), (["--policies", "fastest"], "fastest")]
+)
 def test_bad_arguments_are_refused(args, named):
   result = cli_contract.run_command(["benchmarks/gpu_suite.py", *args])
   cli_contract.assert_refused(result, named)

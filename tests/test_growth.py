@@ -56,8 +56,10 @@ def _block(params, i):
 
 
 def _flat(tree):
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+    for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 # ----------------------------------------------------------------------------- identity
@@ -103,8 +105,11 @@ def _identify(grown, gcfg, source):
   found = []
   for i in range(gcfg.depth):
     blk = _flat(_block(grown, i))
-    matches = [j for j, sb in enumerate(src_blocks)
-               if all(np.array_equal(blk[k], sb[k]) for k in sb if k not in gated)]
+    matches = [
+      j
+      for j, sb in enumerate(src_blocks)
+      if all(np.array_equal(blk[k], sb[k]) for k in sb if k not in gated)
+    ]
     found.append(matches[0] if len(matches) == 1 else None)
   return found
 
@@ -140,12 +145,26 @@ def test_constant_fresh_block_init(source):
     for k, v in _flat(_block(source, i)).items():
       np.testing.assert_array_equal(_flat(_block(grown, i))[k], v)
   new = {k: v[2:] for k, v in _flat(grown["blocks"]).items()}  # 18 fresh blocks
-  zeros = ["self_attn/out/kernel", "self_attn/out/bias", "cross_attn/out/kernel",
-           "cross_attn/out/bias", "cross_attn/q/bias", "cross_attn/kv/bias", "mlp/point/kernel"]
+  zeros = [
+    "self_attn/out/kernel",
+    "self_attn/out/bias",
+    "cross_attn/out/kernel",
+    "cross_attn/out/bias",
+    "cross_attn/q/bias",
+    "cross_attn/kv/bias",
+    "mlp/point/kernel",
+  ]
   ones = ["self_attn/q_norm", "self_attn/k_norm", "cross_attn/q_norm", "cross_attn/k_norm"]
-  std = {"mlp/depthwise_kernel": 0.2, "mlp/depthwise_bias": 0.2, "scale_shift_table": 0.02,
-         "self_attn/qkv/kernel": 0.02, "cross_attn/q/kernel": 0.02,
-         "cross_attn/kv/kernel": 0.02, "mlp/inverted/kernel": 0.02, "mlp/inverted/bias": 0.02}
+  std = {
+    "mlp/depthwise_kernel": 0.2,
+    "mlp/depthwise_bias": 0.2,
+    "scale_shift_table": 0.02,
+    "self_attn/qkv/kernel": 0.02,
+    "cross_attn/q/kernel": 0.02,
+    "cross_attn/kv/kernel": 0.02,
+    "mlp/inverted/kernel": 0.02,
+    "mlp/inverted/bias": 0.02,
+  }
   assert set(new) == set(zeros) | set(ones) | set(std)
   for k in zeros:
     np.testing.assert_array_equal(new[k], 0.0)
@@ -162,8 +181,9 @@ def test_constant_fresh_block_init(source):
   for a, b in zip(jax.tree_util.tree_leaves(grown), jax.tree_util.tree_leaves(again)):
     np.testing.assert_array_equal(a, b)
   other, _ = growth.grow(source, CFG, 20, "constant", keep=2, key=jax.random.key(4))
-  assert not np.array_equal(other["blocks"]["mlp"]["depthwise_kernel"],
-                            grown["blocks"]["mlp"]["depthwise_kernel"])
+  assert not np.array_equal(
+    other["blocks"]["mlp"]["depthwise_kernel"], grown["blocks"]["mlp"]["depthwise_kernel"]
+  )
 
 
 def test_grow_is_pure(source):
@@ -177,7 +197,9 @@ def test_grow_is_pure(source):
 # ------------------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(depth=2, strategy="cyclic"), "target depth >= source depth, got 2 < 3"),
     (dict(depth=2, strategy="constant", keep=1, key=jax.random.key(0)), "2 < 3"),
     (dict(depth=6, strategy="expand"), "unknown growth strategy 'expand'"),
@@ -188,7 +210,8 @@ def test_grow_is_pure(source):
     (dict(depth=6, strategy="constant"), "pass key="),
     (dict(depth=6, strategy="constant", zero_gate=True, key=jax.random.key(0)), "zero_gate"),
     (dict(depth=6.0, strategy="cyclic"), "target depth must be an int"),
-])
+  ],
+)
 def test_bad_input(source, kwargs, match):
   with pytest.raises(ValueError, match=match):
     growth.grow(source, CFG, **kwargs)

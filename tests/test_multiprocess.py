@@ -48,14 +48,21 @@ def _free_port() -> int:
 
 def _env(process_id: int, port: int) -> dict:
   env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu",
-             JAX_NUM_CPU_DEVICES=str(LOCAL_DEVICES),
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-             JAX_NUM_PROCESSES=str(PROCESSES), JAX_PROCESS_ID=str(process_id),
-             PYTHONPATH=str(REPO))
+  flags = [
+    f
+    for f in env.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  env.update(
+    XLA_FLAGS=" ".join(flags),
+    JAX_PLATFORMS="cpu",
+    JAX_NUM_CPU_DEVICES=str(LOCAL_DEVICES),
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    JAX_NUM_PROCESSES=str(PROCESSES),
+    JAX_PROCESS_ID=str(process_id),
+    PYTHONPATH=str(REPO),
+  )
   return env
 
 
@@ -66,19 +73,43 @@ class Cluster:
     port = _free_port()
     self.logs = [logs / f"{name}.{i}.log" for i in range(PROCESSES)]
     self.reads = [logs / f"{name}.{i}.reads.jsonl" for i in range(PROCESSES)]
-    train_args = ["--config", str(REPO / "configs/tiny.py"), "--workdir", str(workdir),
-                  f"--config.data.dir={data_dir}", f"--config.train.steps={STEPS}",
-                  f"--config.train.checkpoint_every={EVERY}", f"--config.train.log_every={EVERY}",
-                  "--config.train.keep_checkpoints=5", "--config.mesh.data=2",
-                  "--config.mesh.fsdp=2", "--no_progress"]
+    train_args = [
+      "--config",
+      str(REPO / "configs/tiny.py"),
+      "--workdir",
+      str(workdir),
+      f"--config.data.dir={data_dir}",
+      f"--config.train.steps={STEPS}",
+      f"--config.train.checkpoint_every={EVERY}",
+      f"--config.train.log_every={EVERY}",
+      "--config.train.keep_checkpoints=5",
+      "--config.mesh.data=2",
+      "--config.mesh.fsdp=2",
+      "--no_progress",
+    ]
     self.procs = []
     for i in range(PROCESSES):
-      cmd = [sys.executable, str(REPO / "tests/multiprocess_worker.py"), "--reads",
-             str(self.reads[i]), "--stall_batch", str(stall_batch), "--", *train_args]
+      cmd = [
+        sys.executable,
+        str(REPO / "tests/multiprocess_worker.py"),
+        "--reads",
+        str(self.reads[i]),
+        "--stall_batch",
+        str(stall_batch),
+        "--",
+        *train_args,
+      ]
       with open(self.logs[i], "a") as log:
-        self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(i, port), stdout=log,
-                                           stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL))
+        self.procs.append(
+          subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=_env(i, port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+          )
+        )
     self.deadline = time.time() + TIMEOUT
 
   def output(self, i) -> str:
@@ -115,8 +146,9 @@ def runs(tmp_path_factory):
     config.data.dir = data_dir
     config.train.update(steps=STEPS, checkpoint_every=100, log_every=EVERY)
     config.mesh.update(data=2, fsdp=2, num_devices=PROCESSES * LOCAL_DEVICES)
-    single = jax.device_get(loop.train(config, str(root / "s"), progress=False,
-                                       verbose=False).params)
+    single = jax.device_get(
+      loop.train(config, str(root / "s"), progress=False, verbose=False).params
+    )
     assert u.wait() == [0, 0], u.output(0)[-3000:] + u.output(1)[-3000:]
 
     # K: once the step-3 checkpoint is complete (the run then stalls reading batch 4),
@@ -143,8 +175,16 @@ def runs(tmp_path_factory):
       c.kill()
   seconds = time.perf_counter() - t0
   print(f"multi-process runs (U, K killed + restarted, S): {seconds:.0f} s")
-  return dict(root=root, data_dir=data_dir, u=u, k=k, k2=k2, single=single,
-              killed_at=killed_at, seconds=seconds)
+  return dict(
+    root=root,
+    data_dir=data_dir,
+    u=u,
+    k=k,
+    k2=k2,
+    single=single,
+    killed_at=killed_at,
+    seconds=seconds,
+  )
 
 
 def _params(workdir, step=None):
@@ -154,8 +194,10 @@ def _params(workdir, step=None):
 def test_two_processes_equal_one_process_on_the_same_mesh(runs):
   params, step = _params(runs["root"] / "u")
   assert step == STEPS
-  pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64))
-           for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(runs["single"]))]
+  pairs = [
+    (np.asarray(a, np.float64), np.asarray(b, np.float64))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(runs["single"]))
+  ]
   scale = max(np.max(np.abs(b)) for _, b in pairs)
   worst = max(np.max(np.abs(a - b)) for a, b in pairs)
   print(f"2 processes vs 1 process: worst |diff| {worst:.2e} (scale {scale:.2f})")
@@ -181,11 +223,16 @@ def test_each_process_reads_its_share_and_an_epoch_reads_every_example_once(runs
   assert per_epoch == N_EXAMPLES // BATCH
   for epoch in range(STEPS // per_epoch):
     counts = collections.Counter(
-        t for b in range(epoch * per_epoch, (epoch + 1) * per_epoch)
-        for p in per_batch for t in p[b]["texts"])
+      t
+      for b in range(epoch * per_epoch, (epoch + 1) * per_epoch)
+      for p in per_batch
+      for t in p[b]["texts"]
+    )
     assert counts == collections.Counter(f"example {i}" for i in range(N_EXAMPLES)), counts
-    print(f"epoch {epoch}: {len(counts)} of {N_EXAMPLES} examples read, each "
-          f"{set(counts.values())} time(s), over {PROCESSES} processes")
+    print(
+      f"epoch {epoch}: {len(counts)} of {N_EXAMPLES} examples read, each "
+      f"{set(counts.values())} time(s), over {PROCESSES} processes"
+    )
 
 
 def test_checkpoints_hold_both_processes_shares_and_a_killed_run_resumes_bit_identical(runs):
@@ -194,7 +241,8 @@ def test_checkpoints_hold_both_processes_shares_and_a_killed_run_resumes_bit_ide
     last = wd / "checkpoints" / str(STEPS)
     for i in range(PROCESSES):
       assert (last / "state" / f"ocdbt.process_{i}").is_dir(), sorted(
-          p.name for p in (last / "state").iterdir())
+        p.name for p in (last / "state").iterdir()
+      )
       assert (last / "data" / f"process_{i}-of-{PROCESSES}.json").is_file()
   assert runs["killed_at"] == [EVERY], runs["killed_at"]  # killed after step 3, before 6
   assert "resumed from step 3" in runs["k2"].output(0)
@@ -216,8 +264,7 @@ def test_process_0_alone_writes_metrics_and_prints(runs):
   assert [l["step"] for l in lines] == list(range(EVERY, STEPS + 1, EVERY))
   events = list((wd / "tensorboard").glob("events.out.tfevents.*"))
   assert len(events) == 1, events
-  assert sorted(p.name for p in wd.iterdir()) == ["checkpoints", "metrics.jsonl",
-                                                  "tensorboard"]
+  assert sorted(p.name for p in wd.iterdir()) == ["checkpoints", "metrics.jsonl", "tensorboard"]
   out0, out1 = u.output(0), u.output(1)
   assert "2 process(es)" in out0 and f"stopped at step {STEPS}" in out0
   assert "train:" not in out1 and "stopped at step" not in out1

@@ -28,25 +28,46 @@ from sana_jax.pipeline import SamplingOptions, SanaPipeline  # noqa: E402
 from tests import dit_reference  # noqa: E402
 from tests.test_sample_cli import write_pixel_model  # noqa: E402
 
-DIFFUSERS_CHI = tuple(inspect.signature(diffusers.SanaPipeline.__call__)
-                      .parameters["complex_human_instruction"].default)
+DIFFUSERS_CHI = tuple(
+  inspect.signature(diffusers.SanaPipeline.__call__).parameters["complex_human_instruction"].default
+)
 PROMPTS = ["A Red CIRCLE left of a blue square", "  a green triangle above a yellow star  "]
 MAX_LEN = 24
 H, W, STEPS, CFG = 64, 96, 6, 4.5
 LATENT_C = 6
 
-DIT = DiTConfig(in_channels=LATENT_C, out_channels=LATENT_C, patch_size=2, hidden_size=48,
-                depth=2, self_head_dim=8, cross_heads=4, cross_head_dim=10,
-                caption_channels=36, caption_len=MAX_LEN, mlp_ratio=2.5, sample_size=8,
-                qk_norm=True, cross_norm=True).diffusers_compatible()
+DIT = DiTConfig(
+  in_channels=LATENT_C,
+  out_channels=LATENT_C,
+  patch_size=2,
+  hidden_size=48,
+  depth=2,
+  self_head_dim=8,
+  cross_heads=4,
+  cross_head_dim=10,
+  caption_channels=36,
+  caption_len=MAX_LEN,
+  mlp_ratio=2.5,
+  sample_size=8,
+  qk_norm=True,
+  cross_norm=True,
+).diffusers_compatible()
 DCAE = dict(
-    in_channels=3, latent_channels=LATENT_C, attention_head_dim=8,
-    encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-    decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-    encoder_block_out_channels=[12, 24, 48, 48], decoder_block_out_channels=[12, 24, 48, 48],
-    encoder_layers_per_block=[1, 1, 1, 1], decoder_layers_per_block=[1, 1, 1, 1],
-    encoder_qkv_multiscales=[[], [], [3], [5]], decoder_qkv_multiscales=[[], [], [5], [3]],
-    upsample_block_type="interpolate", downsample_block_type="Conv", scaling_factor=0.6)
+  in_channels=3,
+  latent_channels=LATENT_C,
+  attention_head_dim=8,
+  encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
+  decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
+  encoder_block_out_channels=[12, 24, 48, 48],
+  decoder_block_out_channels=[12, 24, 48, 48],
+  encoder_layers_per_block=[1, 1, 1, 1],
+  decoder_layers_per_block=[1, 1, 1, 1],
+  encoder_qkv_multiscales=[[], [], [3], [5]],
+  decoder_qkv_multiscales=[[], [], [5], [3]],
+  upsample_block_type="interpolate",
+  downsample_block_type="Conv",
+  scaling_factor=0.6,
+)
 
 
 def _rel(a, b):
@@ -60,10 +81,18 @@ def _tiny_diffusers_pipeline(folder):
 
   vocab = words_of(list(DIFFUSERS_CHI) + [p.lower() for p in PROMPTS])
   tok = build_word_level_tokenizer(vocab[:-2], str(folder / "_tok"))  # 2 words stay <unk>
-  gcfg = Gemma2Config(vocab_size=len(tok) + 3, hidden_size=36, intermediate_size=52,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=12, sliding_window=9, query_pre_attn_scalar=12,
-                      attn_logit_softcapping=5.0)
+  gcfg = Gemma2Config(
+    vocab_size=len(tok) + 3,
+    hidden_size=36,
+    intermediate_size=52,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=12,
+    sliding_window=9,
+    query_pre_attn_scalar=12,
+    attn_logit_softcapping=5.0,
+  )
   gcfg._attn_implementation = "eager"
   torch.manual_seed(0)
   text_encoder = Gemma2Model(gcfg).eval()
@@ -80,9 +109,11 @@ def _tiny_diffusers_pipeline(folder):
         p.add_(0.2 * torch.randn(p.shape, generator=g))
     vae.decoder.conv_out.weight.mul_(0.3)
   scheduler = diffusers.DPMSolverMultistepScheduler(
-      use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
-  pipe = diffusers.SanaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae,
-                                transformer=transformer, scheduler=scheduler)
+    use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"
+  )
+  pipe = diffusers.SanaPipeline(
+    tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+  )
   pipe.set_progress_bar_config(disable=True)
   pipe.save_pretrained(str(folder / "diffusers"))
   return pipe
@@ -98,10 +129,18 @@ def converted(tmp_path_factory):
 
 def _diffusers_run(pipe, latents_nchw, output_type):
   with torch.no_grad():
-    out = pipe(PROMPTS, negative_prompt="", num_inference_steps=STEPS, guidance_scale=CFG,
-               height=H, width=W, latents=torch.from_numpy(latents_nchw),
-               max_sequence_length=MAX_LEN, use_resolution_binning=False,
-               output_type=output_type).images
+    out = pipe(
+      PROMPTS,
+      negative_prompt="",
+      num_inference_steps=STEPS,
+      guidance_scale=CFG,
+      height=H,
+      width=W,
+      latents=torch.from_numpy(latents_nchw),
+      max_sequence_length=MAX_LEN,
+      use_resolution_binning=False,
+      output_type=output_type,
+    ).images
   return np.asarray(out)
 
 
@@ -111,8 +150,12 @@ def test_converted_folder_settings(converted):
   s = json.loads((model / bundle_lib.PIPELINE_FILE).read_text())
   assert tuple(s["prompt"]["chi"]) == DIFFUSERS_CHI  # single quotes, as diffusers
   assert s["prompt"]["lowercase"] is True and s["prompt"]["max_length"] == MAX_LEN
-  assert s["sampler"] == {"name": "dpm_solver", "steps": 20, "guidance_scale": 4.5,
-                          "use_null_mask": True}
+  assert s["sampler"] == {
+    "name": "dpm_solver",
+    "steps": 20,
+    "guidance_scale": 4.5,
+    "use_null_mask": True,
+  }
   assert s["flow_shift"] == 3.0 and s["image_size"] == 8 * 8
   b = bundle_lib.load(model)
   assert b.dit_config == DIT  # diffusers' numerics: no flooring, additive mask, eps
@@ -132,8 +175,9 @@ def test_end_to_end_same_image_as_diffusers(converted):
   assert inside > 0.9, f"only {inside:.0%} of reference pixels are unclipped"
 
   pipe = SanaPipeline.from_folder(model)
-  opts = SamplingOptions(height=H, width=W, steps=STEPS, guidance_scale=CFG,
-                         resolution_binning=False)
+  opts = SamplingOptions(
+    height=H, width=W, steps=STEPS, guidance_scale=CFG, resolution_binning=False
+  )
   x = noise.transpose(0, 2, 3, 1)
   lat = pipe.generate(PROMPTS, [0, 1], opts, latents=x, output="latent")
   img = pipe.generate(PROMPTS, [0, 1], opts, latents=x, output="float")
@@ -146,9 +190,20 @@ def test_end_to_end_same_image_as_diffusers(converted):
   assert np.abs(u8.astype(int) - np.round(ref_img * 255)).max() <= 1
 
   # The comparison is sensitive: the official null-mask choice gives another result.
-  other = pipe.generate(PROMPTS, [0, 1], SamplingOptions(
-      height=H, width=W, steps=STEPS, guidance_scale=CFG, resolution_binning=False,
-      use_null_mask=False), latents=x, output="latent")
+  other = pipe.generate(
+    PROMPTS,
+    [0, 1],
+    SamplingOptions(
+      height=H,
+      width=W,
+      steps=STEPS,
+      guidance_scale=CFG,
+      resolution_binning=False,
+      use_null_mask=False,
+    ),
+    latents=x,
+    output="latent",
+  )
   assert _rel(other, ref_lat.transpose(0, 2, 3, 1)) > 1e-3
 
 
@@ -163,8 +218,12 @@ def test_bundle_from_diffusers_errors(converted, tmp_path):
     bfd.sampler_settings({"_class_name": "DPMSolverMultistepScheduler"})
   with pytest.raises(ValueError, match="not supported"):
     bfd.sampler_settings({"_class_name": "DDIMScheduler"})
-  assert bfd.sampler_settings({"_class_name": "FlowMatchEulerDiscreteScheduler",
-                               "shift": 6.0})[0]["name"] == "euler"
+  assert (
+    bfd.sampler_settings({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 6.0})[0][
+      "name"
+    ]
+    == "euler"
+  )
   assert not (tmp_path / "x").exists()
   assert not [p for p in model.parent.iterdir() if p.name.startswith(".model.")]
 
@@ -187,8 +246,9 @@ def test_image_k_same_alone_or_in_batch(pixel_pipe):
   assert _rel(batch[0], batch[2]) > 1e-2  # different seeds / prompts differ
   # __call__: image k of prompt p uses seed + index, grouped by prompt.
   grid = pixel_pipe(prompts[:2], num_images_per_prompt=2, seed=10, steps=3)
-  ref = pixel_pipe.generate([prompts[0], prompts[0], prompts[1], prompts[1]],
-                            [10, 11, 12, 13], opts)
+  ref = pixel_pipe.generate(
+    [prompts[0], prompts[0], prompts[1], prompts[1]], [10, 11, 12, 13], opts
+  )
   np.testing.assert_array_equal(grid, ref)
 
 
@@ -197,14 +257,17 @@ def test_batch_sharded_over_8_devices_equals_1_device(pixel_pipe):
   prompts = ["a red circle", "a blue square", "a green star", "a yellow triangle"] * 2
   opts = SamplingOptions(steps=3)
   eight = pixel_pipe.generate(prompts, list(range(8)), opts, output="latent")
-  one = pixel_pipe.generate(prompts, list(range(8)), opts, output="latent",
-                            devices=jax.local_devices()[:1])
+  one = pixel_pipe.generate(
+    prompts, list(range(8)), opts, output="latent", devices=jax.local_devices()[:1]
+  )
   np.testing.assert_allclose(eight, one, atol=1e-5, rtol=1e-5)
-  x, _, _ = pipeline_lib._shard_batch(np.zeros((8, 4, 4, 3)), np.zeros((8, 10, 28)),
-                                      np.zeros((8, 10)))
+  x, _, _ = pipeline_lib._shard_batch(
+    np.zeros((8, 4, 4, 3)), np.zeros((8, 10, 28)), np.zeros((8, 10))
+  )
   assert len(x.sharding.device_set) == 8
-  x, _, _ = pipeline_lib._shard_batch(np.zeros((6, 4, 4, 3)), np.zeros((6, 10, 28)),
-                                      np.zeros((6, 10)))
+  x, _, _ = pipeline_lib._shard_batch(
+    np.zeros((6, 4, 4, 3)), np.zeros((6, 10, 28)), np.zeros((6, 10))
+  )
   assert len(x.sharding.device_set) == 6
 
 
@@ -229,8 +292,9 @@ def test_aspect_ratio_binning(pixel_pipe):
   assert img.shape == (1, 16, 48, 3) and img.dtype == np.uint8
   img = pixel_pipe(["a red circle"], height=40, width=24, steps=1, resolution_binning=False)
   assert img.shape == (1, 40, 24, 3)
-  img = pixel_pipe.generate(["a red circle"], [0], SamplingOptions(height=16, width=48, steps=1),
-                            output="float")
+  img = pixel_pipe.generate(
+    ["a red circle"], [0], SamplingOptions(height=16, width=48, steps=1), output="float"
+  )
   assert img.shape == (1, 16, 48, 3) and img.dtype == np.float32
   assert 0.0 <= img.min() and img.max() <= 1.0
 
@@ -238,16 +302,23 @@ def test_aspect_ratio_binning(pixel_pipe):
 @pytest.mark.parametrize("base", [512, 1024, 2048, 4096])
 def test_resolution_bins_are_diffusers_tables(base):
   from diffusers.pipelines.sana import pipeline_sana
-  table = {512: "ASPECT_RATIO_512_BIN", 1024: "ASPECT_RATIO_1024_BIN",
-           2048: "ASPECT_RATIO_2048_BIN", 4096: "ASPECT_RATIO_4096_BIN"}[base]
+
+  table = {
+    512: "ASPECT_RATIO_512_BIN",
+    1024: "ASPECT_RATIO_1024_BIN",
+    2048: "ASPECT_RATIO_2048_BIN",
+    4096: "ASPECT_RATIO_4096_BIN",
+  }[base]
   ref = getattr(pipeline_sana, table)
   ours = pipeline_lib.resolution_bins(base, 32)
   assert {float(k): (int(h), int(w)) for k, (h, w) in ref.items()} == ours
   from diffusers.image_processor import PixArtImageProcessor
+
   rng = np.random.default_rng(base)
   for h, w in rng.integers(1, 60, (200, 2)) * 32:
-    assert pipeline_lib.nearest_bin(int(h), int(w), ours) == \
-        PixArtImageProcessor.classify_height_width_bin(int(h), int(w), ratios=ref)
+    assert pipeline_lib.nearest_bin(
+      int(h), int(w), ours
+    ) == PixArtImageProcessor.classify_height_width_bin(int(h), int(w), ratios=ref)
 
 
 def test_generate_bad_input(pixel_pipe):
@@ -268,9 +339,13 @@ def test_generate_bad_input(pixel_pipe):
 
 
 def _components(pipe, scheduler):
-  return diffusers.SanaPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
-                                vae=pipe.vae, transformer=pipe.transformer,
-                                scheduler=scheduler)
+  return diffusers.SanaPipeline(
+    tokenizer=pipe.tokenizer,
+    text_encoder=pipe.text_encoder,
+    vae=pipe.vae,
+    transformer=pipe.transformer,
+    scheduler=scheduler,
+  )
 
 
 def _reference_loop(pipe, scheduler, noise_nchw, interval):
@@ -281,9 +356,13 @@ def _reference_loop(pipe, scheduler, noise_nchw, interval):
   lo, hi = interval
   with torch.no_grad():
     pe, pm, ne, nm = pipe.encode_prompt(
-        PROMPTS, do_classifier_free_guidance=True, negative_prompt="",
-        device=torch.device("cpu"), max_sequence_length=MAX_LEN,
-        complex_human_instruction=list(DIFFUSERS_CHI))
+      PROMPTS,
+      do_classifier_free_guidance=True,
+      negative_prompt="",
+      device=torch.device("cpu"),
+      max_sequence_length=MAX_LEN,
+      complex_human_instruction=list(DIFFUSERS_CHI),
+    )
     scheduler.set_timesteps(STEPS)
     x = torch.from_numpy(noise_nchw)
     scale = pipe.transformer.config.timestep_scale
@@ -291,16 +370,23 @@ def _reference_loop(pipe, scheduler, noise_nchw, interval):
     for t in scheduler.timesteps:
       if lo < float(t) < hi:
         guided += 1
-        v = pipe.transformer(torch.cat([x, x]), encoder_hidden_states=torch.cat([ne, pe]),
-                             encoder_attention_mask=torch.cat([nm, pm]),
-                             timestep=(t * scale).expand(2 * x.shape[0]),
-                             return_dict=False)[0].float()
+        v = pipe.transformer(
+          torch.cat([x, x]),
+          encoder_hidden_states=torch.cat([ne, pe]),
+          encoder_attention_mask=torch.cat([nm, pm]),
+          timestep=(t * scale).expand(2 * x.shape[0]),
+          return_dict=False,
+        )[0].float()
         vn, vc = v.chunk(2)
         v = vn + CFG * (vc - vn)
       else:
-        v = pipe.transformer(x, encoder_hidden_states=pe, encoder_attention_mask=pm,
-                             timestep=(t * scale).expand(x.shape[0]),
-                             return_dict=False)[0].float()
+        v = pipe.transformer(
+          x,
+          encoder_hidden_states=pe,
+          encoder_attention_mask=pm,
+          timestep=(t * scale).expand(x.shape[0]),
+          return_dict=False,
+        )[0].float()
       x = scheduler.step(v, t, x, return_dict=False)[0]
   return x.numpy(), guided
 
@@ -320,14 +406,13 @@ def test_euler_same_latents_as_diffusers_flow_match_euler(converted, one_torch_t
   ref_pipe, model = converted
   euler = _components(ref_pipe, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
   euler.set_progress_bar_config(disable=True)
-  noise = np.random.default_rng(6).standard_normal((2, LATENT_C, H // 8, W // 8)).astype(
-      np.float32)
+  noise = np.random.default_rng(6).standard_normal((2, LATENT_C, H // 8, W // 8)).astype(np.float32)
   ref = _diffusers_run(euler, noise, "latent").transpose(0, 2, 3, 1)
   pipe = SanaPipeline.from_folder(model)
-  opts = SamplingOptions(height=H, width=W, steps=STEPS, guidance_scale=CFG, sampler="euler",
-                         resolution_binning=False)
-  ours = pipe.generate(PROMPTS, [0, 1], opts, latents=noise.transpose(0, 2, 3, 1),
-                       output="latent")
+  opts = SamplingOptions(
+    height=H, width=W, steps=STEPS, guidance_scale=CFG, sampler="euler", resolution_binning=False
+  )
+  ours = pipe.generate(PROMPTS, [0, 1], opts, latents=noise.transpose(0, 2, 3, 1), output="latent")
   err = _rel(ours, ref)
   assert err <= 1e-4, err
   dpm = _diffusers_run(ref_pipe, noise, "latent").transpose(0, 2, 3, 1)
@@ -337,22 +422,26 @@ def test_euler_same_latents_as_diffusers_flow_match_euler(converted, one_torch_t
 @pytest.mark.parametrize("solver", ["euler", "dpm_solver"])
 def test_guidance_interval_same_latents_as_reference_loop(converted, one_torch_thread, solver):
   ref_pipe, model = converted
-  sched = (diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0) if solver == "euler" else
-           diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
-                                                 prediction_type="flow_prediction"))
-  noise = np.random.default_rng(7).standard_normal((2, LATENT_C, H // 8, W // 8)).astype(
-      np.float32)
+  sched = (
+    diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    if solver == "euler"
+    else diffusers.DPMSolverMultistepScheduler(
+      use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"
+    )
+  )
+  noise = np.random.default_rng(7).standard_normal((2, LATENT_C, H // 8, W // 8)).astype(np.float32)
   interval = (300.0, 850.0)
   ref, guided = _reference_loop(ref_pipe, sched, noise, interval)
   assert 0 < guided < STEPS, guided  # some steps guided, some not
   pipe = SanaPipeline.from_folder(model)
   x = noise.transpose(0, 2, 3, 1)
-  opts = dict(height=H, width=W, steps=STEPS, guidance_scale=CFG, sampler=solver,
-              resolution_binning=False)
-  ours = pipe.generate(PROMPTS, [0, 1], SamplingOptions(**opts, guidance_interval=interval),
-                       latents=x, output="latent")
+  opts = dict(
+    height=H, width=W, steps=STEPS, guidance_scale=CFG, sampler=solver, resolution_binning=False
+  )
+  ours = pipe.generate(
+    PROMPTS, [0, 1], SamplingOptions(**opts, guidance_interval=interval), latents=x, output="latent"
+  )
   err = _rel(ours, ref.transpose(0, 2, 3, 1))
   assert err <= 1e-4, (solver, err)
-  full, n = _reference_loop(ref_pipe, type(sched).from_config(sched.config), noise,
-                            (-1.0, 1e9))
+  full, n = _reference_loop(ref_pipe, type(sched).from_config(sched.config), noise, (-1.0, 1e9))
   assert n == STEPS and _rel(full, ref) > 1e-3  # the interval changes the result

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from configs import tiny
 from sana_jax.models import dit
@@ -73,8 +72,10 @@ def loop_forward(params, cfg, x, t, y, mask, order):
   temb = _dense(p["t_embedder_fc2"], jax.nn.silu(_dense(p["t_embedder_fc1"], feat)))
   t0 = _dense(p["t_block"], jax.nn.silu(temb)).reshape(b, 6, cfg.hidden_size)
   # Caption projection and RMSNorm.
-  cap = _dense(p["caption_proj_fc2"], jax.nn.gelu(_dense(p["caption_proj_fc1"], jnp.asarray(y)),
-                                                  approximate=True))
+  cap = _dense(
+    p["caption_proj_fc2"],
+    jax.nn.gelu(_dense(p["caption_proj_fc1"], jnp.asarray(y)), approximate=True),
+  )
   cap = cap / jnp.sqrt(jnp.mean(cap * cap, -1, keepdims=True) + cfg.caption_norm_eps)
   cap = cap * p["caption_norm"]
   xs = [h]
@@ -141,11 +142,14 @@ def test_prune_to_depth_drops_least_important(source):
   assert pruning.select_blocks(imp, 5) == [0, 1, 2, 3, 4]
   pruned, pcfg, kept = pruning.prune(source, CFG5, depth=2, importance=imp)
   assert kept == [0, 4] and pcfg.depth == 2
-  np.testing.assert_array_equal(pruned["blocks"]["scale_shift_table"],
-                                source["blocks"]["scale_shift_table"][[0, 4]])
+  np.testing.assert_array_equal(
+    pruned["blocks"]["scale_shift_table"], source["blocks"]["scale_shift_table"][[0, 4]]
+  )
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(depth=0, importance=np.ones(5)), r"int in 1..5 .*got 0"),
     (dict(depth=6, importance=np.ones(5)), r"int in 1..5 .*got 6"),
     (dict(depth=2, importance=np.ones(4)), r"importance has shape \(4,\), expected \(5,\)"),
@@ -157,7 +161,8 @@ def test_prune_to_depth_drops_least_important(source):
     (dict(indices=[1.0, 2]), "must be integers"),
     (dict(indices=[1, 2], depth=2, importance=np.ones(5)), "exactly one of"),
     (dict(), "exactly one of"),
-])
+  ],
+)
 def test_bad_input(source, kwargs, match):
   with pytest.raises(ValueError, match=match):
     pruning.prune(source, CFG5, **kwargs)
@@ -211,8 +216,9 @@ def test_block_importance_equals_formula(source):
   n, ts, draws = 3, [150.0, 800.0], 2
   _, _, y, mask = _inputs(CFG5, batch=n, seed=6)
   key = jax.random.key(11)
-  bi = pruning.block_importance(source, CFG5, y, mask, key=key, timesteps=ts, num_draws=draws,
-                                latent_size=LATENT, batch_size=2)
+  bi = pruning.block_importance(
+    source, CFG5, y, mask, key=key, timesteps=ts, num_draws=draws, latent_size=LATENT, batch_size=2
+  )
   xt, tt, yy, mm = [], [], [], []
   for d in range(draws):
     for i in range(n):
@@ -224,22 +230,31 @@ def test_block_importance_equals_formula(source):
         tt.append(t)
         yy.append(y[i])
         mm.append(mask[i])
-  _, xs = loop_forward(source, CFG5, np.stack(xt).astype(np.float32),
-                       np.array(tt, np.float32), np.stack(yy), np.stack(mm), order=range(5))
+  _, xs = loop_forward(
+    source,
+    CFG5,
+    np.stack(xt).astype(np.float32),
+    np.array(tt, np.float32),
+    np.stack(yy),
+    np.stack(mm),
+    order=range(5),
+  )
   want = 1.0 - cos_formula(xs).mean(axis=1)
   assert bi.shape == (5,)
   np.testing.assert_allclose(bi, want, atol=2e-6, rtol=0)
   # Batching does not change the draws.
-  bi3 = pruning.block_importance(source, CFG5, y, mask, key=key, timesteps=ts,
-                                 num_draws=draws, latent_size=LATENT, batch_size=3)
+  bi3 = pruning.block_importance(
+    source, CFG5, y, mask, key=key, timesteps=ts, num_draws=draws, latent_size=LATENT, batch_size=3
+  )
   np.testing.assert_allclose(bi3, bi, atol=1e-6, rtol=0)
 
 
 def test_block_importance_with_latents(source):
   """At t = 0 the model sees x0 itself: BI from given latents is the formula on them."""
   x, _, y, mask = _inputs(CFG5, batch=2, seed=8)
-  bi = pruning.block_importance(source, CFG5, y, mask, key=jax.random.key(0), timesteps=[0],
-                                latents=x)
+  bi = pruning.block_importance(
+    source, CFG5, y, mask, key=jax.random.key(0), timesteps=[0], latents=x
+  )
   _, xs = loop_forward(source, CFG5, x, np.zeros(2, np.float32), y, mask, order=range(5))
   np.testing.assert_allclose(bi, 1.0 - cos_formula(xs).mean(axis=1), atol=2e-6, rtol=0)
 
@@ -255,10 +270,16 @@ def test_block_cosine_matches_diffusers_hooks():
   ins, outs = {}, {}
   handles = []
   for i, blk in enumerate(model.transformer_blocks):
-    handles.append(blk.register_forward_pre_hook(
-        lambda m, args, i=i: ins.__setitem__(i, args[0].detach().double().numpy())))
-    handles.append(blk.register_forward_hook(
-        lambda m, args, out, i=i: outs.__setitem__(i, out.detach().double().numpy())))
+    handles.append(
+      blk.register_forward_pre_hook(
+        lambda m, args, i=i: ins.__setitem__(i, args[0].detach().double().numpy())
+      )
+    )
+    handles.append(
+      blk.register_forward_hook(
+        lambda m, args, out, i=i: outs.__setitem__(i, out.detach().double().numpy())
+      )
+    )
   ref.run_diffusers(model, x, t, y, mask)
   for h in handles:
     h.remove()
@@ -280,21 +301,46 @@ def test_cli_with_cached_embeddings(source, tmp_path):
   _, _, y, mask = _inputs(CFG5, batch=3, seed=12)
   np.savez(tmp_path / "calib.npz", caption=y, mask=mask)
   out, chart = tmp_path / "pruned", tmp_path / "bi.png"
-  assert prune_cli.main(["--checkpoint", str(ckpt), "--captions", str(tmp_path / "calib.npz"),
-                         "--depth", "3", "--timesteps", "200,700", "--latent-size", "6x7",
-                         "--batch-size", "2", "--seed", "5", "--out", str(out),
-                         "--chart", str(chart)]) == 0
-  bi = pruning.block_importance(source, CFG5, y, mask, key=jax.random.key(5),
-                                timesteps=[200, 700], latent_size=LATENT)
+  assert (
+    prune_cli.main(
+      [
+        "--checkpoint",
+        str(ckpt),
+        "--captions",
+        str(tmp_path / "calib.npz"),
+        "--depth",
+        "3",
+        "--timesteps",
+        "200,700",
+        "--latent-size",
+        "6x7",
+        "--batch-size",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        "--chart",
+        str(chart),
+      ]
+    )
+    == 0
+  )
+  bi = pruning.block_importance(
+    source, CFG5, y, mask, key=jax.random.key(5), timesteps=[200, 700], latent_size=LATENT
+  )
   report = json.loads((out / "block_importance.json").read_text())
   np.testing.assert_allclose(report["importance"], bi, atol=1e-6, rtol=0)
   assert report["kept"] == pruning.select_blocks(bi, 3)
   params, pcfg, extras = W.load_flax(out)
   assert pcfg.depth == 3
   np.testing.assert_array_equal(extras["null_caption_embedding"], 1.0)
-  np.testing.assert_array_equal(params["blocks"]["mlp"]["point"]["kernel"],
-                                source["blocks"]["mlp"]["point"]["kernel"][report["kept"]])
+  np.testing.assert_array_equal(
+    params["blocks"]["mlp"]["point"]["kernel"],
+    source["blocks"]["mlp"]["point"]["kernel"][report["kept"]],
+  )
   from PIL import Image
+
   with Image.open(chart) as im:
     assert im.format == "PNG" and im.size[0] > 100
 
@@ -318,17 +364,20 @@ def test_cli_errors_and_whole_outputs(source, tmp_path, capsys, monkeypatch):
   # --keep without captions: no importance, just the cut.
   assert prune_cli.main(base + ["--keep", "4,1"]) == 0
   params, pcfg, _ = W.load_flax(tmp_path / "o")
-  np.testing.assert_array_equal(params["blocks"]["scale_shift_table"],
-                                source["blocks"]["scale_shift_table"][[4, 1]])
+  np.testing.assert_array_equal(
+    params["blocks"]["scale_shift_table"], source["blocks"]["scale_shift_table"][[4, 1]]
+  )
   first = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
   # an existing --out: refused without --overwrite
   assert prune_cli.main(base + ["--keep", "2"]) == 2
   assert "--overwrite" in capsys.readouterr().err
   assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == first
+
   # a failure while writing leaves the old output as it was, and nothing beside it
   def broken_save(folder, *a, **k):
     (pathlib.Path(folder) / "params.safetensors").write_bytes(b"half")
     raise OSError("disk full")
+
   with monkeypatch.context() as m:
     m.setattr(W, "save_flax", broken_save)
     with pytest.raises(OSError, match="disk full"):
@@ -354,25 +403,55 @@ def test_cli_with_prompts_and_text_encoder(tmp_path):
   (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
   tok_dir, enc_dir = str(tmp_path / "tok"), str(tmp_path / "enc")
   build_word_level_tokenizer(words_of(prompts), tok_dir)
-  gcfg = te.Gemma2Config(vocab_size=40, hidden_size=20, intermediate_size=24, num_layers=2,
-                         num_heads=2, num_kv_heads=1, head_dim=6, sliding_window=4,
-                         query_pre_attn_scalar=6)
+  gcfg = te.Gemma2Config(
+    vocab_size=40,
+    hidden_size=20,
+    intermediate_size=24,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=6,
+    sliding_window=4,
+    query_pre_attn_scalar=6,
+  )
   gemma.save_params(te.init_params(gcfg, 0), gcfg, enc_dir)
   cfg = DiTConfig.coerce(tiny.get_config().model).diffusers_compatible()  # depth 3
   params = random_params(cfg, 4)
   W.save_diffusers(tmp_path / "diffusers", params, cfg)
   out = tmp_path / "pruned"
-  assert prune_cli.main(["--checkpoint", str(tmp_path / "diffusers"), "--captions",
-                         str(tmp_path / "prompts.txt"), "--text-encoder", enc_dir,
-                         "--tokenizer", tok_dir, "--no-chi", "--max-length", "8",
-                         "--timesteps", "500", "--latent-size", "5", "--depth", "2",
-                         "--out", str(out)]) == 0
+  assert (
+    prune_cli.main(
+      [
+        "--checkpoint",
+        str(tmp_path / "diffusers"),
+        "--captions",
+        str(tmp_path / "prompts.txt"),
+        "--text-encoder",
+        enc_dir,
+        "--tokenizer",
+        tok_dir,
+        "--no-chi",
+        "--max-length",
+        "8",
+        "--timesteps",
+        "500",
+        "--latent-size",
+        "5",
+        "--depth",
+        "2",
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   enc = PromptEncoder.from_folders(tok_dir, enc_dir, PromptConfig(max_length=8, chi=None))
   y, mask = enc.encode(prompts)
   assert y.shape == (3, 8, 20)
   loaded, lcfg = W.load_diffusers(tmp_path / "diffusers")
-  bi = pruning.block_importance(loaded, lcfg, y, mask, key=jax.random.key(0), timesteps=[500],
-                                latent_size=5)
+  bi = pruning.block_importance(
+    loaded, lcfg, y, mask, key=jax.random.key(0), timesteps=[500], latent_size=5
+  )
   report = json.loads((out / "block_importance.json").read_text())
   np.testing.assert_allclose(report["importance"], bi, atol=1e-6, rtol=0)
   assert W.load_flax(out)[1].depth == 2

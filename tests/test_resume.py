@@ -45,27 +45,40 @@ def run8(data_dir, tmp_path_factory):
 
 
 def _copy(workdir, dst, steps=None):
-  shutil.copytree(workdir, dst, ignore=None if steps is None else (
-      lambda d, names: [n for n in names if d.endswith("checkpoints") and n.isdigit()
-                        and int(n) not in steps]))
+  shutil.copytree(
+    workdir,
+    dst,
+    ignore=None
+    if steps is None
+    else (
+      lambda d, names: [
+        n for n in names if d.endswith("checkpoints") and n.isdigit() and int(n) not in steps
+      ]
+    ),
+  )
   return dst
 
 
 def _close(a, b):
   """The bound of test_train.test_sharding_is_invisible."""
-  pairs = [(np.asarray(x, np.float64), np.asarray(y, np.float64))
-           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  pairs = [
+    (np.asarray(x, np.float64), np.asarray(y, np.float64))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  ]
   scale = max(np.max(np.abs(y)) for _, y in pairs)
   assert max(np.max(np.abs(x - y)) for x, y in pairs) <= 1e-5 * scale
   for x, y in pairs:
     assert np.max(np.abs(x - y)) <= 1e-4 * max(np.max(np.abs(y)), 1e-6)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, num_devices=4),
-                                  dict(data=1, fsdp=1, num_devices=1)],
-                         ids=["4dev_data2_fsdp2", "1dev"])
-def test_checkpoint_of_8_devices_resumes_on_another_topology(run8, data_dir, tmp_path, mesh,
-                                                             caplog):
+@pytest.mark.parametrize(
+  "mesh",
+  [dict(data=2, fsdp=2, num_devices=4), dict(data=1, fsdp=1, num_devices=1)],
+  ids=["4dev_data2_fsdp2", "1dev"],
+)
+def test_checkpoint_of_8_devices_resumes_on_another_topology(
+  run8, data_dir, tmp_path, mesh, caplog
+):
   workdir, _ = run8
   wd = _copy(workdir, tmp_path / "wd", steps={2})
   config = _config(data_dir, **mesh)
@@ -86,19 +99,27 @@ def test_checkpoint_of_8_devices_resumes_on_another_topology(run8, data_dir, tmp
   _close(continued.params, uninterrupted)
 
 
-@pytest.mark.parametrize("override, fields", [
+@pytest.mark.parametrize(
+  "override, fields",
+  [
     (dict(model=dict(depth=4)), ["model.depth: 3 -> 4"]),
-    (dict(model=dict(hidden_size=40, depth=2)), ["model.depth: 3 -> 2",
-                                                 "model.hidden_size: 48 -> 40"]),
+    (
+      dict(model=dict(hidden_size=40, depth=2)),
+      ["model.depth: 3 -> 2", "model.hidden_size: 48 -> 40"],
+    ),
     (dict(model=dict(qk_norm=False)), ["model.qk_norm: True -> False"]),
     (dict(train=dict(optimizer="adamw")), ["train.optimizer: 'came_8bit' -> 'adamw'"]),
     (dict(train=dict(grad_clip=0.0, lr=0.1)), ["train.grad_clip: 1.0 -> 0.0"]),
-    (dict(train=dict(global_batch=4), mesh=dict(fsdp=4, num_devices=4)),
-     ["train.global_batch: 8 -> 4"]),
+    (
+      dict(train=dict(global_batch=4), mesh=dict(fsdp=4, num_devices=4)),
+      ["train.global_batch: 8 -> 4"],
+    ),
     (dict(train=dict(seed=1)), ["train.seed: 0 -> 1"]),
-])
+  ],
+)
 def test_change_that_does_not_fit_the_checkpoint_is_refused_and_nothing_moves(
-    run8, data_dir, tmp_path, override, fields):
+  run8, data_dir, tmp_path, override, fields
+):
   workdir, _ = run8
   wd = _copy(workdir, tmp_path / "wd")
   config = _config(data_dir, data=1, fsdp=8, num_devices=8)
@@ -131,9 +152,19 @@ def test_harmless_changes_resume(run8, data_dir, tmp_path):
   workdir, _ = run8
   moved = shutil.copytree(data_dir, tmp_path / "moved_data")
   config = _config(str(moved), data=2, fsdp=2, num_devices=4)
-  config.train.update(steps=50, lr=3e-4, warmup_steps=3, log_every=1, checkpoint_every=7,
-                      keep_checkpoints=2, async_checkpoints=False, ema_decay=0.9,
-                      cfg_dropout=0.2, grad_accum=2, peak_tflops=1.0)
+  config.train.update(
+    steps=50,
+    lr=3e-4,
+    warmup_steps=3,
+    log_every=1,
+    checkpoint_every=7,
+    keep_checkpoints=2,
+    async_checkpoints=False,
+    ema_decay=0.9,
+    cfg_dropout=0.2,
+    grad_accum=2,
+    peak_tflops=1.0,
+  )
   config.data.worker_count = 2
   config.model.update(remat_policy="full", compute_dtype="bfloat16", depthwise_impl="conv")
   config.flow_shift = 4.0

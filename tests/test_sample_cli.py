@@ -38,23 +38,40 @@ def write_pixel_model(folder, seed=0):
 
   words = "a an red green blue yellow circle square triangle star left right of above below".split()
   build_word_level_tokenizer(words, str(folder / "tokenizer"))
-  tcfg = te.gemma2_tiny(len(words) + 4, hidden_size=28, num_layers=2, head_dim=8,
-                        query_pre_attn_scalar=8)
+  tcfg = te.gemma2_tiny(
+    len(words) + 4, hidden_size=28, num_layers=2, head_dim=8, query_pre_attn_scalar=8
+  )
   gemma.save_params(jax.device_get(te.init_params(tcfg, seed)), tcfg, str(folder / "text_encoder"))
-  cfg = DiTConfig(in_channels=3, out_channels=3, patch_size=4, hidden_size=40, depth=2,
-                  self_head_dim=8, cross_heads=2, cross_head_dim=12, caption_channels=28,
-                  caption_len=10, mlp_ratio=2.0, sample_size=8)
+  cfg = DiTConfig(
+    in_channels=3,
+    out_channels=3,
+    patch_size=4,
+    hidden_size=40,
+    depth=2,
+    self_head_dim=8,
+    cross_heads=2,
+    cross_head_dim=12,
+    caption_channels=28,
+    caption_len=10,
+    mlp_ratio=2.0,
+    sample_size=8,
+  )
   params = jax.device_get(dit.init_params(cfg, jax.random.key(seed + 1)))
   # Perturb every tensor (the output layer is zero-initialised) so images depend on inputs.
   rng = np.random.default_rng(seed + 3)
   params = jax.tree_util.tree_map(
-      lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), params)
+    lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), params
+  )
   null = np.random.default_rng(seed + 2).standard_normal((10, 28)).astype(np.float32)
   dit_weights.save_flax(folder / "transformer", params, cfg, {"null_caption_embedding": null})
-  bundle_lib.write_settings(folder, image_size=32, flow_shift=3.0,
-                            sampler={"name": "dpm_solver", "steps": 3, "guidance_scale": 4.5},
-                            prompt={"max_length": 10, "chi": None, "lowercase": True},
-                            autoencoder={"kind": "pixels", "channels": 3})
+  bundle_lib.write_settings(
+    folder,
+    image_size=32,
+    flow_shift=3.0,
+    sampler={"name": "dpm_solver", "steps": 3, "guidance_scale": 4.5},
+    prompt={"max_length": 10, "chi": None, "lowercase": True},
+    autoencoder={"kind": "pixels", "channels": 3},
+  )
   return folder
 
 
@@ -67,9 +84,25 @@ def test_sample_writes_pngs_grid_and_record(model, tmp_path, capsys):
   out = tmp_path / "out"
   prompts_file = tmp_path / "prompts.txt"
   prompts_file.write_text("a blue square above a star\n\n")
-  rc = sample.main(["--model", str(model), "--prompt", "a red circle", "--prompts_file",
-                    str(prompts_file), "--num_images", "2", "--seed", "5", "--steps", "2",
-                    "--out", str(out), "--no_progress"])
+  rc = sample.main(
+    [
+      "--model",
+      str(model),
+      "--prompt",
+      "a red circle",
+      "--prompts_file",
+      str(prompts_file),
+      "--num_images",
+      "2",
+      "--seed",
+      "5",
+      "--steps",
+      "2",
+      "--out",
+      str(out),
+      "--no_progress",
+    ]
+  )
   assert rc == 0
   names = ["p000_00_seed5.png", "p000_01_seed6.png", "p001_00_seed7.png", "p001_01_seed8.png"]
   assert sorted(p.name for p in out.iterdir()) == sorted(names + ["grid.png", "samples.json"])
@@ -77,8 +110,9 @@ def test_sample_writes_pngs_grid_and_record(model, tmp_path, capsys):
   assert [r["file"] for r in records] == names
   assert [r["prompt"] for r in records] == ["a red circle"] * 2 + ["a blue square above a star"] * 2
   assert [r["seed"] for r in records] == [5, 6, 7, 8]
-  assert all(r["steps"] == 2 and r["solver"] == "dpm_solver" and r["guidance_scale"] == 4.5
-             for r in records)
+  assert all(
+    r["steps"] == 2 and r["solver"] == "dpm_solver" and r["guidance_scale"] == 4.5 for r in records
+  )
   written = np.stack([np.asarray(Image.open(out / n)) for n in names])
   assert written.shape == (4, 32, 32, 3)
   # The files hold exactly what the library generates for those prompts and seeds.
@@ -108,13 +142,26 @@ def test_batch_size_does_not_change_the_images(model, tmp_path, monkeypatch):
     def counted(params, x, *rest):
       batches[-1].append(x.shape[0])
       return run(params, x, *rest)
+
     return counted
+
   monkeypatch.setattr(SanaPipeline, "_sampler", counting_sampler)
   for bs in (None, 2, 3):
     batches.append([])
     out = tmp_path / f"bs{bs}"
-    argv = prompts + ["--model", str(model), "--num_images", "2", "--seed", "3",
-                      "--steps", "2", "--out", str(out), "--no_progress"]
+    argv = prompts + [
+      "--model",
+      str(model),
+      "--num_images",
+      "2",
+      "--seed",
+      "3",
+      "--steps",
+      "2",
+      "--out",
+      str(out),
+      "--no_progress",
+    ]
     assert sample.main(argv + ([] if bs is None else ["--batch_size", str(bs)])) == 0
     records = json.loads((out / "samples.json").read_text())
     runs[bs] = (records, _pngs(out, records))
@@ -133,9 +180,26 @@ def test_batch_size_does_not_change_the_images(model, tmp_path, monkeypatch):
 def test_sampler_euler_is_used(model, tmp_path, capsys):
   """--sampler euler: recorded, and the files are the library's Euler images."""
   out = tmp_path / "out"
-  assert sample.main(["--model", str(model), "--prompt", "a red circle", "--num_images", "2",
-                      "--steps", "3", "--sampler", "euler", "--out", str(out),
-                      "--no_progress"]) == 0
+  assert (
+    sample.main(
+      [
+        "--model",
+        str(model),
+        "--prompt",
+        "a red circle",
+        "--num_images",
+        "2",
+        "--steps",
+        "3",
+        "--sampler",
+        "euler",
+        "--out",
+        str(out),
+        "--no_progress",
+      ]
+    )
+    == 0
+  )
   assert "3 euler steps" in capsys.readouterr().out
   records = json.loads((out / "samples.json").read_text())
   assert all(r["solver"] == "euler" for r in records)
@@ -161,16 +225,16 @@ def _no_settings(model, tmp_path):
 
 
 BAD = [
-    (["--height", "30"], "--height 30: must be a multiple of 4"),
-    (["--width", "34", "--height", "32"], "--width 34: must be a multiple of 4"),
-    (["--steps", "0"], "--steps 0: must be >= 1"),
-    (["--guidance", "-1"], "--guidance -1: must be >= 0"),
-    (["--num_images", "0"], "--num_images 0: must be >= 1"),
-    (["--prompts_file", "EMPTY"], "has no prompts"),
-    (["--prompt", "   "], "empty prompt"),
-    (["--model", "MISSING"], "does not exist"),
-    (["--model", "INCOMPLETE"], r"incomplete; missing: \['text_encoder/params.safetensors'\]"),
-    (["--model", "NO_SETTINGS"], "not a sana_jax model folder"),
+  (["--height", "30"], "--height 30: must be a multiple of 4"),
+  (["--width", "34", "--height", "32"], "--width 34: must be a multiple of 4"),
+  (["--steps", "0"], "--steps 0: must be >= 1"),
+  (["--guidance", "-1"], "--guidance -1: must be >= 0"),
+  (["--num_images", "0"], "--num_images 0: must be >= 1"),
+  (["--prompts_file", "EMPTY"], "has no prompts"),
+  (["--prompt", "   "], "empty prompt"),
+  (["--model", "MISSING"], "does not exist"),
+  (["--model", "INCOMPLETE"], r"incomplete; missing: \['text_encoder/params.safetensors'\]"),
+  (["--model", "NO_SETTINGS"], "not a sana_jax model folder"),
 ]
 
 
@@ -178,12 +242,22 @@ BAD = [
 def test_bad_input_clear_error_nothing_written(model, tmp_path, capsys, extra, message):
   empty = tmp_path / "empty.txt"
   empty.write_text("\n  \n")
-  subst = {"EMPTY": str(empty), "MISSING": str(tmp_path / "nope"),
-           "INCOMPLETE": str(_incomplete(model, tmp_path)) if "INCOMPLETE" in extra else "",
-           "NO_SETTINGS": str(_no_settings(model, tmp_path)) if "NO_SETTINGS" in extra else ""}
+  subst = {
+    "EMPTY": str(empty),
+    "MISSING": str(tmp_path / "nope"),
+    "INCOMPLETE": str(_incomplete(model, tmp_path)) if "INCOMPLETE" in extra else "",
+    "NO_SETTINGS": str(_no_settings(model, tmp_path)) if "NO_SETTINGS" in extra else "",
+  }
   extra = [subst.get(a, a) for a in extra]
-  args = ["--model", str(model), "--prompt", "a red circle", "--out", str(tmp_path / "out"),
-          "--no_progress"]
+  args = [
+    "--model",
+    str(model),
+    "--prompt",
+    "a red circle",
+    "--out",
+    str(tmp_path / "out"),
+    "--no_progress",
+  ]
   if "--prompt" in extra or "--prompts_file" in extra:
     args = args[:2] + args[4:]
   assert sample.main(args + extra) == 2
@@ -195,11 +269,17 @@ def test_bad_input_clear_error_nothing_written(model, tmp_path, capsys, extra, m
 def test_cli_exit_code_2_and_message(tmp_path):
   """As a command: exit status 2, 'error: ...' on stderr, no output folder."""
   out = tmp_path / "out"
-  for extra, message in ((["--model", str(tmp_path / "nope")], "does not exist"),
-                         (["--prompts_file", str(tmp_path / "none.txt")], "no such file")):
-    proc = subprocess.run([sys.executable, str(REPO / "sample.py"), "--prompt", "a circle",
-                           "--out", str(out), *extra], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+  for extra, message in (
+    (["--model", str(tmp_path / "nope")], "does not exist"),
+    (["--prompts_file", str(tmp_path / "none.txt")], "no such file"),
+  ):
+    proc = subprocess.run(
+      [sys.executable, str(REPO / "sample.py"), "--prompt", "a circle", "--out", str(out), *extra],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr
     assert not out.exists()

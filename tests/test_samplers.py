@@ -47,9 +47,9 @@ def rel_err(a, b):
 def _toy_params(seed=0):
   rng = np.random.default_rng(seed)
   return {
-      "w": (rng.standard_normal((C, C)) / np.sqrt(C)).astype(np.float32),
-      "p": rng.standard_normal((CY, C)).astype(np.float32),
-      "b": rng.standard_normal((C,)).astype(np.float32),
+    "w": (rng.standard_normal((C, C)) / np.sqrt(C)).astype(np.float32),
+    "p": rng.standard_normal((CY, C)).astype(np.float32),
+    "b": rng.standard_normal((C,)).astype(np.float32),
   }
 
 
@@ -79,8 +79,15 @@ def _make_toy_torch(params):
       self.b = torch.nn.Parameter(torch.from_numpy(params["b"]))
       self.calls = []
 
-    def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask=None,
-                timestep=None, return_dict=False, attention_kwargs=None):
+    def forward(
+      self,
+      hidden_states,
+      encoder_hidden_states,
+      encoder_attention_mask=None,
+      timestep=None,
+      return_dict=False,
+      attention_kwargs=None,
+    ):
       x = hidden_states
       self.calls.append((x.shape[0], timestep.clone()))
       y = torch.einsum("nchw,cd->ndhw", x, self.w)
@@ -110,37 +117,70 @@ def _inputs(seed=1):
 def _scheduler(solver, shift):
   if solver == "dpm_solver":
     return diffusers.DPMSolverMultistepScheduler(
-        use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
+      use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction"
+    )
   return diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
 
 
-def _diffusers_latents(transformer, solver, shift, steps, noise, cap, null, mask, null_mask,
-                       guidance_scale):
-  pipe = diffusers.SanaPipeline(tokenizer=None, text_encoder=None, vae=None,
-                                transformer=transformer, scheduler=_scheduler(solver, shift))
+def _diffusers_latents(
+  transformer, solver, shift, steps, noise, cap, null, mask, null_mask, guidance_scale
+):
+  pipe = diffusers.SanaPipeline(
+    tokenizer=None,
+    text_encoder=None,
+    vae=None,
+    transformer=transformer,
+    scheduler=_scheduler(solver, shift),
+  )
   pipe.set_progress_bar_config(disable=True)
   with torch.no_grad():
     out = pipe(
-        negative_prompt=None,
-        prompt_embeds=torch.from_numpy(cap),
-        prompt_attention_mask=torch.from_numpy(mask),
-        negative_prompt_embeds=torch.from_numpy(np.repeat(null, B, 0)),
-        negative_prompt_attention_mask=torch.from_numpy(null_mask),
-        latents=torch.from_numpy(noise), num_inference_steps=steps,
-        guidance_scale=guidance_scale, output_type="latent",
-        use_resolution_binning=False, height=32 * H, width=32 * W).images
+      negative_prompt=None,
+      prompt_embeds=torch.from_numpy(cap),
+      prompt_attention_mask=torch.from_numpy(mask),
+      negative_prompt_embeds=torch.from_numpy(np.repeat(null, B, 0)),
+      negative_prompt_attention_mask=torch.from_numpy(null_mask),
+      latents=torch.from_numpy(noise),
+      num_inference_steps=steps,
+      guidance_scale=guidance_scale,
+      output_type="latent",
+      use_resolution_binning=False,
+      height=32 * H,
+      width=32 * W,
+    ).images
   return out.numpy()
 
 
-def _ours(solver, shift, steps, noise, cap, null, mask, null_mask, guidance_scale,
-          use_null_mask, params=None, apply_fn=None, **kw):
+def _ours(
+  solver,
+  shift,
+  steps,
+  noise,
+  cap,
+  null,
+  mask,
+  null_mask,
+  guidance_scale,
+  use_null_mask,
+  params=None,
+  apply_fn=None,
+  **kw,
+):
   apply_fn = apply_fn or toy_jax
   params = params if params is not None else _toy_params()
-  run = samplers.make_sampler(apply_fn, num_steps=steps, shift=shift, solver=solver,
-                              guidance_scale=guidance_scale, use_null_mask=use_null_mask, **kw)
+  run = samplers.make_sampler(
+    apply_fn,
+    num_steps=steps,
+    shift=shift,
+    solver=solver,
+    guidance_scale=guidance_scale,
+    use_null_mask=use_null_mask,
+    **kw,
+  )
   x = jnp.asarray(noise.transpose(0, 2, 3, 1))  # NCHW -> NHWC
-  out = run(params, x, jnp.asarray(cap), jnp.asarray(mask), jnp.asarray(null),
-            jnp.asarray(null_mask))
+  out = run(
+    params, x, jnp.asarray(cap), jnp.asarray(mask), jnp.asarray(null), jnp.asarray(null_mask)
+  )
   return np.asarray(out).transpose(0, 3, 1, 2)
 
 
@@ -195,26 +235,30 @@ def test_sampler_parity_with_sana_pipeline(solver, shift):
   for k, steps in enumerate(STEPS):
     official = k % 2 == 1
     d_null_mask = mask if official else null_mask
-    ref = _diffusers_latents(transformer, solver, shift, steps, noise, cap, null, mask,
-                             d_null_mask, 4.5)
-    out = _ours(solver, shift, steps, noise, cap, null, mask, null_mask, 4.5,
-                use_null_mask=not official)
+    ref = _diffusers_latents(
+      transformer, solver, shift, steps, noise, cap, null, mask, d_null_mask, 4.5
+    )
+    out = _ours(
+      solver, shift, steps, noise, cap, null, mask, null_mask, 4.5, use_null_mask=not official
+    )
     err = rel_err(out, ref)
     print(f"{solver} shift={shift} steps={steps} official_mask={official}: rel err {err:.2e}")
     assert err <= 1e-5, (solver, shift, steps, err)
     # The result must depend on what we claim to mirror: the other mask convention
     # gives a clearly different answer.
     if steps == 20:
-      other = _ours(solver, shift, steps, noise, cap, null, mask, null_mask, 4.5,
-                    use_null_mask=official)
+      other = _ours(
+        solver, shift, steps, noise, cap, null, mask, null_mask, 4.5, use_null_mask=official
+      )
       assert rel_err(other, ref) > 1e-3
 
 
 def test_no_guidance_is_single_conditional_pass():
   noise, cap, null, mask, null_mask = _inputs()
   transformer = _make_toy_torch(_toy_params())
-  ref = _diffusers_latents(transformer, "dpm_solver", 3.0, 20, noise, cap, null, mask,
-                           null_mask, 1.0)
+  ref = _diffusers_latents(
+    transformer, "dpm_solver", 3.0, 20, noise, cap, null, mask, null_mask, 1.0
+  )
   assert all(n == B for n, _ in transformer.calls)  # diffusers skips the null half
   calls = []
 
@@ -222,8 +266,9 @@ def test_no_guidance_is_single_conditional_pass():
     calls.append(x.shape[0])
     return toy_jax(params, x, t, c, m)
 
-  out = _ours("dpm_solver", 3.0, 20, noise, cap, null, mask, null_mask, 1.0, False,
-              apply_fn=counting)
+  out = _ours(
+    "dpm_solver", 3.0, 20, noise, cap, null, mask, null_mask, 1.0, False, apply_fn=counting
+  )
   assert calls == [B]
   assert rel_err(out, ref) <= 1e-5
 
@@ -247,8 +292,9 @@ def _torch_interval_reference(solver, shift, steps, noise, cap, null, mask, scal
       tf = t * 1.0
       if lo < float(tf) < hi:
         guided_steps += 1
-        out = model(torch.cat([x, x]), torch.cat([nullt, capt]), torch.cat([m, m]),
-                    tf.expand(2 * B))[0]
+        out = model(
+          torch.cat([x, x]), torch.cat([nullt, capt]), torch.cat([m, m]), tf.expand(2 * B)
+        )[0]
         vn, vc = out.chunk(2)
         v = vn + scale * (vc - vn)
       else:
@@ -263,8 +309,9 @@ def test_guidance_interval(solver):
   lo, hi = 200.0, 800.0
   ref, guided = _torch_interval_reference(solver, 3.0, 20, noise, cap, null, mask, 4.5, lo, hi)
   assert 0 < guided < 20
-  out = _ours(solver, 3.0, 20, noise, cap, null, mask, null_mask, 4.5, False,
-              guidance_interval=(lo, hi))
+  out = _ours(
+    solver, 3.0, 20, noise, cap, null, mask, null_mask, 4.5, False, guidance_interval=(lo, hi)
+  )
   assert rel_err(out, ref) <= 1e-5
   full = _ours(solver, 3.0, 20, noise, cap, null, mask, null_mask, 4.5, False)
   assert rel_err(full, ref) > 1e-3
@@ -277,8 +324,11 @@ def test_progress_callback_reports_every_step_in_order():
   seen = []
   noise = jnp.zeros((1, 2, 2, 3))
   vf = lambda x, t: -x + t / 1000.0
-  out = jax.jit(lambda x: samplers.sample(vf, x, num_steps=7, shift=3.0,
-                                          progress=lambda i, n: seen.append((i, n))))(noise)
+  out = jax.jit(
+    lambda x: samplers.sample(
+      vf, x, num_steps=7, shift=3.0, progress=lambda i, n: seen.append((i, n))
+    )
+  )(noise)
   jax.block_until_ready(out)
   jax.effects_barrier()
   assert seen == [(i, 7) for i in range(7)]
@@ -292,8 +342,20 @@ def test_padded_grid_equals_exact_grid(solver):
   for steps in (1, 2, 7):
     seen = []
     exact = _ours(solver, 3.0, steps, noise, cap, null, mask, null_mask, 4.5, False)
-    padded = _ours(solver, 3.0, steps, noise, cap, null, mask, null_mask, 4.5, False,
-                   pad_to=9, progress=lambda i, n: seen.append((i, n)))
+    padded = _ours(
+      solver,
+      3.0,
+      steps,
+      noise,
+      cap,
+      null,
+      mask,
+      null_mask,
+      4.5,
+      False,
+      pad_to=9,
+      progress=lambda i, n: seen.append((i, n)),
+    )
     jax.effects_barrier()
     np.testing.assert_allclose(padded, exact, rtol=1e-6, atol=1e-6)
     assert seen == [(i, steps) for i in range(steps)]
@@ -305,6 +367,7 @@ def test_sampling_sharded_over_devices_with_progress():
   """Batch sharded over the 8 simulated devices: same latents as one device, and the
   progress callback (unordered debug callback) fires once per step, not per device."""
   from jax.sharding import NamedSharding, PartitionSpec as P
+
   n_dev = len(jax.devices())
   if n_dev < 2:
     pytest.skip("needs several devices")
@@ -315,8 +378,9 @@ def test_sampling_sharded_over_devices_with_progress():
   mask = np.ones((batch, L), np.int32)
   null = rng.standard_normal((L, CY)).astype(np.float32)
   seen = []
-  run = samplers.make_sampler(toy_jax, num_steps=5, shift=3.0, guidance_scale=4.5,
-                              progress=lambda i, n: seen.append((i, n)))
+  run = samplers.make_sampler(
+    toy_jax, num_steps=5, shift=3.0, guidance_scale=4.5, progress=lambda i, n: seen.append((i, n))
+  )
   single = np.asarray(run(_toy_params(), noise, cap, mask, null))
   jax.effects_barrier()
   seen.clear()
@@ -334,8 +398,10 @@ def test_one_step_dpm_and_euler_return_x0_prediction():
   """With one step both solvers land on x0 = x - sigma_0 v(x, t_0) (sigma_0 ~ 1)."""
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 5)), jnp.float32)
   vf = lambda x, t: 0.5 * x + t / 1000.0
-  for solver, sched in (("dpm_solver", schedules.dpm_solver_schedule(1, 3.0)),
-                        ("euler", schedules.euler_schedule(1, 3.0))):
+  for solver, sched in (
+    ("dpm_solver", schedules.dpm_solver_schedule(1, 3.0)),
+    ("euler", schedules.euler_schedule(1, 3.0)),
+  ):
     out = samplers.sample(vf, x, num_steps=1, shift=3.0, solver=solver)
     want = x - sched.sigmas[0] * vf(x, sched.model_times[0])
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-6, atol=1e-6)
@@ -347,18 +413,21 @@ def test_guidance_bad_input():
   with pytest.raises(ValueError, match="null_caption"):
     samplers.guided_velocity_fn(toy_jax, cap, mask, jnp.zeros((L + 1, CY)), guidance_scale=4.5)
   with pytest.raises(ValueError, match="mask"):
-    samplers.guided_velocity_fn(toy_jax, cap, jnp.ones((B, L + 1)), jnp.zeros((L, CY)),
-                                guidance_scale=4.5)
+    samplers.guided_velocity_fn(
+      toy_jax, cap, jnp.ones((B, L + 1)), jnp.zeros((L, CY)), guidance_scale=4.5
+    )
   with pytest.raises(ValueError, match="guidance_scale"):
     samplers.guided_velocity_fn(toy_jax, cap, mask, jnp.zeros((L, CY)), guidance_scale=-1.0)
   with pytest.raises(ValueError, match="guidance_scale"):
     samplers.make_sampler(toy_jax, num_steps=2, shift=3.0, guidance_scale=-0.5)
   with pytest.raises(ValueError, match="null caption's mask"):
     samplers.make_sampler(toy_jax, num_steps=2, shift=3.0, use_null_mask=True)(
-        _toy_params(), jnp.zeros((B, H, W, C)), cap, mask, jnp.zeros((L, CY)))
+      _toy_params(), jnp.zeros((B, H, W, C)), cap, mask, jnp.zeros((L, CY))
+    )
   with pytest.raises(ValueError, match="guidance_interval"):
-    samplers.guided_velocity_fn(toy_jax, cap, mask, jnp.zeros((L, CY)), guidance_scale=4.5,
-                                guidance_interval=(800, 200))
+    samplers.guided_velocity_fn(
+      toy_jax, cap, mask, jnp.zeros((L, CY)), guidance_scale=4.5, guidance_interval=(800, 200)
+    )
 
 
 # -------------------------------------------------- phase B: the tiny DiT, both frameworks
@@ -408,11 +477,18 @@ def test_dit_sampler_parity_with_sana_pipeline(tiny_dit, solver):
   for shift in SHIFTS:
     for k, steps in enumerate(STEPS):
       official = k % 2 == 1  # alternate the two null-mask conventions
-      ref = _diffusers_latents(torch_model, solver, shift, steps,
-                               null_mask=mask if official else null_mask, **pipe_kw)
-      run = samplers.make_sampler(apply_fn, num_steps=steps, shift=shift, solver=solver,
-                                  guidance_scale=4.5, use_null_mask=not official,
-                                  pad_to=max(STEPS))  # one compiled program per solver
+      ref = _diffusers_latents(
+        torch_model, solver, shift, steps, null_mask=mask if official else null_mask, **pipe_kw
+      )
+      run = samplers.make_sampler(
+        apply_fn,
+        num_steps=steps,
+        shift=shift,
+        solver=solver,
+        guidance_scale=4.5,
+        use_null_mask=not official,
+        pad_to=max(STEPS),
+      )  # one compiled program per solver
       out = run(params, jnp.asarray(noise.transpose(0, 2, 3, 1)), cap, mask, null, null_mask)
       out = np.asarray(out).transpose(0, 3, 1, 2)
       err = rel_err(out, ref)

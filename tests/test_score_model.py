@@ -20,12 +20,20 @@ def test_tables_equal_the_evaluator_on_the_saved_images(tmp_path, capsys):
   # --ns without 1 (the one-image table is candidate 0 regardless) and N = 3, not a power
   # of two (a bye in the bracket). Batches of 3, the shape test_best_of_n's pipeline run
   # compiles too (the compiled sampler is shared in one process).
-  assert score_model.main(["--out", str(out), "--per_category", "1", "--ns", "3,2",
-                           "--steps", "4", "--batch", "3"]) == 0
+  assert (
+    score_model.main(
+      ["--out", str(out), "--per_category", "1", "--ns", "3,2", "--steps", "4", "--batch", "3"]
+    )
+    == 0
+  )
   printed = capsys.readouterr().out
   assert sorted(p.name for p in tmp_path.iterdir()) == ["score"]  # no partial folder left
-  assert {p.name for p in out.iterdir()} == {"images", "report.json", "best_of_n.png",
-                                             "gallery.png"}
+  assert {p.name for p in out.iterdir()} == {
+    "images",
+    "report.json",
+    "best_of_n.png",
+    "gallery.png",
+  }
   report = json.loads((out / "report.json").read_text())
   assert report["prompts"] == 6 and report["settings"]["steps"] == 4
   assert sorted(report["best_of_n"]) == ["2", "3"]
@@ -46,32 +54,41 @@ def test_tables_equal_the_evaluator_on_the_saved_images(tmp_path, capsys):
   assert report["one_image"] == single
   assert evaluator.format_report(single) in printed
   for n in (2, 3):
-    winners = [tournament([Verdict(r.correct, r.score, 1.0 - r.score) for r in res[:n]],
-                          1).winners[0] for res in results]
-    table = evaluator.report([(spec, res[w]) for spec, res, w in zip(want_specs, results,
-                                                                     winners)])
+    winners = [
+      tournament([Verdict(r.correct, r.score, 1.0 - r.score) for r in res[:n]], 1).winners[0]
+      for res in results
+    ]
+    table = evaluator.report([(spec, res[w]) for spec, res, w in zip(want_specs, results, winners)])
     assert report["best_of_n"][str(n)] == table
     row = next(line.split() for line in printed.splitlines() if line.split()[:1] == [str(n)])
-    assert row == [str(n)] + [f"{table['categories'][c]['accuracy']:.3f}"
-                              for c in table["categories"]] + [f"{table['overall']:.3f}"]
+    assert row == [str(n)] + [
+      f"{table['categories'][c]['accuracy']:.3f}" for c in table["categories"]
+    ] + [f"{table['overall']:.3f}"]
 
   # the images are the pipeline's, seed 1000 * prompt index + candidate
   from sana_jax.pipeline import SamplingOptions, SanaPipeline
   from sana_jax.shapes_model import DEFAULT_MODEL
+
   flat = [(p, k) for p in range(6) for k in range(3)]
   want = SanaPipeline.from_folder(DEFAULT_MODEL).generate(
-      [want_specs[p]["prompt"] for p, _ in flat], [1000 * p + k for p, k in flat],
-      SamplingOptions(steps=4), batch_size=3)
+    [want_specs[p]["prompt"] for p, _ in flat],
+    [1000 * p + k for p, k in flat],
+    SamplingOptions(steps=4),
+    batch_size=3,
+  )
   np.testing.assert_array_equal(np.stack([im for ims in images for im in ims]), want)
 
 
-@pytest.mark.parametrize("argv,count", [
+@pytest.mark.parametrize(
+  "argv,count",
+  [
     (["--per_category", "2"], 12),
     (["--num_prompts", "7"], 7),
     (["--num_prompts", "60", "--per_category", "3"], 6),  # the first 60: two categories
     (["--validation", "--per_category", "2"], 12),
     (["--validation", "--per_category", "2", "--num_prompts", "5"], 5),
-])
+  ],
+)
 def test_prompt_selection(argv, count):
   args = score_model.build_parser().parse_args(argv)
   prompts = score_model.select_prompts(args)
@@ -93,14 +110,19 @@ class _RenderingPipeline:
     return {"steps": options.steps}
 
   def generate(self, prompts, seeds, options):
-    return np.stack([shapes.render(self.specs[p], 32, np.random.default_rng(s))
-                     for p, s in zip(prompts, seeds)])
+    return np.stack(
+      [shapes.render(self.specs[p], 32, np.random.default_rng(s)) for p, s in zip(prompts, seeds)]
+    )
 
 
 def test_out_is_replaced_whole_and_only_with_overwrite(tmp_path, monkeypatch, capsys):
   from sana_jax.pipeline import SanaPipeline
-  monkeypatch.setattr(SanaPipeline, "from_folder",
-                      classmethod(lambda cls, folder: _RenderingPipeline(shapes.eval_prompts())))
+
+  monkeypatch.setattr(
+    SanaPipeline,
+    "from_folder",
+    classmethod(lambda cls, folder: _RenderingPipeline(shapes.eval_prompts())),
+  )
   out = tmp_path / "score"
   out.mkdir()
   (out / "stale.txt").write_text("an earlier run")
@@ -116,8 +138,12 @@ def test_out_is_replaced_whole_and_only_with_overwrite(tmp_path, monkeypatch, ca
   assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["score"]
   assert score_model.main(argv + ["--overwrite"]) == 0
-  assert sorted(p.name for p in out.iterdir()) == ["best_of_n.png", "gallery.png", "images",
-                                                   "report.json"]
+  assert sorted(p.name for p in out.iterdir()) == [
+    "best_of_n.png",
+    "gallery.png",
+    "images",
+    "report.json",
+  ]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["score"]
   report = json.loads((out / "report.json").read_text())
   assert report["one_image"]["overall"] == 1.0  # rendered ground truth: all correct

@@ -14,15 +14,25 @@ import pytest
 
 from sana_jax.data import shapes as S
 
-NUMBER_WORDS = {1: ("one", "1", "a", "single"), 2: ("two", "2"), 3: ("three", "3"),
-                4: ("four", "4")}
+NUMBER_WORDS = {
+  1: ("one", "1", "a", "single"),
+  2: ("two", "2"),
+  3: ("three", "3"),
+  4: ("four", "4"),
+}
 
 
 def test_constants():
   assert len(S.SHAPES) >= 4 and len(set(S.SHAPES)) == len(S.SHAPES)
   assert len(S.COLORS) >= 6
-  assert S.CATEGORIES == ("single_object", "two_object", "counting", "colors", "position",
-                          "color_attr")
+  assert S.CATEGORIES == (
+    "single_object",
+    "two_object",
+    "counting",
+    "colors",
+    "position",
+    "color_attr",
+  )
   rgb = np.array(list(S.COLORS.values()), np.float64)
   dists = [np.linalg.norm(a - b) for a, b in itertools.combinations(rgb, 2)]
   assert min(dists) > 120, dists  # well separated
@@ -47,7 +57,9 @@ def test_sample_spec_is_geneval_metadata_and_caption_is_faithful(category):
         assert req["color"] in words, spec
       assert any(w in words for w in NUMBER_WORDS[req["count"]]), spec
     # Colours named in the prompt are exactly the spec's colours.
-    assert {w for w in words if w in S.COLORS} == {r["color"] for r in spec["include"] if "color" in r}
+    assert {w for w in words if w in S.COLORS} == {
+      r["color"] for r in spec["include"] if "color" in r
+    }
     if category == "counting":
       (req,) = spec["include"]
       assert spec["exclude"] == [{"class": req["class"], "count": req["count"] + 1}]
@@ -108,8 +120,12 @@ def test_layout_sizes_gaps_and_relations():
 
 def test_shape_pixels_follow_geometry():
   """The rendered coverage of each class has its analytic area (pi/4, 1, 1/2, cross)."""
-  expected = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5,
-              "cross": 2 * S.CROSS_ARM - S.CROSS_ARM ** 2}
+  expected = {
+    "circle": np.pi / 4,
+    "square": 1.0,
+    "triangle": 0.5,
+    "cross": 2 * S.CROSS_ARM - S.CROSS_ARM**2,
+  }
   for shape, frac in expected.items():
     cov = S.coverage(shape, 30.3, 29.6, 40.0, 40.0, 0, 0, 64, 64, ss=8)
     assert cov.sum() == pytest.approx(frac * 1600, rel=0.01), shape
@@ -127,7 +143,9 @@ def test_eval_prompt_file_is_balanced_unique_and_reproducible():
   assert len(set(keys)) == len(keys)
   # Content varies inside each category too (e.g. every shape appears in single_object).
   assert {s["include"][0]["class"] for s in shipped if s["tag"] == "single_object"} == set(S.SHAPES)
-  assert {s["include"][0]["count"] for s in shipped if s["tag"] == "counting"} == set(S.COUNTING_RANGE)
+  assert {s["include"][0]["count"] for s in shipped if s["tag"] == "counting"} == set(
+    S.COUNTING_RANGE
+  )
 
 
 def test_training_captions_are_disjoint_from_eval_prompts():
@@ -158,6 +176,7 @@ def test_grid_cli(tmp_path):
   out = tmp_path / "grid.png"
   S.main(["--grid", str(out), "--image-size", "32", "--per-category", "2"])
   from PIL import Image
+
   im = Image.open(out)
   assert im.mode == "RGB" and im.size[0] > 2 * 64 and im.size[1] > 6 * 64
 
@@ -167,6 +186,7 @@ def test_grid_cli(tmp_path):
 
 def _build(data_dir, image_size=32, num_train=60, seed=1):
   from sana_jax.data import shapes_tfds
+
   cfg = shapes_tfds.make_config(image_size, num_train, seed)
   builder = shapes_tfds.ShapesEval(config=cfg, data_dir=str(data_dir))
   builder.download_and_prepare()
@@ -189,8 +209,10 @@ def test_tfds_builder_writes_array_record_readable_without_tensorflow(tmp_path):
 
   _build(tmp_path / "a")
   files = _record_files(tmp_path / "a")
-  assert sorted(files) == ["shapes_eval-eval.array_record-00000-of-00001",
-                           "shapes_eval-train.array_record-00000-of-00001"]
+  assert sorted(files) == [
+    "shapes_eval-eval.array_record-00000-of-00001",
+    "shapes_eval-train.array_record-00000-of-00001",
+  ]
   ds = tfds.data_source("shapes_eval/32px_n60_s1", data_dir=str(tmp_path / "a"))
   train, evals = ds["train"], ds["eval"]
   assert len(train) == 60 and len(evals) == len(S.eval_prompts())
@@ -210,6 +232,7 @@ def test_tfds_builder_writes_array_record_readable_without_tensorflow(tmp_path):
 
   # The eval split renders the evaluation prompts, in order; the evaluator passes them.
   from sana_jax.eval import shapes as E
+
   eval_specs = S.eval_prompts()
   for i in range(len(evals)):
     rec = shapes_tfds.decode(evals[i])
@@ -228,12 +251,15 @@ def test_tfds_builder_is_deterministic(tmp_path):
   b = _record_files(_build(tmp_path / "b").data_dir)
   c = _record_files(_build(tmp_path / "c", seed=2).data_dir)
   assert a == b  # same seed, same bytes
-  assert a["shapes_eval-train.array_record-00000-of-00001"] != c[
-      "shapes_eval-train.array_record-00000-of-00001"]
+  assert (
+    a["shapes_eval-train.array_record-00000-of-00001"]
+    != c["shapes_eval-train.array_record-00000-of-00001"]
+  )
 
 
 def test_tfds_registered_configs():
   from sana_jax.data import shapes_tfds
+
   sizes = {c.name: c.image_size for c in shapes_tfds.ShapesEval.BUILDER_CONFIGS}
   assert sizes == {"32px": 32, "64px": 64, "128px": 128}
   b = shapes_tfds.ShapesEval(config="128px", data_dir="/nonexistent-not-written")

@@ -38,27 +38,52 @@ def wrong_specs(spec, rng):
 
   inc = spec["include"]
   if tag == "single_object":
-    variant("wrong class", lambda s: s["include"][0].update({"class": other(S.SHAPES, [inc[0]["class"]])}))
+    variant(
+      "wrong class", lambda s: s["include"][0].update({"class": other(S.SHAPES, [inc[0]["class"]])})
+    )
     variant("count +1", lambda s: s["include"][0].update({"count": 2}))
   elif tag == "two_object":
-    variant("wrong class", lambda s: s["include"][int(rng.integers(2))].update(
-        {"class": other(S.SHAPES, [inc[0]["class"], inc[1]["class"]])}))
+    variant(
+      "wrong class",
+      lambda s: s["include"][int(rng.integers(2))].update(
+        {"class": other(S.SHAPES, [inc[0]["class"], inc[1]["class"]])}
+      ),
+    )
     variant("count +1", lambda s: s["include"][int(rng.integers(2))].update({"count": 2}))
   elif tag == "counting":
     n = inc[0]["count"]
     for d in (-1, +1):
-      variant(f"count {d:+d}", lambda s, d=d: (s["include"][0].update({"count": n + d}),
-                                               s["exclude"][0].update({"count": n + d + 1})))
+      variant(
+        f"count {d:+d}",
+        lambda s, d=d: (
+          s["include"][0].update({"count": n + d}),
+          s["exclude"][0].update({"count": n + d + 1}),
+        ),
+      )
   elif tag == "colors":
-    variant("wrong colour", lambda s: s["include"][0].update({"color": other(S.COLORS, [inc[0]["color"]])}))
+    variant(
+      "wrong colour",
+      lambda s: s["include"][0].update({"color": other(S.COLORS, [inc[0]["color"]])}),
+    )
   elif tag == "position":
-    variant("swapped position", lambda s: s["include"][1].update(
-        {"position": [S.OPPOSITE[inc[1]["position"][0]], 0]}))
+    variant(
+      "swapped position",
+      lambda s: s["include"][1].update({"position": [S.OPPOSITE[inc[1]["position"][0]], 0]}),
+    )
   elif tag == "color_attr":
-    variant("swapped attributes", lambda s: (s["include"][0].update({"color": inc[1]["color"]}),
-                                             s["include"][1].update({"color": inc[0]["color"]})))
-    variant("wrong colour", lambda s: s["include"][1].update(
-        {"color": other(S.COLORS, [inc[0]["color"], inc[1]["color"]])}))
+    variant(
+      "swapped attributes",
+      lambda s: (
+        s["include"][0].update({"color": inc[1]["color"]}),
+        s["include"][1].update({"color": inc[0]["color"]}),
+      ),
+    )
+    variant(
+      "wrong colour",
+      lambda s: s["include"][1].update(
+        {"color": other(S.COLORS, [inc[0]["color"], inc[1]["color"]])}
+      ),
+    )
   return out
 
 
@@ -79,8 +104,11 @@ def measure(image_size, per_category, noise, blur, seed=7):
       for kind, bad in wrong_specs(spec, rng).items():
         tried[kind] = tried.get(kind, 0) + 1
         rejected[kind] = rejected.get(kind, 0) + (not E.score_detections(dets, bad).correct)
-    table[cat] = {"clean": clean / per_category, "degraded": noisy / per_category,
-                  **{f"rejects {k}": rejected[k] / tried[k] for k in tried}}
+    table[cat] = {
+      "clean": clean / per_category,
+      "degraded": noisy / per_category,
+      **{f"rejects {k}": rejected[k] / tried[k] for k in tried},
+    }
   return table
 
 
@@ -90,14 +118,20 @@ def _print(title, table):
     print(f"  {cat:<14} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
 
 
-@pytest.mark.parametrize("image_size,per_category,noise,blur", [
+@pytest.mark.parametrize(
+  "image_size,per_category,noise,blur",
+  [
     (64, 200, 8.0, 0.6),
     (32, 100, 8.0, 0.5),
-])
+  ],
+)
 def test_accuracy_on_ground_truth_and_wrong_specs(image_size, per_category, noise, blur):
   table = measure(image_size, per_category, noise, blur)
-  _print(f"ShapesEval evaluator at {image_size} px, {per_category}/category "
-         f"(degraded: blur {blur} px, noise {noise}/255)", table)
+  _print(
+    f"ShapesEval evaluator at {image_size} px, {per_category}/category "
+    f"(degraded: blur {blur} px, noise {noise}/255)",
+    table,
+  )
   for cat, row in table.items():
     for key, acc in row.items():
       assert acc >= 0.99, (cat, key, acc, table)
@@ -162,8 +196,8 @@ def test_detector_ignores_noise_and_blank_images():
 def test_detector_on_grey_background_and_shifted_colours():
   """Background is measured, not assumed; colours a bit off the palette still classify."""
   im, draw = _pil_canvas(bg=(215, 215, 215))
-  _pil_shape(draw, "square", (6, 6, 24, 24), (180, 40, 40))       # darker red
-  _pil_shape(draw, "triangle", (36, 30, 58, 52), (60, 90, 200))    # off blue
+  _pil_shape(draw, "square", (6, 6, 24, 24), (180, 40, 40))  # darker red
+  _pil_shape(draw, "triangle", (36, 30, 58, 52), (60, 90, 200))  # off blue
   dets = sorted(E.detect(_downsample(im, 64)), key=lambda d: d.box[0])
   assert [(d.cls, d.color) for d in dets] == [("square", "red"), ("triangle", "blue")]
 
@@ -183,10 +217,14 @@ def test_input_validation():
   with pytest.raises(ValueError, match="uint8"):
     E.evaluate(np.zeros((32, 32), np.uint8), spec)
   with pytest.raises(ValueError, match="class must be one of"):
-    E.evaluate(np.zeros((32, 32, 3), np.uint8), {"tag": "x", "include": [{"class": "dog", "count": 1}]})
+    E.evaluate(
+      np.zeros((32, 32, 3), np.uint8), {"tag": "x", "include": [{"class": "dog", "count": 1}]}
+    )
   with pytest.raises(ValueError, match="color must be one of"):
-    E.evaluate(np.zeros((32, 32, 3), np.uint8),
-               {"tag": "x", "include": [{"class": "circle", "count": 1, "color": "pink"}]})
+    E.evaluate(
+      np.zeros((32, 32, 3), np.uint8),
+      {"tag": "x", "include": [{"class": "circle", "count": 1, "color": "pink"}]},
+    )
 
 
 # ----------------------------------------------------------------------------- GenEval rules
@@ -203,17 +241,22 @@ def _geneval_relative_position(box_a, box_b, threshold=0.1):
     return set()
   dx, dy = revised / np.linalg.norm(offset)
   rel = set()
-  if dx < -0.5: rel.add("left of")
-  if dx > 0.5: rel.add("right of")
-  if dy < -0.5: rel.add("above")
-  if dy > 0.5: rel.add("below")
+  if dx < -0.5:
+    rel.add("left of")
+  if dx > 0.5:
+    rel.add("right of")
+  if dy < -0.5:
+    rel.add("above")
+  if dy > 0.5:
+    rel.add("below")
   return rel
 
 
 def test_relation_strength_matches_geneval_rule():
   rng = np.random.default_rng(1)
   for _ in range(2000):
-    a = rng.uniform(0, 60, 2); b = rng.uniform(0, 60, 2)
+    a = rng.uniform(0, 60, 2)
+    b = rng.uniform(0, 60, 2)
     box_a = (*a, *(a + rng.uniform(2, 20, 2)))
     box_b = (*b, *(b + rng.uniform(2, 20, 2)))
     strengths = S.relation_strength(box_a, box_b)
@@ -226,8 +269,13 @@ def _det(cls, color, box):
 
 
 def test_position_rule_with_margin():
-  spec = {"tag": "position", "include": [{"class": "square", "count": 1},
-                                         {"class": "circle", "count": 1, "position": ["right of", 0]}]}
+  spec = {
+    "tag": "position",
+    "include": [
+      {"class": "square", "count": 1},
+      {"class": "circle", "count": 1, "position": ["right of", 0]},
+    ],
+  }
   sq = _det("square", "red", (10, 20, 20, 30))
   assert E.score_detections([sq, _det("circle", "blue", (30, 22, 40, 32))], spec).correct
   # Centres 3 px apart horizontally: inside GenEval's 0.1 x (10 + 10) px margin.
@@ -242,15 +290,20 @@ def test_position_rule_with_margin():
 
 def test_counting_penalises_extra_instances_and_two_object_does_not():
   circles = [_det("circle", c, (12 * i, 5, 12 * i + 8, 13)) for i, c in enumerate(["red"] * 4)]
-  three = {"tag": "counting", "include": [{"class": "circle", "count": 3}],
-           "exclude": [{"class": "circle", "count": 4}]}
+  three = {
+    "tag": "counting",
+    "include": [{"class": "circle", "count": 3}],
+    "exclude": [{"class": "circle", "count": 4}],
+  }
   res = E.score_detections(circles, three)
   assert not res.correct and "circle<4, found 4" in res.reason
   assert E.score_detections(circles[:3], three).correct
   res2 = E.score_detections(circles[:2], three)
   assert not res2.correct and "circle>=3, found 2" in res2.reason
-  two = {"tag": "two_object", "include": [{"class": "circle", "count": 1},
-                                          {"class": "square", "count": 1}]}
+  two = {
+    "tag": "two_object",
+    "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}],
+  }
   extra = circles[:2] + [_det("square", "green", (40, 40, 50, 50))]
   assert E.score_detections(extra, two).correct  # GenEval: include is ">= count"
 
@@ -264,8 +317,13 @@ def test_colour_rule_prefers_matching_instance():
 
 
 def test_score_is_fraction_of_satisfied_constraints():
-  spec = {"tag": "color_attr", "include": [{"class": "circle", "count": 1, "color": "red"},
-                                           {"class": "square", "count": 1, "color": "blue"}]}
+  spec = {
+    "tag": "color_attr",
+    "include": [
+      {"class": "circle", "count": 1, "color": "red"},
+      {"class": "square", "count": 1, "color": "blue"},
+    ],
+  }
   both = [_det("circle", "red", (0, 0, 9, 9)), _det("square", "blue", (20, 0, 29, 9))]
   one_colour_wrong = [_det("circle", "red", (0, 0, 9, 9)), _det("square", "green", (20, 0, 29, 9))]
   only_circle = [_det("circle", "red", (0, 0, 9, 9))]
@@ -280,8 +338,12 @@ def test_score_is_fraction_of_satisfied_constraints():
 
 def test_report_is_mean_over_categories():
   ok, bad = E.ShapesResult(True, "", 1.0), E.ShapesResult(False, "x", 0.5)
-  results = ([({"tag": "single_object"}, ok)] * 3 + [({"tag": "single_object"}, bad)]
-             + [({"tag": "position"}, ok)] + [({"tag": "position"}, bad)] * 9)
+  results = (
+    [({"tag": "single_object"}, ok)] * 3
+    + [({"tag": "single_object"}, bad)]
+    + [({"tag": "position"}, ok)]
+    + [({"tag": "position"}, bad)] * 9
+  )
   rep = E.report(results)
   assert rep["categories"]["single_object"] == {"accuracy": 0.75, "correct": 3, "total": 4}
   assert rep["categories"]["position"]["accuracy"] == pytest.approx(0.1)

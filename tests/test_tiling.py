@@ -17,13 +17,21 @@ from sana_jax.models import autoencoder as ae
 from sana_jax.models import tiling
 
 CFG = ae.DCAEConfig(
-    in_channels=3, latent_channels=8, attention_head_dim=12,
-    encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
-    decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
-    encoder_block_out_channels=(12, 24, 48, 96), decoder_block_out_channels=(12, 24, 48, 96),
-    encoder_layers_per_block=(1, 1, 2, 1), decoder_layers_per_block=(1, 2, 1, 2),
-    encoder_qkv_multiscales=((), (), (3, 5), (5,)), decoder_qkv_multiscales=((), (), (5,), (3,)),
-    upsample_block_type="interpolate", downsample_block_type="Conv", scaling_factor=0.7)
+  in_channels=3,
+  latent_channels=8,
+  attention_head_dim=12,
+  encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
+  decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
+  encoder_block_out_channels=(12, 24, 48, 96),
+  decoder_block_out_channels=(12, 24, 48, 96),
+  encoder_layers_per_block=(1, 1, 2, 1),
+  decoder_layers_per_block=(1, 2, 1, 2),
+  encoder_qkv_multiscales=((), (), (3, 5), (5,)),
+  decoder_qkv_multiscales=((), (), (5,), (3,)),
+  upsample_block_type="interpolate",
+  downsample_block_type="Conv",
+  scaling_factor=0.7,
+)
 GRID = (40, 56)
 
 
@@ -44,8 +52,9 @@ def _seam_score(err, starts_y, starts_x, tile, f):
   jy = np.abs(np.diff(err, axis=1)).mean(axis=(0, 2, 3))
   bx = sorted({s * f for s in starts_x[1:]} | {(s + tile) * f for s in starts_x[:-1]})
   by = sorted({s * f for s in starts_y[1:]} | {(s + tile) * f for s in starts_y[:-1]})
-  return max(jx[[b - 1 for b in bx]].max() / np.median(jx),
-             jy[[b - 1 for b in by]].max() / np.median(jy))
+  return max(
+    jx[[b - 1 for b in bx]].max() / np.median(jx), jy[[b - 1 for b in by]].max() / np.median(jy)
+  )
 
 
 def test_geometry():
@@ -62,9 +71,9 @@ def test_geometry():
     for m in sorted({0, margin}):
       total = np.zeros(size * 4)
       for s, w in zip(starts, tiling.blend_weights(starts, tile, size, 4, m)):
-        total[s * 4:(s + t) * 4] += w
+        total[s * 4 : (s + t) * 4] += w
         if s > 0 and m:
-          assert np.all(w[:m * 4] == 0)
+          assert np.all(w[: m * 4] == 0)
       if overlap * 2 <= t:  # at most two tiles overlap: the weights are a partition of unity
         np.testing.assert_allclose(total, 1.0, rtol=1e-12)
   with pytest.raises(ValueError, match="overlap"):
@@ -95,8 +104,9 @@ def test_tiled_decode_is_exact_with_global_attention_and_margin(model):
   print(f"exact settings: max rel err {err_max:.2e}")
   assert err_max <= 1e-5
   # Attention is global: per-tile attention sums cannot give this.
-  local = tiling.decode_tiled(CFG, params, z, tile=28, overlap=overlap, margin=margin,
-                              global_attention=False)
+  local = tiling.decode_tiled(
+    CFG, params, z, tile=28, overlap=overlap, margin=margin, global_attention=False
+  )
   assert _rel(local, full)[1] > 0.1
 
 
@@ -107,8 +117,10 @@ def test_tiled_decode_cheap_settings_bound_and_no_seam(model):
   out = tiling.decode_tiled(CFG, params, z, tile=16, overlap=8, margin=2)
   err_max, err_mean = _rel(out, full)
   seam = _seam_score(out - full, sy, sx, 16, f)
-  print(f"tile 16 / overlap 8 / margin 2: max rel {err_max:.2e}, mean rel {err_mean:.2e}, "
-        f"seam {seam:.2f}")
+  print(
+    f"tile 16 / overlap 8 / margin 2: max rel {err_max:.2e}, mean rel {err_mean:.2e}, "
+    f"seam {seam:.2f}"
+  )
   assert err_max <= 5e-2 and err_mean <= 1e-2
   assert seam <= 1.5
   # Negative control: hard-cut tiles (no overlap) show their edges in the error.

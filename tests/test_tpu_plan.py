@@ -14,9 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="libtpu is not installed (pip install 'jax[tpu]==" +
-                                       jax.__version__ + "')")
+pytestmark = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install 'jax[tpu]==" + jax.__version__ + "')",
+)
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes may hold it
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 @pytest.fixture(scope="module")
 def plan():
   import tpu_plan  # pylint: disable=import-error
+
   return tpu_plan
 
 
@@ -43,6 +45,7 @@ def test_loop_corrected_cost_equals_the_unrolled_program(plan):
   # Our analytic matmul count is per example and whole-mesh; XLA's per chip.
   from sana_jax.models.dit_config import DiTConfig
   from sana_jax.train import metrics
+
   cfg = DiTConfig.coerce(config.model)
   analytic = 2 * metrics.dit_forward_flops(cfg, 8, 8, cfg.caption_len)  # batch 2 per chip
   assert 0.5 * analytic < flops < 3 * analytic
@@ -51,8 +54,9 @@ def test_loop_corrected_cost_equals_the_unrolled_program(plan):
 def test_train_step_plan_on_v5e(plan):
   """The real train step compiles for TPU with the state donated; its arguments are the
   state split over 4 chips plus the batch; the table row says it is a compiler plan."""
-  row = plan.plan_train("tiny", "v5e:2x2", "data=1,fsdp=-1", "full", "shift", [2], 64,
-                        False, False, lambda s: None)
+  row = plan.plan_train(
+    "tiny", "v5e:2x2", "data=1,fsdp=-1", "full", "shift", [2], 64, False, False, lambda s: None
+  )
   r = row["r"]
   assert not r.oom and row["fits"] and row["max_batch"] == 2
   config = plan._config("tiny", "full", "shift")  # pylint: disable=protected-access

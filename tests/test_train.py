@@ -35,9 +35,12 @@ def _config(data_dir, **train):
 def _fixed_loss(config, params, data_dir):
   """Mean loss over the whole set at 16 fixed (noise, timestep) draws."""
   from sana_jax.data import latents_tfds
+
   src = latents_tfds.open_dataset(data_dir)["train_4x6"]
-  batch = {k: np.stack([np.asarray(src[i][k]) for i in range(len(src))])
-           for k in ("latent", "caption", "caption_mask")}
+  batch = {
+    k: np.stack([np.asarray(src[i][k]) for i in range(len(src))])
+    for k in ("latent", "caption", "caption_mask")
+  }
   model = dit.SanaDiT(config.model)
 
   @jax.jit
@@ -45,18 +48,25 @@ def _fixed_loss(config, params, data_dir):
     k1, k2 = jax.random.split(key)
     x0 = jnp.asarray(batch["latent"])
     noise = jax.random.normal(k1, x0.shape)
-    ti = flow.training_inputs(x0, noise, jax.random.normal(k2, (x0.shape[0],)),
-                              config.flow_shift)
-    pred = model.apply({"params": params}, ti.x_t, ti.model_time, batch["caption"],
-                       batch["caption_mask"])
+    ti = flow.training_inputs(x0, noise, jax.random.normal(k2, (x0.shape[0],)), config.flow_shift)
+    pred = model.apply(
+      {"params": params}, ti.x_t, ti.model_time, batch["caption"], batch["caption_mask"]
+    )
     return flow.flow_loss(pred, x0, noise)
 
   return float(np.mean([loss(params, jax.random.key(100 + i)) for i in range(16)]))
 
 
 def test_tiny_config_overfits(data_dir, tmp_path):
-  config = _config(data_dir, steps=300, cfg_dropout=0.0, ema_decay=0.0, checkpoint_every=1000,
-                   lr=3e-3, warmup_steps=20)
+  config = _config(
+    data_dir,
+    steps=300,
+    cfg_dropout=0.0,
+    ema_decay=0.0,
+    checkpoint_every=1000,
+    lr=3e-3,
+    warmup_steps=20,
+  )
   init = dit.init_params(config.model, jax.random.key(config.train.seed))
   start = _fixed_loss(config, init, data_dir)
   state = loop.train(config, str(tmp_path), progress=False)
@@ -81,8 +91,12 @@ def test_sharding_is_invisible(data_dir, tmp_path, mesh):
   sharded.mesh.update(num_devices=8, **mesh)
   state = _run(sharded, tmp_path / "sharded", 3)
   assert int(state.step) == int(ref_state.step) == 3
-  pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in
-           zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(ref_state.params))]
+  pairs = [
+    (np.asarray(a, np.float64), np.asarray(b, np.float64))
+    for a, b in zip(
+      jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(ref_state.params)
+    )
+  ]
   scale = max(np.max(np.abs(b)) for _, b in pairs)
   worst = max(np.max(np.abs(a - b)) for a, b in pairs)
   assert worst <= 1e-5 * scale  # relative to the parameters' scale
@@ -91,26 +105,46 @@ def test_sharding_is_invisible(data_dir, tmp_path, mesh):
 
 
 def _train_cmd(workdir, data_dir, steps):
-  return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny.py"),
-          "--workdir", str(workdir), f"--config.data.dir={data_dir}",
-          f"--config.train.steps={steps}", "--config.train.checkpoint_every=10",
-          "--config.train.keep_checkpoints=5", "--config.mesh.num_devices=1",
-          "--config.mesh.data=1", "--no_progress"]
+  return [
+    sys.executable,
+    str(REPO / "train.py"),
+    "--config",
+    str(REPO / "configs/tiny.py"),
+    "--workdir",
+    str(workdir),
+    f"--config.data.dir={data_dir}",
+    f"--config.train.steps={steps}",
+    "--config.train.checkpoint_every=10",
+    "--config.train.keep_checkpoints=5",
+    "--config.mesh.num_devices=1",
+    "--config.mesh.data=1",
+    "--no_progress",
+  ]
 
 
 def _final_params(workdir):
   from sana_jax.train import checkpoint
+
   params, step = checkpoint.restore_params(workdir, ema=False)
   return params, step
 
 
 def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
   steps = 30
-  full = subprocess.run(_train_cmd(tmp_path / "full", data_dir, steps), cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
+  full = subprocess.run(
+    _train_cmd(tmp_path / "full", data_dir, steps),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert full.returncode == 0, full.stderr[-2000:]
-  proc = subprocess.Popen(_train_cmd(tmp_path / "killed", data_dir, steps), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _train_cmd(tmp_path / "killed", data_dir, steps),
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   ckpt = tmp_path / "killed" / "checkpoints" / "10"
   deadline = time.time() + 500
   while not (ckpt / "state").exists() and time.time() < deadline and proc.poll() is None:
@@ -118,11 +152,17 @@ def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
   time.sleep(0.5)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  done = sorted(int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()
-                if p.name.isdigit())
+  done = sorted(
+    int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.isdigit()
+  )
   assert done and done[-1] < steps, f"the run was not killed mid-way: {done}"
-  resumed = subprocess.run(_train_cmd(tmp_path / "killed", data_dir, steps), cwd=REPO,
-                           capture_output=True, text=True, timeout=600)
+  resumed = subprocess.run(
+    _train_cmd(tmp_path / "killed", data_dir, steps),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   a, sa = _final_params(tmp_path / "full")
   b, sb = _final_params(tmp_path / "killed")
@@ -175,8 +215,18 @@ def test_init_from_casts_stored_fp16_to_the_training_dtype(tmp_path):
   from sana_jax.models.dit_config import DiTConfig
   from sana_jax.train.loop import init_params_from
   from sana_jax.weights import dit as dit_weights
-  cfg = DiTConfig(in_channels=3, out_channels=3, hidden_size=32, depth=2, self_head_dim=8,
-                  cross_heads=2, cross_head_dim=16, caption_channels=12, sample_size=4)
+
+  cfg = DiTConfig(
+    in_channels=3,
+    out_channels=3,
+    hidden_size=32,
+    depth=2,
+    self_head_dim=8,
+    cross_heads=2,
+    cross_head_dim=16,
+    caption_channels=12,
+    sample_size=4,
+  )
   fresh = dit.init_params(cfg, jax.random.key(0))
   stored = jax.tree.map(lambda x: np.asarray(x).astype(np.float16), fresh)
   dit_weights.save_flax(tmp_path / "transformer", stored, cfg)
@@ -188,13 +238,13 @@ def test_init_from_casts_stored_fp16_to_the_training_dtype(tmp_path):
     init_params_from(str(tmp_path / "transformer"), cfg.replace(depth=3), fresh)
 
 
-def test_dataset_larger_than_tfds_memory_buffer_writes_without_tensorflow(tmp_path,
-                                                                          monkeypatch):
+def test_dataset_larger_than_tfds_memory_buffer_writes_without_tensorflow(tmp_path, monkeypatch):
   # TFDS spills a split over its in-memory limit (1 GB) to temporary files through
   # tf.io.gfile; lower the limit so 40 small examples cross it, and read every one back.
   import importlib.util
   from tensorflow_datasets.core import shuffle
   from sana_jax.data import latents_tfds
+
   assert importlib.util.find_spec("tensorflow") is None, "this checks the TensorFlow-free path"
   monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 5_000)
   monkeypatch.setattr(shuffle, "tf", shuffle.tf)  # undo the epath stand-in afterwards
@@ -211,11 +261,12 @@ def test_loader_worker_processes_give_the_same_batches(data_dir):
   # data.worker_count > 0 (a GPU steps faster than one process decodes) must not change
   # which examples a step sees.
   from sana_jax.data import input_pipeline
+
   def first_batches(workers):
-    loader, _ = input_pipeline.make_loader(data_dir, 4, seed=5, num_epochs=3,
-                                           worker_count=workers)
+    loader, _ = input_pipeline.make_loader(data_dir, 4, seed=5, num_epochs=3, worker_count=workers)
     it = iter(loader)
     return [next(it) for _ in range(5)]
+
   for a, b in zip(first_batches(0), first_batches(2)):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -225,12 +276,14 @@ def test_loader_from_a_batch_continues_the_plan(data_dir):
   # A run resumed at step s reads the plan from global batch s on (one batch per step),
   # with any worker count: the same batches the uninterrupted loader gives from s on.
   from sana_jax.data import input_pipeline
+
   loader, plan = input_pipeline.make_loader(data_dir, 4, seed=5, num_epochs=4)
   it = iter(loader)
   full = [next(it) for _ in range(6)]
   for workers in (0, 2):
-    loader, _ = input_pipeline.make_loader(data_dir, 4, seed=5, num_epochs=4,
-                                           worker_count=workers, start_batch=3)
+    loader, _ = input_pipeline.make_loader(
+      data_dir, 4, seed=5, num_epochs=4, worker_count=workers, start_batch=3
+    )
     it = iter(loader)
     for want in full[3:]:
       got = next(it)

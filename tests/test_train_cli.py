@@ -40,6 +40,7 @@ def _other_depth_folder(root: pathlib.Path) -> str:
   from sana_jax.weights import dit as dit_weights
   import jax
   import numpy as np
+
   cfg = DiTConfig.coerce(tiny.get_config().model).replace(depth=2)
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), dit.abstract_params(cfg))
   dit_weights.save_flax(root / "depth2", params, cfg)
@@ -59,8 +60,7 @@ def _fake_checkpoint(workdir: pathlib.Path, data_dir: str) -> None:
 def _case(tmp, data_dir, name):
   """(argv, fragments the error must name) for each bad input."""
   wd = str(tmp / "run")
-  base = ["--config", CONFIG, "--workdir", wd, f"--config.data.dir={data_dir}",
-          "--no_progress"]
+  base = ["--config", CONFIG, "--workdir", wd, f"--config.data.dir={data_dir}", "--no_progress"]
   if name == "no_config":
     return ["--workdir", wd], ["--config"]
   if name == "no_workdir":
@@ -115,8 +115,11 @@ def _case(tmp, data_dir, name):
   if name == "unknown_optimizer":
     return base + ["--config.train.optimizer=sgd"], ["train.optimizer", "sgd"]
   if name == "unknown_timestep_sampler":
-    return base + ["--config.train.timestep_sampler=cosine"], ["train.timestep_sampler",
-                                                              "cosine", "logit_normal"]
+    return base + ["--config.train.timestep_sampler=cosine"], [
+      "train.timestep_sampler",
+      "cosine",
+      "logit_normal",
+    ]
   if name == "max_steps_zero":
     return base + ["--max_steps", "0"], ["--max_steps", "0"]
   if name == "max_steps_not_int":
@@ -132,7 +135,9 @@ def _case(tmp, data_dir, name):
     return base + ["--config.train.global_batch=16"], ["train.global_batch=16", "full"]
   if name == "too_few_epochs":
     return base + ["--config.data.num_epochs=1", "--config.train.steps=5"], [
-        "train.steps=5", "data.num_epochs"]
+      "train.steps=5",
+      "data.num_epochs",
+    ]
   if name == "channels_mismatch":
     return base + ["--config.model.in_channels=3"], ["model.in_channels=3"]
   if name == "workdir_is_a_file":
@@ -140,32 +145,65 @@ def _case(tmp, data_dir, name):
     return base, ["--workdir", "not a directory"]
   if name == "init_from_other_depth":
     return base + [f"--config.train.init_from={_other_depth_folder(tmp)}"], [
-        "train.init_from", "model.depth: 2 -> 3"]
+      "train.init_from",
+      "model.depth: 2 -> 3",
+    ]
   if name == "init_from_not_a_model":
-    return base + [f"--config.train.init_from={tmp / 'nothing'}"], ["train.init_from",
-                                                                      "nothing"]
+    return base + [f"--config.train.init_from={tmp / 'nothing'}"], ["train.init_from", "nothing"]
   if name == "resume_with_other_depth":
     _fake_checkpoint(tmp / "run", data_dir)
-    return base + ["--config.model.depth=4"], ["step 5", "model.depth: 3 -> 4",
-                                               "Nothing was changed"]
+    return base + ["--config.model.depth=4"], [
+      "step 5",
+      "model.depth: 3 -> 4",
+      "Nothing was changed",
+    ]
   if name == "resume_with_other_optimizer":
     _fake_checkpoint(tmp / "run", data_dir)
-    return base + ["--config.train.optimizer=adamw"], ["train.optimizer: 'came_8bit' -> "
-                                                       "'adamw'"]
+    return base + ["--config.train.optimizer=adamw"], ["train.optimizer: 'came_8bit' -> 'adamw'"]
   raise KeyError(name)
 
 
-CASES = ["no_config", "no_workdir", "unknown_flag", "missing_config_file", "config_not_python",
-         "config_without_get_config", "config_with_syntax_error", "unknown_override",
-         "unknown_section", "override_without_value", "override_of_a_section", "bad_int",
-         "bad_float", "bad_bool", "bool_for_int", "mesh_not_dividing",
-         "mesh_too_many_devices", "mesh_zero_axis", "mesh_product_wrong",
-         "batch_not_divisible", "zero_steps", "zero_log_every", "zero_checkpoint_every",
-         "ema_decay_above_1", "unknown_optimizer", "unknown_timestep_sampler", "max_steps_zero",
-         "max_steps_not_int",
-         "no_data_dir", "missing_dataset", "not_a_dataset", "batch_larger_than_dataset",
-         "too_few_epochs", "channels_mismatch", "workdir_is_a_file", "init_from_other_depth",
-         "init_from_not_a_model", "resume_with_other_depth", "resume_with_other_optimizer"]
+CASES = [
+  "no_config",
+  "no_workdir",
+  "unknown_flag",
+  "missing_config_file",
+  "config_not_python",
+  "config_without_get_config",
+  "config_with_syntax_error",
+  "unknown_override",
+  "unknown_section",
+  "override_without_value",
+  "override_of_a_section",
+  "bad_int",
+  "bad_float",
+  "bad_bool",
+  "bool_for_int",
+  "mesh_not_dividing",
+  "mesh_too_many_devices",
+  "mesh_zero_axis",
+  "mesh_product_wrong",
+  "batch_not_divisible",
+  "zero_steps",
+  "zero_log_every",
+  "zero_checkpoint_every",
+  "ema_decay_above_1",
+  "unknown_optimizer",
+  "unknown_timestep_sampler",
+  "max_steps_zero",
+  "max_steps_not_int",
+  "no_data_dir",
+  "missing_dataset",
+  "not_a_dataset",
+  "batch_larger_than_dataset",
+  "too_few_epochs",
+  "channels_mismatch",
+  "workdir_is_a_file",
+  "init_from_other_depth",
+  "init_from_not_a_model",
+  "resume_with_other_depth",
+  "resume_with_other_optimizer",
+]
 
 
 @pytest.mark.contract
@@ -183,8 +221,17 @@ def test_real_entry_point_refuses(data_dir, tmp_path):
   """issue 16: init_from a folder of another depth left an empty checkpoints/ behind."""
   folder = _other_depth_folder(tmp_path)
   before = snapshot(tmp_path)
-  result = run_command(["train.py", "--config", CONFIG, "--workdir", str(tmp_path / "run"),
-                        f"--config.data.dir={data_dir}", f"--config.train.init_from={folder}"])
+  result = run_command(
+    [
+      "train.py",
+      "--config",
+      CONFIG,
+      "--workdir",
+      str(tmp_path / "run"),
+      f"--config.data.dir={data_dir}",
+      f"--config.train.init_from={folder}",
+    ]
+  )
   assert_refused(result, "train.init_from", "depth")
   assert_unchanged(before)
   assert "model.depth: 2 -> 3" in result.stderr
@@ -201,12 +248,29 @@ def test_sigterm_saves_says_so_and_exits_143(data_dir, tmp_path):
   """Prints what it starts; on SIGTERM saves at the next step, says where, exits 143 (what
   a scheduler requeues); the saved step is below train.steps."""
   wd = tmp_path / "run"
-  cmd = [sys.executable, str(REPO / "train.py"), "--config", CONFIG, "--workdir", str(wd),
-         f"--config.data.dir={data_dir}", "--config.train.steps=1000",
-         "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
-         "--config.mesh.num_devices=1", "--config.mesh.data=1", "--no_progress"]
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, stdin=subprocess.DEVNULL)
+  cmd = [
+    sys.executable,
+    str(REPO / "train.py"),
+    "--config",
+    CONFIG,
+    "--workdir",
+    str(wd),
+    f"--config.data.dir={data_dir}",
+    "--config.train.steps=1000",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=1000",
+    "--config.mesh.num_devices=1",
+    "--config.mesh.data=1",
+    "--no_progress",
+  ]
+  proc = subprocess.Popen(
+    cmd,
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    stdin=subprocess.DEVNULL,
+  )
   with contextlib.ExitStack() as stack:
     stack.callback(lambda: proc.poll() is None and proc.kill())
     deadline = time.time() + 400
@@ -227,6 +291,7 @@ def test_sigterm_saves_says_so_and_exits_143(data_dir, tmp_path):
   step = int(saved[0].split("step ")[1].split()[0])
   assert 1 <= step < 1000
   from sana_jax.train import checkpoint
+
   assert checkpoint.saved_steps(wd) == [step]
   assert lines[-1].startswith(f"stopped at step {step}: checkpoints {wd / 'checkpoints'}")
   assert "metrics.jsonl" in lines[-1] and "tensorboard" in lines[-1]

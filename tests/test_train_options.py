@@ -41,15 +41,16 @@ def _config(**train):
 def _batch(seed, b=8, hw=HW):
   rng = np.random.default_rng(seed)
   lengths = rng.integers(3, CAPTION_LEN + 1, b)
-  return {"latent": jnp.asarray(rng.standard_normal((b, *hw, CHANNELS)), jnp.float32),
-          "caption": jnp.asarray(rng.standard_normal((b, CAPTION_LEN, CAPTION_CHANNELS)),
-                                 jnp.float32),
-          "caption_mask": jnp.asarray(np.arange(CAPTION_LEN)[None] < lengths[:, None],
-                                      jnp.int32)}
+  return {
+    "latent": jnp.asarray(rng.standard_normal((b, *hw, CHANNELS)), jnp.float32),
+    "caption": jnp.asarray(rng.standard_normal((b, CAPTION_LEN, CAPTION_CHANNELS)), jnp.float32),
+    "caption_mask": jnp.asarray(np.arange(CAPTION_LEN)[None] < lengths[:, None], jnp.int32),
+  }
 
 
-NULL = jnp.asarray(np.random.default_rng(99).standard_normal((CAPTION_LEN, CAPTION_CHANNELS)),
-                   jnp.float32)
+NULL = jnp.asarray(
+  np.random.default_rng(99).standard_normal((CAPTION_LEN, CAPTION_CHANNELS)), jnp.float32
+)
 
 
 def _leaves(tree):
@@ -64,8 +65,9 @@ def _assert_trees_close(got, want, rtol, what):
 
 
 def _assert_trees_equal(got, want, what):
-  for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(got),
-                                 jax.tree_util.tree_leaves(want), strict=True)):
+  for i, (a, b) in enumerate(
+    zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True)
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{what}: leaf {i}")
 
 
@@ -126,8 +128,9 @@ def test_nonfinite_batch_is_skipped_and_counted():
   assert (int(state3.step), int(state3.skipped), int(state3.nonfinite_run)) == (4, 2, 0)
   assert any(np.any(a != b) for a, b in zip(_leaves(state3.params), _leaves(state0.params)))
   # The reported LR is the schedule at the optimizer's count (applied updates: 1 here).
-  np.testing.assert_allclose(float(m["lr"]), float(optim_lib.learning_rate(
-      _config().train)(1)), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(m["lr"]), float(optim_lib.learning_rate(_config().train)(1)), rtol=1e-6
+  )
 
 
 def test_finite_loss_with_nonfinite_gradient_is_skipped(monkeypatch):
@@ -145,7 +148,8 @@ def test_finite_loss_with_nonfinite_gradient_is_skipped(monkeypatch):
   config, tx = _config(), optax.sgd(0.1, momentum=0.9)
   state = state_lib.create({"w": jnp.zeros(())}, tx)
   new, m = jax.jit(functools.partial(step_lib.train_step, config=config, tx=tx))(
-      state, _batch(0), NULL)
+    state, _batch(0), NULL
+  )
   assert np.isfinite(float(m["loss"])) and not np.isfinite(float(m["grad_norm"]))
   assert not bool(m["finite"]) and int(new.skipped) == 1
   assert float(new.params["w"]) == 0.0 and float(new.ema_params["w"]) == 0.0
@@ -180,8 +184,7 @@ def test_grad_accum_gives_the_one_batch_gradient():
 
 
 def _tc(**overrides):
-  return _config(**{"weight_decay": 0.0, "grad_clip": 0.0, "warmup_steps": 0,
-                    **overrides}).train
+  return _config(**{"weight_decay": 0.0, "grad_clip": 0.0, "warmup_steps": 0, **overrides}).train
 
 
 @pytest.mark.parametrize("scaling,batch", [(True, 64), (True, 1024), (False, 1024)])
@@ -209,7 +212,7 @@ def _grad_sequence(shapes, norms, seed=0):
   out = []
   for n in norms:
     tree = {k: rng.standard_normal(s) for k, s in shapes.items()}
-    total = math.sqrt(sum(float(np.sum(v ** 2)) for v in tree.values()))
+    total = math.sqrt(sum(float(np.sum(v**2)) for v in tree.values()))
     out.append({k: (v * n / total).astype(np.float32) for k, v in tree.items()})
   return out
 
@@ -217,9 +220,11 @@ def _grad_sequence(shapes, norms, seed=0):
 def _torch_adamw(params, grads, lrs, weight_decay):
   """torch.optim.AdamW (betas 0.9/0.999, eps 1e-8) on numpy trees; returns the params."""
   import torch
+
   tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
-  opt = torch.optim.AdamW(list(tp.values()), lr=lrs[0], betas=(0.9, 0.999), eps=1e-8,
-                          weight_decay=weight_decay)
+  opt = torch.optim.AdamW(
+    list(tp.values()), lr=lrs[0], betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
+  )
   for g, lr in zip(grads, lrs):
     for group in opt.param_groups:
       group["lr"] = lr
@@ -245,8 +250,9 @@ def test_grad_clip_clips_the_global_norm(clip):
   """make_optimizer(grad_clip=c) with AdamW equals torch AdamW fed gradients clipped to
   global norm c in numpy (norms 5, 0.3, 2: the clipped steps change Adam's moments)."""
   tc = _tc(optimizer="adamw", lr=1e-2, grad_clip=clip, weight_decay=0.05)
-  params = {k: np.random.default_rng(1).standard_normal(s).astype(np.float32)
-            for k, s in SHAPES.items()}
+  params = {
+    k: np.random.default_rng(1).standard_normal(s).astype(np.float32) for k, s in SHAPES.items()
+  }
   grads = _grad_sequence(SHAPES, [5.0, 0.3, 2.0])
 
   def clipped(g):
@@ -255,16 +261,20 @@ def test_grad_clip_clips_the_global_norm(clip):
     return {k: v.astype(np.float64) * scale for k, v in g.items()}
 
   want = _torch_adamw(params, [clipped(g) for g in grads], [1e-2] * 3, 0.05)
-  got, _ = _run_optax(optim_lib.make_optimizer(tc), jax.tree_util.tree_map(jnp.asarray, params),
-                      grads)
+  got, _ = _run_optax(
+    optim_lib.make_optimizer(tc), jax.tree_util.tree_map(jnp.asarray, params), grads
+  )
   for k in SHAPES:
     np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-5, atol=1e-6, err_msg=k)
 
 
 # Shapes for the CAME cases: a Dense kernel over 16384 elements (CAME-8bit stores its m in
 # 8 bits), a modulation table (factored) and a bias (unfactored), all dimensions distinct.
-CAME_SHAPES = {"t_block/kernel": (131, 127), "final_scale_shift_table": (2, 41),
-               "t_block/bias": (127,)}
+CAME_SHAPES = {
+  "t_block/kernel": (131, 127),
+  "final_scale_shift_table": (2, 41),
+  "t_block/bias": (127,),
+}
 
 
 def _tree(flat):
@@ -292,10 +302,13 @@ def _torch_came(params, grads, lrs, weight_decay):
   """came-pytorch's CAME (its default betas and eps) on torch views: a Flax (in, out) kernel
   is the torch (out, in) weight; returns Flax-layout params."""
   import torch
+
   came_pytorch = pytest.importorskip("came_pytorch")
   view = lambda k, v: v.T if k.endswith("kernel") else v  # noqa: E731
-  tp = {k: torch.tensor(np.ascontiguousarray(view(k, v)), dtype=torch.float32,
-                        requires_grad=True) for k, v in params.items()}
+  tp = {
+    k: torch.tensor(np.ascontiguousarray(view(k, v)), dtype=torch.float32, requires_grad=True)
+    for k, v in params.items()
+  }
   opt = came_pytorch.CAME(list(tp.values()), lr=1.0, weight_decay=weight_decay)  # lr set below
   for g, lr in zip(grads, lrs):
     for group in opt.param_groups:
@@ -330,7 +343,7 @@ def test_each_optimizer_matches_its_reference(name):
     u, state = update(_tree(jax.tree_util.tree_map(jnp.asarray, g)), state, p)
     p = optax.apply_updates(p, u)
     got = _flat(jax.device_get(p))
-    want = reference(params, seq[:i + 1], lrs[:i + 1], wd)
+    want = reference(params, seq[: i + 1], lrs[: i + 1], wd)
     for k in shapes:
       if name == "came_8bit" and i >= 1 and k == "t_block/kernel":  # m stored in 8 bits
         err = np.max(np.abs(got[k] - want[k])) / np.max(np.abs(want[k] - params[k]))
@@ -338,9 +351,13 @@ def test_each_optimizer_matches_its_reference(name):
         assert err < 0.02, (k, i, err)
       else:
         np.testing.assert_allclose(got[k], want[k], err_msg=f"{k} step {i}", **tol)
-  quantized = [x for x in jax.tree_util.tree_leaves(
-      state, is_leaf=lambda x: isinstance(x, quant8.QuantizedArray))
-      if isinstance(x, quant8.QuantizedArray)]
+  quantized = [
+    x
+    for x in jax.tree_util.tree_leaves(
+      state, is_leaf=lambda x: isinstance(x, quant8.QuantizedArray)
+    )
+    if isinstance(x, quant8.QuantizedArray)
+  ]
   assert len(quantized) == (1 if name == "came_8bit" else 0)
 
 
@@ -356,15 +373,25 @@ def _write_dataset(root, latents, seed=0):
 
   def examples():
     for i in range(n):
-      yield {"latent": latents[i], "caption": captions[i], "caption_mask": masks[i],
-             "text": f"example {i}"}
+      yield {
+        "latent": latents[i],
+        "caption": captions[i],
+        "caption_mask": masks[i],
+        "text": f"example {i}",
+      }
 
   buckets = sorted({tuple(x.shape[:2]) for x in latents})
   return latents_tfds.write_dataset(
-      examples, str(root), "options", buckets=buckets, channels=CHANNELS,
-      caption_len=CAPTION_LEN, caption_channels=CAPTION_CHANNELS,
-      null_caption=rng.standard_normal((CAPTION_LEN, CAPTION_CHANNELS)).astype(np.float32),
-      null_mask=np.ones(CAPTION_LEN, np.int32))
+    examples,
+    str(root),
+    "options",
+    buckets=buckets,
+    channels=CHANNELS,
+    caption_len=CAPTION_LEN,
+    caption_channels=CAPTION_CHANNELS,
+    null_caption=rng.standard_normal((CAPTION_LEN, CAPTION_CHANNELS)).astype(np.float32),
+    null_mask=np.ones(CAPTION_LEN, np.int32),
+  )
 
 
 def _single_device(config):
@@ -377,8 +404,9 @@ def test_two_buckets_every_batch_one_bucket_all_seen_and_export_is_ema(tmp_path,
   each of the 3 steps of an epoch gets 4 examples of one bucket and the epoch sees all 12.
   The checkpoint's exported parameters default to the EMA."""
   rng = np.random.default_rng(0)
-  latents = [rng.standard_normal((*hw, CHANNELS)).astype(np.float32)
-             for hw in [(4, 6)] * 8 + [(6, 4)] * 4]
+  latents = [
+    rng.standard_normal((*hw, CHANNELS)).astype(np.float32) for hw in [(4, 6)] * 8 + [(6, 4)] * 4
+  ]
   data_dir = _write_dataset(tmp_path / "data", latents)
   seen = []
   original = step_lib.train_step
@@ -388,8 +416,16 @@ def test_two_buckets_every_batch_one_bucket_all_seen_and_export_is_ema(tmp_path,
     return original(state, batch, null_caption, **kwargs)
 
   monkeypatch.setattr(step_lib, "train_step", spy)
-  config = _single_device(_config(steps=3, global_batch=4, ema_decay=0.5, warmup_steps=0,
-                                  checkpoint_every=100, async_checkpoints=False))
+  config = _single_device(
+    _config(
+      steps=3,
+      global_batch=4,
+      ema_decay=0.5,
+      warmup_steps=0,
+      checkpoint_every=100,
+      async_checkpoints=False,
+    )
+  )
   config.data.dir = data_dir
   state = jax.device_get(loop.train(config, str(tmp_path / "run"), progress=False))
   jax.effects_barrier()
@@ -398,8 +434,9 @@ def test_two_buckets_every_batch_one_bucket_all_seen_and_export_is_ema(tmp_path,
   for batch in seen:
     assert batch.shape[0] == 4 and batch.shape[1:3] in ((4, 6), (6, 4))
     for x in batch:
-      match = [i for i, ref in enumerate(latents) if ref.shape == x.shape
-               and np.array_equal(ref, x)]
+      match = [
+        i for i, ref in enumerate(latents) if ref.shape == x.shape and np.array_equal(ref, x)
+      ]
       assert len(match) == 1
       ids.append(match[0])
   assert sorted(ids) == list(range(12))
@@ -416,9 +453,18 @@ def test_two_buckets_every_batch_one_bucket_all_seen_and_export_is_ema(tmp_path,
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
   latents = [np.full((*HW, CHANNELS), np.nan, np.float32) for _ in range(8)]
   data_dir = _write_dataset(tmp_path / "data", latents)
-  config = _single_device(_config(steps=20, global_batch=4, ema_decay=0.5, warmup_steps=0,
-                                  max_consecutive_nonfinite=3, log_every=1,
-                                  checkpoint_every=100, async_checkpoints=False))
+  config = _single_device(
+    _config(
+      steps=20,
+      global_batch=4,
+      ema_decay=0.5,
+      warmup_steps=0,
+      max_consecutive_nonfinite=3,
+      log_every=1,
+      checkpoint_every=100,
+      async_checkpoints=False,
+    )
+  )
   config.data.dir = data_dir
   with pytest.raises(loop.NonFiniteError, match=r"3 consecutive steps .*up to step 3\)"):
     loop.train(config, str(tmp_path / "run"), progress=False)
@@ -446,11 +492,15 @@ def jaxpr_matmul_flops(jaxpr) -> int:
     elif name == "conv_general_dilated":
       rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feat, in feat, spatial...)
       rs = eqn.invars[1].aval.shape
-      total += (2 * _prod(eqn.outvars[0].aval.shape) * rs[rhs_spec[1]]
-                * _prod([rs[i] for i in rhs_spec[2:]]))
+      total += (
+        2
+        * _prod(eqn.outvars[0].aval.shape)
+        * rs[rhs_spec[1]]
+        * _prod([rs[i] for i in rhs_spec[2:]])
+      )
     subs = []
     for v in eqn.params.values():
-      for x in (v if isinstance(v, (tuple, list)) else (v,)):
+      for x in v if isinstance(v, (tuple, list)) else (v,):
         if isinstance(x, jcore.ClosedJaxpr):
           subs.append(x.jaxpr)
         elif isinstance(x, jcore.Jaxpr):
@@ -461,10 +511,21 @@ def jaxpr_matmul_flops(jaxpr) -> int:
 
 
 FLOP_MODELS = {
-    "tiny": tiny.get_config().model.to_dict(),
-    "patch2": dict(in_channels=3, out_channels=3, patch_size=2, hidden_size=40, depth=2,
-                   self_head_dim=10, cross_heads=3, cross_head_dim=7, caption_channels=9,
-                   caption_len=11, mlp_ratio=2.2, sample_size=8),
+  "tiny": tiny.get_config().model.to_dict(),
+  "patch2": dict(
+    in_channels=3,
+    out_channels=3,
+    patch_size=2,
+    hidden_size=40,
+    depth=2,
+    self_head_dim=10,
+    cross_heads=3,
+    cross_head_dim=7,
+    caption_channels=9,
+    caption_len=11,
+    mlp_ratio=2.2,
+    sample_size=8,
+  ),
 }
 
 
@@ -484,7 +545,8 @@ def test_forward_flops_equal_the_counted_matmuls(model):
 
   def count(dw):
     fwd = lambda p: dit.SanaDiT(cfg.replace(depthwise_impl=dw)).apply(  # noqa: E731
-        {"params": p}, x, jnp.ones((b,)), y, mask)
+      {"params": p}, x, jnp.ones((b,)), y, mask
+    )
     return jaxpr_matmul_flops(jax.make_jaxpr(fwd)(params).jaxpr)
 
   counted = count("conv")
@@ -494,8 +556,16 @@ def test_forward_flops_equal_the_counted_matmuls(model):
   assert counted - count("shift") == b * cfg.depth * 2 * 9 * n * 2 * cfg.mlp_hidden
 
 
-@pytest.mark.parametrize("model,remat", [("tiny", "none"), ("tiny", "full"), ("tiny", "dots"),
-                                         ("tiny", "dots_no_batch"), ("patch2", "none")])
+@pytest.mark.parametrize(
+  "model,remat",
+  [
+    ("tiny", "none"),
+    ("tiny", "full"),
+    ("tiny", "dots"),
+    ("tiny", "dots_no_batch"),
+    ("patch2", "none"),
+  ],
+)
 def test_train_step_flops_equal_the_counted_matmuls(model, remat):
   """train_step_flops equals the matmul FLOPs of the real train step's jaxpr (forward,
   backward, what each remat policy recomputes; grad_accum 2, the config's optimizer)."""

@@ -50,11 +50,13 @@ def _let_shuffler_spill_without_tensorflow() -> None:
   if importlib.util.find_spec("tensorflow") is not None:
     return
   from tensorflow_datasets.core import shuffle
+
   if not isinstance(shuffle.tf, types.SimpleNamespace):
     _ensure_open_files(shuffle.BUCKETS_NUMBER + 64)
     shuffle.tf = types.SimpleNamespace(
-        io=types.SimpleNamespace(gfile=_EpathGFile),
-        errors=types.SimpleNamespace(ResourceExhaustedError=_NeverRaised))
+      io=types.SimpleNamespace(gfile=_EpathGFile),
+      errors=types.SimpleNamespace(ResourceExhaustedError=_NeverRaised),
+    )
 
 
 def _ensure_open_files(needed: int) -> None:
@@ -74,8 +76,11 @@ def _ensure_open_files(needed: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
   if target < needed:
     import warnings
-    warnings.warn(f"open-file limit {target} is below the {needed} a split over 1 GB needs "
-                  "while it is shuffled to disk; raise it (ulimit -n) if writing fails")
+
+    warnings.warn(
+      f"open-file limit {target} is below the {needed} a split over 1 GB needs "
+      "while it is shuffled to disk; raise it (ulimit -n) if writing fails"
+    )
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,8 +121,14 @@ class SanaLatents(tfds.core.GeneratorBasedBuilder):
   def code_path(cls) -> epath.Path:  # pylint: disable=no-self-argument
     return epath.Path(__file__)  # TFDS would need importlib_resources otherwise
 
-  def __init__(self, *, examples: Callable[..., Iterable[dict]] | None = None,
-               per_bucket: bool = False, file_format: str = "array_record", **kwargs):
+  def __init__(
+    self,
+    *,
+    examples: Callable[..., Iterable[dict]] | None = None,
+    per_bucket: bool = False,
+    file_format: str = "array_record",
+    **kwargs,
+  ):
     self._examples = examples
     self._per_bucket = per_bucket
     super().__init__(file_format=file_format, **kwargs)
@@ -135,17 +146,21 @@ class SanaLatents(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "latent": tfds.features.Tensor(shape=(None, None, c.channels), dtype=np.float32,
-                                          encoding="bytes"),
-            "caption": tfds.features.Tensor(shape=(c.caption_len, c.caption_channels),
-                                            dtype=np.dtype(c.caption_dtype)),
-            "caption_mask": tfds.features.Tensor(shape=(c.caption_len,), dtype=np.int8),
-            "text": tfds.features.Text(),
-        }),
-        disable_shuffling=True,
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "latent": tfds.features.Tensor(
+            shape=(None, None, c.channels), dtype=np.float32, encoding="bytes"
+          ),
+          "caption": tfds.features.Tensor(
+            shape=(c.caption_len, c.caption_channels), dtype=np.dtype(c.caption_dtype)
+          ),
+          "caption_mask": tfds.features.Tensor(shape=(c.caption_len,), dtype=np.int8),
+          "text": tfds.features.Text(),
+        }
+      ),
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
@@ -163,12 +178,18 @@ class SanaLatents(tfds.core.GeneratorBasedBuilder):
       if latent.shape[:2] != (h, w):
         continue
       if latent.shape[2] != c.channels:
-        raise ValueError(f"example {i}: latent has {latent.shape[2]} channels, config says "
-                         f"{c.channels}")
-      yield i, {"latent": latent,
-                "caption": np.asarray(ex["caption"], c.caption_dtype),
-                "caption_mask": np.asarray(ex["caption_mask"], np.int8),
-                "text": ex.get("text", "")}
+        raise ValueError(
+          f"example {i}: latent has {latent.shape[2]} channels, config says {c.channels}"
+        )
+      yield (
+        i,
+        {
+          "latent": latent,
+          "caption": np.asarray(ex["caption"], c.caption_dtype),
+          "caption_mask": np.asarray(ex["caption_mask"], np.int8),
+          "text": ex.get("text", ""),
+        },
+      )
 
 
 def open_dataset(data_dir: str) -> dict:
@@ -179,11 +200,15 @@ def open_dataset(data_dir: str) -> dict:
     raise FileNotFoundError(f"no dataset at {data_dir}")
   if not (path / "dataset_info.json").exists():
     root = pathlib.Path(str(path))
-    found = sorted(p.parent for p in root.glob("**/dataset_info.json")
-                   if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    found = sorted(
+      p.parent
+      for p in root.glob("**/dataset_info.json")
+      if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if len(found) != 1:
-      raise FileNotFoundError(f"{data_dir}: expected one TFDS dataset below, found "
-                              f"{[str(f) for f in found] or 'none'}")
+      raise FileNotFoundError(
+        f"{data_dir}: expected one TFDS dataset below, found {[str(f) for f in found] or 'none'}"
+      )
     path = found[0]
   builder = tfds.builder_from_directory(str(path))
   return dict(builder.as_data_source())
@@ -204,15 +229,18 @@ def existing_dataset(data_dir: str | pathlib.Path, name: str) -> pathlib.Path | 
 
 def _temporary_sibling(data_dir: pathlib.Path, label: str) -> pathlib.Path:
   import tempfile
+
   data_dir.mkdir(parents=True, exist_ok=True)
   return pathlib.Path(tempfile.mkdtemp(prefix=f".{label}.tmp-", dir=data_dir))
 
 
-def _install(new_version: pathlib.Path, data_dir: pathlib.Path, name: str,
-             overwrite: bool) -> pathlib.Path:
+def _install(
+  new_version: pathlib.Path, data_dir: pathlib.Path, name: str, overwrite: bool
+) -> pathlib.Path:
   """Moves a complete version folder into place; an existing dataset of that name is
   refused, or with `overwrite` replaced (moved aside first, deleted after the move)."""
   import shutil
+
   final_parent = data_dir / NAME / name
   old = existing_dataset(data_dir, name)
   if old is not None and not overwrite:
@@ -246,25 +274,51 @@ def _quiet_custom_config_warning():
     logger.removeFilter(f)
 
 
-def _build(examples, tmp: pathlib.Path, name: str, *, per_bucket: bool, buckets, channels,
-           caption_len, caption_channels, caption_dtype) -> pathlib.Path:
+def _build(
+  examples,
+  tmp: pathlib.Path,
+  name: str,
+  *,
+  per_bucket: bool,
+  buckets,
+  channels,
+  caption_len,
+  caption_channels,
+  caption_dtype,
+) -> pathlib.Path:
   """TFDS writes the dataset into the fresh data_dir `tmp`; returns its version folder."""
-  config = LatentsConfig(name=name, buckets=tuple(tuple(b) for b in buckets), channels=channels,
-                         caption_len=caption_len, caption_channels=caption_channels,
-                         caption_dtype=caption_dtype)
+  config = LatentsConfig(
+    name=name,
+    buckets=tuple(tuple(b) for b in buckets),
+    channels=channels,
+    caption_len=caption_len,
+    caption_channels=caption_channels,
+    caption_dtype=caption_dtype,
+  )
   with _quiet_custom_config_warning():
-    builder = SanaLatents(config=config, data_dir=str(tmp), examples=examples,
-                          per_bucket=per_bucket)
+    builder = SanaLatents(
+      config=config, data_dir=str(tmp), examples=examples, per_bucket=per_bucket
+    )
   _let_shuffler_spill_without_tensorflow()
   builder.download_and_prepare()
   return pathlib.Path(str(builder.data_dir))
 
 
-def write_dataset(examples: Callable[..., Iterable[dict]], data_dir: str, name: str, *,
-                  buckets: Sequence[tuple[int, int]], channels: int, caption_len: int,
-                  caption_channels: int, null_caption: np.ndarray, null_mask: np.ndarray,
-                  caption_dtype: str = "float32", per_bucket: bool = False,
-                  overwrite: bool = False) -> str:
+def write_dataset(
+  examples: Callable[..., Iterable[dict]],
+  data_dir: str,
+  name: str,
+  *,
+  buckets: Sequence[tuple[int, int]],
+  channels: int,
+  caption_len: int,
+  caption_channels: int,
+  null_caption: np.ndarray,
+  null_mask: np.ndarray,
+  caption_dtype: str = "float32",
+  per_bucket: bool = False,
+  overwrite: bool = False,
+) -> str:
   """Writes a dataset and its null-caption embedding; returns the version folder
   (DATA/sana_latents/NAME/1.0.0).
 
@@ -275,15 +329,25 @@ def write_dataset(examples: Callable[..., Iterable[dict]], data_dir: str, name: 
   dataset of that name raises FileExistsError, or with `overwrite` is replaced only then.
   """
   import shutil
+
   data_dir = pathlib.Path(data_dir)
   if existing_dataset(data_dir, name) is not None and not overwrite:
-    raise FileExistsError(f"{existing_dataset(data_dir, name)} already holds a dataset (pass "
-                          "--overwrite to replace it)")
+    raise FileExistsError(
+      f"{existing_dataset(data_dir, name)} already holds a dataset (pass --overwrite to replace it)"
+    )
   tmp = _temporary_sibling(data_dir, f"{NAME}-{name}")
   try:
-    version = _build(examples, tmp, name, per_bucket=per_bucket, buckets=buckets,
-                     channels=channels, caption_len=caption_len,
-                     caption_channels=caption_channels, caption_dtype=caption_dtype)
+    version = _build(
+      examples,
+      tmp,
+      name,
+      per_bucket=per_bucket,
+      buckets=buckets,
+      channels=channels,
+      caption_len=caption_len,
+      caption_channels=caption_channels,
+      caption_dtype=caption_dtype,
+    )
     save_null_caption(version / NULL_CAPTION_FILE, null_caption, null_mask)
     return str(_install(version, data_dir, name, overwrite))
   finally:
@@ -294,8 +358,7 @@ NULL_CAPTION_FILE = "null_caption.npz"
 
 
 def save_null_caption(path: pathlib.Path, null_caption, null_mask) -> None:
-  np.savez(path, caption=np.asarray(null_caption, np.float32),
-           mask=np.asarray(null_mask, np.int32))
+  np.savez(path, caption=np.asarray(null_caption, np.float32), mask=np.asarray(null_mask, np.int32))
 
 
 # Datasets written in parts (one per host): DATA/.sana_latents-NAME.parts/part-I-of-N/ holds
@@ -314,27 +377,57 @@ def _part_folder(data_dir, name, index: int, count: int) -> pathlib.Path:
   return parts_dir(data_dir, name) / f"part-{index:05d}-of-{count:05d}"
 
 
-def write_part(examples: Callable[..., Iterable[dict]], data_dir: str, name: str, *,
-               index: int, count: int, signature: dict, buckets: Sequence[tuple[int, int]],
-               channels: int, caption_len: int, caption_channels: int,
-               null_caption: np.ndarray, null_mask: np.ndarray, caption_dtype: str = "float32",
-               per_bucket: bool = False) -> pathlib.Path:
+def write_part(
+  examples: Callable[..., Iterable[dict]],
+  data_dir: str,
+  name: str,
+  *,
+  index: int,
+  count: int,
+  signature: dict,
+  buckets: Sequence[tuple[int, int]],
+  channels: int,
+  caption_len: int,
+  caption_channels: int,
+  null_caption: np.ndarray,
+  null_mask: np.ndarray,
+  caption_dtype: str = "float32",
+  per_bucket: bool = False,
+) -> pathlib.Path:
   """Writes part `index` of `count` (buckets without examples in this part get no split);
   returns its folder. `signature`: what the run was asked for apart from the part (the
   merge refuses parts whose signatures differ)."""
   import shutil
+
   data_dir = pathlib.Path(data_dir)
   root = parts_dir(data_dir, name)
   root.mkdir(parents=True, exist_ok=True)
   tmp = _temporary_sibling(root, f"part-{index:05d}")
   try:
-    version = _build(examples, tmp / "data", name, per_bucket=per_bucket, buckets=buckets,
-                     channels=channels, caption_len=caption_len,
-                     caption_channels=caption_channels, caption_dtype=caption_dtype)
+    version = _build(
+      examples,
+      tmp / "data",
+      name,
+      per_bucket=per_bucket,
+      buckets=buckets,
+      channels=channels,
+      caption_len=caption_len,
+      caption_channels=caption_channels,
+      caption_dtype=caption_dtype,
+    )
     save_null_caption(version / PART_NULL_CAPTION, null_caption, null_mask)
-    (tmp / PARTS_INFO).write_text(json.dumps(
-        {"index": index, "count": count, "signature": signature,
-         "version": str(version.relative_to(tmp))}, indent=1, sort_keys=True))
+    (tmp / PARTS_INFO).write_text(
+      json.dumps(
+        {
+          "index": index,
+          "count": count,
+          "signature": signature,
+          "version": str(version.relative_to(tmp)),
+        },
+        indent=1,
+        sort_keys=True,
+      )
+    )
     final = _part_folder(data_dir, name, index, count)
     if final.exists():  # an earlier attempt at this part: replaced by the complete new one
       aside = root / f".{final.name}.replaced-{os.getpid()}"
@@ -347,8 +440,9 @@ def write_part(examples: Callable[..., Iterable[dict]], data_dir: str, name: str
 
 
 def missing_parts(data_dir, name, count: int) -> list[int]:
-  return [i for i in range(count)
-          if not (_part_folder(data_dir, name, i, count) / PARTS_INFO).exists()]
+  return [
+    i for i in range(count) if not (_part_folder(data_dir, name, i, count) / PARTS_INFO).exists()
+  ]
 
 
 def merge_parts(data_dir: str, name: str, count: int, overwrite: bool = False) -> str | None:
@@ -357,6 +451,7 @@ def merge_parts(data_dir: str, name: str, count: int, overwrite: bool = False) -
   null caption written once), removes the parts and returns the version folder. Returns
   None when parts are missing or another process is already merging."""
   import shutil
+
   data_dir = pathlib.Path(data_dir)
   if missing_parts(data_dir, name, count):
     return None
@@ -370,12 +465,16 @@ def merge_parts(data_dir: str, name: str, count: int, overwrite: bool = False) -
   sig0 = infos[0]["signature"]
   for i, info in enumerate(infos[1:], 1):
     if info["signature"] != sig0:
-      diff = {k: (sig0.get(k), info["signature"].get(k))
-              for k in sorted(set(sig0) | set(info["signature"]))
-              if sig0.get(k) != info["signature"].get(k)}
+      diff = {
+        k: (sig0.get(k), info["signature"].get(k))
+        for k in sorted(set(sig0) | set(info["signature"]))
+        if sig0.get(k) != info["signature"].get(k)
+      }
       (root / "merging").rmdir()
-      raise ValueError(f"part {i} of {count} under {root} was written with other settings "
-                       f"than part 0 (field: (part 0, part {i})): {diff}; rewrite it")
+      raise ValueError(
+        f"part {i} of {count} under {root} was written with other settings "
+        f"than part 0 (field: (part 0, part {i})): {diff}; rewrite it"
+      )
   versions = [p / info["version"] for p, info in zip(parts, infos)]
   tmp = _temporary_sibling(data_dir, f"{NAME}-{name}")
   try:
@@ -397,9 +496,14 @@ def merge_parts(data_dir: str, name: str, count: int, overwrite: bool = False) -
           src = v / f"{NAME}-{split}.{fmt}-{j:05d}-of-{len(sp['shardLengths']):05d}"
           _link_or_copy(src, merged / f"{NAME}-{split}.{fmt}-{k:05d}-of-{total:05d}")
           k += 1
-      splits.append({"filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-                     "name": split, "shardLengths": [str(n) for n in lengths],
-                     "numBytes": str(sum(int(sp.get("numBytes", 0)) for _, sp in pieces))})
+      splits.append(
+        {
+          "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+          "name": split,
+          "shardLengths": [str(n) for n in lengths],
+          "numBytes": str(sum(int(sp.get("numBytes", 0)) for _, sp in pieces)),
+        }
+      )
     info["splits"] = splits
     (merged / "dataset_info.json").write_text(json.dumps(info, indent=2))
     shutil.copy(versions[0] / PART_NULL_CAPTION, merged / NULL_CAPTION_FILE)
@@ -418,4 +522,5 @@ def _link_or_copy(src: pathlib.Path, dst: pathlib.Path) -> None:
     os.link(src, dst)
   except OSError:
     import shutil
+
     shutil.copy2(src, dst)

@@ -40,42 +40,68 @@ class PartsError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = CommandParser(prog="python -m sana_jax.data.preprocess", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", type=pathlib.Path, required=True,
-                  help="model folder whose text encoder, tokenizer and autoencoder encode the "
-                       "data (required)")
-  ap.add_argument("--out", type=pathlib.Path, required=True,
-                  help="TFDS data_dir; the dataset goes to OUT/sana_latents/NAME/1.0.0 "
-                       "(required)")
-  ap.add_argument("--name", default="shapes32",
-                  help="dataset (config) name (default: %(default)s)")
-  ap.add_argument("--source", choices=("shapes", "folder"), default="shapes",
-                  help="shapes: generated ShapesEval scenes; folder: --images (default: "
-                       "%(default)s)")
-  ap.add_argument("--num", type=int, default=None,
-                  help=f"number of examples: shapes (default {DEFAULT_SHAPES_NUM}); folder: "
-                       "the first NUM images in name order (default: all)")
-  ap.add_argument("--seed", type=int, default=0,
-                  help="shapes: scene seed (default: %(default)s)")
-  ap.add_argument("--images", type=pathlib.Path, default=None,
-                  help="folder source: images (.png/.jpg) with a same-stem .txt caption "
-                       "(default: none; required for --source folder)")
-  ap.add_argument("--buckets", default="",
-                  help="folder source: HxW pixel sizes, comma-separated, each a multiple of "
-                       "the autoencoder's downsampling (default: the model's square image "
-                       "size)")
-  ap.add_argument("--batch_size", type=int, default=64,
-                  help="images encoded at once (default: %(default)s)")
-  ap.add_argument("--shard", default=None,
-                  help="I/N: encode slice I of N (0 <= I < N) and write it as part I; the "
-                       "last part to finish joins them (default: the jax.distributed process "
-                       "index/count when initialised, else 0/1: everything)")
-  ap.add_argument("--overwrite", action="store_true",
-                  help="replace an existing dataset of that name once the new one is complete "
-                       "(default: refuse)")
-  ap.add_argument("--no_progress", action="store_true",
-                  help="no progress bar (default: show it)")
+  ap = CommandParser(
+    prog="python -m sana_jax.data.preprocess",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  ap.add_argument(
+    "--model",
+    type=pathlib.Path,
+    required=True,
+    help="model folder whose text encoder, tokenizer and autoencoder encode the data (required)",
+  )
+  ap.add_argument(
+    "--out",
+    type=pathlib.Path,
+    required=True,
+    help="TFDS data_dir; the dataset goes to OUT/sana_latents/NAME/1.0.0 (required)",
+  )
+  ap.add_argument("--name", default="shapes32", help="dataset (config) name (default: %(default)s)")
+  ap.add_argument(
+    "--source",
+    choices=("shapes", "folder"),
+    default="shapes",
+    help="shapes: generated ShapesEval scenes; folder: --images (default: %(default)s)",
+  )
+  ap.add_argument(
+    "--num",
+    type=int,
+    default=None,
+    help=f"number of examples: shapes (default {DEFAULT_SHAPES_NUM}); folder: "
+    "the first NUM images in name order (default: all)",
+  )
+  ap.add_argument("--seed", type=int, default=0, help="shapes: scene seed (default: %(default)s)")
+  ap.add_argument(
+    "--images",
+    type=pathlib.Path,
+    default=None,
+    help="folder source: images (.png/.jpg) with a same-stem .txt caption "
+    "(default: none; required for --source folder)",
+  )
+  ap.add_argument(
+    "--buckets",
+    default="",
+    help="folder source: HxW pixel sizes, comma-separated, each a multiple of "
+    "the autoencoder's downsampling (default: the model's square image "
+    "size)",
+  )
+  ap.add_argument(
+    "--batch_size", type=int, default=64, help="images encoded at once (default: %(default)s)"
+  )
+  ap.add_argument(
+    "--shard",
+    default=None,
+    help="I/N: encode slice I of N (0 <= I < N) and write it as part I; the "
+    "last part to finish joins them (default: the jax.distributed process "
+    "index/count when initialised, else 0/1: everything)",
+  )
+  ap.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing dataset of that name once the new one is complete (default: refuse)",
+  )
+  ap.add_argument("--no_progress", action="store_true", help="no progress bar (default: show it)")
   return ap
 
 
@@ -95,8 +121,9 @@ def parse_buckets(text: str) -> list[tuple[int, int]]:
   for b in text.split(","):
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", b)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-      raise UsageError(f"--buckets {text!r}: {b!r} is not HxW with positive integers "
-                       "(e.g. 1024x1024,768x1344)")
+      raise UsageError(
+        f"--buckets {text!r}: {b!r} is not HxW with positive integers (e.g. 1024x1024,768x1344)"
+      )
     out.append((int(m.group(1)), int(m.group(2))))
   if len(set(out)) != len(out):
     raise UsageError(f"--buckets {text!r}: a size is listed twice")
@@ -107,6 +134,7 @@ def read_model_settings(model: pathlib.Path) -> tuple[dict, int, int]:
   """Checks what preprocessing needs of a model folder, loading nothing: returns
   (pipeline settings, autoencoder downsampling, latent channels)."""
   from sana_jax import bundle
+
   if not model.is_dir():
     raise UsageError(f"--model {model}: no such folder")
   path = model / bundle.PIPELINE_FILE
@@ -114,11 +142,13 @@ def read_model_settings(model: pathlib.Path) -> tuple[dict, int, int]:
     raise UsageError(f"--model {model}: not a sana_jax model folder (no {bundle.PIPELINE_FILE})")
   try:
     settings = json.loads(path.read_text())
-    prompt, spec, size = settings["prompt"], settings["autoencoder"], settings["image_size"]
-    prompt["max_length"]  # pylint: disable=pointless-statement
+    prompt, spec = settings["prompt"], settings["autoencoder"]
+    prompt["max_length"], settings["image_size"]  # pylint: disable=pointless-statement
   except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise UsageError(f"--model {model}: {path} is not a valid settings file ({e!r}); "
-                     "expected 'prompt', 'autoencoder' and 'image_size'") from None
+    raise UsageError(
+      f"--model {model}: {path} is not a valid settings file ({e!r}); "
+      "expected 'prompt', 'autoencoder' and 'image_size'"
+    ) from None
   need = ["text_encoder/config.json", "text_encoder/params.safetensors", "tokenizer/"]
   kind = spec.get("kind")
   if kind == "dcae":
@@ -158,19 +188,24 @@ def validate(args) -> dict:
   if args.num is not None and args.num < 1:
     raise UsageError(f"--num {args.num}: must be >= 1")
   from sana_jax.data import latents_tfds
+
   existing = latents_tfds.existing_dataset(args.out, args.name)
   if existing is not None and not args.overwrite:
-    raise UsageError(f"--out {args.out}: {existing} already holds a dataset named "
-                     f"{args.name!r}; pass --overwrite to replace it, or choose another "
-                     "--name / --out")
+    raise UsageError(
+      f"--out {args.out}: {existing} already holds a dataset named "
+      f"{args.name!r}; pass --overwrite to replace it, or choose another "
+      "--name / --out"
+    )
   shard = parse_shard(args.shard) if args.shard is not None else None
   if args.source == "shapes":
     for flag, value in (("--images", args.images), ("--buckets", args.buckets or None)):
       if value is not None:
         raise UsageError(f"{flag} {value}: applies to --source folder only")
     if size % downsample:
-      raise UsageError(f"--model {args.model}: image size {size} is not a multiple of the "
-                       f"autoencoder's {downsample}x downsampling")
+      raise UsageError(
+        f"--model {args.model}: image size {size} is not a multiple of the "
+        f"autoencoder's {downsample}x downsampling"
+      )
     num = args.num or DEFAULT_SHAPES_NUM
     buckets_px, files = [(size, size)], None
   else:
@@ -181,15 +216,25 @@ def validate(args) -> dict:
     files = list_images(args.images)
     if not files:
       raise UsageError(f"--images {args.images}: no {'/'.join(IMAGE_SUFFIXES)} images")
-    files = files[:args.num] if args.num else files
+    files = files[: args.num] if args.num else files
     num = len(files)
     buckets_px = parse_buckets(args.buckets) if args.buckets else [(size, size)]
     for h, w in buckets_px:
       if h % downsample or w % downsample:
-        raise UsageError(f"--buckets {args.buckets}: {h}x{w} is not a multiple of the "
-                         f"autoencoder's {downsample}x downsampling")
-  return dict(settings=settings, downsample=downsample, channels=channels, size=size,
-              num=num, buckets_px=buckets_px, files=files, shard=shard)
+        raise UsageError(
+          f"--buckets {args.buckets}: {h}x{w} is not a multiple of the "
+          f"autoencoder's {downsample}x downsampling"
+        )
+  return dict(
+    settings=settings,
+    downsample=downsample,
+    channels=channels,
+    size=size,
+    num=num,
+    buckets_px=buckets_px,
+    files=files,
+    shard=shard,
+  )
 
 
 def shard_range(num: int, index: int, count: int) -> range:
@@ -199,6 +244,7 @@ def shard_range(num: int, index: int, count: int) -> range:
 
 def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
   import numpy as np
+
   ratio = height / width
   return min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - np.log(ratio)))
 
@@ -206,6 +252,7 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
 def plan_folder(files: list[pathlib.Path], buckets) -> dict:
   """{bucket: [files]} from the image headers (nothing decoded); checks every caption."""
   from PIL import Image, UnidentifiedImageError
+
   plan = {b: [] for b in buckets}
   for f in files:
     if not f.with_suffix(".txt").is_file():
@@ -223,17 +270,22 @@ def load_folder_image(f: pathlib.Path, bucket: tuple[int, int]):
   """(uint8 (h, w, 3) image resized to cover the bucket and centre-cropped, caption)."""
   import numpy as np
   from PIL import Image
+
   h, w = bucket
   img = Image.open(f).convert("RGB")
   scale = max(h / img.height, w / img.width)
-  img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))),
-                   Image.BICUBIC)
+  img = img.resize(
+    (max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC
+  )
   left, top = (img.width - w) // 2, (img.height - h) // 2
-  return np.asarray(img.crop((left, top, left + w, top + h))), f.with_suffix(".txt").read_text().strip()
+  return np.asarray(img.crop((left, top, left + w, top + h))), f.with_suffix(
+    ".txt"
+  ).read_text().strip()
 
 
 def shapes_source(indices, image_size: int, seed: int):
   from sana_jax.data import shapes
+
   for i in indices:
     ex = shapes.example(i, image_size, seed)
     yield ex["image"], ex["spec"]["prompt"]
@@ -244,6 +296,7 @@ def encode_source(source, settings, enc, ae, batch: int = 64):
   one padded to that size, so every batch runs one compiled program and an example's arrays
   do not depend on where a batch boundary falls)."""
   import numpy as np
+
   del settings
 
   def flush(items):
@@ -253,8 +306,12 @@ def encode_source(source, settings, enc, ae, batch: int = 64):
     latents = np.asarray(ae.encode(images))
     emb, mask = enc.encode([c for _, c in padded])
     for k, (_, c) in enumerate(items):
-      yield {"latent": latents[k], "caption": np.asarray(emb[k]),
-             "caption_mask": np.asarray(mask[k]), "text": c}
+      yield {
+        "latent": latents[k],
+        "caption": np.asarray(emb[k]),
+        "caption_mask": np.asarray(mask[k]),
+        "text": c,
+      }
 
   items, shape = [], None
   for image, caption in source:
@@ -273,11 +330,18 @@ def encode_source(source, settings, enc, ae, batch: int = 64):
 def _encoders(model: pathlib.Path, settings: dict):
   from sana_jax import bundle
   from sana_jax.models.prompts import PromptConfig, PromptEncoder
+
   p = settings["prompt"]
   enc = PromptEncoder.from_folders(
-      str(model / "tokenizer"), str(model / "text_encoder"),
-      PromptConfig(max_length=p["max_length"], chi=tuple(p["chi"]) if p.get("chi") else None,
-                   lowercase=p.get("lowercase", False), null_prompt=p.get("null_prompt", "")))
+    str(model / "tokenizer"),
+    str(model / "text_encoder"),
+    PromptConfig(
+      max_length=p["max_length"],
+      chi=tuple(p["chi"]) if p.get("chi") else None,
+      lowercase=p.get("lowercase", False),
+      null_prompt=p.get("null_prompt", ""),
+    ),
+  )
   ae = bundle._autoencoder(model, settings["autoencoder"])  # pylint: disable=protected-access
   return enc, ae
 
@@ -286,8 +350,10 @@ def _default_shard() -> tuple[int, int]:
   """(process index, count) under jax.distributed (initialised from the environment as
   train.py does), else (0, 1)."""
   from sana_jax import parallel
+
   if parallel.maybe_initialize_distributed():
     import jax
+
     return jax.process_index(), jax.process_count()
   return 0, 1
 
@@ -297,8 +363,10 @@ def run(args) -> str:
   plan = validate(args)
   index, count = plan["shard"] or _default_shard()
   if count > plan["num"]:
-    raise UsageError(f"--shard {index}/{count}: {plan['num']} examples cannot be split into "
-                     f"{count} non-empty parts")
+    raise UsageError(
+      f"--shard {index}/{count}: {plan['num']} examples cannot be split into "
+      f"{count} non-empty parts"
+    )
   mine = shard_range(plan["num"], index, count)
   settings, ds = plan["settings"], plan["downsample"]
   if args.source == "shapes":
@@ -314,11 +382,16 @@ def run(args) -> str:
   import tqdm
   import tensorflow_datasets as tfds
   from sana_jax.data import latents_tfds
+
   tfds.disable_progress_bar()  # one bar: ours, over the examples this run encodes
   enc, ae = _encoders(args.model, settings)
   null_emb, null_mask = enc.encode_null(1)
-  bar = tqdm.tqdm(total=total, desc=f"encode (part {index} of {count})" if count > 1
-                  else "encode", unit="img", disable=args.no_progress)
+  bar = tqdm.tqdm(
+    total=total,
+    desc=f"encode (part {index} of {count})" if count > 1 else "encode",
+    unit="img",
+    disable=args.no_progress,
+  )
 
   def examples(bucket_latent):
     bucket = next(b for b in nonempty if (b[0] // ds, b[1] // ds) == tuple(bucket_latent))
@@ -326,19 +399,28 @@ def run(args) -> str:
       bar.update(1)
       yield ex
 
-  common = dict(buckets=[(h // ds, w // ds) for h, w in nonempty], channels=plan["channels"],
-                caption_len=null_emb.shape[1], caption_channels=null_emb.shape[2],
-                null_caption=null_emb[0], null_mask=null_mask[0], per_bucket=True)
+  common = dict(
+    buckets=[(h // ds, w // ds) for h, w in nonempty],
+    channels=plan["channels"],
+    caption_len=null_emb.shape[1],
+    caption_channels=null_emb.shape[2],
+    null_caption=null_emb[0],
+    null_mask=null_mask[0],
+    per_bucket=True,
+  )
   try:
     if count == 1:
-      out = latents_tfds.write_dataset(examples, str(args.out), args.name,
-                                       overwrite=args.overwrite, **common)
+      out = latents_tfds.write_dataset(
+        examples, str(args.out), args.name, overwrite=args.overwrite, **common
+      )
       return f"wrote dataset of {total} examples to {out}"
-    signature = {k: str(v) for k, v in vars(args).items()
-                 if k not in ("shard", "no_progress", "overwrite")}
+    signature = {
+      k: str(v) for k, v in vars(args).items() if k not in ("shard", "no_progress", "overwrite")
+    }
     signature["count"] = str(count)
-    part = latents_tfds.write_part(examples, str(args.out), args.name, index=index,
-                                   count=count, signature=signature, **common)
+    part = latents_tfds.write_part(
+      examples, str(args.out), args.name, index=index, count=count, signature=signature, **common
+    )
   finally:
     bar.close()
   try:
@@ -347,10 +429,14 @@ def run(args) -> str:
     raise PartsError(str(e)) from None
   if out is None:
     missing = latents_tfds.missing_parts(args.out, args.name, count)
-    return (f"wrote part {index} of {count} ({total} examples) to {part}; the dataset is "
-            f"joined when the other parts are written (missing: {missing})")
-  return f"wrote part {index} of {count} ({total} examples); joined all {count} parts: wrote " \
-         f"dataset to {out}"
+    return (
+      f"wrote part {index} of {count} ({total} examples) to {part}; the dataset is "
+      f"joined when the other parts are written (missing: {missing})"
+    )
+  return (
+    f"wrote part {index} of {count} ({total} examples); joined all {count} parts: wrote "
+    f"dataset to {out}"
+  )
 
 
 def main(argv=None) -> int:

@@ -46,12 +46,12 @@ SHAPES = ("circle", "square", "triangle", "cross")
 # Six colours far apart in RGB and far from the white background (the closest pair of
 # colour/background mixing lines is ~100 units apart at full coverage).
 COLORS = {
-    "red": (220, 30, 30),
-    "yellow": (240, 200, 20),
-    "green": (20, 170, 40),
-    "blue": (20, 60, 230),
-    "purple": (160, 40, 200),
-    "black": (20, 20, 20),
+  "red": (220, 30, 30),
+  "yellow": (240, 200, 20),
+  "green": (20, 170, 40),
+  "blue": (20, 60, 230),
+  "purple": (160, 40, 200),
+  "black": (20, 20, 20),
 }
 BACKGROUND = (255, 255, 255)
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -61,8 +61,9 @@ COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 COUNTING_RANGE = (2, 3, 4)  # GenEval's counting prompts ask for 2 to 4 objects.
 CROSS_ARM = 0.36  # width of the cross's arms, as a fraction of its size.
 SUPERSAMPLE = 4
-EVAL_PROMPTS_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
-                                 "shapes_eval_prompts.jsonl")
+EVAL_PROMPTS_PATH = os.path.join(
+  os.path.dirname(os.path.dirname(__file__)), "assets", "shapes_eval_prompts.jsonl"
+)
 EVAL_SEED = 20250601
 EVAL_PER_CATEGORY = 50
 VALIDATION_SEED = 20251122  # validation prompts: same grammar, disjoint from the eval set
@@ -89,8 +90,18 @@ def inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
   raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def coverage(shape: str, cx: float, cy: float, sx: float, sy: float,
-             x0: int, y0: int, x1: int, y1: int, ss: int = SUPERSAMPLE) -> np.ndarray:
+def coverage(
+  shape: str,
+  cx: float,
+  cy: float,
+  sx: float,
+  sy: float,
+  x0: int,
+  y0: int,
+  x1: int,
+  y1: int,
+  ss: int = SUPERSAMPLE,
+) -> np.ndarray:
   """Fraction of each pixel of the window [y0:y1, x0:x1] covered by a shape.
 
   The shape's bounding box has centre (cx, cy) and size (sx, sy), in pixel units where
@@ -123,8 +134,10 @@ def _check_spec(spec: dict) -> None:
     if "position" in req:
       rel, ref = req["position"]
       if rel not in RELATIONS or not (0 <= ref < len(spec["include"])) or ref == i:
-        raise ValueError(f"include[{i}].position must be [one of {RELATIONS}, index of another "
-                         f"include entry], got {req['position']!r}")
+        raise ValueError(
+          f"include[{i}].position must be [one of {RELATIONS}, index of another "
+          f"include entry], got {req['position']!r}"
+        )
 
 
 def spec_for(category: str, rng: np.random.Generator) -> dict:
@@ -136,26 +149,43 @@ def spec_for(category: str, rng: np.random.Generator) -> dict:
     return {"tag": category, "include": include}
   if category == "two_object":
     a, b = rng.choice(shapes, size=2, replace=False)
-    return {"tag": category, "include": [{"class": str(a), "count": 1},
-                                         {"class": str(b), "count": 1}]}
+    return {
+      "tag": category,
+      "include": [{"class": str(a), "count": 1}, {"class": str(b), "count": 1}],
+    }
   if category == "counting":
     s = str(rng.choice(shapes))
     n = int(rng.choice(COUNTING_RANGE))
-    return {"tag": category, "include": [{"class": s, "count": n}],
-            "exclude": [{"class": s, "count": n + 1}]}
+    return {
+      "tag": category,
+      "include": [{"class": s, "count": n}],
+      "exclude": [{"class": s, "count": n + 1}],
+    }
   if category == "colors":
-    return {"tag": category, "include": [{"class": str(rng.choice(shapes)), "count": 1,
-                                          "color": str(rng.choice(colors))}]}
+    return {
+      "tag": category,
+      "include": [{"class": str(rng.choice(shapes)), "count": 1, "color": str(rng.choice(colors))}],
+    }
   if category == "position":
     a, b = rng.choice(shapes, size=2, replace=False)
     rel = str(rng.choice(RELATIONS))
-    return {"tag": category, "include": [{"class": str(a), "count": 1},
-                                         {"class": str(b), "count": 1, "position": [rel, 0]}]}
+    return {
+      "tag": category,
+      "include": [
+        {"class": str(a), "count": 1},
+        {"class": str(b), "count": 1, "position": [rel, 0]},
+      ],
+    }
   if category == "color_attr":
     a, b = rng.choice(shapes, size=2, replace=False)
     ca, cb = rng.choice(colors, size=2, replace=False)
-    return {"tag": category, "include": [{"class": str(a), "count": 1, "color": str(ca)},
-                                         {"class": str(b), "count": 1, "color": str(cb)}]}
+    return {
+      "tag": category,
+      "include": [
+        {"class": str(a), "count": 1, "color": str(ca)},
+        {"class": str(b), "count": 1, "color": str(cb)},
+      ],
+    }
   raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
 
 
@@ -163,18 +193,18 @@ def spec_for(category: str, rng: np.random.Generator) -> dict:
 
 # Frames around the object phrase; every word stays in a small fixed vocabulary.
 FRAMES = (
-    "{}",
-    "a photo of {}",
-    "an image of {}",
-    "a picture of {}",
-    "a drawing of {}",
-    "an illustration of {}",
-    "a simple drawing of {}",
-    "an image showing {}",
-    "a picture with {}",
-    "{} on a white background",
-    "a photo of {} on a white background",
-    "a white background with {}",
+  "{}",
+  "a photo of {}",
+  "an image of {}",
+  "a picture of {}",
+  "a drawing of {}",
+  "an illustration of {}",
+  "a simple drawing of {}",
+  "an image showing {}",
+  "a picture with {}",
+  "{} on a white background",
+  "a photo of {} on a white background",
+  "a white background with {}",
 )
 
 
@@ -187,14 +217,15 @@ def _one(shape: str, color: str | None = None, style: int = 0) -> str:
   if color is None:
     return ("a {s}", "one {s}", "a single {s}")[style % 3].format(s=shape)
   return ("a {c} {s}", "a {s} that is {c}", "one {c} {s}", "a {c} colored {s}")[style % 4].format(
-      s=shape, c=color)
+    s=shape, c=color
+  )
 
 
 _REL_WORDS = {
-    "left of": ("left of", "to the left of", "on the left of"),
-    "right of": ("right of", "to the right of", "on the right of"),
-    "above": ("above", "placed above", "higher than"),
-    "below": ("below", "placed below", "lower than"),
+  "left of": ("left of", "to the left of", "on the left of"),
+  "right of": ("right of", "to the right of", "on the right of"),
+  "above": ("above", "placed above", "higher than"),
+  "below": ("below", "placed below", "lower than"),
 }
 
 
@@ -206,7 +237,8 @@ def object_phrase(spec: dict, style: int) -> str:
   if tag == "counting":
     n, s = inc[0]["count"], inc[0]["class"]
     return ("{w} {p}", "{d} {p}", "exactly {w} {p}")[style % 3].format(
-        w=COUNT_WORDS[n], d=n, p=_plural(s) if n > 1 else s)
+      w=COUNT_WORDS[n], d=n, p=_plural(s) if n > 1 else s
+    )
   if tag in ("two_object", "color_attr"):
     a, b = inc
     sa = _one(a["class"], a.get("color"), style)
@@ -235,22 +267,44 @@ def all_specs(category: str) -> list[dict]:
   if category == "single_object":
     out = [{"tag": category, "include": [{"class": s, "count": 1}]} for s in SHAPES]
   elif category == "two_object":
-    out = [{"tag": category, "include": [{"class": a, "count": 1}, {"class": b, "count": 1}]}
-           for a, b in pairs]
+    out = [
+      {"tag": category, "include": [{"class": a, "count": 1}, {"class": b, "count": 1}]}
+      for a, b in pairs
+    ]
   elif category == "counting":
-    out = [{"tag": category, "include": [{"class": s, "count": n}],
-            "exclude": [{"class": s, "count": n + 1}]} for s in SHAPES for n in COUNTING_RANGE]
+    out = [
+      {
+        "tag": category,
+        "include": [{"class": s, "count": n}],
+        "exclude": [{"class": s, "count": n + 1}],
+      }
+      for s in SHAPES
+      for n in COUNTING_RANGE
+    ]
   elif category == "colors":
-    out = [{"tag": category, "include": [{"class": s, "count": 1, "color": c}]}
-           for s in SHAPES for c in COLORS]
+    out = [
+      {"tag": category, "include": [{"class": s, "count": 1, "color": c}]}
+      for s in SHAPES
+      for c in COLORS
+    ]
   elif category == "position":
-    out = [{"tag": category, "include": [{"class": a, "count": 1},
-                                         {"class": b, "count": 1, "position": [r, 0]}]}
-           for a, b in pairs for r in RELATIONS]
+    out = [
+      {
+        "tag": category,
+        "include": [{"class": a, "count": 1}, {"class": b, "count": 1, "position": [r, 0]}],
+      }
+      for a, b in pairs
+      for r in RELATIONS
+    ]
   elif category == "color_attr":
-    out = [{"tag": category, "include": [{"class": a, "count": 1, "color": ca},
-                                         {"class": b, "count": 1, "color": cb}]}
-           for a, b in pairs for ca, cb in cpairs]
+    out = [
+      {
+        "tag": category,
+        "include": [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
+      }
+      for a, b in pairs
+      for ca, cb in cpairs
+    ]
   else:
     raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
   return out
@@ -281,8 +335,9 @@ def _eval_prompt_keys() -> frozenset:
   return frozenset(normalize_prompt(s["prompt"]) for s in eval_prompts())
 
 
-def sample_spec(category: str, rng: np.random.Generator, *,
-                exclude_eval_prompts: bool = True) -> dict:
+def sample_spec(
+  category: str, rng: np.random.Generator, *, exclude_eval_prompts: bool = True
+) -> dict:
   """A random spec of `category` with a varied "prompt".
 
   With exclude_eval_prompts (the default, for training data) the prompt is never one of
@@ -297,8 +352,12 @@ def sample_spec(category: str, rng: np.random.Generator, *,
   raise RuntimeError(f"could not sample a {category} caption outside the evaluation set")
 
 
-def make_eval_prompts(per_category: int = EVAL_PER_CATEGORY, seed: int = EVAL_SEED, *,
-                      exclude_eval_prompts: bool = False) -> list[dict]:
+def make_eval_prompts(
+  per_category: int = EVAL_PER_CATEGORY,
+  seed: int = EVAL_SEED,
+  *,
+  exclude_eval_prompts: bool = False,
+) -> list[dict]:
   """The evaluation prompt set: `per_category` distinct prompts for each category, in order.
 
   With exclude_eval_prompts and another seed this makes a validation set (for choosing
@@ -404,8 +463,12 @@ def layout(spec: dict, image_size: int, rng: np.random.Generator) -> list[dict]:
       y0 = rng.uniform(1, image_size - 1 - s)
       box = (x0, y0, x0 + s, y0 + s)
       for b in boxes:
-        if (box[0] < b[2] + gap and b[0] < box[2] + gap and
-            box[1] < b[3] + gap and b[1] < box[3] + gap):
+        if (
+          box[0] < b[2] + gap
+          and b[0] < box[2] + gap
+          and box[1] < b[3] + gap
+          and b[1] < box[3] + gap
+        ):
           ok = False
           break
       if not ok:
@@ -466,8 +529,13 @@ def example(index: int, image_size: int, seed: int = 0) -> dict:
 # ----------------------------------------------------------------------------- grid
 
 
-def make_grid(image_size: int = 64, per_category: int = 4, seed: int = 0, scale: int = 2,
-              sample: Callable[[int], dict] | None = None):
+def make_grid(
+  image_size: int = 64,
+  per_category: int = 4,
+  seed: int = 0,
+  scale: int = 2,
+  sample: Callable[[int], dict] | None = None,
+):
   """A PIL image: one row per category, `per_category` examples with their captions.
 
   Examples are `example(index, image_size, seed)` (or `sample(index)`, returning a dict
@@ -505,8 +573,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--image-size", type=int, default=64)
   p.add_argument("--per-category", type=int, default=4)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--write-eval-prompts", action="store_true",
-                 help=f"regenerate {EVAL_PROMPTS_PATH}")
+  p.add_argument(
+    "--write-eval-prompts", action="store_true", help=f"regenerate {EVAL_PROMPTS_PATH}"
+  )
   args = p.parse_args(argv)
   if args.write_eval_prompts:
     write_eval_prompts()

@@ -49,14 +49,19 @@ class ShapesEvalConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-def make_config(image_size: int, num_train: int = DEFAULT_NUM_TRAIN, seed: int = 0
-                ) -> ShapesEvalConfig:
+def make_config(
+  image_size: int, num_train: int = DEFAULT_NUM_TRAIN, seed: int = 0
+) -> ShapesEvalConfig:
   """A config for any size / length / seed, named so different data never share a folder:
   e.g. make_config(32, 20000, 1).name == "32px_n20000_s1"."""
   if image_size < 16 or num_train < 0:
     raise ValueError(f"need image_size >= 16 and num_train >= 0, got {image_size}, {num_train}")
-  return ShapesEvalConfig(name=f"{image_size}px_n{num_train}_s{seed}", image_size=image_size,
-                          num_train=num_train, seed=seed)
+  return ShapesEvalConfig(
+    name=f"{image_size}px_n{num_train}_s{seed}",
+    image_size=image_size,
+    num_train=num_train,
+    seed=seed,
+  )
 
 
 class ShapesEval(tfds.core.GeneratorBasedBuilder):
@@ -65,8 +70,8 @@ class ShapesEval(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-      ShapesEvalConfig(name=f"{s}px", description=f"{s}x{s} images", image_size=s)
-      for s in (32, 64, 128)
+    ShapesEvalConfig(name=f"{s}px", description=f"{s}x{s} images", image_size=s)
+    for s in (32, 64, 128)
   ]
   DEFAULT_CONFIG_NAME = "64px"
 
@@ -83,16 +88,18 @@ class ShapesEval(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
-            "caption": tfds.features.Text(),
-            "spec": tfds.features.Text(),
-            "category": tfds.features.ClassLabel(names=list(shapes.CATEGORIES)),
-        }),
-        supervised_keys=None,
-        disable_shuffling=True,
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
+          "caption": tfds.features.Text(),
+          "spec": tfds.features.Text(),
+          "category": tfds.features.ClassLabel(names=list(shapes.CATEGORIES)),
+        }
+      ),
+      supervised_keys=None,
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
@@ -114,14 +121,21 @@ class ShapesEval(tfds.core.GeneratorBasedBuilder):
 
 
 def _encode(image: np.ndarray, spec: dict) -> dict:
-  return {"image": image, "caption": spec["prompt"], "spec": json.dumps(spec),
-          "category": shapes.CATEGORIES.index(spec["tag"])}
+  return {
+    "image": image,
+    "caption": spec["prompt"],
+    "spec": json.dumps(spec),
+    "category": shapes.CATEGORIES.index(spec["tag"]),
+  }
 
 
 def decode(example: dict) -> dict:
   """A record from `tfds.data_source` -> {"image", "caption": str, "spec": dict,
   "category": str}."""
   text = lambda x: x.decode("utf-8") if isinstance(x, bytes) else str(x)
-  return {"image": np.asarray(example["image"], np.uint8), "caption": text(example["caption"]),
-          "spec": json.loads(text(example["spec"])),
-          "category": shapes.CATEGORIES[int(example["category"])]}
+  return {
+    "image": np.asarray(example["image"], np.uint8),
+    "caption": text(example["caption"]),
+    "spec": json.loads(text(example["spec"])),
+    "category": shapes.CATEGORIES[int(example["category"])],
+  }

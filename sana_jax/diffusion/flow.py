@@ -31,16 +31,16 @@ from sana_jax.diffusion.schedules import NUM_TRAIN_TIMESTEPS, shift_sigma
 TIMESTEP_SAMPLERS = ("logit_normal", "uniform", "mode")
 
 
-def base_sigma_grid(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-                    grid: str = "official") -> np.ndarray:
+def base_sigma_grid(
+  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, grid: str = "official"
+) -> np.ndarray:
   """Unshifted training sigmas s_i, i = 0..T-1, float64.
 
   grid="official": 1 - linspace(1, 1/T, T) (the official `linear_flow` betas, 1 - beta).
   grid="exact": i / T.
   """
   if grid == "official":
-    return 1.0 - np.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps,
-                             dtype=np.float64)
+    return 1.0 - np.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps, dtype=np.float64)
   if grid == "exact":
     return np.arange(num_train_timesteps, dtype=np.float64) / num_train_timesteps
   raise ValueError(f"grid must be 'official' or 'exact', got {grid!r}")
@@ -49,20 +49,25 @@ def base_sigma_grid(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
 class TrainTable(NamedTuple):
   """Per-index training values, each (T,): sigma, alpha = 1 - sigma (float32, rounded from
   float64), model_time (float32 holding the integer floor(T * sigma))."""
+
   sigma: np.ndarray
   alpha: np.ndarray
   model_time: np.ndarray
 
 
-def train_table(shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-                grid: str = "official") -> TrainTable:
+def train_table(
+  shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, grid: str = "official"
+) -> TrainTable:
   """The official index -> (sigma, alpha, model time) table for a flow shift."""
   if not np.isfinite(shift) or shift <= 0:
     raise ValueError(f"flow shift must be a finite number > 0, got {shift!r}")
   s = shift_sigma(base_sigma_grid(num_train_timesteps, grid), float(shift))
   model_time = np.floor(s * num_train_timesteps)
-  return TrainTable(sigma=s.astype(np.float32), alpha=(1.0 - s).astype(np.float32),
-                    model_time=model_time.astype(np.float32))
+  return TrainTable(
+    sigma=s.astype(np.float32),
+    alpha=(1.0 - s).astype(np.float32),
+    model_time=model_time.astype(np.float32),
+  )
 
 
 # ----------------------------------------------------------------------------- timesteps
@@ -90,27 +95,38 @@ def index_from_u(u, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
 
 class TimestepSample(NamedTuple):
   """index: (B,) int32; sigma, alpha, model_time: (B,) float32."""
+
   index: jax.Array
   sigma: jax.Array
   alpha: jax.Array
   model_time: jax.Array
 
 
-def lookup(index, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-           grid: str = "official") -> TimestepSample:
+def lookup(
+  index, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, grid: str = "official"
+) -> TimestepSample:
   """(sigma, alpha, model time) for integer indices i (any shape)."""
   table = train_table(shift, num_train_timesteps, grid)
   index = jnp.asarray(index, jnp.int32)
-  return TimestepSample(index=index, sigma=jnp.asarray(table.sigma)[index],
-                        alpha=jnp.asarray(table.alpha)[index],
-                        model_time=jnp.asarray(table.model_time)[index])
+  return TimestepSample(
+    index=index,
+    sigma=jnp.asarray(table.sigma)[index],
+    alpha=jnp.asarray(table.alpha)[index],
+    model_time=jnp.asarray(table.model_time)[index],
+  )
 
 
-def timesteps_from_draws(draws, shift: float, scheme: str = "logit_normal", *,
-                         logit_mean: float = 0.0, logit_std: float = 1.0,
-                         mode_scale: float = 1.29,
-                         num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-                         grid: str = "official") -> TimestepSample:
+def timesteps_from_draws(
+  draws,
+  shift: float,
+  scheme: str = "logit_normal",
+  *,
+  logit_mean: float = 0.0,
+  logit_std: float = 1.0,
+  mode_scale: float = 1.29,
+  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+  grid: str = "official",
+) -> TimestepSample:
   """Training timesteps from explicit draws.
 
   draws: standard normals for scheme="logit_normal"; U[0, 1) uniforms for "uniform" and
@@ -138,8 +154,9 @@ def timestep_draws(rng, shape, scheme: str = "logit_normal") -> jax.Array:
   return jax.random.uniform(rng, shape, jnp.float32)
 
 
-def sample_timesteps(rng, batch_size: int, shift: float, scheme: str = "logit_normal",
-                     **kwargs) -> TimestepSample:
+def sample_timesteps(
+  rng, batch_size: int, shift: float, scheme: str = "logit_normal", **kwargs
+) -> TimestepSample:
   """Draw (B,) training timesteps with a `jax.random` key (see `timesteps_from_draws`)."""
   return timesteps_from_draws(timestep_draws(rng, batch_size, scheme), shift, scheme, **kwargs)
 
@@ -186,21 +203,26 @@ def flow_loss(pred, x0, noise, per_example: bool = False):
 
 class TrainingInputs(NamedTuple):
   """x_t: noisy latents; target: eps - x0; model_time: (B,) float32; sigma: (B,) float32."""
+
   x_t: jax.Array
   target: jax.Array
   model_time: jax.Array
   sigma: jax.Array
 
 
-def training_inputs(x0, noise, timestep_draws, shift: float, scheme: str = "logit_normal",
-                    **kwargs) -> TrainingInputs:
+def training_inputs(
+  x0, noise, timestep_draws, shift: float, scheme: str = "logit_normal", **kwargs
+) -> TrainingInputs:
   """Everything the train step feeds the DiT, from explicit draws (see
   `timesteps_from_draws`; `timestep_draws` makes the right kind for a scheme): noisy latents,
   velocity target and floored model time."""
   ts = timesteps_from_draws(timestep_draws, shift, scheme, **kwargs)
-  return TrainingInputs(x_t=add_noise(x0, noise, ts.sigma, ts.alpha),
-                        target=velocity_target(x0, noise), model_time=ts.model_time,
-                        sigma=ts.sigma)
+  return TrainingInputs(
+    x_t=add_noise(x0, noise, ts.sigma, ts.alpha),
+    target=velocity_target(x0, noise),
+    model_time=ts.model_time,
+    sigma=ts.sigma,
+  )
 
 
 def drop_captions(uniform, caption, null_caption, prob: float = 0.1):

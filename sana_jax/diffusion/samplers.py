@@ -66,9 +66,14 @@ def _scan_steps(step_fn, carry, xs, num_steps, num_valid, progress):
   return carry
 
 
-def dpm_solver_loop(velocity_fn: VelocityFn, x, schedule: schedules.FlowSchedule,
-                    coefficients: Optional[schedules.DPMSolverCoefficients] = None,
-                    progress: Progress = False, num_valid=None):
+def dpm_solver_loop(
+  velocity_fn: VelocityFn,
+  x,
+  schedule: schedules.FlowSchedule,
+  coefficients: Optional[schedules.DPMSolverCoefficients] = None,
+  progress: Progress = False,
+  num_valid=None,
+):
   """Flow DPM-Solver++ (2nd-order multistep, midpoint; 1st order on first and last step).
 
   x: (B, ...) float32 initial noise at sigmas[0]. Returns x at sigma = 0. Mirrors
@@ -80,9 +85,15 @@ def dpm_solver_loop(velocity_fn: VelocityFn, x, schedule: schedules.FlowSchedule
   if coefficients is None:
     coefficients = schedules.dpm_solver_coefficients(np.asarray(schedule.sigmas))
   n = int(np.shape(schedule.model_times)[0])
-  xs = (jnp.arange(n), _as_f32(schedule.model_times), _as_f32(schedule.sigmas[:-1]),
-        _as_f32(coefficients.ratio), _as_f32(coefficients.phi),
-        _as_f32(coefficients.half_phi), _as_f32(coefficients.inv_r0))
+  xs = (
+    jnp.arange(n),
+    _as_f32(schedule.model_times),
+    _as_f32(schedule.sigmas[:-1]),
+    _as_f32(coefficients.ratio),
+    _as_f32(coefficients.phi),
+    _as_f32(coefficients.half_phi),
+    _as_f32(coefficients.inv_r0),
+  )
   x = jnp.asarray(x, jnp.float32)
 
   def step(carry, inp):
@@ -97,8 +108,13 @@ def dpm_solver_loop(velocity_fn: VelocityFn, x, schedule: schedules.FlowSchedule
   return x
 
 
-def euler_loop(velocity_fn: VelocityFn, x, schedule: schedules.FlowSchedule,
-               progress: Progress = False, num_valid=None):
+def euler_loop(
+  velocity_fn: VelocityFn,
+  x,
+  schedule: schedules.FlowSchedule,
+  progress: Progress = False,
+  num_valid=None,
+):
   """Flow Euler: x <- x + (sigma_next - sigma) v. x: (B, ...) float32 noise."""
   sig = _as_f32(schedule.sigmas)
   dt = sig[1:] - sig[:-1]  # float32, as diffusers' `sigma_next - sigma`
@@ -120,8 +136,9 @@ def pad_schedule(schedule: schedules.FlowSchedule, coefficients, length: int):
   if length < n:
     raise ValueError(f"cannot pad {n} steps to {length}")
   pad = lambda a, k: np.concatenate([np.asarray(a, np.float32), np.zeros(k, np.float32)])
-  schedule = schedules.FlowSchedule(pad(schedule.sigmas, length - n),
-                                    pad(schedule.model_times, length - n))
+  schedule = schedules.FlowSchedule(
+    pad(schedule.sigmas, length - n), pad(schedule.model_times, length - n)
+  )
   if coefficients is not None:
     coefficients = schedules.DPMSolverCoefficients(*(pad(a, length - n) for a in coefficients))
   return schedule, coefficients
@@ -135,8 +152,15 @@ def make_schedule(solver: str, num_steps: int, shift: float) -> schedules.FlowSc
   raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
 
-def sample(velocity_fn: VelocityFn, noise, *, num_steps: int, shift: float,
-           solver: str = "dpm_solver", progress: Progress = False):
+def sample(
+  velocity_fn: VelocityFn,
+  noise,
+  *,
+  num_steps: int,
+  shift: float,
+  solver: str = "dpm_solver",
+  progress: Progress = False,
+):
   """Run a flow sampler from `noise` (B, ...) to the clean latents (traceable; jit it at
   the call site, or use `make_sampler`)."""
   schedule = make_schedule(solver, num_steps, shift)
@@ -157,9 +181,16 @@ def _check_interval(interval):
   return lo, hi
 
 
-def guided_velocity_fn(apply_fn, caption, caption_mask, null_caption, *,
-                       guidance_scale: float, null_mask=None,
-                       guidance_interval: Optional[Sequence[float]] = None) -> VelocityFn:
+def guided_velocity_fn(
+  apply_fn,
+  caption,
+  caption_mask,
+  null_caption,
+  *,
+  guidance_scale: float,
+  null_mask=None,
+  guidance_interval: Optional[Sequence[float]] = None,
+) -> VelocityFn:
   """Classifier-free guidance on one batched [null, cond] pass.
 
   apply_fn(x (2B, ...), t (2B,) float32, caption (2B, L, C), mask (2B, L)) -> v (2B, ...).
@@ -179,14 +210,18 @@ def guided_velocity_fn(apply_fn, caption, caption_mask, null_caption, *,
   caption = jnp.asarray(caption)
   caption_mask = jnp.asarray(caption_mask)
   if caption.ndim != 3 or caption_mask.shape != caption.shape[:2]:
-    raise ValueError(f"caption must be (B, L, C) and mask (B, L); got {caption.shape} and "
-                     f"{caption_mask.shape}")
+    raise ValueError(
+      f"caption must be (B, L, C) and mask (B, L); got {caption.shape} and {caption_mask.shape}"
+    )
   null = jnp.asarray(null_caption, caption.dtype)
   if null.shape[-2:] != caption.shape[-2:]:
     raise ValueError(f"null_caption {null.shape} must end in (L, C) = {caption.shape[1:]}")
   null = jnp.broadcast_to(null, caption.shape)
-  null_m = caption_mask if null_mask is None else jnp.broadcast_to(
-      jnp.asarray(null_mask, caption_mask.dtype), caption_mask.shape)
+  null_m = (
+    caption_mask
+    if null_mask is None
+    else jnp.broadcast_to(jnp.asarray(null_mask, caption_mask.dtype), caption_mask.shape)
+  )
   both_caption = jnp.concatenate([null, caption], axis=0)
   both_mask = jnp.concatenate([null_m, caption_mask], axis=0)
   interval = _check_interval(guidance_interval)
@@ -220,30 +255,41 @@ def guided_velocity_fn(apply_fn, caption, caption_mask, null_caption, *,
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_sampler(apply_fn, solver, guidance_scale, guidance_interval, use_null_mask,
-                    progress):
+def _jitted_sampler(apply_fn, solver, guidance_scale, guidance_interval, use_null_mask, progress):
   """One jitted program per (model fn, solver, guidance settings); the grid and its
   coefficients are arguments, so flow shifts with the same step count share it."""
 
-  def run(params, noise, caption, caption_mask, null_caption, null_mask, schedule, coeffs,
-          num_valid):
+  def run(
+    params, noise, caption, caption_mask, null_caption, null_mask, schedule, coeffs, num_valid
+  ):
     vf = guided_velocity_fn(
-        lambda x, t, c, m: apply_fn(params, x, t, c, m), caption, caption_mask,
-        null_caption, guidance_scale=guidance_scale,
-        null_mask=null_mask if use_null_mask else None,
-        guidance_interval=guidance_interval)
+      lambda x, t, c, m: apply_fn(params, x, t, c, m),
+      caption,
+      caption_mask,
+      null_caption,
+      guidance_scale=guidance_scale,
+      null_mask=null_mask if use_null_mask else None,
+      guidance_interval=guidance_interval,
+    )
     if solver == "dpm_solver":
-      return dpm_solver_loop(vf, noise, schedule, coeffs, progress=progress,
-                             num_valid=num_valid)
+      return dpm_solver_loop(vf, noise, schedule, coeffs, progress=progress, num_valid=num_valid)
     return euler_loop(vf, noise, schedule, progress=progress, num_valid=num_valid)
 
   return jax.jit(run)
 
 
-def make_sampler(apply_fn, *, num_steps: int, shift: float, solver: str = "dpm_solver",
-                 guidance_scale: float = 4.5, guidance_interval=None,
-                 use_null_mask: bool = False, progress: Progress = False,
-                 pad_to: Optional[int] = None):
+def make_sampler(
+  apply_fn,
+  *,
+  num_steps: int,
+  shift: float,
+  solver: str = "dpm_solver",
+  guidance_scale: float = 4.5,
+  guidance_interval=None,
+  use_null_mask: bool = False,
+  progress: Progress = False,
+  pad_to: Optional[int] = None,
+):
   """A jitted end-to-end sampler around a model apply fn.
 
   apply_fn(params, x, t, caption, mask) -> v (x (2B, H, W, C), t (2B,)). Returns
@@ -260,20 +306,31 @@ def make_sampler(apply_fn, *, num_steps: int, shift: float, solver: str = "dpm_s
   interval = _check_interval(guidance_interval)
   if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
     raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
-  fn = _jitted_sampler(apply_fn, solver, float(guidance_scale), interval,
-                       bool(use_null_mask), progress)
+  fn = _jitted_sampler(
+    apply_fn, solver, float(guidance_scale), interval, bool(use_null_mask), progress
+  )
   num_valid = None
   if pad_to is not None:
     schedule, coeffs = pad_schedule(schedule, coeffs, pad_to)
     num_valid = jnp.int32(num_steps)
   sched = schedules.FlowSchedule(*(jnp.asarray(a) for a in schedule))
-  coeffs = None if coeffs is None else schedules.DPMSolverCoefficients(
-      *(jnp.asarray(a) for a in coeffs))
+  coeffs = (
+    None if coeffs is None else schedules.DPMSolverCoefficients(*(jnp.asarray(a) for a in coeffs))
+  )
 
   def run(params, noise, caption, caption_mask, null_caption, null_mask=None):
     if use_null_mask and null_mask is None:
       raise ValueError("use_null_mask=True needs the null caption's mask")
-    return fn(params, noise, caption, caption_mask, null_caption,
-              null_mask if use_null_mask else None, sched, coeffs, num_valid)
+    return fn(
+      params,
+      noise,
+      caption,
+      caption_mask,
+      null_caption,
+      null_mask if use_null_mask else None,
+      sched,
+      coeffs,
+      num_valid,
+    )
 
   return run

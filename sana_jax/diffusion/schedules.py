@@ -38,6 +38,7 @@ class FlowSchedule(NamedTuple):
   sigmas: (N + 1,) float32, decreasing, sigmas[-1] == 0 (noise level; x = (1-s) x0 + s eps).
   model_times: (N,) float32, the timestep handed to the denoiser at each step.
   """
+
   sigmas: np.ndarray
   model_times: np.ndarray
 
@@ -53,8 +54,9 @@ def _check(num_steps, shift):
     raise ValueError(f"flow shift must be a finite number > 0, got {shift!r}")
 
 
-def dpm_solver_schedule(num_steps: int, shift: float,
-                        num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> FlowSchedule:
+def dpm_solver_schedule(
+  num_steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+) -> FlowSchedule:
   """Flow DPM-Solver++ grid, as `DPMSolverMultistepScheduler(use_flow_sigmas=True)`."""
   _check(num_steps, shift)
   alphas = np.linspace(1, 1 / num_train_timesteps, num_steps + 1)  # float64
@@ -66,19 +68,21 @@ def dpm_solver_schedule(num_steps: int, shift: float,
   return FlowSchedule(sigmas=sigmas, model_times=model_times)
 
 
-def euler_schedule(num_steps: int, shift: float,
-                   num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> FlowSchedule:
+def euler_schedule(
+  num_steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+) -> FlowSchedule:
   """Flow Euler grid, as `FlowMatchEulerDiscreteScheduler(shift=shift)`."""
   _check(num_steps, shift)
   # __init__: float32 training grid, shifted once in float32.
   t_train = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1]
   s_train = (t_train / np.float32(num_train_timesteps)).astype(np.float32)
-  s_train = (np.float32(shift) * s_train / (np.float32(1) + np.float32(shift - 1) * s_train))
+  s_train = np.float32(shift) * s_train / (np.float32(1) + np.float32(shift - 1) * s_train)
   s_train = s_train.astype(np.float32)
   sigma_max, sigma_min = float(s_train[0]), float(s_train[-1])
   # set_timesteps: float64 linspace between the (already shifted) ends, shifted again.
-  timesteps = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps,
-                          num_steps)
+  timesteps = np.linspace(
+    sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, num_steps
+  )
   sigmas = timesteps / num_train_timesteps
   sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).astype(np.float32)
   model_times = (sigmas * np.float32(num_train_timesteps)).astype(np.float32)
@@ -95,14 +99,16 @@ class DPMSolverCoefficients(NamedTuple):
   on 2nd-order steps. First-order steps (the first one, and the last one, which lands on
   sigma = 0) have inv_r0 = half_phi = 0, which makes the D1 term vanish exactly.
   """
+
   ratio: np.ndarray
   phi: np.ndarray
   half_phi: np.ndarray
   inv_r0: np.ndarray
 
 
-def dpm_solver_coefficients(sigmas: np.ndarray, solver_order: int = 2,
-                            lower_order_final: bool = True) -> DPMSolverCoefficients:
+def dpm_solver_coefficients(
+  sigmas: np.ndarray, solver_order: int = 2, lower_order_final: bool = True
+) -> DPMSolverCoefficients:
   """Coefficients of diffusers' DPM-Solver++ for a flow sigma grid ((N+1,), last 0).
 
   Mirrors `DPMSolverMultistepScheduler.step` with algorithm_type="dpmsolver++",

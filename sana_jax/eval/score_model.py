@@ -40,9 +40,12 @@ def generate_all(pipe, prompts, n_max: int, batch: int, options) -> np.ndarray:
   flat = [(p, k) for p in range(len(prompts)) for k in range(n_max)]
   out = []
   for start in tqdm.tqdm(range(0, len(flat), batch), desc="generate", unit="batch"):
-    chunk = flat[start:start + batch]
-    out.append(pipe.generate([prompts[p]["prompt"] for p, _ in chunk],
-                             [1000 * p + k for p, k in chunk], options))
+    chunk = flat[start : start + batch]
+    out.append(
+      pipe.generate(
+        [prompts[p]["prompt"] for p, _ in chunk], [1000 * p + k for p, k in chunk], options
+      )
+    )
   images = np.concatenate(out)
   return images.reshape(len(prompts), n_max, *images.shape[1:])
 
@@ -63,16 +66,20 @@ def best_of_n_table(prompts, verdicts, ns) -> dict:
 
 def plot(tables: dict, path: pathlib.Path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   ns = sorted(tables)
   fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
   cats = list(next(iter(tables.values()))["categories"])
   for c in cats:
-    ax.plot(ns, [tables[n]["categories"][c]["accuracy"] for n in ns], marker=".", lw=1,
-            alpha=0.6, label=c)
-  ax.plot(ns, [tables[n]["overall"] for n in ns], marker="o", lw=2.5, color="black",
-          label="overall")
+    ax.plot(
+      ns, [tables[n]["categories"][c]["accuracy"] for n in ns], marker=".", lw=1, alpha=0.6, label=c
+    )
+  ax.plot(
+    ns, [tables[n]["overall"] for n in ns], marker="o", lw=2.5, color="black", label="overall"
+  )
   ax.set_xscale("log", base=2)
   ax.set_xticks(ns, [str(n) for n in ns])
   ax.set_xlabel("N candidates (log scale)")
@@ -89,14 +96,14 @@ def plot(tables: dict, path: pathlib.Path) -> None:
 def gallery(prompts, images, path: pathlib.Path, per_category: int = 6) -> None:
   """One row per category: candidate 0 of the first prompts of that category, captioned."""
   from PIL import Image, ImageDraw
-  scale, cell = 3, images.shape[2] * 3
+
+  cell = images.shape[2] * 3  # each image drawn at 3x
   rows = []
   for cat in shapes.CATEGORIES:
     idx = [i for i, p in enumerate(prompts) if p["tag"] == cat][:per_category]
     rows.append((cat, idx))
   cap_w = 140
-  canvas = Image.new("RGB", (cap_w + per_category * (cell + 4), len(rows) * (cell + 24)),
-                     "white")
+  canvas = Image.new("RGB", (cap_w + per_category * (cell + 4), len(rows) * (cell + 24)), "white")
   draw = ImageDraw.Draw(canvas)
   for r, (cat, idx) in enumerate(rows):
     y = r * (cell + 24)
@@ -111,40 +118,77 @@ def gallery(prompts, images, path: pathlib.Path, per_category: int = 6) -> None:
 
 
 def build_parser() -> bon_cli.CommandParser:
-  ap = bon_cli.CommandParser(prog="python -m sana_jax.eval.score_model", description=__doc__,
-                             formatter_class=bon_cli.HelpFormatter)
-  ap.add_argument("--model", type=pathlib.Path, default=None,
-                  help="model folder (default: the embedded ShapesEval model, "
-                       "sana_jax/assets/shapes_model)")
-  ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/score"),
-                  help="output folder (default: outputs/score); an existing non-empty one "
-                       "needs --overwrite")
-  ap.add_argument("--overwrite", action="store_true",
-                  help="replace an existing --out, once the new output is complete "
-                       "(default: off, refuse)")
-  ap.add_argument("--ns", type=bon_cli.int_list(1), default=[1, 2, 4, 8, 16],
-                  help="comma-separated N >= 1 of the best-of-N table, any numbers (byes fill "
-                       "the bracket; 1 is not required: the one-image table is always "
-                       "candidate 0) (default: 1,2,4,8,16)")
-  ap.add_argument("--num_prompts", type=bon_cli.int_at_least(1), default=None,
-                  help="the first K prompts only (default: all; 300 evaluation prompts, or "
-                       "the validation prompts with --validation)")
-  ap.add_argument("--per_category", type=bon_cli.int_at_least(1), default=None,
-                  help=f"the first K prompts of every category only, K >= 1 (default: all; "
-                       f"the evaluation set has {shapes.EVAL_PER_CATEGORY} per category)")
-  ap.add_argument("--validation", action="store_true",
-                  help="score held-out validation prompts (disjoint from the evaluation "
-                       "set; --per_category of them per category, default "
-                       f"{shapes.EVAL_PER_CATEGORY}, at most {MAX_VALIDATION_PER_CATEGORY}) "
-                       "instead: use these to choose sampling settings (default: off, the "
-                       "evaluation prompts)")
-  ap.add_argument("--batch", type=bon_cli.int_at_least(1), default=128,
-                  help="images per generation call (default 128)")
-  ap.add_argument("--steps", type=bon_cli.int_at_least(1), default=None,
-                  help="denoising steps (default: the model folder's pipeline.json)")
-  ap.add_argument("--guidance", type=bon_cli.float_in(0.0), default=None,
-                  help="classifier-free guidance scale >= 0 (default: the model folder's "
-                       "pipeline.json)")
+  ap = bon_cli.CommandParser(
+    prog="python -m sana_jax.eval.score_model",
+    description=__doc__,
+    formatter_class=bon_cli.HelpFormatter,
+  )
+  ap.add_argument(
+    "--model",
+    type=pathlib.Path,
+    default=None,
+    help="model folder (default: the embedded ShapesEval model, sana_jax/assets/shapes_model)",
+  )
+  ap.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=pathlib.Path("outputs/score"),
+    help="output folder (default: outputs/score); an existing non-empty one needs --overwrite",
+  )
+  ap.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing --out, once the new output is complete (default: off, refuse)",
+  )
+  ap.add_argument(
+    "--ns",
+    type=bon_cli.int_list(1),
+    default=[1, 2, 4, 8, 16],
+    help="comma-separated N >= 1 of the best-of-N table, any numbers (byes fill "
+    "the bracket; 1 is not required: the one-image table is always "
+    "candidate 0) (default: 1,2,4,8,16)",
+  )
+  ap.add_argument(
+    "--num_prompts",
+    type=bon_cli.int_at_least(1),
+    default=None,
+    help="the first K prompts only (default: all; 300 evaluation prompts, or "
+    "the validation prompts with --validation)",
+  )
+  ap.add_argument(
+    "--per_category",
+    type=bon_cli.int_at_least(1),
+    default=None,
+    help=f"the first K prompts of every category only, K >= 1 (default: all; "
+    f"the evaluation set has {shapes.EVAL_PER_CATEGORY} per category)",
+  )
+  ap.add_argument(
+    "--validation",
+    action="store_true",
+    help="score held-out validation prompts (disjoint from the evaluation "
+    "set; --per_category of them per category, default "
+    f"{shapes.EVAL_PER_CATEGORY}, at most {MAX_VALIDATION_PER_CATEGORY}) "
+    "instead: use these to choose sampling settings (default: off, the "
+    "evaluation prompts)",
+  )
+  ap.add_argument(
+    "--batch",
+    type=bon_cli.int_at_least(1),
+    default=128,
+    help="images per generation call (default 128)",
+  )
+  ap.add_argument(
+    "--steps",
+    type=bon_cli.int_at_least(1),
+    default=None,
+    help="denoising steps (default: the model folder's pipeline.json)",
+  )
+  ap.add_argument(
+    "--guidance",
+    type=bon_cli.float_in(0.0),
+    default=None,
+    help="classifier-free guidance scale >= 0 (default: the model folder's pipeline.json)",
+  )
   return ap
 
 
@@ -154,26 +198,36 @@ def select_prompts(args) -> list[dict]:
   if args.validation:
     if args.per_category is not None and args.per_category > MAX_VALIDATION_PER_CATEGORY:
       raise bon_cli.UsageError(
-          f"--per_category {args.per_category}: --validation draws at most "
-          f"{MAX_VALIDATION_PER_CATEGORY} prompts per category (the grammar has about 94 "
-          "distinct single_object prompts outside the evaluation set)")
-    prompts = shapes.make_eval_prompts(args.per_category or shapes.EVAL_PER_CATEGORY,
-                                       shapes.VALIDATION_SEED, exclude_eval_prompts=True)
+        f"--per_category {args.per_category}: --validation draws at most "
+        f"{MAX_VALIDATION_PER_CATEGORY} prompts per category (the grammar has about 94 "
+        "distinct single_object prompts outside the evaluation set)"
+      )
+    prompts = shapes.make_eval_prompts(
+      args.per_category or shapes.EVAL_PER_CATEGORY,
+      shapes.VALIDATION_SEED,
+      exclude_eval_prompts=True,
+    )
   else:
     prompts = shapes.eval_prompts()
     if args.per_category is not None and args.per_category > shapes.EVAL_PER_CATEGORY:
       raise bon_cli.UsageError(
-          f"--per_category {args.per_category}: the evaluation set has "
-          f"{shapes.EVAL_PER_CATEGORY} prompts per category (expected 1.."
-          f"{shapes.EVAL_PER_CATEGORY}; --validation draws any number)")
+        f"--per_category {args.per_category}: the evaluation set has "
+        f"{shapes.EVAL_PER_CATEGORY} prompts per category (expected 1.."
+        f"{shapes.EVAL_PER_CATEGORY}; --validation draws any number)"
+      )
   if args.num_prompts is not None:
     if args.num_prompts > len(prompts):
-      raise bon_cli.UsageError(f"--num_prompts {args.num_prompts}: this set has "
-                               f"{len(prompts)} prompts (expected 1..{len(prompts)})")
-    prompts = prompts[:args.num_prompts]
+      raise bon_cli.UsageError(
+        f"--num_prompts {args.num_prompts}: this set has "
+        f"{len(prompts)} prompts (expected 1..{len(prompts)})"
+      )
+    prompts = prompts[: args.num_prompts]
   if args.per_category:
-    prompts = [p for c in shapes.CATEGORIES
-               for p in [q for q in prompts if q["tag"] == c][:args.per_category]]
+    prompts = [
+      p
+      for c in shapes.CATEGORIES
+      for p in [q for q in prompts if q["tag"] == c][: args.per_category]
+    ]
   return prompts
 
 
@@ -188,6 +242,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   from sana_jax.pipeline import SamplingOptions, SanaPipeline
+
   pipe = SanaPipeline.from_folder(model)
   options = SamplingOptions(steps=args.steps, guidance_scale=args.guidance)
   settings = pipe.resolve(options)
@@ -202,10 +257,19 @@ def main(argv=None) -> int:
   with bon_cli.staged_folder(out) as tmp:
     for i, (spec, ims) in enumerate(zip(prompts, images)):
       evaluator.save_geneval_folder(str(tmp / "images"), i, spec, list(ims))
-    (tmp / "report.json").write_text(json.dumps(
-        {"model": str(model), "settings": settings, "prompts": len(prompts),
-         "validation": bool(args.validation), "one_image": single,
-         "best_of_n": {str(n): tables[n] for n in ns}}, indent=2))
+    (tmp / "report.json").write_text(
+      json.dumps(
+        {
+          "model": str(model),
+          "settings": settings,
+          "prompts": len(prompts),
+          "validation": bool(args.validation),
+          "one_image": single,
+          "best_of_n": {str(n): tables[n] for n in ns},
+        },
+        indent=2,
+      )
+    )
     plot(tables, tmp / "best_of_n.png")
     gallery(prompts, images, tmp / "gallery.png")
   print("One image per prompt (candidate 0):")
@@ -223,8 +287,11 @@ def format_best_of_n(tables: dict) -> str:
   lines = [f"{'N':>4} " + " ".join(f"{c[:11]:>11}" for c in cats) + f" {'overall':>8}"]
   for n in ns:
     t = tables[n]
-    lines.append(f"{n:>4} " + " ".join(f"{t['categories'][c]['accuracy']:>11.3f}" for c in cats)
-                 + f" {t['overall']:>8.3f}")
+    lines.append(
+      f"{n:>4} "
+      + " ".join(f"{t['categories'][c]['accuracy']:>11.3f}" for c in cats)
+      + f" {t['overall']:>8.3f}"
+    )
   return "\n".join(lines)
 
 

@@ -53,8 +53,15 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from scipy import ndimage
 
-from sana_jax.data.shapes import (BACKGROUND, CATEGORIES, COLORS, RELATIONS, SHAPES,
-                                  coverage, inside, relation_strength)
+from sana_jax.data.shapes import (
+  CATEGORIES,
+  COLORS,
+  RELATIONS,
+  SHAPES,
+  coverage,
+  inside,
+  relation_strength,
+)
 
 _PALETTE = np.asarray([COLORS[c] for c in COLORS], np.float32)  # (K, 3)
 _COLOR_NAMES = tuple(COLORS)
@@ -67,7 +74,7 @@ class Detection:
   cls: str
   color: str
   box: tuple
-  area: float        # alpha-weighted area in pixels
+  area: float  # alpha-weighted area in pixels
   confidence: float  # soft IoU of the best shape fit, in [0, 1]
 
 
@@ -104,8 +111,12 @@ def _shape_moments(shape: str) -> tuple[float, float, float, float]:
 
 
 def _as_float_image(image: np.ndarray) -> np.ndarray:
-  if (not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3
-      or image.shape[-1] != 3):
+  if (
+    not isinstance(image, np.ndarray)
+    or image.dtype != np.uint8
+    or image.ndim != 3
+    or image.shape[-1] != 3
+  ):
     desc = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
     raise ValueError(f"expected a uint8 image of shape (H, W, 3), got {desc}")
   if min(image.shape[:2]) < 8:
@@ -124,17 +135,17 @@ def color_maps(img: np.ndarray, background: np.ndarray, tolerance: float):
 
   img: float32 (H, W, 3) in [0, 255]. Returns (label int (H, W), alpha float32 (H, W)).
   """
-  d = _PALETTE - background[None, :]                      # (K, 3)
-  dd = np.maximum((d * d).sum(-1), 1.0)                   # (K,)
-  x = img - background                                    # (H, W, 3)
-  dot = x @ d.T                                           # (H, W, K)
+  d = _PALETTE - background[None, :]  # (K, 3)
+  dd = np.maximum((d * d).sum(-1), 1.0)  # (K,)
+  x = img - background  # (H, W, 3)
+  dot = x @ d.T  # (H, W, K)
   t = np.clip(dot / dd, 0.0, 1.0)
   # |x - t d|^2 = |x|^2 - 2 t x.d + t^2 |d|^2
   resid2 = (x * x).sum(-1, keepdims=True) - 2 * t * dot + t * t * dd
   label = np.argmin(resid2, axis=-1)
   alpha = np.take_along_axis(t, label[..., None], axis=-1)[..., 0]
   r2 = np.take_along_axis(resid2, label[..., None], axis=-1)[..., 0]
-  label = np.where(r2 <= tolerance ** 2, label, -1)
+  label = np.where(r2 <= tolerance**2, label, -1)
   alpha = np.where(label >= 0, alpha, 0.0).astype(np.float32)
   return label, alpha
 
@@ -149,7 +160,7 @@ def _fit_shape(weights: np.ndarray, y0: int, x0: int):
   to the observed one), rasterised, blurred alike and compared by soft IoU; the best
   (class, blur) pair wins.
   """
-  ys, xs = np.mgrid[y0:y0 + weights.shape[0], x0:x0 + weights.shape[1]]
+  ys, xs = np.mgrid[y0 : y0 + weights.shape[0], x0 : x0 + weights.shape[1]]
   ys, xs = ys + 0.5, xs + 0.5
   a = weights.sum()
   mx, my = (weights * xs).sum() / a, (weights * ys).sum() / a
@@ -176,9 +187,14 @@ def _fit_shape(weights: np.ndarray, y0: int, x0: int):
   return best, best_iou
 
 
-def detect(image: np.ndarray, *, tolerance: float = 80.0, min_area: float | None = None,
-           min_confidence: float = 0.5, background: Sequence[float] | None = None,
-           ) -> list[Detection]:
+def detect(
+  image: np.ndarray,
+  *,
+  tolerance: float = 80.0,
+  min_area: float | None = None,
+  min_confidence: float = 0.5,
+  background: Sequence[float] | None = None,
+) -> list[Detection]:
   """Detect the shapes in a uint8 (H, W, 3) image; sorted by confidence, best first.
 
   min_area: smallest component (pixels with alpha >= 0.5) kept; default
@@ -230,9 +246,13 @@ def _check_spec(spec: dict) -> None:
     if req.get("class") not in SHAPES:
       raise ValueError(f"spec entry {i}: class must be one of {SHAPES}, got {req.get('class')!r}")
     if "color" in req and req["color"] not in COLORS:
-      raise ValueError(f"spec entry {i}: color must be one of {tuple(COLORS)}, got {req['color']!r}")
+      raise ValueError(
+        f"spec entry {i}: color must be one of {tuple(COLORS)}, got {req['color']!r}"
+      )
     if "position" in req and req["position"][0] not in RELATIONS:
-      raise ValueError(f"spec entry {i}: relation must be one of {RELATIONS}, got {req['position']!r}")
+      raise ValueError(
+        f"spec entry {i}: relation must be one of {RELATIONS}, got {req['position']!r}"
+      )
 
 
 def score_detections(detections: Sequence[Detection], spec: dict) -> ShapesResult:
@@ -243,7 +263,7 @@ def score_detections(detections: Sequence[Detection], spec: dict) -> ShapesResul
     by_class.setdefault(d.cls, []).append(d)
   correct = True
   reasons: list[str] = []
-  sat: list[float] = []   # degree of satisfaction of each constraint
+  sat: list[float] = []  # degree of satisfaction of each constraint
   matched_groups: list[list[Detection] | None] = []
   for req in spec["include"]:
     cls, count = req["class"], req["count"]
@@ -261,9 +281,11 @@ def score_detections(detections: Sequence[Detection], spec: dict) -> ShapesResul
       sat.append(n_ok / count)
       if n_ok < count and matched:
         correct = matched = False
-        reasons.append(f"expected {req['color']} {cls}>={count}, found "
-                       f"{n_ok} {req['color']}; and "
-                       + ", ".join(f"{d.color}" for d in found if d.color != req["color"]))
+        reasons.append(
+          f"expected {req['color']} {cls}>={count}, found "
+          f"{n_ok} {req['color']}; and "
+          + ", ".join(f"{d.color}" for d in found if d.color != req["color"])
+        )
     if "position" in req:
       rel, ref = req["position"]
       targets = matched_groups[ref] if ref < len(matched_groups) else None
@@ -308,14 +330,16 @@ def report(results: Sequence[tuple[dict, ShapesResult]]) -> dict:
   for spec, res in results:
     per.setdefault(spec["tag"], []).append(int(res.correct))
   order = [c for c in CATEGORIES if c in per] + sorted(set(per) - set(CATEGORIES))
-  cats = {t: {"accuracy": float(np.mean(per[t])), "correct": int(sum(per[t])),
-              "total": len(per[t])} for t in order}
+  cats = {
+    t: {"accuracy": float(np.mean(per[t])), "correct": int(sum(per[t])), "total": len(per[t])}
+    for t in order
+  }
   n = sum(len(v) for v in per.values())
   return {
-      "categories": cats,
-      "overall": float(np.mean([c["accuracy"] for c in cats.values()])) if cats else 0.0,
-      "images": n,
-      "image_accuracy": float(sum(sum(v) for v in per.values()) / n) if n else 0.0,
+    "categories": cats,
+    "overall": float(np.mean([c["accuracy"] for c in cats.values()])) if cats else 0.0,
+    "images": n,
+    "image_accuracy": float(sum(sum(v) for v in per.values()) / n) if n else 0.0,
   }
 
 
@@ -340,6 +364,7 @@ def save_geneval_folder(out_dir: str, index: int, spec: dict, images: Sequence[n
   """Write one prompt's images in GenEval's layout: <out>/<index:05d>/{metadata.jsonl,
   samples/<j:04d>.png}. Returns the prompt folder."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   folder = os.path.join(out_dir, f"{index:05d}")
   os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
   with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
@@ -405,6 +430,7 @@ def plan_folder(images_dir: str, metadata: str | None = None) -> list[tuple[dict
 def evaluate_folder(images_dir: str, metadata: str | None = None):
   """Score a GenEval-layout folder. Returns (report dict, per-image rows)."""
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+
   results, rows = [], []
   for spec, files in plan_folder(images_dir, metadata):
     for path in files:
@@ -414,26 +440,42 @@ def evaluate_folder(images_dir: str, metadata: str | None = None):
         raise ValueError(f"{path}: not a readable image ({e})") from None
       res = evaluate(image, spec)
       results.append((spec, res))
-      rows.append({"filename": path, "tag": spec["tag"], "prompt": spec.get("prompt", ""),
-                   "correct": res.correct, "reason": res.reason, "score": res.score,
-                   "detections": [dataclasses.asdict(d) for d in res.detections],
-                   "metadata": json.dumps(spec)})
+      rows.append(
+        {
+          "filename": path,
+          "tag": spec["tag"],
+          "prompt": spec.get("prompt", ""),
+          "correct": res.correct,
+          "reason": res.reason,
+          "score": res.score,
+          "detections": [dataclasses.asdict(d) for d in res.detections],
+          "metadata": json.dumps(spec),
+        }
+      )
   return report(results), rows
 
 
 def build_parser() -> argparse.ArgumentParser:
   from sana_jax.scaling import best_of_n_cli as cli  # pylint: disable=g-import-not-at-top
-  p = cli.CommandParser(prog="python -m sana_jax.eval.shapes",
-                        description="Score generated images with ShapesEval.")
-  p.add_argument("--images", required=True,
-                 help="GenEval layout: DIR/<00000>/samples/*.png (required, no default)")
-  p.add_argument("--metadata", help="prompts jsonl, line i = folder i (default: each "
-                 "folder's metadata.jsonl)")
+
+  p = cli.CommandParser(
+    prog="python -m sana_jax.eval.shapes", description="Score generated images with ShapesEval."
+  )
+  p.add_argument(
+    "--images",
+    required=True,
+    help="GenEval layout: DIR/<00000>/samples/*.png (required, no default)",
+  )
+  p.add_argument(
+    "--metadata", help="prompts jsonl, line i = folder i (default: each folder's metadata.jsonl)"
+  )
   p.add_argument("--out", help="write per-image results (jsonl) here (default: none)")
   p.add_argument("--json", help="write the summary (json) here (default: none)")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace an existing --out / --json, once complete (default: off, "
-                      "refuse)")
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing --out / --json, once complete (default: off, refuse)",
+  )
   return p
 
 
@@ -441,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   """Returns the report; bad input prints `error: ...` and exits with status 2."""
   import sys  # pylint: disable=g-import-not-at-top
   from sana_jax.scaling import best_of_n_cli as cli  # pylint: disable=g-import-not-at-top
+
   args = build_parser().parse_args(argv)
   try:
     for flag, path in (("--out", args.out), ("--json", args.json)):

@@ -75,7 +75,7 @@ class DCAEConfig:
   decoder_layers_per_block: Sequence[int] = (3, 3, 3, 3, 3, 3)
   encoder_qkv_multiscales: Sequence[Sequence[int]] = ((), (), (), (5,), (5,), (5,))
   decoder_qkv_multiscales: Sequence[Sequence[int]] = ((), (), (), (5,), (5,), (5,))
-  upsample_block_type: str = "pixel_shuffle"      # "interpolate" = nearest 2x + 3x3 conv
+  upsample_block_type: str = "pixel_shuffle"  # "interpolate" = nearest 2x + 3x3 conv
   downsample_block_type: str = "pixel_unshuffle"  # anything else = stride-2 3x3 conv
   decoder_norm_types: Any = "rms_norm"
   decoder_act_fns: Any = "silu"
@@ -97,16 +97,19 @@ class DCAEConfig:
       if len(layers) != n:
         raise ValueError(f"{side}_layers_per_block has {len(layers)} entries, expected {n}.")
       set_(f"{side}_layers_per_block", layers)
-      set_(f"{side}_block_types",
-           _tuple_per_stage(getattr(self, f"{side}_block_types"), n, f"{side}_block_types"))
+      set_(
+        f"{side}_block_types",
+        _tuple_per_stage(getattr(self, f"{side}_block_types"), n, f"{side}_block_types"),
+      )
       ms = tuple(tuple(int(k) for k in s) for s in getattr(self, f"{side}_qkv_multiscales"))
       if len(ms) != n:
         raise ValueError(f"{side}_qkv_multiscales has {len(ms)} entries, expected {n}.")
       set_(f"{side}_qkv_multiscales", ms)
       for t in getattr(self, f"{side}_block_types"):
         if t not in BLOCK_TYPES:
-          raise ValueError(f"{side} block type {t!r} is not supported; "
-                           f"expected one of {BLOCK_TYPES}.")
+          raise ValueError(
+            f"{side} block type {t!r} is not supported; expected one of {BLOCK_TYPES}."
+          )
     n = len(self.decoder_block_out_channels)
     set_("decoder_norm_types", _tuple_per_stage(self.decoder_norm_types, n, "decoder_norm_types"))
     set_("decoder_act_fns", _tuple_per_stage(self.decoder_act_fns, n, "decoder_act_fns"))
@@ -171,17 +174,26 @@ def dcae_f32c32_config(**overrides) -> DCAEConfig:
   vit = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
   ms = ((), (), (), (5,), (5,), (5,))
   cfg = dict(
-      in_channels=3, latent_channels=32, attention_head_dim=32,
-      encoder_block_types=vit, decoder_block_types=vit,
-      encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-      decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-      encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
-      decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
-      encoder_qkv_multiscales=ms, decoder_qkv_multiscales=ms,
-      upsample_block_type="interpolate", downsample_block_type="Conv",
-      decoder_norm_types="rms_norm", decoder_act_fns="silu",
-      encoder_out_shortcut=True, decoder_in_shortcut=True, decoder_conv_act_fn="relu",
-      scaling_factor=0.41407)
+    in_channels=3,
+    latent_channels=32,
+    attention_head_dim=32,
+    encoder_block_types=vit,
+    decoder_block_types=vit,
+    encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+    decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+    encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
+    decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+    encoder_qkv_multiscales=ms,
+    decoder_qkv_multiscales=ms,
+    upsample_block_type="interpolate",
+    downsample_block_type="Conv",
+    decoder_norm_types="rms_norm",
+    decoder_act_fns="silu",
+    encoder_out_shortcut=True,
+    decoder_in_shortcut=True,
+    decoder_conv_act_fn="relu",
+    scaling_factor=0.41407,
+  )
   cfg.update(overrides)
   return DCAEConfig(**cfg)
 
@@ -193,9 +205,11 @@ def dcae_f32c32_config(**overrides) -> DCAEConfig:
 
 def activation(name: str) -> Callable[[Array], Array]:
   return {
-      "silu": nn.silu, "swish": nn.silu, "relu": nn.relu,
-      "gelu": lambda x: nn.gelu(x, approximate=False),
-      "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "relu": nn.relu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
   }[name]
 
 
@@ -215,6 +229,7 @@ def pixel_shuffle(x: Array, r: int = 2) -> Array:
 
 class Conv(nn.Module):
   """Full k x k conv, torch padding k // 2. kernel (k, k, in, out)."""
+
   features: int
   kernel_size: int = 3
   stride: int = 1
@@ -224,11 +239,16 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k, p = self.kernel_size, self.kernel_size // 2
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (k, k, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32
+    )
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * 2,
-        ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
+      (self.stride,) * 2,
+      ((p, p), (p, p)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(y.dtype)
@@ -242,27 +262,34 @@ class UpsampleConv(nn.Module):
   taps per axis, so the 3x3 kernel folds into four 2x2 kernels on the low-resolution input
   (2.25x fewer FLOPs), then a pixel shuffle. impl "repeat": literal upsample + conv.
   """
+
   features: int
   impl: str = "subpixel"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features), jnp.float32
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     dn = ("NHWC", "HWIO", "NHWC")
     if self.impl == "repeat":
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-      y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1),
-                                       ((1, 1), (1, 1)), dimension_numbers=dn)
+      y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype),
+        kernel.astype(self.dtype),
+        (1, 1),
+        ((1, 1), (1, 1)),
+        dimension_numbers=dn,
+      )
       return y + bias.astype(y.dtype)
     # Fold taps per axis: phase 0 uses input offsets (-1, 0) with weights (w0, w1 + w2);
     # phase 1 uses offsets (0, +1) with weights (w0 + w1, w2).
     fold = [lambda w: jnp.stack([w[0], w[1] + w[2]]), lambda w: jnp.stack([w[0] + w[1], w[2]])]
     kernels = []
     for a in range(2):
-      ka = fold[a](kernel)                                       # (2, 3, I, O)
+      ka = fold[a](kernel)  # (2, 3, I, O)
       for b in range(2):
         kernels.append(fold[b](ka.swapaxes(0, 1)).swapaxes(0, 1))  # (2, 2, I, O)
     b_, h, w, _ = x.shape
@@ -271,15 +298,19 @@ class UpsampleConv(nn.Module):
     for a in range(2):
       for b in range(2):
         pad = ((1 - a, a), (1 - b, b))
-        outs.append(jax.lax.conv_general_dilated(
-            xd, kernels[2 * a + b].astype(self.dtype), (1, 1), pad, dimension_numbers=dn))
-    y = jnp.stack(outs, axis=-1)                                # (B, H, W, O, 4) = (.., O, a, b)
+        outs.append(
+          jax.lax.conv_general_dilated(
+            xd, kernels[2 * a + b].astype(self.dtype), (1, 1), pad, dimension_numbers=dn
+          )
+        )
+    y = jnp.stack(outs, axis=-1)  # (B, H, W, O, 4) = (.., O, a, b)
     y = pixel_shuffle(y.reshape(b_, h, w, self.features * 4), 2)
     return y + bias.astype(y.dtype)
 
 
 class DepthwiseConv(nn.Module):
   """Depthwise k x k conv as k*k shifted multiply-adds (fast on XLA:CPU). kernel (k, k, C)."""
+
   kernel_size: int
   use_bias: bool = True
   dtype: Any = jnp.float32
@@ -288,14 +319,15 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     k, p = self.kernel_size, self.kernel_size // 2
     c = x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
-                        (k, k, c), jnp.float32).astype(self.dtype)
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), (k, k, c), jnp.float32
+    ).astype(self.dtype)
     _, h, w, _ = x.shape
     xp = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
     y = None
     for i in range(k):
       for j in range(k):
-        t = xp[:, i:i + h, j:j + w] * kernel[i, j]
+        t = xp[:, i : i + h, j : j + w] * kernel[i, j]
         y = t if y is None else y + t
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (c,), jnp.float32).astype(y.dtype)
@@ -304,6 +336,7 @@ class DepthwiseConv(nn.Module):
 
 class GroupedDense(nn.Module):
   """1x1 conv with `groups` groups, as an einsum. kernel (groups, in/groups, out/groups)."""
+
   features: int
   groups: int
   dtype: Any = jnp.float32
@@ -321,6 +354,7 @@ class GroupedDense(nn.Module):
 class Norm(nn.Module):
   """Channel-last norm, computed in fp32: "rms_norm" (scale, bias; diffusers RMSNorm with
   bias) or "batch_norm" (eval mode: scale, bias, mean, var)."""
+
   norm_type: str = "rms_norm"
   eps: float = 1e-5
 
@@ -349,6 +383,7 @@ class Norm(nn.Module):
 
 class ResBlock(nn.Module):
   """x + norm(conv2(act(conv1(x)))); conv2 has no bias."""
+
   norm_type: str = "rms_norm"
   act_fn: str = "silu"
   dtype: Any = jnp.float32
@@ -389,6 +424,7 @@ class MultiscaleLinearAttention(nn.Module):
   (groups, [q | k | v], d) with groups = (1 + len(scales)) * heads, exactly as the
   reference's reshape(B, -1, 3*d, N) (q/k/v of a group come from consecutive channels).
   """
+
   attention_head_dim: int
   kernel_sizes: tuple = (5,)
   norm_type: str = "rms_norm"
@@ -405,8 +441,9 @@ class MultiscaleLinearAttention(nn.Module):
     heads = c // d
     inner = heads * d
     dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
-    qkv = jnp.concatenate([dense(inner, "to_q")(x), dense(inner, "to_k")(x),
-                           dense(inner, "to_v")(x)], axis=-1)
+    qkv = jnp.concatenate(
+      [dense(inner, "to_q")(x), dense(inner, "to_k")(x), dense(inner, "to_v")(x)], axis=-1
+    )
     scales = [qkv]
     for i, ks in enumerate(self.kernel_sizes):
       mod = _MultiscaleProjection(ks, 3 * heads, dtype=self.dtype, name=f"to_qkv_multiscale_{i}")
@@ -439,6 +476,7 @@ class MultiscaleLinearAttention(nn.Module):
 class _MultiscaleProjection(nn.Module):
   """Depthwise k x k (no bias) then grouped 1x1 (no bias): diffusers
   `SanaMultiscaleAttentionProjection` (proj_in, proj_out)."""
+
   kernel_size: int
   groups: int
   dtype: Any = jnp.float32
@@ -451,6 +489,7 @@ class _MultiscaleProjection(nn.Module):
 
 class GLUMBConv(nn.Module):
   """x + rms(point(h * silu(g))), [h | g] = depthwise3x3(silu(inverted(x))); expand 4."""
+
   expand_ratio: int = 4
   dtype: Any = jnp.float32
 
@@ -476,14 +515,16 @@ class EfficientViTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, core_mask: Array | None = None) -> Array:
-    x = MultiscaleLinearAttention(self.attention_head_dim, self.qkv_multiscales,
-                                  self.norm_type, dtype=self.dtype, name="attn")(x, core_mask)
+    x = MultiscaleLinearAttention(
+      self.attention_head_dim, self.qkv_multiscales, self.norm_type, dtype=self.dtype, name="attn"
+    )(x, core_mask)
     return GLUMBConv(dtype=self.dtype, name="conv_out")(x)
 
 
 class DownBlock(nn.Module):
   """diffusers `DCDownBlock2d`: stride-2 conv, or conv to out/4 + pixel-unshuffle; shortcut =
   channel-group mean of the pixel-unshuffled input."""
+
   out_channels: int
   pixel_unshuffle: bool
   shortcut: bool = True
@@ -506,6 +547,7 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
   """diffusers `DCUpBlock2d`: nearest-2x + conv, or conv to out*4 + pixel-shuffle; shortcut =
   channel repeat_interleave then pixel-shuffle."""
+
   out_channels: int
   interpolate: bool
   shortcut: bool = True
@@ -529,17 +571,20 @@ class UpBlock(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
-def _block(x, core_mask, block_type, attention_head_dim, norm_type, act_fn, multiscales, dtype,
-           name):
+def _block(
+  x, core_mask, block_type, attention_head_dim, norm_type, act_fn, multiscales, dtype, name
+):
   if block_type == "ResBlock":
     return ResBlock(norm_type, act_fn, dtype=dtype, name=name)(x)
-  return EfficientViTBlock(attention_head_dim, multiscales, norm_type, dtype=dtype,
-                           name=name)(x, core_mask)
+  return EfficientViTBlock(attention_head_dim, multiscales, norm_type, dtype=dtype, name=name)(
+    x, core_mask
+  )
 
 
 class Encoder(nn.Module):
   """(B, H, W, in_channels) -> (B, H/f, W/f, latent_channels), unscaled. core_mask: see
   `MultiscaleLinearAttention` (latent-grid resolution)."""
+
   config: DCAEConfig
 
   @nn.compact
@@ -554,8 +599,17 @@ class Encoder(nn.Module):
       x = DownBlock(ch[1], unshuffle, shortcut=False, dtype=dtype, name="conv_in")(x)
     for i, (c, n) in enumerate(zip(ch, layers)):
       for j in range(n):
-        x = _block(x, core_mask, cfg.encoder_block_types[i], cfg.attention_head_dim, "rms_norm",
-                   "silu", cfg.encoder_qkv_multiscales[i], dtype, f"down_blocks_{i}_{j}")
+        x = _block(
+          x,
+          core_mask,
+          cfg.encoder_block_types[i],
+          cfg.attention_head_dim,
+          "rms_norm",
+          "silu",
+          cfg.encoder_qkv_multiscales[i],
+          dtype,
+          f"down_blocks_{i}_{j}",
+        )
       if i < len(ch) - 1 and n > 0:
         x = DownBlock(ch[i + 1], unshuffle, dtype=dtype, name=f"down_blocks_{i}_{n}")(x)
     y = Conv(cfg.latent_channels, dtype=dtype, name="conv_out")(x)
@@ -569,6 +623,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """(B, h, w, latent_channels) unscaled -> (B, h*f, w*f, in_channels). core_mask: see
   `MultiscaleLinearAttention`."""
+
   config: DCAEConfig
 
   @nn.compact
@@ -584,19 +639,34 @@ class Decoder(nn.Module):
       n = layers[i]
       j = 0
       if i < len(ch) - 1 and n > 0:
-        x = UpBlock(ch[i], interpolate, upsample_impl=cfg.upsample_impl, dtype=dtype,
-                    name=f"up_blocks_{i}_0")(x)
+        x = UpBlock(
+          ch[i], interpolate, upsample_impl=cfg.upsample_impl, dtype=dtype, name=f"up_blocks_{i}_0"
+        )(x)
         j = 1
       for k in range(n):
-        x = _block(x, core_mask, cfg.decoder_block_types[i], cfg.attention_head_dim,
-                   cfg.decoder_norm_types[i], cfg.decoder_act_fns[i],
-                   cfg.decoder_qkv_multiscales[i], dtype, f"up_blocks_{i}_{j + k}")
+        x = _block(
+          x,
+          core_mask,
+          cfg.decoder_block_types[i],
+          cfg.attention_head_dim,
+          cfg.decoder_norm_types[i],
+          cfg.decoder_act_fns[i],
+          cfg.decoder_qkv_multiscales[i],
+          dtype,
+          f"up_blocks_{i}_{j + k}",
+        )
     x = Norm("rms_norm", name="norm_out")(x)
     x = activation(cfg.decoder_conv_act_fn)(x)
     if layers[0] > 0:
       return Conv(cfg.in_channels, dtype=dtype, name="conv_out")(x)
-    return UpBlock(cfg.in_channels, interpolate, shortcut=False, upsample_impl=cfg.upsample_impl,
-                   dtype=dtype, name="conv_out")(x)
+    return UpBlock(
+      cfg.in_channels,
+      interpolate,
+      shortcut=False,
+      upsample_impl=cfg.upsample_impl,
+      dtype=dtype,
+      name="conv_out",
+    )(x)
 
 
 class AutoencoderDC(nn.Module):
@@ -608,6 +678,7 @@ class AutoencoderDC(nn.Module):
     __call__(images) -> decode(encode(images)).
   Shapes are checked at trace time (ValueError).
   """
+
   config: DCAEConfig
 
   def setup(self):
@@ -631,18 +702,23 @@ def check_images(config: DCAEConfig, shape) -> None:
   """ValueError unless shape is (B, H, W, in_channels) with H, W multiples of the ratio."""
   f = config.spatial_compression_ratio
   if len(shape) != 4 or shape[-1] != config.in_channels:
-    raise ValueError(f"images must be NHWC (B, H, W, {config.in_channels}), "
-                     f"got shape {tuple(shape)}.")
+    raise ValueError(
+      f"images must be NHWC (B, H, W, {config.in_channels}), got shape {tuple(shape)}."
+    )
   if shape[1] % f or shape[2] % f or shape[1] == 0 or shape[2] == 0:
-    raise ValueError(f"image height and width must be positive multiples of {f} (the DC-AE "
-                     f"downsampling factor), got {shape[1]} x {shape[2]}; pad or crop first.")
+    raise ValueError(
+      f"image height and width must be positive multiples of {f} (the DC-AE "
+      f"downsampling factor), got {shape[1]} x {shape[2]}; pad or crop first."
+    )
 
 
 def check_latents(config: DCAEConfig, shape) -> None:
   """ValueError unless shape is (B, h, w, latent_channels)."""
   if len(shape) != 4 or shape[-1] != config.latent_channels:
-    raise ValueError(f"latents must be NHWC (B, h, w, {config.latent_channels}) for this DC-AE, "
-                     f"got shape {tuple(shape)}.")
+    raise ValueError(
+      f"latents must be NHWC (B, h, w, {config.latent_channels}) for this DC-AE, "
+      f"got shape {tuple(shape)}."
+    )
 
 
 # ----------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def _part(init, names):
 def _table_init(hidden: int):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, dtype) / math.sqrt(hidden)
+
   return init
 
 
@@ -53,6 +54,7 @@ def _constant_init(value: float):
   def init(key, shape, dtype=jnp.float32):
     del key
     return jnp.full(shape, value, dtype)
+
   return init
 
 
@@ -67,8 +69,9 @@ def timestep_features(t: Array, dim: int = 256, max_period: float = 10000.0) -> 
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def sincos_pos_embed(dim: int, height: int, width: int, base_size: int,
-                     interpolation: float) -> np.ndarray:
+def sincos_pos_embed(
+  dim: int, height: int, width: int, base_size: int, interpolation: float
+) -> np.ndarray:
   """2-D sin-cos positional embedding as the released models compute it.
 
   Returns (height * width, dim) float32, tokens row-major. The first half of the channels
@@ -134,15 +137,20 @@ def depthwise_conv3x3(x: Array, kernel: Array, impl: str = "shift") -> Array:
     flat = x.reshape(b, h, w, -1)
     n = flat.shape[-1]
     out = jax.lax.conv_general_dilated(
-        flat, kernel.reshape(3, 3, 1, n).astype(flat.dtype), (1, 1), ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=n)
+      flat,
+      kernel.reshape(3, 3, 1, n).astype(flat.dtype),
+      (1, 1),
+      ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=n,
+    )
     return out.reshape(b, h, w, *chan)
   pad = [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * len(chan)
   xp = jnp.pad(x, pad)
   out = None
   for i in range(3):
     for j in range(3):
-      term = xp[:, i:i + h, j:j + w] * kernel[i, j].astype(x.dtype)
+      term = xp[:, i : i + h, j : j + w] * kernel[i, j].astype(x.dtype)
       out = term if out is None else out + term
   return out
 
@@ -177,13 +185,18 @@ class _Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     in_dim = x.shape[-1]
-    kernel = self.param("kernel", _part(self._kernel_init(), self.names),
-                        (in_dim, *self.out_shape), jnp.float32)
-    y = jnp.einsum("...i,i" + "jk"[:len(self.out_shape)] + "->..." + "jk"[:len(self.out_shape)],
-                   x.astype(self.dtype), kernel.astype(self.dtype))
+    kernel = self.param(
+      "kernel", _part(self._kernel_init(), self.names), (in_dim, *self.out_shape), jnp.float32
+    )
+    y = jnp.einsum(
+      "...i,i" + "jk"[: len(self.out_shape)] + "->..." + "jk"[: len(self.out_shape)],
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
+    )
     if self.use_bias:
-      bias = self.param("bias", _part(nn.initializers.zeros, self.names[1:]),
-                        self.out_shape, jnp.float32)
+      bias = self.param(
+        "bias", _part(nn.initializers.zeros, self.names[1:]), self.out_shape, jnp.float32
+      )
       y = y + bias.astype(self.dtype)
     return y
 
@@ -196,6 +209,7 @@ class _Dense(nn.Module):
     def init(key, shape, dtype=jnp.float32):
       flat = base(key, (shape[0], int(np.prod(shape[1:]))), dtype)
       return flat.reshape(shape)
+
     return init
 
 
@@ -212,10 +226,12 @@ class SelfAttention(nn.Module):
     qkv = _Dense((3, c), ("embed", None, "heads"), use_bias=False, dtype=dt, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if cfg.qk_norm:
-      q = rms_norm(q, self.param("q_norm", _part(nn.initializers.ones, ("heads",)), (c,)),
-                   cfg.qk_norm_eps)
-      k = rms_norm(k, self.param("k_norm", _part(nn.initializers.ones, ("heads",)), (c,)),
-                   cfg.qk_norm_eps)
+      q = rms_norm(
+        q, self.param("q_norm", _part(nn.initializers.ones, ("heads",)), (c,)), cfg.qk_norm_eps
+      )
+      k = rms_norm(
+        k, self.param("k_norm", _part(nn.initializers.ones, ("heads",)), (c,)), cfg.qk_norm_eps
+      )
     heads = cfg.self_heads
     q, k, v = (a.reshape(b, n, heads, cfg.self_head_dim) for a in (q, k, v))
     out = linear_attention(jax.nn.relu(q), jax.nn.relu(k), v, cfg.linear_attn_eps)
@@ -240,11 +256,15 @@ class CrossAttention(nn.Module):
   def caption_kv(self, y: Array) -> Array:
     """y: (B, Ly, C) -> keys/values (B, Ly, 2, Ci), k-norm applied."""
     cfg = self.cfg
-    kv = _Dense((2, cfg.cross_inner), ("embed", None, "heads"), dtype=jnp.dtype(cfg.compute_dtype),
-                name="kv")(y)
+    kv = _Dense(
+      (2, cfg.cross_inner), ("embed", None, "heads"), dtype=jnp.dtype(cfg.compute_dtype), name="kv"
+    )(y)
     if cfg.cross_norm:
-      k = rms_norm(kv[:, :, 0], self.param("k_norm", _part(nn.initializers.ones, ("heads",)),
-                                           (cfg.cross_inner,)), cfg.cross_norm_eps)
+      k = rms_norm(
+        kv[:, :, 0],
+        self.param("k_norm", _part(nn.initializers.ones, ("heads",)), (cfg.cross_inner,)),
+        cfg.cross_norm_eps,
+      )
       kv = jnp.stack([k, kv[:, :, 1]], axis=2)
     return kv
 
@@ -257,14 +277,16 @@ class CrossAttention(nn.Module):
       kv = self.caption_kv(y)
     q = _Dense((cfg.cross_inner,), ("embed", "heads"), dtype=dt, name="q")(x)
     if cfg.cross_norm:
-      q = rms_norm(q, self.param("q_norm", _part(nn.initializers.ones, ("heads",)),
-                                 (cfg.cross_inner,)), cfg.cross_norm_eps)
+      q = rms_norm(
+        q,
+        self.param("q_norm", _part(nn.initializers.ones, ("heads",)), (cfg.cross_inner,)),
+        cfg.cross_norm_eps,
+      )
     hd = cfg.cross_head_dim
     q = q.reshape(b, n, cfg.cross_heads, hd)
     k = kv[:, :, 0].reshape(b, -1, cfg.cross_heads, hd)
     v = kv[:, :, 1].reshape(b, -1, cfg.cross_heads, hd)
-    logits = jnp.einsum("bnhd,blhd->bhnl", q, k,
-                        preferred_element_type=jnp.float32) / math.sqrt(hd)
+    logits = jnp.einsum("bnhd,blhd->bhnl", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
     keep = mask.astype(bool)[:, None, None, :]
     if cfg.cross_mask == "additive":
       logits = logits + jnp.where(keep, 0.0, -10000.0)
@@ -291,16 +313,24 @@ class MixFFN(nn.Module):
     cfg = self.cfg
     dt = jnp.dtype(cfg.compute_dtype)
     hid = cfg.mlp_hidden
-    h = _Dense((2, hid), ("embed", None, "mlp"), kernel_init=_torch_conv, dtype=dt,
-               name="inverted")(x)
+    h = _Dense(
+      (2, hid), ("embed", None, "mlp"), kernel_init=_torch_conv, dtype=dt, name="inverted"
+    )(x)
     h = jax.nn.silu(h)
-    dw_kernel = self.param("depthwise_kernel",
-                           _part(self._depthwise_init, (None, None, None, "mlp")), (3, 3, 2, hid))
+    dw_kernel = self.param(
+      "depthwise_kernel", _part(self._depthwise_init, (None, None, None, "mlp")), (3, 3, 2, hid)
+    )
     dw_bias = self.param("depthwise_bias", _part(self._depthwise_init, (None, "mlp")), (2, hid))
     h = depthwise_conv3x3(h, dw_kernel, cfg.depthwise_impl) + dw_bias.astype(dt)
     h = h[..., 0, :] * jax.nn.silu(h[..., 1, :])
-    return _Dense((cfg.hidden_size,), ("mlp", "embed"), use_bias=False, kernel_init=_torch_conv,
-                  dtype=dt, name="point")(h)
+    return _Dense(
+      (cfg.hidden_size,),
+      ("mlp", "embed"),
+      use_bias=False,
+      kernel_init=_torch_conv,
+      dtype=dt,
+      name="point",
+    )(h)
 
   @staticmethod
   def _depthwise_init(key, shape, dtype=jnp.float32):
@@ -320,8 +350,7 @@ class Block(nn.Module):
     b, hh, ww, c = x.shape
     table = self.param("scale_shift_table", _part(_table_init(c), (None, "embed")), (6, c))
     mod = (table[None] + t0)[:, :, None, None, :]  # (B, 6, 1, 1, C)
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-        mod[:, i] for i in range(6))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (mod[:, i] for i in range(6))
     x_in = x
     h = modulate(layer_norm(x, cfg.norm_eps), shift_msa, scale_msa).reshape(b, hh * ww, c)
     attn = SelfAttention(cfg, name="self_attn")(h).astype(jnp.float32)
@@ -345,9 +374,9 @@ def token_cosine(a: Array, b: Array) -> Array:
 
 
 _REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -356,12 +385,12 @@ def _block_stack(cfg: DiTConfig, return_cosine: bool, name: str = "blocks"):
   if cfg.remat_policy != "none":
     block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
   return nn.scan(
-      block,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
-      length=cfg.depth,
-      metadata_params={nn.PARTITION_NAME: "layers"},
+    block,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+    length=cfg.depth,
+    metadata_params={nn.PARTITION_NAME: "layers"},
   )(cfg, return_cosine, name=name)
 
 
@@ -390,17 +419,22 @@ class SanaDiT(nn.Module):
     self.t_fc1 = _Dense((c,), (None, "embed"), kernel_init=_normal02, name="t_embedder_fc1")
     self.t_fc2 = _Dense((c,), ("embed", "embed_out"), kernel_init=_normal02, name="t_embedder_fc2")
     self.t_block = _Dense((6 * c,), ("embed", "embed_out"), kernel_init=_normal02)
-    self.y_fc1 = _Dense((c,), ("caption", "embed"), kernel_init=_normal02, dtype=dt,
-                        name="caption_proj_fc1")
-    self.y_fc2 = _Dense((c,), ("embed", "embed_out"), kernel_init=_normal02, dtype=dt,
-                        name="caption_proj_fc2")
+    self.y_fc1 = _Dense(
+      (c,), ("caption", "embed"), kernel_init=_normal02, dtype=dt, name="caption_proj_fc1"
+    )
+    self.y_fc2 = _Dense(
+      (c,), ("embed", "embed_out"), kernel_init=_normal02, dtype=dt, name="caption_proj_fc2"
+    )
     if cfg.caption_norm:
       self.caption_norm_scale = self.param(
-          "caption_norm", _part(_constant_init(cfg.caption_norm_init), ("embed",)), (c,))
-    self.final_table = self.param("final_scale_shift_table", _part(_table_init(c), (None, "embed")),
-                                  (2, c))
-    self.final_linear = _Dense((p * p * cfg.out_channels,), ("embed", None), dtype=dt,
-                               name="final_linear")
+        "caption_norm", _part(_constant_init(cfg.caption_norm_init), ("embed",)), (c,)
+      )
+    self.final_table = self.param(
+      "final_scale_shift_table", _part(_table_init(c), (None, "embed")), (2, c)
+    )
+    self.final_linear = _Dense(
+      (p * p * cfg.out_channels,), ("embed", None), dtype=dt, name="final_linear"
+    )
     self.blocks = _block_stack(cfg, self.return_block_cosine)
 
   def timestep_embedding(self, timestep: Array) -> tuple[Array, Array]:
@@ -416,15 +450,22 @@ class SanaDiT(nn.Module):
     """Caption projection + norm: (B, Ly, Cy) -> (B, Ly, C)."""
     cfg = self.cfg
     if caption.shape[-1] != cfg.caption_channels:
-      raise ValueError(f"caption width {caption.shape[-1]} != caption_channels "
-                       f"{cfg.caption_channels}")
+      raise ValueError(
+        f"caption width {caption.shape[-1]} != caption_channels {cfg.caption_channels}"
+      )
     y = self.y_fc2(jax.nn.gelu(self.y_fc1(caption), approximate=True))
     if cfg.caption_norm:
       y = rms_norm(y.astype(jnp.float32), self.caption_norm_scale, cfg.caption_norm_eps)
     return y.astype(jnp.dtype(cfg.compute_dtype))
 
-  def __call__(self, latents: Array, timestep: Array, caption: Array, caption_mask: Array,
-               caption_kv: Array | None = None):
+  def __call__(
+    self,
+    latents: Array,
+    timestep: Array,
+    caption: Array,
+    caption_mask: Array,
+    caption_kv: Array | None = None,
+  ):
     """See class docstring. With `return_block_cosine`, returns (velocity, cos (L, B))."""
     cfg = self.cfg
     p = cfg.patch_size
@@ -434,8 +475,9 @@ class SanaDiT(nn.Module):
     if hh % p or ww % p:
       raise ValueError(f"latent size {hh}x{ww} is not a multiple of patch_size {p}")
     if caption_mask.shape != caption.shape[:2]:
-      raise ValueError(f"caption_mask shape {caption_mask.shape} != caption shape[:2] "
-                       f"{caption.shape[:2]}")
+      raise ValueError(
+        f"caption_mask shape {caption_mask.shape} != caption shape[:2] {caption.shape[:2]}"
+      )
     h, w = hh // p, ww // p
     x = self.patch_embed(patchify(latents, p)).astype(jnp.float32)
     if cfg.use_pe:
@@ -482,8 +524,12 @@ class SanaDiT(nn.Module):
 
 def _dummy_inputs(cfg: DiTConfig):
   p = cfg.patch_size
-  return (jnp.zeros((1, 2 * p, 2 * p, cfg.in_channels)), jnp.zeros((1,)),
-          jnp.zeros((1, 2, cfg.caption_channels)), jnp.ones((1, 2), jnp.int32))
+  return (
+    jnp.zeros((1, 2 * p, 2 * p, cfg.in_channels)),
+    jnp.zeros((1,)),
+    jnp.zeros((1, 2, cfg.caption_channels)),
+    jnp.ones((1, 2), jnp.int32),
+  )
 
 
 def init_boxed(config: Any, rng: Array) -> dict:
@@ -499,14 +545,12 @@ def init_params(config: Any, rng: Array) -> dict:
 
 def abstract_params(config: Any) -> dict:
   """jax.ShapeDtypeStruct tree of the parameters; allocates nothing."""
-  return jax.eval_shape(functools.partial(init_params, DiTConfig.coerce(config)),
-                        jax.random.key(0))
+  return jax.eval_shape(functools.partial(init_params, DiTConfig.coerce(config)), jax.random.key(0))
 
 
 def param_logical_axes(config: Any) -> dict:
   """Tree of jax.sharding.PartitionSpec over logical axis names, like the parameters."""
-  boxed = jax.eval_shape(functools.partial(init_boxed, DiTConfig.coerce(config)),
-                         jax.random.key(0))
+  boxed = jax.eval_shape(functools.partial(init_boxed, DiTConfig.coerce(config)), jax.random.key(0))
   return nn.get_partition_spec(boxed)
 
 

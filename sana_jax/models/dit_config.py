@@ -25,20 +25,20 @@ class DiTConfig:
   patch_size: int = 1
   hidden_size: int = 1152
   depth: int = 28
-  self_head_dim: int = 32          # self-attention heads = hidden_size // self_head_dim
+  self_head_dim: int = 32  # self-attention heads = hidden_size // self_head_dim
   cross_heads: int = 16
   cross_head_dim: int = 72
   caption_channels: int = 2304
-  caption_len: int = 300           # max caption tokens (the null-caption buffer length)
+  caption_len: int = 300  # max caption tokens (the null-caption buffer length)
   mlp_ratio: float = 2.5
-  sample_size: int = 32            # base latent size; positional-embedding base = sample_size // patch_size
+  sample_size: int = 32  # base latent size; positional-embedding base = sample_size // patch_size
 
   # SANA-1.5 switches.
-  qk_norm: bool = False            # RMSNorm over C on self-attention q and k
+  qk_norm: bool = False  # RMSNorm over C on self-attention q and k
   qk_norm_eps: float = 1e-5
-  cross_norm: bool = False         # RMSNorm over the cross inner dim on cross-attention q and k
-  cross_norm_eps: float = 1e-6     # official 1e-6; diffusers 1e-5
-  caption_norm: bool = True        # attention_y_norm / caption_norm
+  cross_norm: bool = False  # RMSNorm over the cross inner dim on cross-attention q and k
+  cross_norm_eps: float = 1e-6  # official 1e-6; diffusers 1e-5
+  caption_norm: bool = True  # attention_y_norm / caption_norm
   caption_norm_eps: float = 1e-5
   # Initial caption_norm weight = the official y_norm_scale_factor (0.01 in the released
   # configs, 1.0 the class default). 0.01 starts the caption pathway at 1/100; a small model
@@ -46,26 +46,27 @@ class DiTConfig:
   caption_norm_init: float = 0.01
 
   # Numerics.
-  norm_eps: float = 1e-6           # LayerNorm (no affine) in blocks and final layer
-  linear_attn_eps: float = 1e-8    # official 1e-8; diffusers 1e-15
-  cross_mask: str = "exact"        # "exact": masked logits -> -inf; "additive": -10000 (diffusers);
-                                   # an all-zero mask keeps every token in both (official)
-  floor_timestep: bool = True      # official `timestep.long()`; diffusers does not floor
-  fp16_attn_clip: bool = False     # clip self-attention output to +-65504 (fp16-trained checkpoints)
+  norm_eps: float = 1e-6  # LayerNorm (no affine) in blocks and final layer
+  linear_attn_eps: float = 1e-8  # official 1e-8; diffusers 1e-15
+  cross_mask: str = "exact"  # "exact": masked logits -> -inf; "additive": -10000 (diffusers);
+  # an all-zero mask keeps every token in both (official)
+  floor_timestep: bool = True  # official `timestep.long()`; diffusers does not floor
+  fp16_attn_clip: bool = False  # clip self-attention output to +-65504 (fp16-trained checkpoints)
 
   # Positional embedding (2K / 4K models).
   use_pe: bool = False
   pe_interpolation: float = 1.0
 
   # Execution.
-  compute_dtype: str = "float32"   # dtype of matmuls/convs; norms, softmax, linear attention in fp32
-  remat_policy: str = "none"       # none | full | dots | dots_no_batch
-  depthwise_impl: str = "shift"    # shift (nine multiply-adds) | conv (grouped lax conv)
+  compute_dtype: str = "float32"  # dtype of matmuls/convs; norms, softmax, linear attention in fp32
+  remat_policy: str = "none"  # none | full | dots | dots_no_batch
+  depthwise_impl: str = "shift"  # shift (nine multiply-adds) | conv (grouped lax conv)
 
   def __post_init__(self):
     if self.hidden_size % self.self_head_dim:
       raise ValueError(
-          f"hidden_size={self.hidden_size} is not a multiple of self_head_dim={self.self_head_dim}")
+        f"hidden_size={self.hidden_size} is not a multiple of self_head_dim={self.self_head_dim}"
+      )
     if self.cross_mask not in ("exact", "additive"):
       raise ValueError(f"cross_mask must be 'exact' or 'additive', got {self.cross_mask!r}")
     if self.remat_policy not in ("none", "full", "dots", "dots_no_batch"):
@@ -107,8 +108,9 @@ class DiTConfig:
 
   def diffusers_compatible(self) -> "DiTConfig":
     """The same model with diffusers' numerical choices (for parity with diffusers)."""
-    return self.replace(linear_attn_eps=1e-15, cross_norm_eps=1e-5, cross_mask="additive",
-                        floor_timestep=False)
+    return self.replace(
+      linear_attn_eps=1e-15, cross_norm_eps=1e-5, cross_mask="additive", floor_timestep=False
+    )
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

@@ -61,8 +61,9 @@ def core_bounds(starts: list[int], tile: int, size: int) -> list[tuple[int, int]
   return [(cuts[t], cuts[t + 1]) for t in range(len(starts))]
 
 
-def blend_weights(starts: list[int], tile: int, size: int, scale: int, margin: int = 0
-                  ) -> list[np.ndarray]:
+def blend_weights(
+  starts: list[int], tile: int, size: int, scale: int, margin: int = 0
+) -> list[np.ndarray]:
   """Per-tile 1-D weights (tile*scale output pixels): 0 within margin*scale of an inner
   edge, complementary linear ramps over the rest of each overlap, 1 elsewhere."""
   tile = min(tile, size)
@@ -81,9 +82,9 @@ def blend_weights(starts: list[int], tile: int, size: int, scale: int, margin: i
       dead, ramp = margin * scale, (ov - 2 * margin) * scale
       r = np.concatenate([np.zeros(dead), (np.arange(ramp) + 0.5) / ramp, np.ones(dead)])
       if side == "left":
-        w[:ov * scale] = np.minimum(w[:ov * scale], r)
+        w[: ov * scale] = np.minimum(w[: ov * scale], r)
       else:
-        w[tile * scale - ov * scale:] = np.minimum(w[tile * scale - ov * scale:], r[::-1])
+        w[tile * scale - ov * scale :] = np.minimum(w[tile * scale - ov * scale :], r[::-1])
     out.append(w)
   return out
 
@@ -91,13 +92,14 @@ def blend_weights(starts: list[int], tile: int, size: int, scale: int, margin: i
 def receptive_field(config: ae.DCAEConfig, side: str = "decoder") -> float:
   """Half-width (latent pixels) of the region one output value depends on through convs,
   with attention sums taken as given; `side` 'decoder' or 'encoder'."""
+
   def block(kind, ms):
     return 2.0 if kind == "ResBlock" else 1.0 + max([k // 2 for k in ms] or [0])
 
   if side == "decoder":
     ch, layers = config.decoder_block_out_channels, config.decoder_layers_per_block
     interp = config.upsample_block_type == "interpolate"
-    r, rf = 1.0, 1.0                                         # r: output pixels per latent pixel
+    r, rf = 1.0, 1.0  # r: output pixels per latent pixel
     for i in reversed(range(len(ch))):
       if i < len(ch) - 1 and layers[i] > 0:
         rf += 1.0 / (2 * r) if interp else 1.0 / r
@@ -105,14 +107,14 @@ def receptive_field(config: ae.DCAEConfig, side: str = "decoder") -> float:
       rf += layers[i] * block(config.decoder_block_types[i], config.decoder_qkv_multiscales[i]) / r
     return rf + (1.0 / r if layers[0] > 0 else (1.0 / (2 * r) if interp else 1.0 / r))
   ch, layers = config.encoder_block_out_channels, config.encoder_layers_per_block
-  r = float(config.spatial_compression_ratio)               # input pixels per latent pixel
+  r = float(config.spatial_compression_ratio)  # input pixels per latent pixel
   rf = 1.0 / r
   if layers[0] == 0:
     r /= 2
   for i in range(len(ch)):
     rf += layers[i] * block(config.encoder_block_types[i], config.encoder_qkv_multiscales[i]) / r
     if i < len(ch) - 1 and layers[i] > 0:
-      rf += 1.0 / r + 1.0 / r                                 # conv + the 2x2 grouping
+      rf += 1.0 / r + 1.0 / r  # conv + the 2x2 grouping
       r /= 2
   return rf + 1.0
 
@@ -142,8 +144,9 @@ def _programs(config: ae.DCAEConfig, side: str):
 
     @jax.jit
     def partial_sums(params, sums, x, core_mask):
-      _, state = module.apply(variables(params, sums), x, core_mask, method=method,
-                              mutable=["attn_partial"])
+      _, state = module.apply(
+        variables(params, sums), x, core_mask, method=method, mutable=["attn_partial"]
+      )
       return state.get("attn_partial", {})
 
     @jax.jit
@@ -160,14 +163,27 @@ def n_attention_layers(config: ae.DCAEConfig, side: str = "decoder") -> int:
   return sum(n for t, n in zip(types, layers) if t == "EfficientViTBlock")
 
 
-def _tiled(config, params, x, side, grid, in_unit, out_unit, out_channels, tile, overlap, margin,
-           global_attention, run_fn=None):
+def _tiled(
+  config,
+  params,
+  x,
+  side,
+  grid,
+  in_unit,
+  out_unit,
+  out_channels,
+  tile,
+  overlap,
+  margin,
+  global_attention,
+  run_fn=None,
+):
   b = x.shape[0]
   gh, gw = grid
   sy, sx = tile_starts(gh, tile, overlap), tile_starts(gw, tile, overlap)
   th, tw = min(tile, gh), min(tile, gw)
   windows = [(i, j, y0, x0) for i, y0 in enumerate(sy) for j, x0 in enumerate(sx)]
-  crop = lambda y0, x0: x[:, y0 * in_unit:(y0 + th) * in_unit, x0 * in_unit:(x0 + tw) * in_unit]
+  crop = lambda y0, x0: x[:, y0 * in_unit : (y0 + th) * in_unit, x0 * in_unit : (x0 + tw) * in_unit]
 
   sums = None
   if global_attention and n_attention_layers(config, side) > 0 and len(windows) > 1:
@@ -176,7 +192,7 @@ def _tiled(config, params, x, side, grid, in_unit, out_unit, out_channels, tile,
     masks = {}
     for i, j, y0, x0 in windows:
       m = np.zeros((th, tw), np.float32)
-      m[cy[i][0] - y0:cy[i][1] - y0, cx[j][0] - x0:cx[j][1] - x0] = 1.0
+      m[cy[i][0] - y0 : cy[i][1] - y0, cx[j][0] - x0 : cx[j][1] - x0] = 1.0
       masks[i, j] = jnp.asarray(m)
     for _ in range(n_attention_layers(config, side)):
       total = None
@@ -193,20 +209,27 @@ def _tiled(config, params, x, side, grid, in_unit, out_unit, out_channels, tile,
   acc = np.zeros((b, gh * out_unit, gw * out_unit, out_channels), np.float32)
   norm_y, norm_x = np.zeros(gh * out_unit), np.zeros(gw * out_unit)
   for i, y0 in enumerate(sy):
-    norm_y[y0 * out_unit:(y0 + th) * out_unit] += wy[i]
+    norm_y[y0 * out_unit : (y0 + th) * out_unit] += wy[i]
   for j, x0 in enumerate(sx):
-    norm_x[x0 * out_unit:(x0 + tw) * out_unit] += wx[j]
+    norm_x[x0 * out_unit : (x0 + tw) * out_unit] += wx[j]
   for i, j, y0, x0 in windows:
     out = np.asarray(run_fn(crop(y0, x0)), np.float32)
     w = (wy[i][:, None] * wx[j][None, :]).astype(np.float32)[None, :, :, None]
-    acc[:, y0 * out_unit:(y0 + th) * out_unit, x0 * out_unit:(x0 + tw) * out_unit] += w * out
+    acc[:, y0 * out_unit : (y0 + th) * out_unit, x0 * out_unit : (x0 + tw) * out_unit] += w * out
   acc /= (norm_y[:, None] * norm_x[None, :]).astype(np.float32)[None, :, :, None]
   return acc
 
 
-def decode_tiled(config: ae.DCAEConfig, params, latents, tile: int = 32, overlap: int = 8,
-                 margin: int = 2, global_attention: bool = True,
-                 decode_fn: Callable | None = None) -> np.ndarray:
+def decode_tiled(
+  config: ae.DCAEConfig,
+  params,
+  latents,
+  tile: int = 32,
+  overlap: int = 8,
+  margin: int = 2,
+  global_attention: bool = True,
+  decode_fn: Callable | None = None,
+) -> np.ndarray:
   """Scaled latents (B, h, w, latent_channels) -> images (B, h*f, w*f, in_channels), numpy.
 
   tile / overlap / margin in latent pixels (32 / 8 = 1024 / 256 image pixels for f32).
@@ -216,13 +239,33 @@ def decode_tiled(config: ae.DCAEConfig, params, latents, tile: int = 32, overlap
   latents = np.asarray(latents, np.float32)
   ae.check_latents(config, latents.shape)
   f = config.spatial_compression_ratio
-  return _tiled(config, params, latents, "decoder", latents.shape[1:3], 1, f, config.in_channels,
-                tile, overlap, margin, global_attention and decode_fn is None, decode_fn)
+  return _tiled(
+    config,
+    params,
+    latents,
+    "decoder",
+    latents.shape[1:3],
+    1,
+    f,
+    config.in_channels,
+    tile,
+    overlap,
+    margin,
+    global_attention and decode_fn is None,
+    decode_fn,
+  )
 
 
-def encode_tiled(config: ae.DCAEConfig, params, images, tile: int = 1024, overlap: int = 256,
-                 margin: int = 64, global_attention: bool = True,
-                 encode_fn: Callable | None = None) -> np.ndarray:
+def encode_tiled(
+  config: ae.DCAEConfig,
+  params,
+  images,
+  tile: int = 1024,
+  overlap: int = 256,
+  margin: int = 64,
+  global_attention: bool = True,
+  encode_fn: Callable | None = None,
+) -> np.ndarray:
   """Images (B, H, W, in_channels) in [-1, 1] -> scaled latents (B, H/f, W/f, latent_channels).
 
   tile / overlap / margin in image pixels, multiples of f.
@@ -231,20 +274,39 @@ def encode_tiled(config: ae.DCAEConfig, params, images, tile: int = 1024, overla
   ae.check_images(config, images.shape)
   f = config.spatial_compression_ratio
   if tile % f or overlap % f or margin % f:
-    raise ValueError(f"tile ({tile}), overlap ({overlap}) and margin ({margin}) must be "
-                     f"multiples of {f} pixels.")
+    raise ValueError(
+      f"tile ({tile}), overlap ({overlap}) and margin ({margin}) must be multiples of {f} pixels."
+    )
   grid = (images.shape[1] // f, images.shape[2] // f)
-  return _tiled(config, params, images, "encoder", grid, f, 1, config.latent_channels,
-                tile // f, overlap // f, margin // f, global_attention and encode_fn is None,
-                encode_fn)
+  return _tiled(
+    config,
+    params,
+    images,
+    "encoder",
+    grid,
+    f,
+    1,
+    config.latent_channels,
+    tile // f,
+    overlap // f,
+    margin // f,
+    global_attention and encode_fn is None,
+    encode_fn,
+  )
 
 
 def tile_memory_bytes(config: ae.DCAEConfig, params, latent_shape: tuple[int, int, int]) -> dict:
   """XLA's memory analysis of the jitted decode of one (B, h, w) latent (bytes)."""
   module = ae.AutoencoderDC(config)
   z = jax.ShapeDtypeStruct(tuple(latent_shape) + (config.latent_channels,), np.float32)
-  compiled = jax.jit(lambda p, z: module.apply({"params": p}, z, method=ae.AutoencoderDC.decode)
-                     ).lower(params, z).compile()
+  compiled = (
+    jax.jit(lambda p, z: module.apply({"params": p}, z, method=ae.AutoencoderDC.decode))
+    .lower(params, z)
+    .compile()
+  )
   m = compiled.memory_analysis()
-  return {"temp": m.temp_size_in_bytes, "argument": m.argument_size_in_bytes,
-          "output": m.output_size_in_bytes}
+  return {
+    "temp": m.temp_size_in_bytes,
+    "argument": m.argument_size_in_bytes,
+    "output": m.output_size_in_bytes,
+  }

@@ -45,9 +45,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sana_jax.optim import quant8
 
 __all__ = [
-    "LeafSpec", "reference_spec", "CameState", "FactoredMoments", "FullMoment",
-    "scale_by_came", "came", "came_8bit", "state_sharding", "leaf_specs", "sana_spec",
-    "stacked_spec", "find_stacked", "StackedLayoutWarning",
+  "LeafSpec",
+  "reference_spec",
+  "CameState",
+  "FactoredMoments",
+  "FullMoment",
+  "scale_by_came",
+  "came",
+  "came_8bit",
+  "state_sharding",
+  "leaf_specs",
+  "sana_spec",
+  "stacked_spec",
+  "find_stacked",
+  "StackedLayoutWarning",
 ]
 
 
@@ -73,8 +84,8 @@ SpecFn = Callable[[str, Any], LeafSpec]
 
 
 def reference_spec(
-    stacked: Optional[Callable[[str], Union[bool, int]]] = None,
-    matrix: Optional[Callable[[str, tuple], Optional[int]]] = None,
+  stacked: Optional[Callable[[str], Union[bool, int]]] = None,
+  matrix: Optional[Callable[[str, tuple], Optional[int]]] = None,
 ) -> SpecFn:
   """The official CAMEWrapper's classification, on Flax layouts.
 
@@ -127,8 +138,10 @@ def sana_spec() -> SpecFn:
   return reference_spec(stacked=lambda path: path.startswith("blocks/"), matrix=_sana_matrix)
 
 
-def stacked_spec(prefixes: Union[str, Sequence[str]],
-                 matrix: Optional[Callable[[str, tuple], Optional[int]]] = None) -> SpecFn:
+def stacked_spec(
+  prefixes: Union[str, Sequence[str]],
+  matrix: Optional[Callable[[str, tuple], Optional[int]]] = None,
+) -> SpecFn:
   """:func:`reference_spec` with one leading layer axis on every leaf under ``prefixes``
   (subtree paths such as "blocks", "encoder/layers"; "" is the whole tree): the layout of
   ``nn.scan``-stacked layers. :func:`find_stacked` proposes the prefixes."""
@@ -175,8 +188,9 @@ def leaf_specs(params, spec: Union[None, SpecFn, Any] = None) -> list[LeafSpec]:
       raise ValueError(f"{_path_str(p)}: batch_ndim {s.batch_ndim} invalid for shape {x.shape}")
     if s.factored and not (s.row_ndim >= 1 and s.batch_ndim + s.row_ndim < nd):
       raise ValueError(
-          f"{_path_str(p)}: factored needs batch_ndim + row_ndim < rank and row_ndim >= 1"
-          f" (at least one row and one column axis), got {s} for shape {x.shape}")
+        f"{_path_str(p)}: factored needs batch_ndim + row_ndim < rank and row_ndim >= 1"
+        f" (at least one row and one column axis), got {s} for shape {x.shape}"
+      )
   return specs
 
 
@@ -201,7 +215,7 @@ def find_stacked(params) -> list[str]:
   for parts, _ in items:
     for k in range(len(parts)):
       prefix = tuple(parts[:k])
-      if prefix in seen or any(prefix[:len(f)] == f for f in found):
+      if prefix in seen or any(prefix[: len(f)] == f for f in found):
         continue
       seen.add(prefix)
       under = [shape for p, shape in items if tuple(p[:k]) == prefix]
@@ -214,8 +228,15 @@ def find_stacked(params) -> list[str]:
   return ["/".join(f) for f in found]
 
 
-def _state_nbytes(shape, spec: LeafSpec, quantize: bool, unfactored: bool, min_8bit_size: int,
-                  block_size: int, align: int) -> int:
+def _state_nbytes(
+  shape,
+  spec: LeafSpec,
+  quantize: bool,
+  unfactored: bool,
+  min_8bit_size: int,
+  block_size: int,
+  align: int,
+) -> int:
   """Bytes of the CAME state of one leaf (m, and v or the four factored statistics)."""
   n = math.prod(shape)
   if _use_8bit(shape, spec, quantize, unfactored, min_8bit_size):
@@ -224,7 +245,7 @@ def _state_nbytes(shape, spec: LeafSpec, quantize: bool, unfactored: bool, min_8
     mu = 4 * n
   if spec.factored:
     bn, rn = spec.batch_ndim, spec.row_ndim
-    nu = 2 * 4 * (math.prod(shape[:bn + rn]) + math.prod(shape[:bn] + shape[bn + rn:]))
+    nu = 2 * 4 * (math.prod(shape[: bn + rn]) + math.prod(shape[:bn] + shape[bn + rn :]))
   else:
     nu = 4 * n
   return mu + nu
@@ -246,23 +267,28 @@ def _warn_if_stacked(params, specs, quantize, unfactored, min_8bit_size, block_s
     b_alt = _state_nbytes(shape, alt, quantize, unfactored, min_8bit_size, block_size, align)
     total, total_alt, n_params = total + b, total_alt + b_alt, n_params + math.prod(shape)
     if alt != s:
-      what = ("factored as one matrix" if s.factored else
-              "one unfactored tensor" + (", not quantized" if quantize else ""))
+      what = (
+        "factored as one matrix"
+        if s.factored
+        else "one unfactored tensor" + (", not quantized" if quantize else "")
+      )
       rows.append(f"  {path} {shape}: {what}; {b:,} B (per-layer: {b_alt:,} B)")
   if not rows:
     return
   quoted = ", ".join(repr(p) for p in prefixes)
   warnings.warn(
-      f"CAME with spec=None: {len(rows)} leaves under {quoted} share a leading axis like "
-      f"nn.scan-stacked layers, but the default rule classifies each as one whole tensor "
-      f"(stacked kernels unfactored, stacked vectors factored as matrices). Optimizer state "
-      f"{total:,} B = {total / max(n_params, 1):.2f} B/param; with that axis as a layer axis "
-      f"{total_alt:,} B = {total_alt / max(n_params, 1):.2f} B/param (reference rule per "
-      f"layer; DenseGeneral kernels (in, k, out) stay unfactored unless a matrix= rule says "
-      f"otherwise, as sana_spec() does for the sana_jax DiT). Pass "
-      f"spec=stacked_spec([{quoted}]), sana_spec() for the sana_jax DiT, or any explicit "
-      f"spec, to choose; the leaves (state bytes now, and per layer):\n" + "\n".join(rows),
-      StackedLayoutWarning, stacklevel=3)
+    f"CAME with spec=None: {len(rows)} leaves under {quoted} share a leading axis like "
+    f"nn.scan-stacked layers, but the default rule classifies each as one whole tensor "
+    f"(stacked kernels unfactored, stacked vectors factored as matrices). Optimizer state "
+    f"{total:,} B = {total / max(n_params, 1):.2f} B/param; with that axis as a layer axis "
+    f"{total_alt:,} B = {total_alt / max(n_params, 1):.2f} B/param (reference rule per "
+    f"layer; DenseGeneral kernels (in, k, out) stay unfactored unless a matrix= rule says "
+    f"otherwise, as sana_spec() does for the sana_jax DiT). Pass "
+    f"spec=stacked_spec([{quoted}]), sana_spec() for the sana_jax DiT, or any explicit "
+    f"spec, to choose; the leaves (state bytes now, and per layer):\n" + "\n".join(rows),
+    StackedLayoutWarning,
+    stacklevel=3,
+  )
 
 
 # ----------------------------------------------------------------------------- state
@@ -293,8 +319,11 @@ class CameState(NamedTuple):
 
 
 def _use_8bit(shape, spec: LeafSpec, quantize: bool, unfactored: bool, min_8bit_size: int) -> bool:
-  return (quantize and (spec.factored or unfactored)
-          and math.prod(shape[spec.batch_ndim:]) > min_8bit_size)
+  return (
+    quantize
+    and (spec.factored or unfactored)
+    and math.prod(shape[spec.batch_ndim :]) > min_8bit_size
+  )
 
 
 def _tile(shape, spec: LeafSpec, block_size: int, align: int) -> tuple:
@@ -312,8 +341,9 @@ def _axes(spec: LeafSpec, nd: int):
 def _check_static_int(name, value):
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
     raise TypeError(
-        f"{name} must be a Python int (it fixes array shapes), got {type(value).__name__};"
-        f" with optax.inject_hyperparams pass static_args=({name!r}, ...)")
+      f"{name} must be a Python int (it fixes array shapes), got {type(value).__name__};"
+      f" with optax.inject_hyperparams pass static_args=({name!r}, ...)"
+    )
 
 
 # ----------------------------------------------------------------------------- math
@@ -325,7 +355,7 @@ def _approx_rsqrt(row, col, spec: LeafSpec, nd: int):
   r = jax.lax.rsqrt(row / jnp.mean(row, axis=rows, keepdims=True))
   r = r.reshape(r.shape + (1,) * len(cols))
   c = jax.lax.rsqrt(col)
-  c = c.reshape(c.shape[:spec.batch_ndim] + (1,) * len(rows) + c.shape[spec.batch_ndim:])
+  c = c.reshape(c.shape[: spec.batch_ndim] + (1,) * len(rows) + c.shape[spec.batch_ndim :])
   return r * c
 
 
@@ -366,17 +396,17 @@ def _leaf_update(g, mu, nu, spec: LeafSpec, b1, b2, b3, eps, clip_threshold):
 
 
 def scale_by_came(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    b3: float = 0.9999,
-    eps: tuple[float, float] = (1e-30, 1e-16),
-    clip_threshold: float = 1.0,
-    spec: Union[None, SpecFn, Any] = None,
-    quantize_mu: bool = False,
-    block_size: int = 2048,
-    min_8bit_size: int = 16384,
-    align: int = 8,
-    quantize_unfactored: bool = False,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  b3: float = 0.9999,
+  eps: tuple[float, float] = (1e-30, 1e-16),
+  clip_threshold: float = 1.0,
+  spec: Union[None, SpecFn, Any] = None,
+  quantize_mu: bool = False,
+  block_size: int = 2048,
+  min_8bit_size: int = 16384,
+  align: int = 8,
+  quantize_unfactored: bool = False,
 ) -> optax.GradientTransformation:
   """CAME's preconditioned direction (without learning rate or weight decay).
 
@@ -402,8 +432,7 @@ def scale_by_came(
     An optax.GradientTransformation with :class:`CameState`. Updates keep the gradients'
     dtype; all statistics are fp32.
   """
-  for name, val in (("block_size", block_size), ("min_8bit_size", min_8bit_size),
-                    ("align", align)):
+  for name, val in (("block_size", block_size), ("min_8bit_size", min_8bit_size), ("align", align)):
     _check_static_int(name, val)
   if len(eps) != 2:
     raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}")
@@ -412,8 +441,9 @@ def scale_by_came(
     leaves, treedef = jax.tree_util.tree_flatten(params)
     specs = leaf_specs(params, spec)
     if spec is None:
-      _warn_if_stacked(params, specs, quantize_mu, quantize_unfactored, min_8bit_size,
-                       block_size, align)
+      _warn_if_stacked(
+        params, specs, quantize_mu, quantize_unfactored, min_8bit_size, block_size, align
+      )
     mus, nus = [], []
     for p, s in zip(leaves, specs):
       shape = tuple(p.shape)
@@ -424,8 +454,8 @@ def scale_by_came(
         mus.append(zeros)
       if s.factored:
         bn, rn = s.batch_ndim, s.row_ndim
-        row = jnp.zeros(shape[:bn + rn], jnp.float32)
-        col = jnp.zeros(shape[:bn] + shape[bn + rn:], jnp.float32)
+        row = jnp.zeros(shape[: bn + rn], jnp.float32)
+        col = jnp.zeros(shape[:bn] + shape[bn + rn :], jnp.float32)
         nus.append(FactoredMoments(row, col, row, col))
       else:
         nus.append(FullMoment(zeros))
@@ -443,48 +473,47 @@ def scale_by_came(
       out_u.append(u)
       out_mu.append(mu)
       out_nu.append(nu)
-    return treedef.unflatten(out_u), CameState(treedef.unflatten(out_mu),
-                                               treedef.unflatten(out_nu))
+    return treedef.unflatten(out_u), CameState(treedef.unflatten(out_mu), treedef.unflatten(out_nu))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def came(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    b3: float = 0.9999,
-    eps: tuple[float, float] = (1e-30, 1e-16),
-    clip_threshold: float = 1.0,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    spec: Union[None, SpecFn, Any] = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  b3: float = 0.9999,
+  eps: tuple[float, float] = (1e-30, 1e-16),
+  clip_threshold: float = 1.0,
+  weight_decay: float = 0.0,
+  weight_decay_mask: Any = None,
+  spec: Union[None, SpecFn, Any] = None,
 ) -> optax.GradientTransformation:
   """CAME: scale_by_came, decoupled weight decay (times lr), then -learning_rate.
 
   ``learning_rate`` and ``weight_decay`` may be schedules (callables of the step count).
   """
   return optax.chain(
-      scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec),
+    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
 def came_8bit(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    b3: float = 0.9999,
-    eps: tuple[float, float] = (1e-30, 1e-16),
-    clip_threshold: float = 1.0,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    spec: Union[None, SpecFn, Any] = None,
-    block_size: int = 2048,
-    min_8bit_size: int = 16384,
-    align: int = 8,
-    quantize_unfactored: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  b3: float = 0.9999,
+  eps: tuple[float, float] = (1e-30, 1e-16),
+  clip_threshold: float = 1.0,
+  weight_decay: float = 0.0,
+  weight_decay_mask: Any = None,
+  spec: Union[None, SpecFn, Any] = None,
+  block_size: int = 2048,
+  min_8bit_size: int = 16384,
+  align: int = 8,
+  quantize_unfactored: bool = False,
 ) -> optax.GradientTransformation:
   """CAME-8bit: as :func:`came`, with m of large factored matrices stored in 8 bits.
 
@@ -494,11 +523,21 @@ def came_8bit(
   large unfactored leaves (beyond the reference; see docs/came.md).
   """
   return optax.chain(
-      scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec, quantize_mu=True,
-                    block_size=block_size, min_8bit_size=min_8bit_size, align=align,
-                    quantize_unfactored=quantize_unfactored),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_came(
+      b1,
+      b2,
+      b3,
+      eps,
+      clip_threshold,
+      spec=spec,
+      quantize_mu=True,
+      block_size=block_size,
+      min_8bit_size=min_8bit_size,
+      align=align,
+      quantize_unfactored=quantize_unfactored,
+    ),
+    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
@@ -514,8 +553,10 @@ def _axis_size(mesh, entry) -> int:
 
 def _fit(mesh, entries, shape):
   """Drop spec entries whose mesh size does not divide the dimension."""
-  return tuple(e if e is not None and shape[i] % _axis_size(mesh, e) == 0 else None
-               for i, e in enumerate(entries))
+  return tuple(
+    e if e is not None and shape[i] % _axis_size(mesh, e) == 0 else None
+    for i, e in enumerate(entries)
+  )
 
 
 def _reduced_spec(mesh, entries, shape, keep_axes, dropped_axes):
@@ -612,5 +653,4 @@ def state_sharding(state, param_shardings):
       return s
     return replicated
 
-  return jax.tree_util.tree_map_with_path(
-      visit, state, is_leaf=lambda x: isinstance(x, CameState))
+  return jax.tree_util.tree_map_with_path(visit, state, is_leaf=lambda x: isinstance(x, CameState))

@@ -119,8 +119,9 @@ def zeros(shape: tuple[int, ...], tile: tuple[int, ...]) -> QuantizedArray:
   shape, tile = tuple(shape), tuple(tile)
   _check_tile(shape, tile)
   grid = tuple(s // t for s, t in zip(shape, tile))
-  return QuantizedArray(jnp.zeros(shape, jnp.uint8), jnp.zeros(grid, jnp.float32),
-                        jnp.zeros(grid, jnp.float32))
+  return QuantizedArray(
+    jnp.zeros(shape, jnp.uint8), jnp.zeros(grid, jnp.float32), jnp.zeros(grid, jnp.float32)
+  )
 
 
 def dequantize(qa: QuantizedArray) -> jax.Array:

@@ -20,18 +20,18 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Parameters: FSDP shards the model width, tensor parallelism the heads / MLP hidden.
 # Activations: batch over (data, fsdp); their width replicated.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("caption", None),
-    ("patch", None),
-    ("embed_out", None),
-    ("layers", None),
-    ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
-    ("act_height", None),
-    ("act_width", None),
-    ("act_embed", None),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("mlp", "tensor"),
+  ("caption", None),
+  ("patch", None),
+  ("embed_out", None),
+  ("layers", None),
+  ("act_batch", ("data", "fsdp")),
+  ("act_length", None),
+  ("act_height", None),
+  ("act_width", None),
+  ("act_embed", None),
 )
 
 
@@ -39,24 +39,27 @@ def mesh_shape(n_devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1) -
   """Resolves one -1 entry so that data * fsdp * tensor == n_devices; clear errors."""
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} "
-                     f"tensor={tensor}")
+    raise ValueError(
+      f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+    )
   if any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"mesh axis sizes must be positive or -1, got {sizes}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if n_devices % known:
-      raise ValueError(f"mesh axes {dict(zip(MESH_AXES, sizes))} do not divide "
-                       f"{n_devices} devices")
+      raise ValueError(f"mesh axes {dict(zip(MESH_AXES, sizes))} do not divide {n_devices} devices")
     sizes[sizes.index(-1)] = n_devices // known
   if int(np.prod(sizes)) != n_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {int(np.prod(sizes))} "
-                     f"devices, but {n_devices} are available")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} has {int(np.prod(sizes))} "
+      f"devices, but {n_devices} are available"
+    )
   return tuple(sizes)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(len(devices), data, fsdp, tensor)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
@@ -72,6 +75,7 @@ def logical_sharding(logical_specs: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any
 
 def fit_shardings(shardings: Any, shapes: Any) -> Any:
   """Drops mesh axes from dimensions they do not divide (small or odd-sized tensors)."""
+
   def fit(sharding, shape):
     spec = list(sharding.spec) + [None] * (len(shape.shape) - len(sharding.spec))
     mesh = sharding.mesh
@@ -83,12 +87,14 @@ def fit_shardings(shardings: Any, shapes: Any) -> Any:
       if shape.shape[i] % size:
         spec[i] = None
     return NamedSharding(mesh, P(*spec))
+
   return jax.tree_util.tree_map(fit, shardings, shapes)
 
 
 def param_shardings(model_config: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
   """NamedShardings for the DiT parameters on `mesh`."""
   from sana_jax.models import dit
+
   specs = dit.param_logical_axes(model_config)
   return fit_shardings(logical_sharding(specs, mesh, rules), dit.abstract_params(model_config))
 
@@ -108,6 +114,7 @@ def maybe_initialize_distributed() -> bool:
   (TPU pod slices, SLURM, Open MPI). Call it before anything touches a device.
   """
   from jax._src import distributed as _dist  # is_initialized is not public in every jax
+
   if _dist.global_state.client is not None:
     return True
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -115,9 +122,10 @@ def maybe_initialize_distributed() -> bool:
     if missing:
       raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
     jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
+      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
     return True
   if os.environ.get("SANA_JAX_DISTRIBUTED") == "1":
     jax.distributed.initialize()
@@ -134,4 +142,5 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
   if jax.process_count() == 1:
     return
   from jax._src import distributed as _dist
+
   _dist.global_state.client.wait_at_barrier(name, timeout_s * 1000)

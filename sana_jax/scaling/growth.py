@@ -43,16 +43,29 @@ STRATEGIES = ("constant", "cyclic", "block_expand")
 _OFFICIAL_ONLY = ("progressive", "interpolation", "random")
 
 # Paths inside params['blocks'] (tuples of keys).
-_ZERO_GATE = (("scale_shift_table",),
-              ("self_attn", "out", "kernel"), ("self_attn", "out", "bias"),
-              ("cross_attn", "out", "kernel"), ("cross_attn", "out", "bias"),
-              ("mlp", "point", "kernel"))
-_FRESH_ZERO = (("self_attn", "out", "kernel"), ("cross_attn", "out", "kernel"),
-               ("mlp", "point", "kernel"), ("self_attn", "out", "bias"),
-               ("cross_attn", "q", "bias"), ("cross_attn", "kv", "bias"),
-               ("cross_attn", "out", "bias"))
-_FRESH_ONE = (("self_attn", "q_norm"), ("self_attn", "k_norm"), ("cross_attn", "q_norm"),
-              ("cross_attn", "k_norm"))
+_ZERO_GATE = (
+  ("scale_shift_table",),
+  ("self_attn", "out", "kernel"),
+  ("self_attn", "out", "bias"),
+  ("cross_attn", "out", "kernel"),
+  ("cross_attn", "out", "bias"),
+  ("mlp", "point", "kernel"),
+)
+_FRESH_ZERO = (
+  ("self_attn", "out", "kernel"),
+  ("cross_attn", "out", "kernel"),
+  ("mlp", "point", "kernel"),
+  ("self_attn", "out", "bias"),
+  ("cross_attn", "q", "bias"),
+  ("cross_attn", "kv", "bias"),
+  ("cross_attn", "out", "bias"),
+)
+_FRESH_ONE = (
+  ("self_attn", "q_norm"),
+  ("self_attn", "k_norm"),
+  ("cross_attn", "q_norm"),
+  ("cross_attn", "k_norm"),
+)
 _FRESH_DEPTHWISE = (("mlp", "depthwise_kernel"), ("mlp", "depthwise_bias"))
 
 
@@ -65,22 +78,26 @@ def _blocks_depth(params: Mapping, cfg: DiTConfig) -> int:
     raise ValueError("params have no 'blocks' subtree; expected a SanaDiT parameter tree")
   depths = {int(np.shape(a)[0]) for a in jax.tree_util.tree_leaves(params["blocks"])}
   if depths != {cfg.depth}:
-    raise ValueError(f"block leaves have leading sizes {sorted(depths)}, config depth is "
-                     f"{cfg.depth}")
+    raise ValueError(
+      f"block leaves have leading sizes {sorted(depths)}, config depth is {cfg.depth}"
+    )
   return cfg.depth
 
 
 def _check_strategy(strategy: str) -> str:
   if not isinstance(strategy, str) or strategy.lower() not in STRATEGIES:
-    extra = (f" ('{strategy}' is an official strategy the paper did not use; it is not "
-             "implemented)") if isinstance(strategy, str) and strategy.lower() in _OFFICIAL_ONLY \
-        else ""
+    extra = (
+      (f" ('{strategy}' is an official strategy the paper did not use; it is not implemented)")
+      if isinstance(strategy, str) and strategy.lower() in _OFFICIAL_ONLY
+      else ""
+    )
     raise ValueError(f"unknown growth strategy {strategy!r}; expected one of {STRATEGIES}{extra}")
   return strategy.lower()
 
 
-def source_indices(source_depth: int, target_depth: int, strategy: str,
-                   keep: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def source_indices(
+  source_depth: int, target_depth: int, strategy: str, keep: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Where each target block comes from.
 
   Returns (src (M,) int, fresh (M,) bool): target block i copies source block src[i], or,
@@ -92,8 +109,10 @@ def source_indices(source_depth: int, target_depth: int, strategy: str,
   if keep is None:
     if strategy == "constant":
       if n <= 2:
-        raise ValueError(f"'constant' keeps N - 2 source blocks by default; the source has "
-                         f"only {n}: pass keep=1..{n}")
+        raise ValueError(
+          f"'constant' keeps N - 2 source blocks by default; the source has "
+          f"only {n}: pass keep=1..{n}"
+        )
       keep = n - 2
     else:
       keep = n
@@ -102,22 +121,25 @@ def source_indices(source_depth: int, target_depth: int, strategy: str,
   if isinstance(target_depth, bool) or not isinstance(target_depth, (int, np.integer)):
     raise ValueError(f"target depth must be an int, got {target_depth!r}")
   if m < n:
-    raise ValueError(f"growth needs target depth >= source depth, got {m} < {n} "
-                     "(use sana_jax.scaling.pruning to make a model shallower)")
+    raise ValueError(
+      f"growth needs target depth >= source depth, got {m} < {n} "
+      "(use sana_jax.scaling.pruning to make a model shallower)"
+    )
   i = np.arange(m)
   if strategy == "constant":
     return np.where(i < keep, i, -1), i >= keep
   if strategy == "cyclic":
     return i % keep, i >= keep
   if m % keep:
-    raise ValueError(f"'block_expand' needs the target depth to be a multiple of the kept "
-                     f"source blocks: {m} is not a multiple of {keep}")
+    raise ValueError(
+      f"'block_expand' needs the target depth to be a multiple of the kept "
+      f"source blocks: {m} is not a multiple of {keep}"
+    )
   r = m // keep
   return i // r, (i % r) > 0
 
 
-def _fresh_leaf(path: tuple[str, ...], shape, dtype, key, scale_spec: float,
-                scale_others: float):
+def _fresh_leaf(path: tuple[str, ...], shape, dtype, key, scale_spec: float, scale_others: float):
   if path in _FRESH_ZERO:
     if path[-1] == "kernel" and scale_spec:
       return (jax.random.normal(key, shape, jnp.float32) * scale_spec).astype(dtype)
@@ -128,9 +150,18 @@ def _fresh_leaf(path: tuple[str, ...], shape, dtype, key, scale_spec: float,
   return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
 
-def grow(params: Mapping, cfg: DiTConfig, depth: int, strategy: str = "constant", *,
-         keep: int | None = None, zero_gate: bool = False, key: jax.Array | None = None,
-         scale_spec: float = 0.0, scale_others: float = 0.02) -> tuple[dict, DiTConfig]:
+def grow(
+  params: Mapping,
+  cfg: DiTConfig,
+  depth: int,
+  strategy: str = "constant",
+  *,
+  keep: int | None = None,
+  zero_gate: bool = False,
+  key: jax.Array | None = None,
+  scale_spec: float = 0.0,
+  scale_others: float = 0.02,
+) -> tuple[dict, DiTConfig]:
   """Grows a SanaDiT parameter tree from cfg.depth to `depth` blocks.
 
   params: plain nested dict (block leaves (N, ...)); cfg: its DiTConfig.
@@ -148,16 +179,21 @@ def grow(params: Mapping, cfg: DiTConfig, depth: int, strategy: str = "constant"
   src, fresh = source_indices(n, depth, strategy, keep)
   if strategy == "constant":
     if zero_gate:
-      raise ValueError("zero_gate applies to 'cyclic' and 'block_expand'; 'constant' blocks "
-                       "already start as the identity")
+      raise ValueError(
+        "zero_gate applies to 'cyclic' and 'block_expand'; 'constant' blocks "
+        "already start as the identity"
+      )
     if key is None:
       raise ValueError("'constant' growth draws fresh blocks: pass key=jax.random.key(seed)")
   take = jnp.asarray(np.maximum(src, 0))
   fresh_j = jnp.asarray(fresh)
 
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params["blocks"])
-  keys = (jax.random.split(key, len(leaves)) if key is not None and strategy == "constant"
-          else [None] * len(leaves))
+  keys = (
+    jax.random.split(key, len(leaves))
+    if key is not None and strategy == "constant"
+    else [None] * len(leaves)
+  )
   out = []
   for (path, leaf), k in zip(leaves, keys):
     path = _path_key(path)
@@ -176,8 +212,13 @@ def grow(params: Mapping, cfg: DiTConfig, depth: int, strategy: str = "constant"
   return new_params, cfg.replace(depth=int(depth))
 
 
-def describe(source_depth: int, target_depth: int, strategy: str, keep: int | None = None,
-             zero_gate: bool = False) -> list[str]:
+def describe(
+  source_depth: int,
+  target_depth: int,
+  strategy: str,
+  keep: int | None = None,
+  zero_gate: bool = False,
+) -> list[str]:
   """One human-readable line per target block (for logs and the CLI)."""
   src, fresh = source_indices(source_depth, target_depth, strategy, keep)
   strategy = _check_strategy(strategy)

@@ -35,100 +35,115 @@ PROTOCOL_VERSION = 1
 
 
 def _protocol_channel():
-    """Returns a text stream on the original stdout; fd 1 becomes a copy of stderr."""
-    sys.stdout.flush()
-    fd = os.dup(1)
-    os.dup2(2, 1)
-    return os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+  """Returns a text stream on the original stdout; fd 1 becomes a copy of stderr."""
+  sys.stdout.flush()
+  fd = os.dup(1)
+  os.dup2(2, 1)
+  return os.fdopen(fd, "w", encoding="utf-8", buffering=1)
 
 
 def _send(chan, msg):
-    chan.write(json.dumps(msg) + "\n")
-    chan.flush()
+  chan.write(json.dumps(msg) + "\n")
+  chan.flush()
 
 
 def load(model_path, device_map):
-    """Loads the verifier; returns (model, yes_id, no_id)."""
-    from transformers import AutoModel
+  """Loads the verifier; returns (model, yes_id, no_id)."""
+  from transformers import AutoModel
 
-    kwargs = {"trust_remote_code": True}
-    if device_map:
-        kwargs["device_map"] = device_map
-    model = AutoModel.from_pretrained(model_path, **kwargs)
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise TypeError(f"{type(model).__name__} has no .tokenizer; expected the NVILA remote code")
-    if not callable(getattr(model, "generate_content", None)):
-        raise TypeError(f"{type(model).__name__} has no generate_content(); expected the NVILA "
-                        "remote code")
-    yes_id = int(tok.encode("yes", add_special_tokens=False)[0])
-    no_id = int(tok.encode("no", add_special_tokens=False)[0])
-    return model, yes_id, no_id
+  kwargs = {"trust_remote_code": True}
+  if device_map:
+    kwargs["device_map"] = device_map
+  model = AutoModel.from_pretrained(model_path, **kwargs)
+  tok = getattr(model, "tokenizer", None)
+  if tok is None:
+    raise TypeError(f"{type(model).__name__} has no .tokenizer; expected the NVILA remote code")
+  if not callable(getattr(model, "generate_content", None)):
+    raise TypeError(
+      f"{type(model).__name__} has no generate_content(); expected the NVILA remote code"
+    )
+  yes_id = int(tok.encode("yes", add_special_tokens=False)[0])
+  no_id = int(tok.encode("no", add_special_tokens=False)[0])
+  return model, yes_id, no_id
 
 
 def judge_one(model, yes_id, no_id, image, question):
-    """One image -> {"response", "yes_score", "no_score"} from the first token's scores."""
-    out = model.generate_content([image, question])
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(f"generate_content returned {type(out).__name__}; expected (response, "
-                        "scores) as the NVILA-Lite-2B-Verifier remote code returns")
-    response, scores = out
-    try:
-        first = scores[0]
-        if tuple(first.shape[:1]) != (1,):
-            raise ValueError(f"scores[0] has shape {tuple(first.shape)}, expected (1, vocab)")
-        yes_score, no_score = float(first[0, yes_id]), float(first[0, no_id])
-    except (IndexError, TypeError, AttributeError) as e:
-        raise TypeError(f"generate_content scores: expected scores[0] of shape (1, vocab), "
-                        f"got {type(scores).__name__} ({e})") from e
-    return {"response": str(response), "yes_score": yes_score, "no_score": no_score}
+  """One image -> {"response", "yes_score", "no_score"} from the first token's scores."""
+  out = model.generate_content([image, question])
+  if not (isinstance(out, (tuple, list)) and len(out) == 2):
+    raise TypeError(
+      f"generate_content returned {type(out).__name__}; expected (response, "
+      "scores) as the NVILA-Lite-2B-Verifier remote code returns"
+    )
+  response, scores = out
+  try:
+    first = scores[0]
+    if tuple(first.shape[:1]) != (1,):
+      raise ValueError(f"scores[0] has shape {tuple(first.shape)}, expected (1, vocab)")
+    yes_score, no_score = float(first[0, yes_id]), float(first[0, no_id])
+  except (IndexError, TypeError, AttributeError) as e:
+    raise TypeError(
+      f"generate_content scores: expected scores[0] of shape (1, vocab), "
+      f"got {type(scores).__name__} ({e})"
+    ) from e
+  return {"response": str(response), "yes_score": yes_score, "no_score": no_score}
 
 
 def serve(model, yes_id, no_id, lines, chan):
-    """Answers requests from `lines` on `chan` until shutdown or end of input."""
-    from PIL import Image
+  """Answers requests from `lines` on `chan` until shutdown or end of input."""
+  from PIL import Image
 
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        rid = None
-        try:
-            req = json.loads(line)
-            if req.get("op") == "shutdown":
-                return
-            rid = req["id"]
-            results = []
-            for b64 in req["images"]:
-                image = Image.open(io.BytesIO(base64.b64decode(b64)))
-                image.load()
-                results.append(judge_one(model, yes_id, no_id, image.convert("RGB"),
-                                         req["question"]))
-            _send(chan, {"id": rid, "results": results})
-        except Exception:  # noqa: BLE001  (report and keep serving)
-            _send(chan, {"id": rid, "error": traceback.format_exc()})
+  for line in lines:
+    line = line.strip()
+    if not line:
+      continue
+    rid = None
+    try:
+      req = json.loads(line)
+      if req.get("op") == "shutdown":
+        return
+      rid = req["id"]
+      results = []
+      for b64 in req["images"]:
+        image = Image.open(io.BytesIO(base64.b64decode(b64)))
+        image.load()
+        results.append(judge_one(model, yes_id, no_id, image.convert("RGB"), req["question"]))
+      _send(chan, {"id": rid, "results": results})
+    except Exception:  # noqa: BLE001  (report and keep serving)
+      _send(chan, {"id": rid, "error": traceback.format_exc()})
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="local NVILA verifier folder")
-    ap.add_argument("--device_map", default=None,
-                    help="from_pretrained device_map (default: 'auto' when CUDA is available)")
-    args = ap.parse_args(argv)
-    chan = _protocol_channel()
-    import torch
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--model", required=True, help="local NVILA verifier folder")
+  ap.add_argument(
+    "--device_map",
+    default=None,
+    help="from_pretrained device_map (default: 'auto' when CUDA is available)",
+  )
+  args = ap.parse_args(argv)
+  chan = _protocol_channel()
+  import torch
 
-    device_map = args.device_map
-    if device_map is None and torch.cuda.is_available():
-        device_map = "auto"
-    if device_map == "none":
-        device_map = None
-    model, yes_id, no_id = load(args.model, device_map)
-    _send(chan, {"ready": True, "protocol": PROTOCOL_VERSION, "yes_id": yes_id, "no_id": no_id,
-                 "model_class": type(model).__name__})
-    serve(model, yes_id, no_id, sys.stdin, chan)
-    return 0
+  device_map = args.device_map
+  if device_map is None and torch.cuda.is_available():
+    device_map = "auto"
+  if device_map == "none":
+    device_map = None
+  model, yes_id, no_id = load(args.model, device_map)
+  _send(
+    chan,
+    {
+      "ready": True,
+      "protocol": PROTOCOL_VERSION,
+      "yes_id": yes_id,
+      "no_id": no_id,
+      "model_class": type(model).__name__,
+    },
+  )
+  serve(model, yes_id, no_id, sys.stdin, chan)
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -65,8 +65,9 @@ def load_checkpoint(path: str | pathlib.Path):
   if meta.get("_class_name") == "SanaTransformer2DModel":
     params, cfg = W.load_diffusers(path)
     return params, cfg, {}
-  raise CheckpointError(f"{meta_file} describes neither a sana_jax DiT nor a diffusers "
-                        "SanaTransformer2DModel")
+  raise CheckpointError(
+    f"{meta_file} describes neither a sana_jax DiT nor a diffusers SanaTransformer2DModel"
+  )
 
 
 def _read_arrays(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -74,6 +75,7 @@ def _read_arrays(path: pathlib.Path) -> dict[str, np.ndarray]:
     with np.load(path) as f:
       return {k: f[k] for k in f.files}
   from sana_jax.weights.io import read_safetensors
+
   return read_safetensors(path)
 
 
@@ -104,23 +106,28 @@ def load_captions(args, caption_len: int) -> tuple[np.ndarray, np.ndarray]:
     arrays = _read_arrays(path)
     missing = [k for k in ("caption", "mask") if k not in arrays]
     if missing:
-      raise ValueError(f"{path} must hold 'caption' (N, L, Cy) and 'mask' (N, L); missing "
-                       f"{missing}, has {sorted(arrays)}")
+      raise ValueError(
+        f"{path} must hold 'caption' (N, L, Cy) and 'mask' (N, L); missing "
+        f"{missing}, has {sorted(arrays)}"
+      )
     return np.asarray(arrays["caption"], np.float32), np.asarray(arrays["mask"], np.int32)
   if args.text_encoder is None:
-    raise ValueError(f"{path} holds prompts: pass --text-encoder (and --tokenizer) to encode "
-                     "them, or give cached embeddings (.npz / .safetensors)")
+    raise ValueError(
+      f"{path} holds prompts: pass --text-encoder (and --tokenizer) to encode "
+      "them, or give cached embeddings (.npz / .safetensors)"
+    )
   from tqdm import tqdm
 
   from sana_jax.models.prompts import PromptConfig, PromptEncoder
 
   prompts = read_prompts(path)
-  pcfg = PromptConfig(max_length=args.max_length or caption_len,
-                      chi=None if args.no_chi else PromptConfig().chi)
+  pcfg = PromptConfig(
+    max_length=args.max_length or caption_len, chi=None if args.no_chi else PromptConfig().chi
+  )
   enc = PromptEncoder.from_folders(args.tokenizer or args.text_encoder, args.text_encoder, pcfg)
   embs, masks = [], []
   for i in tqdm(range(0, len(prompts), args.batch_size), desc="encode captions", unit="batch"):
-    e, m = enc.encode(prompts[i:i + args.batch_size])
+    e, m = enc.encode(prompts[i : i + args.batch_size])
     embs.append(e)
     masks.append(m)
   return np.concatenate(embs), np.concatenate(masks)
@@ -136,6 +143,7 @@ def plot_importance(importance, kept, path: str | pathlib.Path, title: str = "")
   n = importance.shape[0]
   colors = ["#1f4e79" if i in kept else "#9ec5e8" for i in range(n)]
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.patches import Patch
@@ -150,9 +158,14 @@ def plot_importance(importance, kept, path: str | pathlib.Path, title: str = "")
   if title:
     ax.set_title(title, fontsize=9)
   if len(kept) < n:
-    ax.legend(handles=[Patch(color="#1f4e79", label=f"kept ({len(kept)})"),
-                       Patch(color="#9ec5e8", label=f"pruned ({n - len(kept)})")],
-              fontsize=7, frameon=False)
+    ax.legend(
+      handles=[
+        Patch(color="#1f4e79", label=f"kept ({len(kept)})"),
+        Patch(color="#9ec5e8", label=f"pruned ({n - len(kept)})"),
+      ],
+      fontsize=7,
+      frameon=False,
+    )
   ax.spines[["top", "right"]].set_visible(False)
   fig.tight_layout()
   fig.savefig(path)
@@ -167,11 +180,13 @@ def _timesteps(text: str) -> list[float]:
   try:
     vals = [float(p) for p in parts]
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected comma-separated model times in [0, 1000], "
-                                     f"got {text!r}") from None
+    raise argparse.ArgumentTypeError(
+      f"expected comma-separated model times in [0, 1000], got {text!r}"
+    ) from None
   if any(not 0 <= v <= 1000 for v in vals):  # also refuses nan
-    raise argparse.ArgumentTypeError(f"expected comma-separated model times in [0, 1000], "
-                                     f"got {text!r}")
+    raise argparse.ArgumentTypeError(
+      f"expected comma-separated model times in [0, 1000], got {text!r}"
+    )
   return vals
 
 
@@ -187,50 +202,95 @@ def _latent_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = cli.CommandParser(prog="python -m sana_jax.scaling.prune_cli", description=__doc__,
-                         formatter_class=cli.HelpFormatter)
-  ap.add_argument("--checkpoint", required=True,
-                  help="DiT checkpoint: our folder, a diffusers folder or an official .pth "
-                       "(required, no default)")
-  ap.add_argument("--captions",
-                  help="calibration captions: .npz/.safetensors embeddings, or prompts "
-                       "(.txt/.jsonl) to encode with --text-encoder (default: none; needed "
-                       "by --depth and --chart)")
-  ap.add_argument("--text-encoder",
-                  help="Gemma-2 folder, ours or transformers (default: none; needed for "
-                       "prompt captions)")
+  ap = cli.CommandParser(
+    prog="python -m sana_jax.scaling.prune_cli",
+    description=__doc__,
+    formatter_class=cli.HelpFormatter,
+  )
+  ap.add_argument(
+    "--checkpoint",
+    required=True,
+    help="DiT checkpoint: our folder, a diffusers folder or an official .pth "
+    "(required, no default)",
+  )
+  ap.add_argument(
+    "--captions",
+    help="calibration captions: .npz/.safetensors embeddings, or prompts "
+    "(.txt/.jsonl) to encode with --text-encoder (default: none; needed "
+    "by --depth and --chart)",
+  )
+  ap.add_argument(
+    "--text-encoder",
+    help="Gemma-2 folder, ours or transformers (default: none; needed for prompt captions)",
+  )
   ap.add_argument("--tokenizer", help="tokenizer folder (default: --text-encoder)")
-  ap.add_argument("--max-length", type=cli.int_at_least(1), default=None,
-                  help="caption tokens kept (default: the model's caption_len)")
-  ap.add_argument("--no-chi", action="store_true",
-                  help="encode prompts without the complex human instruction (default: off, "
-                       "with it)")
-  ap.add_argument("--latents", help=".npz/.safetensors with 'latents' (N, H, W, C) paired with "
-                  "the captions (default: none, pure noise)")
-  ap.add_argument("--latent-size", type=_latent_size, default=None,
-                  help="H or HxW of the noise latents (default: the model's sample_size)")
-  ap.add_argument("--timesteps", type=_timesteps, default=_timesteps(DEFAULT_TIMESTEPS),
-                  help=f"model times in [0, 1000] (default {DEFAULT_TIMESTEPS})")
-  ap.add_argument("--draws", type=cli.int_at_least(1), default=1,
-                  help="noise draws per caption and timestep (default 1)")
-  ap.add_argument("--batch-size", type=cli.int_at_least(1), default=8,
-                  help="captions per forward (default 8; the result does not depend on it)")
-  ap.add_argument("--seed", type=cli.int_at_least(0), default=0,
-                  help="seed of the noise draws (default 0)")
+  ap.add_argument(
+    "--max-length",
+    type=cli.int_at_least(1),
+    default=None,
+    help="caption tokens kept (default: the model's caption_len)",
+  )
+  ap.add_argument(
+    "--no-chi",
+    action="store_true",
+    help="encode prompts without the complex human instruction (default: off, with it)",
+  )
+  ap.add_argument(
+    "--latents",
+    help=".npz/.safetensors with 'latents' (N, H, W, C) paired with "
+    "the captions (default: none, pure noise)",
+  )
+  ap.add_argument(
+    "--latent-size",
+    type=_latent_size,
+    default=None,
+    help="H or HxW of the noise latents (default: the model's sample_size)",
+  )
+  ap.add_argument(
+    "--timesteps",
+    type=_timesteps,
+    default=_timesteps(DEFAULT_TIMESTEPS),
+    help=f"model times in [0, 1000] (default {DEFAULT_TIMESTEPS})",
+  )
+  ap.add_argument(
+    "--draws",
+    type=cli.int_at_least(1),
+    default=1,
+    help="noise draws per caption and timestep (default 1)",
+  )
+  ap.add_argument(
+    "--batch-size",
+    type=cli.int_at_least(1),
+    default=8,
+    help="captions per forward (default 8; the result does not depend on it)",
+  )
+  ap.add_argument(
+    "--seed", type=cli.int_at_least(0), default=0, help="seed of the noise draws (default 0)"
+  )
   group = ap.add_mutually_exclusive_group(required=True)
-  group.add_argument("--depth", type=cli.int_at_least(1),
-                     help="keep this many most important blocks (one of --depth / --keep "
-                          "is required; no default)")
-  group.add_argument("--keep", type=cli.int_list(0, distinct=True),
-                     help="explicit distinct block indices, e.g. 0,1,5,9, kept in this order "
-                          "(no default)")
-  ap.add_argument("--out", required=True,
-                  help="folder of the pruned checkpoint, our format (required, no default); "
-                       "an existing non-empty one needs --overwrite")
+  group.add_argument(
+    "--depth",
+    type=cli.int_at_least(1),
+    help="keep this many most important blocks (one of --depth / --keep is required; no default)",
+  )
+  group.add_argument(
+    "--keep",
+    type=cli.int_list(0, distinct=True),
+    help="explicit distinct block indices, e.g. 0,1,5,9, kept in this order (no default)",
+  )
+  ap.add_argument(
+    "--out",
+    required=True,
+    help="folder of the pruned checkpoint, our format (required, no default); "
+    "an existing non-empty one needs --overwrite",
+  )
   ap.add_argument("--chart", help="PNG bar chart of the importance per block (default: none)")
-  ap.add_argument("--overwrite", action="store_true",
-                  help="replace an existing --out / --chart, once the new output is complete "
-                       "(default: off, refuse)")
+  ap.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing --out / --chart, once the new output is complete "
+    "(default: off, refuse)",
+  )
   return ap
 
 
@@ -246,8 +306,9 @@ def checkpoint_config(path: pathlib.Path):
     return None
   meta_file = path / "config.json"
   if not meta_file.exists():
-    raise cli.UsageError(f"--checkpoint {path}: a checkpoint folder needs a config.json "
-                         "(ours or diffusers')")
+    raise cli.UsageError(
+      f"--checkpoint {path}: a checkpoint folder needs a config.json (ours or diffusers')"
+    )
   try:
     meta = json.loads(meta_file.read_text())
     if meta.get("format") == W.FORMAT:
@@ -256,8 +317,10 @@ def checkpoint_config(path: pathlib.Path):
       return W.from_diffusers_config(meta)
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise cli.UsageError(f"--checkpoint {path}: unreadable {meta_file} ({e})") from None
-  raise cli.UsageError(f"--checkpoint {path}: {meta_file} describes neither a sana_jax DiT "
-                       "nor a diffusers SanaTransformer2DModel")
+  raise cli.UsageError(
+    f"--checkpoint {path}: {meta_file} describes neither a sana_jax DiT "
+    "nor a diffusers SanaTransformer2DModel"
+  )
 
 
 def check_args(args, cfg) -> dict:
@@ -266,8 +329,9 @@ def check_args(args, cfg) -> dict:
   inputs read so far: {"captions", "masks"} for cached embeddings, {"prompts"} for text,
   and {"latents"}. Raises UsageError naming the argument."""
   if args.captions is None and (args.depth is not None or args.chart):
-    raise cli.UsageError("--captions is needed to compute block importance "
-                         "(for --depth or --chart)")
+    raise cli.UsageError(
+      "--captions is needed to compute block importance (for --depth or --chart)"
+    )
   if args.captions is None and args.latents:
     raise cli.UsageError("--latents pairs with --captions; give both or neither")
   if cfg is not None:
@@ -284,8 +348,10 @@ def check_args(args, cfg) -> dict:
         raise cli.UsageError(f"--captions {path}: unreadable ({e})") from None
       missing = [k for k in ("caption", "mask") if k not in arrays]
       if missing:
-        raise cli.UsageError(f"--captions {path} must hold 'caption' (N, L, Cy) and 'mask' "
-                             f"(N, L); missing {missing}, has {sorted(arrays)}")
+        raise cli.UsageError(
+          f"--captions {path} must hold 'caption' (N, L, Cy) and 'mask' "
+          f"(N, L); missing {missing}, has {sorted(arrays)}"
+        )
       out["captions"] = np.asarray(arrays["caption"], np.float32)
       out["masks"] = np.asarray(arrays["mask"], np.int32)
     else:
@@ -294,16 +360,19 @@ def check_args(args, cfg) -> dict:
       except (ValueError, UnicodeDecodeError) as e:
         raise cli.UsageError(f"--captions {path}: {e}") from None
       if args.text_encoder is None:
-        raise cli.UsageError(f"--captions {path} holds prompts: pass --text-encoder (and "
-                             "--tokenizer) to encode them, or give cached embeddings "
-                             "(.npz / .safetensors)")
-      for flag, folder in (("--text-encoder", args.text_encoder),
-                           ("--tokenizer", args.tokenizer)):
+        raise cli.UsageError(
+          f"--captions {path} holds prompts: pass --text-encoder (and "
+          "--tokenizer) to encode them, or give cached embeddings "
+          "(.npz / .safetensors)"
+        )
+      for flag, folder in (("--text-encoder", args.text_encoder), ("--tokenizer", args.tokenizer)):
         if folder is not None and not pathlib.Path(folder).is_dir():
           raise cli.UsageError(f"{flag} {folder}: no such folder")
       if not (pathlib.Path(args.text_encoder) / "config.json").is_file():
-        raise cli.UsageError(f"--text-encoder {args.text_encoder}: no config.json (expected "
-                             "our Gemma-2 folder or a transformers one)")
+        raise cli.UsageError(
+          f"--text-encoder {args.text_encoder}: no config.json (expected "
+          "our Gemma-2 folder or a transformers one)"
+        )
   if args.latents:
     lp = pathlib.Path(args.latents)
     if not lp.is_file():
@@ -313,8 +382,7 @@ def check_args(args, cfg) -> dict:
     except Exception as e:
       raise cli.UsageError(f"--latents {lp}: unreadable ({e})") from None
     if "latents" not in arrays:
-      raise cli.UsageError(f"--latents {lp} must hold 'latents' (N, H, W, C); has "
-                           f"{sorted(arrays)}")
+      raise cli.UsageError(f"--latents {lp} must hold 'latents' (N, H, W, C); has {sorted(arrays)}")
     out["latents"] = arrays["latents"]
   if cfg is not None:
     check_calibration(args, cfg, out)
@@ -329,13 +397,16 @@ def check_args(args, cfg) -> dict:
 def check_geometry(args, cfg) -> None:
   """--depth / --keep against the checkpoint's depth."""
   if args.depth is not None and not 1 <= args.depth <= cfg.depth:
-    raise cli.UsageError(f"--depth {args.depth}: expected 1..{cfg.depth} (the checkpoint has "
-                         f"{cfg.depth} blocks)")
+    raise cli.UsageError(
+      f"--depth {args.depth}: expected 1..{cfg.depth} (the checkpoint has {cfg.depth} blocks)"
+    )
   if args.keep is not None:
     bad = [i for i in args.keep if not 0 <= i < cfg.depth]
     if bad:
-      raise cli.UsageError(f"--keep {','.join(map(str, args.keep))}: block indices "
-                           f"{bad} out of range; the checkpoint has blocks 0..{cfg.depth - 1}")
+      raise cli.UsageError(
+        f"--keep {','.join(map(str, args.keep))}: block indices "
+        f"{bad} out of range; the checkpoint has blocks 0..{cfg.depth - 1}"
+      )
 
 
 def check_calibration(args, cfg, inputs: dict) -> None:
@@ -343,16 +414,21 @@ def check_calibration(args, cfg, inputs: dict) -> None:
   if "captions" in inputs:
     try:
       pruning._check_calibration(  # pylint: disable=protected-access
-          cfg, inputs["captions"], inputs["masks"], inputs.get("latents"),
-          args.latent_size or cfg.sample_size)
+        cfg,
+        inputs["captions"],
+        inputs["masks"],
+        inputs.get("latents"),
+        args.latent_size or cfg.sample_size,
+      )
     except ValueError as e:
       flag = "--latents" if str(e).startswith("latents") else "--captions"
       raise cli.UsageError(f"{flag} {getattr(args, flag[2:])}: {e}") from None
   elif "latents" in inputs:
     lat = np.asarray(inputs["latents"])
     if lat.ndim != 4 or lat.shape[-1] != cfg.in_channels:
-      raise cli.UsageError(f"--latents {args.latents}: expected (N, H, W, {cfg.in_channels}), "
-                           f"got {lat.shape}")
+      raise cli.UsageError(
+        f"--latents {args.latents}: expected (N, H, W, {cfg.in_channels}), got {lat.shape}"
+      )
 
 
 def main(argv=None) -> int:
@@ -391,27 +467,47 @@ def main(argv=None) -> int:
     total = pruning.num_samples(len(captions), args.timesteps, args.draws)
     with tqdm(total=total, desc="block importance", unit="sample") as bar:
       importance = pruning.block_importance(
-          params, cfg, captions, masks, key=jax.random.key(args.seed),
-          timesteps=args.timesteps, num_draws=args.draws, latents=inputs.get("latents"),
-          latent_size=args.latent_size, batch_size=args.batch_size, progress=bar.update)
+        params,
+        cfg,
+        captions,
+        masks,
+        key=jax.random.key(args.seed),
+        timesteps=args.timesteps,
+        num_draws=args.draws,
+        latents=inputs.get("latents"),
+        latent_size=args.latent_size,
+        batch_size=args.batch_size,
+        progress=bar.update,
+      )
 
-  new_params, new_cfg, kept = pruning.prune(params, cfg, depth=args.depth, indices=args.keep,
-                                            importance=importance)
-  report = {"source": str(args.checkpoint), "source_depth": cfg.depth, "depth": new_cfg.depth,
-            "kept": kept, "importance": None if importance is None else
-            [float(v) for v in importance],
-            "calibration": None if args.captions is None else {
-                "captions": str(args.captions), "timesteps": args.timesteps,
-                "draws": args.draws, "seed": args.seed,
-                "x0": "latents" if args.latents else "gaussian noise"}}
+  new_params, new_cfg, kept = pruning.prune(
+    params, cfg, depth=args.depth, indices=args.keep, importance=importance
+  )
+  report = {
+    "source": str(args.checkpoint),
+    "source_depth": cfg.depth,
+    "depth": new_cfg.depth,
+    "kept": kept,
+    "importance": None if importance is None else [float(v) for v in importance],
+    "calibration": None
+    if args.captions is None
+    else {
+      "captions": str(args.captions),
+      "timesteps": args.timesteps,
+      "draws": args.draws,
+      "seed": args.seed,
+      "x0": "latents" if args.latents else "gaussian noise",
+    },
+  }
   with contextlib.ExitStack() as stack:
     folder = stack.enter_context(cli.staged_folder(args.out))
     W.save_flax(folder, jax.device_get(new_params), new_cfg, extras)
     (folder / "block_importance.json").write_text(json.dumps(report, indent=2))
     if args.chart:
       chart = stack.enter_context(cli.staged_file(args.chart))
-      plot_importance(importance, kept, chart,
-                      title=f"block importance, {cfg.depth} -> {new_cfg.depth} blocks")
+      plot_importance(
+        importance, kept, chart, title=f"block importance, {cfg.depth} -> {new_cfg.depth} blocks"
+      )
   if importance is not None:
     for i, v in enumerate(importance):
       print(f"block {i:3d}  importance {v:.6f}  {'kept' if i in kept else 'PRUNED'}")

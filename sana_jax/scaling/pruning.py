@@ -50,6 +50,7 @@ def _cosine_fn(cfg: DiTConfig):
   def fn(params, latents, timestep, caption, mask):
     _, cos = model.apply({"params": params}, latents, timestep, caption, mask)
     return cos
+
   return fn
 
 
@@ -62,17 +63,22 @@ def block_cosine(params: Mapping, cfg: DiTConfig, latents, timestep, caption, ma
   cfg = DiTConfig.coerce(cfg)
   b = np.shape(latents)[0]
   t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (b,))
-  return _cosine_fn(cfg)(params, jnp.asarray(latents, jnp.float32), t,
-                         jnp.asarray(caption, jnp.float32), jnp.asarray(mask))
+  return _cosine_fn(cfg)(
+    params,
+    jnp.asarray(latents, jnp.float32),
+    t,
+    jnp.asarray(caption, jnp.float32),
+    jnp.asarray(mask),
+  )
 
 
-def calibration_noise(key: jax.Array, draw: int, index: int, shape: tuple
-                      ) -> tuple[jax.Array, jax.Array]:
+def calibration_noise(
+  key: jax.Array, draw: int, index: int, shape: tuple
+) -> tuple[jax.Array, jax.Array]:
   """(eps, x0_standin) for caption `index`, noise draw `draw`; each of `shape`, N(0, 1)."""
   k = jax.random.fold_in(jax.random.fold_in(key, draw), index)
   k_eps, k_x0 = jax.random.split(k)
-  return (jax.random.normal(k_eps, shape, jnp.float32),
-          jax.random.normal(k_x0, shape, jnp.float32))
+  return (jax.random.normal(k_eps, shape, jnp.float32), jax.random.normal(k_x0, shape, jnp.float32))
 
 
 def noisy_latents(x0: jax.Array, eps: jax.Array, timestep) -> jax.Array:
@@ -92,10 +98,15 @@ def _check_calibration(cfg, captions, masks, latents, latent_size):
     raise ValueError("need at least one calibration caption")
   if latents is not None:
     latents = np.asarray(latents, np.float32)
-    if latents.ndim != 4 or latents.shape[0] != captions.shape[0] \
-        or latents.shape[-1] != cfg.in_channels:
-      raise ValueError(f"latents must be (N={captions.shape[0]}, H, W, {cfg.in_channels}) "
-                       f"paired with the captions, got {latents.shape}")
+    if (
+      latents.ndim != 4
+      or latents.shape[0] != captions.shape[0]
+      or latents.shape[-1] != cfg.in_channels
+    ):
+      raise ValueError(
+        f"latents must be (N={captions.shape[0]}, H, W, {cfg.in_channels}) "
+        f"paired with the captions, got {latents.shape}"
+      )
     shape = latents.shape[1:]
   else:
     h, w = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
@@ -103,11 +114,20 @@ def _check_calibration(cfg, captions, masks, latents, latent_size):
   return captions, masks, latents, shape
 
 
-def block_importance(params: Mapping, cfg: DiTConfig, captions, masks, *,
-                     key: jax.Array, timesteps: Sequence[float] = DEFAULT_TIMESTEPS,
-                     num_draws: int = 1, latents=None, latent_size: int | tuple | None = None,
-                     batch_size: int = 8, progress: Callable[[int], None] | None = None,
-                     ) -> np.ndarray:
+def block_importance(
+  params: Mapping,
+  cfg: DiTConfig,
+  captions,
+  masks,
+  *,
+  key: jax.Array,
+  timesteps: Sequence[float] = DEFAULT_TIMESTEPS,
+  num_draws: int = 1,
+  latents=None,
+  latent_size: int | tuple | None = None,
+  batch_size: int = 8,
+  progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
   """BI_i = 1 - mean over (caption, timestep, draw, token) of cos(X_i, X_{i+1}).
 
   captions (N, Ly, Cy) float, masks (N, Ly): calibration caption embeddings.
@@ -122,12 +142,14 @@ def block_importance(params: Mapping, cfg: DiTConfig, captions, masks, *,
   cfg = DiTConfig.coerce(cfg)
   timesteps = [float(t) for t in np.atleast_1d(np.asarray(timesteps, np.float64))]
   if not timesteps or any(not 0 <= t <= 1000 for t in timesteps):
-    raise ValueError(f"timesteps must be a non-empty list of model times in [0, 1000], got "
-                     f"{timesteps}")
+    raise ValueError(
+      f"timesteps must be a non-empty list of model times in [0, 1000], got {timesteps}"
+    )
   if num_draws < 1 or batch_size < 1:
     raise ValueError(f"num_draws and batch_size must be >= 1, got {num_draws}, {batch_size}")
   captions, masks, latents, shape = _check_calibration(
-      cfg, captions, masks, latents, cfg.sample_size if latent_size is None else latent_size)
+    cfg, captions, masks, latents, cfg.sample_size if latent_size is None else latent_size
+  )
   n = captions.shape[0]
   total = np.zeros(cfg.depth, np.float64)
   count = 0
@@ -136,9 +158,12 @@ def block_importance(params: Mapping, cfg: DiTConfig, captions, masks, *,
       idx = range(start, min(start + batch_size, n))
       noise = [calibration_noise(key, d, i, shape) for i in idx]
       eps = jnp.stack([e for e, _ in noise])
-      x0 = jnp.asarray(latents[start:start + len(idx)]) if latents is not None \
-          else jnp.stack([z for _, z in noise])
-      cap, msk = captions[start:start + len(idx)], masks[start:start + len(idx)]
+      x0 = (
+        jnp.asarray(latents[start : start + len(idx)])
+        if latents is not None
+        else jnp.stack([z for _, z in noise])
+      )
+      cap, msk = captions[start : start + len(idx)], masks[start : start + len(idx)]
       for t in timesteps:
         cos = block_cosine(params, cfg, noisy_latents(x0, eps, t), t, cap, msk)
         total += np.asarray(cos, np.float64).sum(axis=1)
@@ -191,8 +216,7 @@ def check_indices(indices, depth: int) -> list[int]:
   return idx
 
 
-def keep_blocks(params: Mapping, cfg: DiTConfig, indices: Sequence[int]
-                ) -> tuple[dict, DiTConfig]:
+def keep_blocks(params: Mapping, cfg: DiTConfig, indices: Sequence[int]) -> tuple[dict, DiTConfig]:
   """Keeps exactly the blocks `indices` (run in that order): jnp.take on axis 0 of every
   params['blocks'] leaf. Returns (new params, cfg.replace(depth=len(indices)))."""
   cfg = DiTConfig.coerce(cfg)
@@ -200,18 +224,25 @@ def keep_blocks(params: Mapping, cfg: DiTConfig, indices: Sequence[int]
     raise ValueError("params have no 'blocks' subtree; expected a SanaDiT parameter tree")
   depths = {int(np.shape(a)[0]) for a in jax.tree_util.tree_leaves(params["blocks"])}
   if depths != {cfg.depth}:
-    raise ValueError(f"block leaves have leading sizes {sorted(depths)}, config depth is "
-                     f"{cfg.depth}")
+    raise ValueError(
+      f"block leaves have leading sizes {sorted(depths)}, config depth is {cfg.depth}"
+    )
   idx = jnp.asarray(check_indices(indices, cfg.depth), jnp.int32)
   new = {k: v for k, v in params.items() if k != "blocks"}
-  new["blocks"] = jax.tree_util.tree_map(lambda a: jnp.take(jnp.asarray(a), idx, axis=0),
-                                         params["blocks"])
+  new["blocks"] = jax.tree_util.tree_map(
+    lambda a: jnp.take(jnp.asarray(a), idx, axis=0), params["blocks"]
+  )
   return new, cfg.replace(depth=int(idx.shape[0]))
 
 
-def prune(params: Mapping, cfg: DiTConfig, *, depth: int | None = None,
-          indices: Sequence[int] | None = None, importance=None
-          ) -> tuple[dict, DiTConfig, list[int]]:
+def prune(
+  params: Mapping,
+  cfg: DiTConfig,
+  *,
+  depth: int | None = None,
+  indices: Sequence[int] | None = None,
+  importance=None,
+) -> tuple[dict, DiTConfig, list[int]]:
   """Prunes to `depth` blocks by importance (drop the least important), or to explicit
   `indices`. Exactly one of depth / indices. Returns (params, cfg, kept indices)."""
   cfg = DiTConfig.coerce(cfg)

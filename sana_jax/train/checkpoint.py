@@ -39,19 +39,27 @@ def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / "checkpoints"
 
 
-def manager(workdir: str | pathlib.Path, keep: int, async_save: bool = True
-            ) -> ocp.CheckpointManager:
+def manager(
+  workdir: str | pathlib.Path, keep: int, async_save: bool = True
+) -> ocp.CheckpointManager:
   """Creates workdir/checkpoints (call it only once the run is known to start)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("state", "data", "config"))
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+  )
+  return ocp.CheckpointManager(
+    checkpoint_dir(workdir), options=options, item_names=("state", "data", "config")
+  )
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state, data_iterator, config_dict: dict,
-         force: bool = False) -> bool:
-  args = {"state": ocp.args.StandardSave(state),
-          "config": ocp.args.JsonSave(config_dict)}
+def save(
+  mgr: ocp.CheckpointManager,
+  step: int,
+  state,
+  data_iterator,
+  config_dict: dict,
+  force: bool = False,
+) -> bool:
+  args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_dict)}
   if data_iterator is not None:
     args["data"] = grain.PyGrainCheckpointSave(data_iterator)
   return mgr.save(step, args=ocp.args.Composite(**args), force=force)
@@ -143,17 +151,20 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state, check_config=None
       if check_config is not None:
         check_config(step, saved)
       try:
-        restored = mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+        restored = mgr.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
       except Exception as e:  # noqa: BLE001 - classified below
         if not _is_corrupt(e):
           raise
         raise CorruptCheckpoint(f"{type(e).__name__}: {str(e)[:200]}") from e
     except CorruptCheckpoint as e:
       older = steps[i + 1] if i + 1 < len(steps) else None
-      msg = (f"checkpoint at step {step} could not be restored ({e}); "
-             + (f"falling back to step {older}" if older is not None
-                else "no older checkpoint: starting fresh"))
+      msg = f"checkpoint at step {step} could not be restored ({e}); " + (
+        f"falling back to step {older}"
+        if older is not None
+        else "no older checkpoint: starting fresh"
+      )
       warnings.warn(msg)
       log.warning(msg)
       _move_aside(mgr, step)
@@ -173,6 +184,7 @@ def _move_aside(mgr: ocp.CheckpointManager, step: int) -> None:
       shutil.rmtree(dst)
     shutil.move(str(src), str(dst))
   from sana_jax import parallel
+
   parallel.barrier(f"sana_jax_move_aside_{step}")
   mgr.reload()
 
@@ -186,11 +198,12 @@ def restore_params(workdir: str | pathlib.Path, step: int | None = None, ema: bo
   step = steps[-1] if step is None else step
   path = checkpoint_dir(workdir) / str(step) / "state"
   from etils import epath
+
   handler = ocp.PyTreeCheckpointHandler()
   tree = handler.metadata(epath.Path(path)).tree
-  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                        tree)
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   restored = ocp.Checkpointer(handler).restore(
-      path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    path, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+  )
   key = "ema_params" if ema else "params"
   return restored[key], step

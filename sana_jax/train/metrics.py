@@ -13,18 +13,18 @@ def _block_flops(cfg: DiTConfig, n: int, caption_len: int) -> dict:
   """Matmul FLOPs of one block's forward on n tokens, by part (2 FLOPs per multiply-add)."""
   c, hid, ci, d = cfg.hidden_size, cfg.mlp_hidden, cfg.cross_inner, cfg.self_head_dim
   return {
-      "qkv": 2 * n * c * 3 * c,
-      # Linear attention per head: k^T v (d x d), q (k^T v), and the normaliser q . sum_m k_m;
-      # over all heads (heads * d = C): 2 * (N C d) * 2 + 2 N C.
-      "linear_attention": 2 * 2 * n * c * d + 2 * n * c,
-      "self_out": 2 * n * c * c,
-      "cross_q": 2 * n * c * ci,
-      "cross_kv": 2 * caption_len * c * 2 * ci,
-      "cross_attention": 2 * 2 * n * caption_len * ci,  # logits and the weighted sum
-      "cross_out": 2 * n * ci * c,
-      "inverted": 2 * n * c * 2 * hid,
-      "depthwise": 2 * 9 * n * 2 * hid,  # 3x3 depthwise conv on 2H channels: 9 MACs each
-      "point": 2 * n * hid * c,
+    "qkv": 2 * n * c * 3 * c,
+    # Linear attention per head: k^T v (d x d), q (k^T v), and the normaliser q . sum_m k_m;
+    # over all heads (heads * d = C): 2 * (N C d) * 2 + 2 N C.
+    "linear_attention": 2 * 2 * n * c * d + 2 * n * c,
+    "self_out": 2 * n * c * c,
+    "cross_q": 2 * n * c * ci,
+    "cross_kv": 2 * caption_len * c * 2 * ci,
+    "cross_attention": 2 * 2 * n * caption_len * ci,  # logits and the weighted sum
+    "cross_out": 2 * n * ci * c,
+    "inverted": 2 * n * c * 2 * hid,
+    "depthwise": 2 * 9 * n * 2 * hid,  # 3x3 depthwise conv on 2H channels: 9 MACs each
+    "point": 2 * n * hid * c,
   }
 
 
@@ -32,12 +32,12 @@ def _head_flops(cfg: DiTConfig, n: int, caption_len: int) -> dict:
   """Matmul FLOPs outside the blocks, per example (timestep MLP and t_block included)."""
   c, p = cfg.hidden_size, cfg.patch_size
   return {
-      "patch_embed": 2 * n * p * p * cfg.in_channels * c,
-      "t_fc1": 2 * 256 * c,
-      "t_fc2_block": 2 * (c * c + c * 6 * c),
-      "caption_fc1": 2 * caption_len * cfg.caption_channels * c,
-      "caption_fc2": 2 * caption_len * c * c,
-      "final": 2 * n * c * p * p * cfg.out_channels,
+    "patch_embed": 2 * n * p * p * cfg.in_channels * c,
+    "t_fc1": 2 * 256 * c,
+    "t_fc2_block": 2 * (c * c + c * 6 * c),
+    "caption_fc1": 2 * caption_len * cfg.caption_channels * c,
+    "caption_fc2": 2 * caption_len * c * c,
+    "final": 2 * n * c * p * p * cfg.out_channels,
   }
 
 
@@ -59,12 +59,15 @@ def dit_forward_flops(cfg: DiTConfig, h: int, w: int, caption_len: int) -> float
   """Matmul FLOPs of one DiT forward on one latent of (h, w) (2 FLOPs per multiply-add;
   the depthwise 3x3 conv counted as its 9 multiply-adds per output)."""
   n = _tokens(cfg, h, w)
-  return float(cfg.depth * sum(_block_flops(cfg, n, caption_len).values())
-               + sum(_head_flops(cfg, n, caption_len).values()))
+  return float(
+    cfg.depth * sum(_block_flops(cfg, n, caption_len).values())
+    + sum(_head_flops(cfg, n, caption_len).values())
+  )
 
 
-def train_step_flops(cfg: DiTConfig, h: int, w: int, caption_len: int, batch: int,
-                     remat: bool | str) -> float:
+def train_step_flops(
+  cfg: DiTConfig, h: int, w: int, caption_len: int, batch: int, remat: bool | str
+) -> float:
   """Matmul FLOPs of one training step on `batch` latents of (h, w).
 
   Forward + backward: the backward of every matmul takes two of its forward (input and
@@ -85,9 +88,12 @@ def train_step_flops(cfg: DiTConfig, h: int, w: int, caption_len: int, batch: in
   # The depthwise conv is saved by "dots" (conv counts as a dot there) unless it is the
   # "shift" form (elementwise: recomputed); "dots_no_batch" saves no conv.
   depthwise = 0 if policy == "dots" and cfg.depthwise_impl == "conv" else block["depthwise"]
-  recompute = {"none": 0.0, "dots": depthwise,
-               "full": sum(block.values()),
-               "dots_no_batch": sum(block[k] for k in _BATCHED) + depthwise}[policy]
+  recompute = {
+    "none": 0.0,
+    "dots": depthwise,
+    "full": sum(block.values()),
+    "dots_no_batch": sum(block[k] for k in _BATCHED) + depthwise,
+  }[policy]
   recompute *= cfg.depth
   return float(batch * (fwd + bwd + recompute))
 
@@ -96,8 +102,10 @@ def mfu(step_flops: float, seconds_per_step: float, peak_tflops: float, devices:
   """Model FLOPs utilisation: achieved FLOP/s over the peak of all devices (peak_tflops
   per device, TFLOP/s)."""
   if not peak_tflops > 0 or not seconds_per_step > 0 or devices < 1:
-    raise ValueError(f"mfu needs peak_tflops > 0, seconds_per_step > 0 and devices >= 1, got "
-                     f"{peak_tflops}, {seconds_per_step}, {devices}")
+    raise ValueError(
+      f"mfu needs peak_tflops > 0, seconds_per_step > 0 and devices >= 1, got "
+      f"{peak_tflops}, {seconds_per_step}, {devices}"
+    )
   return step_flops / seconds_per_step / (peak_tflops * 1e12 * devices)
 
 
@@ -111,6 +119,7 @@ class Writer:
       workdir = pathlib.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(str(workdir / "tensorboard"))
       self._jsonl = open(workdir / "metrics.jsonl", "a")
 
@@ -119,8 +128,10 @@ class Writer:
       return
     for k, v in scalars.items():
       self._tb.add_scalar(k, float(v), step)
-    self._jsonl.write(json.dumps({"step": step, "time": time.time(),
-                                  **{k: float(v) for k, v in scalars.items()}}) + "\n")
+    self._jsonl.write(
+      json.dumps({"step": step, "time": time.time(), **{k: float(v) for k, v in scalars.items()}})
+      + "\n"
+    )
     self._jsonl.flush()
 
   def close(self) -> None:

@@ -29,9 +29,14 @@ class TrainState(flax.struct.PyTreeNode):
 
 def create(params, tx) -> TrainState:
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                    ema_params=jax.tree_util.tree_map(jnp.copy, params), skipped=zero,
-                    nonfinite_run=zero)
+  return TrainState(
+    step=zero,
+    params=params,
+    opt_state=tx.init(params),
+    ema_params=jax.tree_util.tree_map(jnp.copy, params),
+    skipped=zero,
+    nonfinite_run=zero,
+  )
 
 
 def abstract_state(model_cfg, tx) -> TrainState:
@@ -45,6 +50,11 @@ def state_shardings(model_cfg, tx, mesh: Mesh) -> TrainState:
   p_sh = parallel.param_shardings(model_cfg, mesh)
   abstract = abstract_state(model_cfg, tx)
   replicated = NamedSharding(mesh, P())
-  return TrainState(step=replicated, params=p_sh,
-                    opt_state=came_lib.state_sharding(abstract.opt_state, p_sh),
-                    ema_params=p_sh, skipped=replicated, nonfinite_run=replicated)
+  return TrainState(
+    step=replicated,
+    params=p_sh,
+    opt_state=came_lib.state_sharding(abstract.opt_state, p_sh),
+    ema_params=p_sh,
+    skipped=replicated,
+    nonfinite_run=replicated,
+  )

@@ -19,16 +19,20 @@ from sana_jax.train import state as state_lib
 
 def _loss_fn(params, model, batch, noise, draws, drop_u, null_caption, config):
   tc = config.train
-  ti = flow.training_inputs(batch["latent"], noise, draws, config.flow_shift,
-                            tc.timestep_sampler)
+  ti = flow.training_inputs(batch["latent"], noise, draws, config.flow_shift, tc.timestep_sampler)
   caption = flow.drop_captions(drop_u, batch["caption"], null_caption, tc.cfg_dropout)
   pred = model.apply({"params": params}, ti.x_t, ti.model_time, caption, batch["caption_mask"])
   return flow.flow_loss(pred, batch["latent"], noise)
 
 
-def train_step(state: state_lib.TrainState, batch: dict, null_caption: jax.Array, *,
-               config: ml_collections.ConfigDict, tx: optax.GradientTransformation
-               ) -> tuple[state_lib.TrainState, dict]:
+def train_step(
+  state: state_lib.TrainState,
+  batch: dict,
+  null_caption: jax.Array,
+  *,
+  config: ml_collections.ConfigDict,
+  tx: optax.GradientTransformation,
+) -> tuple[state_lib.TrainState, dict]:
   """One optimizer step on a global batch.
 
   batch: {"latent" (B, h, w, C), "caption" (B, L, Cy), "caption_mask" (B, L)}.
@@ -69,30 +73,42 @@ def train_step(state: state_lib.TrainState, batch: dict, null_caption: jax.Array
   decay = tc.ema_decay
   ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
   keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-      lambda a, c: jnp.where(finite, a, c), new, old)
+    lambda a, c: jnp.where(finite, a, c), new, old
+  )
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
-      ema_params=keep(ema, state.ema_params),
-      skipped=state.skipped + (~finite).astype(jnp.int32),
-      nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
+    step=state.step + 1,
+    params=keep(params, state.params),
+    opt_state=keep(opt_state, state.opt_state),
+    ema_params=keep(ema, state.ema_params),
+    skipped=state.skipped + (~finite).astype(jnp.int32),
+    nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+  )
   # The optimizer's schedule counts applied updates: a skipped step keeps its state (and
   # count), so the LR of this update is the schedule at step - skipped.
-  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-             "lr": optim_lib.learning_rate(tc)(state.step - state.skipped)}
+  metrics = {
+    "loss": loss,
+    "grad_norm": grad_norm,
+    "finite": finite,
+    "lr": optim_lib.learning_rate(tc)(state.step - state.skipped),
+  }
   return new_state, metrics
 
 
 def jit_train_step(config, tx, mesh, state_shardings):
   """train_step jitted with in/out shardings and the state donated."""
-  batch_sh = {"latent": parallel.batch_sharding(mesh, 4),
-              "caption": parallel.batch_sharding(mesh, 3),
-              "caption_mask": parallel.batch_sharding(mesh, 2)}
+  batch_sh = {
+    "latent": parallel.batch_sharding(mesh, 4),
+    "caption": parallel.batch_sharding(mesh, 3),
+    "caption_mask": parallel.batch_sharding(mesh, 2),
+  }
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   fn = functools.partial(train_step, config=config, tx=tx)
-  jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sh, replicated),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  jitted = jax.jit(
+    fn,
+    in_shardings=(state_shardings, batch_sh, replicated),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,),
+  )
 
   def run(state, batch, null_caption):
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
@@ -105,6 +121,7 @@ def jit_train_step(config, tx, mesh, state_shardings):
 
 def init_state(config, tx, mesh, state_shardings):
   """A fresh, sharded train state (parameters initialised on their devices)."""
+
   def init(rng):
     return state_lib.create(dit.init_params(config.model, rng), tx)
 

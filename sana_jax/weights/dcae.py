@@ -36,15 +36,30 @@ WEIGHTS_STEM = "diffusion_pytorch_model"
 
 # Name of the module that owns a tensor -> transform kind.
 _MODULE_KIND = {
-    "conv_in": "conv", "conv_out": "conv", "conv1": "conv", "conv2": "conv", "conv": "conv",
-    "to_q": "dense", "to_k": "dense", "to_v": "dense", "to_out": "dense",
-    "conv_inverted": "dense", "conv_point": "dense",
-    "proj_in": "depthwise", "conv_depth": "depthwise",
-    "proj_out": "grouped",
-    "norm": "norm", "norm_out": "norm",
+  "conv_in": "conv",
+  "conv_out": "conv",
+  "conv1": "conv",
+  "conv2": "conv",
+  "conv": "conv",
+  "to_q": "dense",
+  "to_k": "dense",
+  "to_v": "dense",
+  "to_out": "dense",
+  "conv_inverted": "dense",
+  "conv_point": "dense",
+  "proj_in": "depthwise",
+  "conv_depth": "depthwise",
+  "proj_out": "grouped",
+  "norm": "norm",
+  "norm_out": "norm",
 }
-_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
-                  "mean": "running_mean", "var": "running_var"}
+_LEAF_TO_TORCH = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+}
 _TORCH_TO_LEAF = {"weight": None, "bias": "bias", "running_mean": "mean", "running_var": "var"}
 _IGNORED_LEAVES = ("num_batches_tracked",)
 
@@ -152,8 +167,9 @@ def _unflatten(flat: Mapping[tuple[str, ...], object]) -> dict:
   return tree
 
 
-def expected_torch_shapes(config: DCAEConfig, parts: Iterable[str] = ("encoder", "decoder")
-                          ) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]]:
+def expected_torch_shapes(
+  config: DCAEConfig, parts: Iterable[str] = ("encoder", "decoder")
+) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]]:
   """diffusers key -> (flax path, torch shape, flax shape) for this config."""
   parts = tuple(parts)
   flat = _flatten(param_shapes(config))
@@ -178,8 +194,12 @@ def _fmt(items: list[str], limit: int = 20) -> str:
   return ", ".join(items[:limit]) + more
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: DCAEConfig,
-                       parts: Iterable[str] = ("encoder", "decoder"), as_jax: bool = True) -> dict:
+def convert_state_dict(
+  state_dict: Mapping[str, np.ndarray],
+  config: DCAEConfig,
+  parts: Iterable[str] = ("encoder", "decoder"),
+  as_jax: bool = True,
+) -> dict:
   """diffusers AutoencoderDC state dict (numpy arrays, torch layout) -> our params (fp32).
 
   `parts` selects 'encoder' and/or 'decoder'; keys of the other part are skipped. Raises
@@ -212,13 +232,18 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: DCAEConfig,
     if w.dtype != np.float32:
       w = w.astype(np.float32)
     flat[path] = to_flax(_kind(path), w, fshape)
-  missing = sorted(k for k in expected if expected[k][0] not in flat and
-                   not any(m.startswith(k + ":") for m in misshaped))
+  missing = sorted(
+    k
+    for k in expected
+    if expected[k][0] not in flat and not any(m.startswith(k + ":") for m in misshaped)
+  )
   if missing or unexpected or misshaped:
-    msg = ["DC-AE checkpoint does not fit the config "
-           f"(latent_channels={config.latent_channels}, encoder channels "
-           f"{config.encoder_block_out_channels}, decoder channels "
-           f"{config.decoder_block_out_channels}):"]
+    msg = [
+      "DC-AE checkpoint does not fit the config "
+      f"(latent_channels={config.latent_channels}, encoder channels "
+      f"{config.encoder_block_out_channels}, decoder channels "
+      f"{config.decoder_block_out_channels}):"
+    ]
     if missing:
       msg.append(f"  {len(missing)} missing: {_fmt(missing)}")
     if unexpected:
@@ -230,8 +255,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: DCAEConfig,
   return jax.tree_util.tree_map(jax.numpy.asarray if as_jax else np.ascontiguousarray, tree)
 
 
-def to_diffusers_state_dict(params: Mapping, config: DCAEConfig | None = None
-                            ) -> dict[str, np.ndarray]:
+def to_diffusers_state_dict(
+  params: Mapping, config: DCAEConfig | None = None
+) -> dict[str, np.ndarray]:
   """Our params -> diffusers AutoencoderDC state dict (numpy, torch layout).
 
   BatchNorm `num_batches_tracked` is not produced (torch's `load_state_dict(strict=False)`
@@ -242,7 +268,8 @@ def to_diffusers_state_dict(params: Mapping, config: DCAEConfig | None = None
   for path, w in _flatten(params).items():
     kind = _kind(path)
     out[flax_path_to_torch_key(path)] = np.ascontiguousarray(
-        to_torch(kind, np.asarray(w, np.float32), torch_4d=_is_torch_conv1x1(path)))
+      to_torch(kind, np.asarray(w, np.float32), torch_4d=_is_torch_conv1x1(path))
+    )
   return out
 
 
@@ -253,12 +280,14 @@ def to_diffusers_state_dict(params: Mapping, config: DCAEConfig | None = None
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
+
   try:
     return load_file(str(path))
   except (TypeError, ValueError) as e:  # bf16 has no numpy dtype: go through JAX
     if not any(w in str(e).lower() for w in ("bf16", "bfloat16", "dtype")):
       raise
     from safetensors.flax import load_file as load_flax
+
     return {k: np.asarray(v, np.float32) for k, v in load_flax(str(path)).items()}
 
 
@@ -274,13 +303,16 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, np.ndarray]:
       out.update(_read_safetensors(folder / shard))
     absent = sorted(set(weight_map) - set(out))
     if absent:
-      raise DCAECheckpointError(f"{index}: tensors listed but absent from the shards: "
-                                f"{_fmt(absent)}")
+      raise DCAECheckpointError(
+        f"{index}: tensors listed but absent from the shards: {_fmt(absent)}"
+      )
     return out
   if single.exists():
     return _read_safetensors(single)
-  raise FileNotFoundError(f"{folder}: no {single.name} or {index.name} (a diffusers AutoencoderDC "
-                          "folder, e.g. the 'vae' subfolder of a SANA pipeline, is expected)")
+  raise FileNotFoundError(
+    f"{folder}: no {single.name} or {index.name} (a diffusers AutoencoderDC "
+    "folder, e.g. the 'vae' subfolder of a SANA pipeline, is expected)"
+  )
 
 
 def config_from_folder(folder: str | os.PathLike, **overrides) -> DCAEConfig:
@@ -302,8 +334,9 @@ def _resolve(folder: str | os.PathLike) -> pathlib.Path:
   return folder
 
 
-def load_autoencoder(folder: str | os.PathLike, parts: Iterable[str] = ("encoder", "decoder"),
-                     **config_overrides) -> tuple[AutoencoderDC, dict, DCAEConfig]:
+def load_autoencoder(
+  folder: str | os.PathLike, parts: Iterable[str] = ("encoder", "decoder"), **config_overrides
+) -> tuple[AutoencoderDC, dict, DCAEConfig]:
   """A DC-AE folder -> (module, params, config).
 
   `folder`: a diffusers AutoencoderDC folder (config.json + diffusion_pytorch_model
@@ -328,18 +361,26 @@ def save_params(params: Mapping, config: DCAEConfig, folder: str | os.PathLike) 
   """Our format: params.safetensors (keys 'decoder/up_blocks_3_0/attn/to_q/kernel', ...) and
   config.json (DCAEConfig fields, with `_class_name` 'sana_jax.DCAEConfig')."""
   from safetensors.numpy import save_file
+
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  flat = {"/".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
-          for k, v in _flatten(params).items()}
+  flat = {
+    "/".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
+    for k, v in _flatten(params).items()
+  }
   save_file(flat, str(folder / PARAMS_NAME))
-  cfg = {"_class_name": "sana_jax.DCAEConfig", **config.to_diffusers(),
-         "compute_dtype": config.compute_dtype, "upsample_impl": config.upsample_impl}
+  cfg = {
+    "_class_name": "sana_jax.DCAEConfig",
+    **config.to_diffusers(),
+    "compute_dtype": config.compute_dtype,
+    "upsample_impl": config.upsample_impl,
+  }
   (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
 
 
-def load_params(folder: str | os.PathLike, parts: Iterable[str] = ("encoder", "decoder"),
-                **config_overrides) -> tuple[dict, DCAEConfig]:
+def load_params(
+  folder: str | os.PathLike, parts: Iterable[str] = ("encoder", "decoder"), **config_overrides
+) -> tuple[dict, DCAEConfig]:
   """Reads `save_params` output strictly (same checks as the diffusers converter)."""
   folder = pathlib.Path(folder)
   d = json.loads((folder / CONFIG_NAME).read_text())
@@ -350,12 +391,18 @@ def load_params(folder: str | os.PathLike, parts: Iterable[str] = ("encoder", "d
   got = {p: v for p, v in flat.items() if p[0] in parts}
   missing = sorted("/".join(p) for p in expected if p not in got)
   unexpected = sorted("/".join(p) for p in got if p not in expected)
-  misshaped = sorted(f"{'/'.join(p)}: checkpoint {tuple(v.shape)}, expected {expected[p]}"
-                     for p, v in got.items() if p in expected and tuple(v.shape) != expected[p])
+  misshaped = sorted(
+    f"{'/'.join(p)}: checkpoint {tuple(v.shape)}, expected {expected[p]}"
+    for p, v in got.items()
+    if p in expected and tuple(v.shape) != expected[p]
+  )
   if missing or unexpected or misshaped:
     msg = [f"{folder}: parameters do not fit the config:"]
-    for name, items in (("missing", missing), ("unexpected", unexpected),
-                        ("mis-shaped", misshaped)):
+    for name, items in (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("mis-shaped", misshaped),
+    ):
       if items:
         msg.append(f"  {len(items)} {name}: {_fmt(items)}")
     raise DCAECheckpointError("\n".join(msg))
@@ -366,6 +413,7 @@ def load_params(folder: str | os.PathLike, parts: Iterable[str] = ("encoder", "d
 def save_diffusers(params: Mapping, config: DCAEConfig, folder: str | os.PathLike) -> None:
   """Writes a diffusers AutoencoderDC folder (config.json + diffusion_pytorch_model.safetensors)."""
   from safetensors.numpy import save_file
+
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   cfg = {"_class_name": "AutoencoderDC", **config.to_diffusers()}

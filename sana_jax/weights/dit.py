@@ -56,6 +56,7 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
 
 def _expected_flax_shapes(cfg: DiTConfig) -> dict[str, tuple]:
   from sana_jax.models import dit
+
   return {k: tuple(v.shape) for k, v in flatten(dit.abstract_params(cfg)).items()}
 
 
@@ -70,23 +71,25 @@ def _block_count(keys, pattern: str) -> int:
 
 def infer_geometry(official: Mapping[str, np.ndarray]) -> dict:
   """Config fields that an official state dict determines by itself."""
+
   def shape(key):
     if key not in official:
       raise CheckpointError(f"official state dict has no {key!r}; is it a SANA DiT checkpoint?")
     return official[key].shape
+
   c, cin, p, _ = shape("x_embedder.proj.weight")
   return {
-      "hidden_size": c,
-      "in_channels": cin,
-      "patch_size": p,
-      "out_channels": shape("final_layer.linear.weight")[0] // (p * p),
-      "depth": _block_count(official, r"blocks\.(\d+)\."),
-      "caption_channels": shape("y_embedder.y_proj.fc1.weight")[1],
-      "mlp_hidden": shape("blocks.0.mlp.point_conv.conv.weight")[1],
-      "cross_inner": shape("blocks.0.cross_attn.q_linear.weight")[0],
-      "qk_norm": "blocks.0.attn.q_norm.weight" in official,
-      "cross_norm": "blocks.0.cross_attn.q_norm.weight" in official,
-      "caption_norm": "attention_y_norm.weight" in official,
+    "hidden_size": c,
+    "in_channels": cin,
+    "patch_size": p,
+    "out_channels": shape("final_layer.linear.weight")[0] // (p * p),
+    "depth": _block_count(official, r"blocks\.(\d+)\."),
+    "caption_channels": shape("y_embedder.y_proj.fc1.weight")[1],
+    "mlp_hidden": shape("blocks.0.mlp.point_conv.conv.weight")[1],
+    "cross_inner": shape("blocks.0.cross_attn.q_linear.weight")[0],
+    "qk_norm": "blocks.0.attn.q_norm.weight" in official,
+    "cross_norm": "blocks.0.cross_attn.q_norm.weight" in official,
+    "caption_norm": "attention_y_norm.weight" in official,
   }
 
 
@@ -111,10 +114,12 @@ def official_pos_embed(hidden: int, base: int, interpolation: float) -> np.ndarr
 def _axis_embed(hidden: int, base: int, interpolation: float) -> np.ndarray:
   """(base, hidden / 2) float64: [sin, cos] of one coordinate's official positions."""
   if hidden % 4:
-    raise PositionalEmbeddingError(f"a sin-cos positional embedding needs hidden_size % 4 == 0, "
-                                   f"got {hidden}")
-  pos = (np.arange(base, dtype=np.float32) / np.float32(base / base)
-         / np.float32(interpolation)).astype(np.float32)
+    raise PositionalEmbeddingError(
+      f"a sin-cos positional embedding needs hidden_size % 4 == 0, got {hidden}"
+    )
+  pos = (
+    np.arange(base, dtype=np.float32) / np.float32(base / base) / np.float32(interpolation)
+  ).astype(np.float32)
   omega = 1.0 / 10000 ** (np.arange(hidden // 4, dtype=np.float64) / (hidden / 4))
   out = np.outer(pos.astype(np.float64), omega)
   return np.concatenate([np.sin(out), np.cos(out)], axis=1)
@@ -126,12 +131,17 @@ def _pe_error(pe: np.ndarray, base: int, interpolation: float) -> float:
   c = pe.shape[1]
   grid = pe.reshape(base, base, c)
   axis = _axis_embed(c, base, interpolation).astype(np.float32)
-  return float(max(np.max(np.abs(grid[..., :c // 2] - axis[None])),
-                   np.max(np.abs(grid[..., c // 2:] - axis[:, None]))))
+  return float(
+    max(
+      np.max(np.abs(grid[..., : c // 2] - axis[None])),
+      np.max(np.abs(grid[..., c // 2 :] - axis[:, None])),
+    )
+  )
 
 
-def _pos_embed_buffer(official: Mapping[str, np.ndarray], hidden: int | None
-                      ) -> tuple[np.ndarray, int, Any] | None:
+def _pos_embed_buffer(
+  official: Mapping[str, np.ndarray], hidden: int | None
+) -> tuple[np.ndarray, int, Any] | None:
   """(buffer (tokens, C) as float32, base grid size, stored dtype), or None without one."""
   if "pos_embed" not in official:
     return None
@@ -140,12 +150,14 @@ def _pos_embed_buffer(official: Mapping[str, np.ndarray], hidden: int | None
   if pe.ndim == 3 and shape[0] == 1:
     pe = pe[0]
   if pe.ndim != 2 or (hidden is not None and pe.shape[1] != hidden):
-    raise PositionalEmbeddingError(f"pos_embed has shape {shape}, expected (1, tokens, "
-                                   f"{hidden or 'hidden_size'})")
+    raise PositionalEmbeddingError(
+      f"pos_embed has shape {shape}, expected (1, tokens, {hidden or 'hidden_size'})"
+    )
   base = math.isqrt(pe.shape[0])
   if base * base != pe.shape[0] or base == 0:
-    raise PositionalEmbeddingError(f"pos_embed has {pe.shape[0]} tokens, not a square "
-                                   "base grid (base_size ** 2)")
+    raise PositionalEmbeddingError(
+      f"pos_embed has {pe.shape[0]} tokens, not a square base grid (base_size ** 2)"
+    )
   return pe.astype(np.float32), base, pe.dtype
 
 
@@ -153,11 +165,12 @@ def _pe_tolerance(buffer_dtype, base: int) -> float:
   """Max |difference| a correct sin-cos may show: the buffer's rounding plus the official
   float32 positions (|pos| < base)."""
   import ml_dtypes
+
   try:
     eps = float(ml_dtypes.finfo(buffer_dtype).eps)
   except (TypeError, ValueError):
     eps = float(np.finfo(np.float32).eps)
-  return 2 * eps + base * 2.0 ** -22
+  return 2 * eps + base * 2.0**-22
 
 
 def _positional_mismatches(official: Mapping[str, np.ndarray], cfg: DiTConfig) -> list[str]:
@@ -167,25 +180,32 @@ def _positional_mismatches(official: Mapping[str, np.ndarray], cfg: DiTConfig) -
   pe, base, dtype = found
   bad, ours = [], cfg.sample_size // cfg.patch_size
   if ours != base:
-    bad.append(f"sample_size: config gives a {ours}x{ours} base grid (sample_size "
-               f"{cfg.sample_size} / patch {cfg.patch_size}), checkpoint's pos_embed has "
-               f"{base}x{base} tokens (sample_size {base * cfg.patch_size})")
+    bad.append(
+      f"sample_size: config gives a {ours}x{ours} base grid (sample_size "
+      f"{cfg.sample_size} / patch {cfg.patch_size}), checkpoint's pos_embed has "
+      f"{base}x{base} tokens (sample_size {base * cfg.patch_size})"
+    )
   nonzero = bool(np.any(pe))
   if nonzero != cfg.use_pe:
-    bad.append(f"use_pe: config gives use_pe={cfg.use_pe}, checkpoint's pos_embed is "
-               f"{'non-zero (the model uses the positional embedding)' if nonzero else 'zero'}")
+    bad.append(
+      f"use_pe: config gives use_pe={cfg.use_pe}, checkpoint's pos_embed is "
+      f"{'non-zero (the model uses the positional embedding)' if nonzero else 'zero'}"
+    )
   elif cfg.use_pe and ours == base:
     err = _pe_error(pe, base, cfg.pe_interpolation)
     tol = _pe_tolerance(dtype, base)
     if err > tol:
-      bad.append(f"pe_interpolation: config's sin-cos embedding (pe_interpolation "
-                 f"{cfg.pe_interpolation}) is {err:.3g} off the checkpoint's pos_embed "
-                 f"(tolerance {tol:.2g})")
+      bad.append(
+        f"pe_interpolation: config's sin-cos embedding (pe_interpolation "
+        f"{cfg.pe_interpolation}) is {err:.3g} off the checkpoint's pos_embed "
+        f"(tolerance {tol:.2g})"
+      )
   return bad
 
 
-def infer_positional(official: Mapping[str, np.ndarray], patch_size: int,
-                     hidden: int | None = None) -> dict:
+def infer_positional(
+  official: Mapping[str, np.ndarray], patch_size: int, hidden: int | None = None
+) -> dict:
   """use_pe, sample_size and pe_interpolation from an official `pos_embed` buffer.
 
   The official code stores `pos_embed` (1, base_size ** 2, C), base_size = input_size / p:
@@ -205,11 +225,14 @@ def infer_positional(official: Mapping[str, np.ndarray], patch_size: int,
     return fields
   c = pe.shape[1]
   if c % 4:
-    raise PositionalEmbeddingError(f"pos_embed is non-zero but hidden_size {c} is not a "
-                                   "multiple of 4 (no 2-D sin-cos embedding fits)")
+    raise PositionalEmbeddingError(
+      f"pos_embed is non-zero but hidden_size {c} is not a "
+      "multiple of 4 (no 2-D sin-cos embedding fits)"
+    )
   if base < 2:
-    raise PositionalEmbeddingError("a one-token pos_embed does not determine "
-                                   "pe_interpolation: pass a config")
+    raise PositionalEmbeddingError(
+      "a one-token pos_embed does not determine pe_interpolation: pass a config"
+    )
   q = c // 4
   omega = 1.0 / 10000 ** (np.arange(q, dtype=np.float64) / q)
   row = pe[base - 1].astype(np.float64)  # token (h 0, w base-1): w-channels first
@@ -232,10 +255,11 @@ def infer_positional(official: Mapping[str, np.ndarray], patch_size: int,
         return {**fields, "use_pe": True, "pe_interpolation": float(cand)}
       best = min(best, (err, cand))
   raise PositionalEmbeddingError(
-      f"pos_embed (1, {base * base}, {c}) is non-zero but matches no 2-D sin-cos "
-      f"embedding of its {base}x{base} base grid (grid = arange(n) / (n / base_size) / "
-      f"pe_interpolation): the closest, pe_interpolation {best[1]:.6g}, is {best[0]:.3g} off "
-      f"(tolerance {tol:.2g}); pass a config if the model uses another embedding")
+    f"pos_embed (1, {base * base}, {c}) is non-zero but matches no 2-D sin-cos "
+    f"embedding of its {base}x{base} base grid (grid = arange(n) / (n / base_size) / "
+    f"pe_interpolation): the closest, pe_interpolation {best[1]:.6g}, is {best[0]:.3g} off "
+    f"(tolerance {tol:.2g}); pass a config if the model uses another embedding"
+  )
 
 
 def check_config_fits(official: Mapping[str, np.ndarray], cfg: DiTConfig) -> None:
@@ -248,7 +272,8 @@ def check_config_fits(official: Mapping[str, np.ndarray], cfg: DiTConfig) -> Non
     ours = derived[name] if name in derived else getattr(cfg, name)
     if ours != value:
       field = {"mlp_hidden": "mlp_ratio", "cross_inner": "cross_heads * cross_head_dim"}.get(
-          name, name)
+        name, name
+      )
       bad.append(f"{field}: config gives {name}={ours}, checkpoint has {value}")
   bad += _positional_mismatches(official, cfg)
   if bad:
@@ -269,23 +294,33 @@ def config_from_official(official: Mapping[str, np.ndarray], **overrides) -> DiT
   c = geo["hidden_size"]
   heads = _RELEASED_CROSS.get(c)
   if heads is None and "cross_heads" not in overrides:
-    raise CheckpointError(f"hidden size {c} is not a released geometry: pass a config "
-                          "(cross_heads / cross_head_dim cannot be read from the weights)")
+    raise CheckpointError(
+      f"hidden size {c} is not a released geometry: pass a config "
+      "(cross_heads / cross_head_dim cannot be read from the weights)"
+    )
   fields = {k: v for k, v in geo.items() if k not in ("mlp_hidden", "cross_inner")}
   if heads:
     fields.update(cross_heads=heads[0], cross_head_dim=heads[1])
   fields["mlp_ratio"] = geo["mlp_hidden"] / c
   positional = infer_positional(official, geo["patch_size"], c)
   if not positional and not {"use_pe", "sample_size"} & set(overrides):
-    warnings.warn("the state dict has no pos_embed buffer (every official checkpoint has "
-                  "one): assuming use_pe=False, sample_size=32; pass a config if the model "
-                  "uses the positional embedding", stacklevel=2)
+    warnings.warn(
+      "the state dict has no pos_embed buffer (every official checkpoint has "
+      "one): assuming use_pe=False, sample_size=32; pass a config if the model "
+      "uses the positional embedding",
+      stacklevel=2,
+    )
   fields.update(positional)
-  if (np.asarray(official["x_embedder.proj.weight"]).dtype == np.float16
-      and "fp16_attn_clip" not in overrides):
-    warnings.warn("an fp16 checkpoint: fp16_attn_clip stays False, but the fp16-trained "
-                  "models need the self-attention clip to +-65504 (REFERENCE.md, fp16 "
-                  "checkpoints): pass a config with fp16_attn_clip=True", stacklevel=2)
+  if (
+    np.asarray(official["x_embedder.proj.weight"]).dtype == np.float16
+    and "fp16_attn_clip" not in overrides
+  ):
+    warnings.warn(
+      "an fp16 checkpoint: fp16_attn_clip stays False, but the fp16-trained "
+      "models need the self-attention clip to +-65504 (REFERENCE.md, fp16 "
+      "checkpoints): pass a config with fp16_attn_clip=True",
+      stacklevel=2,
+    )
   fields.update(overrides)
   return DiTConfig(**fields)
 
@@ -296,8 +331,9 @@ def config_from_official(official: Mapping[str, np.ndarray], **overrides) -> DiT
 def _expand(row: table.Row, depth: int) -> list[tuple[str, tuple[str, ...]]]:
   if not row.in_block:
     return [(row.official, row.diffusers)]
-  return [(row.official.format(i=i), tuple(d.format(i=i) for d in row.diffusers))
-          for i in range(depth)]
+  return [
+    (row.official.format(i=i), tuple(d.format(i=i) for d in row.diffusers)) for i in range(depth)
+  ]
 
 
 def official_to_diffusers(official: Mapping[str, np.ndarray], cfg: DiTConfig) -> dict:
@@ -349,8 +385,7 @@ def _check_keys(sd: Mapping, expected: list[str], what: str, extra_ok=lambda k: 
 # --------------------------------------------------------------- official <-> params
 
 
-def official_to_params(official: Mapping[str, np.ndarray], cfg: DiTConfig
-                       ) -> tuple[dict, dict]:
+def official_to_params(official: Mapping[str, np.ndarray], cfg: DiTConfig) -> tuple[dict, dict]:
   """Official state dict -> (params tree, extras). Strict on keys and shapes."""
   check_config_fits(official, cfg)
   _check_keys(official, _official_keys(cfg), "official", extra_ok=_official_extra)
@@ -371,8 +406,9 @@ def official_to_params(official: Mapping[str, np.ndarray], cfg: DiTConfig
       flat[row.flax] = np.stack(tensors) if row.in_block else tensors[0]
   if bad:
     raise CheckpointError("mis-shaped tensors:\n  " + "\n  ".join(bad))
-  extras = {name: np.asarray(official[k]) for k, name in table.OFFICIAL_BUFFERS.items()
-            if k in official}
+  extras = {
+    name: np.asarray(official[k]) for k, name in table.OFFICIAL_BUFFERS.items() if k in official
+  }
   return unflatten(flat), extras
 
 
@@ -392,9 +428,11 @@ def params_to_official(params: Mapping, cfg: DiTConfig, extras: Mapping | None =
       out[okey] = np.asarray(extras[name])
   base = cfg.sample_size // cfg.patch_size
   dtype = flat["patch_embed/kernel"].dtype
-  out["pos_embed"] = (official_pos_embed(cfg.hidden_size, base, cfg.pe_interpolation)
-                      if cfg.use_pe else np.zeros((base * base, cfg.hidden_size))
-                      )[None].astype(dtype)
+  out["pos_embed"] = (
+    official_pos_embed(cfg.hidden_size, base, cfg.pe_interpolation)
+    if cfg.use_pe
+    else np.zeros((base * base, cfg.hidden_size))
+  )[None].astype(dtype)
   return out
 
 
@@ -402,14 +440,18 @@ def _check_params(flat: Mapping[str, np.ndarray], cfg: DiTConfig) -> None:
   shapes = _expected_flax_shapes(cfg)
   missing = sorted(set(shapes) - set(flat))
   unexpected = sorted(set(flat) - set(shapes))
-  mis = [f"{k}: {tuple(flat[k].shape)} vs expected {shapes[k]}" for k in shapes
-         if k in flat and tuple(flat[k].shape) != shapes[k]]
+  mis = [
+    f"{k}: {tuple(flat[k].shape)} vs expected {shapes[k]}"
+    for k in shapes
+    if k in flat and tuple(flat[k].shape) != shapes[k]
+  ]
   if missing or unexpected or mis:
     raise CheckpointError(
-        "parameters do not match the config:"
-        + (f"\n  missing: {missing}" if missing else "")
-        + (f"\n  unexpected: {unexpected}" if unexpected else "")
-        + ("\n  mis-shaped:\n    " + "\n    ".join(mis) if mis else ""))
+      "parameters do not match the config:"
+      + (f"\n  missing: {missing}" if missing else "")
+      + (f"\n  unexpected: {unexpected}" if unexpected else "")
+      + ("\n  mis-shaped:\n    " + "\n    ".join(mis) if mis else "")
+    )
 
 
 def diffusers_to_params(diffusers: Mapping[str, np.ndarray], cfg: DiTConfig) -> dict:
@@ -427,21 +469,31 @@ def params_to_diffusers(params: Mapping, cfg: DiTConfig) -> dict:
 def to_diffusers_config(cfg: DiTConfig) -> dict:
   """config.json of a diffusers SanaTransformer2DModel with this geometry."""
   if cfg.qk_norm != cfg.cross_norm:
-    raise ValueError("diffusers has one qk_norm switch for self- and cross-attention; "
-                     f"qk_norm={cfg.qk_norm} and cross_norm={cfg.cross_norm} cannot be exported")
+    raise ValueError(
+      "diffusers has one qk_norm switch for self- and cross-attention; "
+      f"qk_norm={cfg.qk_norm} and cross_norm={cfg.cross_norm} cannot be exported"
+    )
   if not cfg.caption_norm:
     raise ValueError("diffusers' SanaTransformer2DModel always has caption_norm")
   return {
-      "_class_name": "SanaTransformer2DModel",
-      "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-      "num_attention_heads": cfg.self_heads, "attention_head_dim": cfg.self_head_dim,
-      "num_layers": cfg.depth, "num_cross_attention_heads": cfg.cross_heads,
-      "cross_attention_head_dim": cfg.cross_head_dim, "cross_attention_dim": cfg.hidden_size,
-      "caption_channels": cfg.caption_channels, "mlp_ratio": cfg.mlp_ratio,
-      "attention_bias": False, "sample_size": cfg.sample_size, "patch_size": cfg.patch_size,
-      "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps,
-      "interpolation_scale": cfg.pe_interpolation if cfg.use_pe else None,
-      "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None,
+    "_class_name": "SanaTransformer2DModel",
+    "in_channels": cfg.in_channels,
+    "out_channels": cfg.out_channels,
+    "num_attention_heads": cfg.self_heads,
+    "attention_head_dim": cfg.self_head_dim,
+    "num_layers": cfg.depth,
+    "num_cross_attention_heads": cfg.cross_heads,
+    "cross_attention_head_dim": cfg.cross_head_dim,
+    "cross_attention_dim": cfg.hidden_size,
+    "caption_channels": cfg.caption_channels,
+    "mlp_ratio": cfg.mlp_ratio,
+    "attention_bias": False,
+    "sample_size": cfg.sample_size,
+    "patch_size": cfg.patch_size,
+    "norm_elementwise_affine": False,
+    "norm_eps": cfg.norm_eps,
+    "interpolation_scale": cfg.pe_interpolation if cfg.use_pe else None,
+    "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None,
   }
 
 
@@ -453,16 +505,22 @@ def from_diffusers_config(d: Mapping, **overrides) -> DiTConfig:
     raise ValueError("guidance-embedding (SANA-Sprint) models are not supported")
   qk = d.get("qk_norm") is not None
   fields = dict(
-      in_channels=d.get("in_channels", 32), out_channels=d.get("out_channels") or d.get(
-          "in_channels", 32),
-      hidden_size=d["num_attention_heads"] * d["attention_head_dim"],
-      self_head_dim=d["attention_head_dim"], depth=d["num_layers"],
-      cross_heads=d["num_cross_attention_heads"], cross_head_dim=d["cross_attention_head_dim"],
-      caption_channels=d["caption_channels"], mlp_ratio=d["mlp_ratio"],
-      sample_size=d.get("sample_size", 32), patch_size=d.get("patch_size", 1),
-      norm_eps=d.get("norm_eps", 1e-6), qk_norm=qk, cross_norm=qk,
-      use_pe=d.get("interpolation_scale") is not None,
-      pe_interpolation=float(d.get("interpolation_scale") or 1.0),
+    in_channels=d.get("in_channels", 32),
+    out_channels=d.get("out_channels") or d.get("in_channels", 32),
+    hidden_size=d["num_attention_heads"] * d["attention_head_dim"],
+    self_head_dim=d["attention_head_dim"],
+    depth=d["num_layers"],
+    cross_heads=d["num_cross_attention_heads"],
+    cross_head_dim=d["cross_attention_head_dim"],
+    caption_channels=d["caption_channels"],
+    mlp_ratio=d["mlp_ratio"],
+    sample_size=d.get("sample_size", 32),
+    patch_size=d.get("patch_size", 1),
+    norm_eps=d.get("norm_eps", 1e-6),
+    qk_norm=qk,
+    cross_norm=qk,
+    use_pe=d.get("interpolation_scale") is not None,
+    pe_interpolation=float(d.get("interpolation_scale") or 1.0),
   )
   return DiTConfig(**fields).diffusers_compatible().replace(**overrides)
 
@@ -470,8 +528,13 @@ def from_diffusers_config(d: Mapping, **overrides) -> DiTConfig:
 # ------------------------------------------------------------------ folders and files
 
 
-def save_flax(folder: str | os.PathLike, params: Mapping, cfg: DiTConfig,
-              extras: Mapping | None = None, overwrite: bool = True) -> None:
+def save_flax(
+  folder: str | os.PathLike,
+  params: Mapping,
+  cfg: DiTConfig,
+  extras: Mapping | None = None,
+  overwrite: bool = True,
+) -> None:
   """Our folder, built next to `folder` and renamed into place (an existing one is replaced
   only once complete; refused with overwrite=False)."""
   flat = {k: np.asarray(v) for k, v in flatten(params).items()}
@@ -479,8 +542,9 @@ def save_flax(folder: str | os.PathLike, params: Mapping, cfg: DiTConfig,
   flat.update({f"extras/{k}": np.asarray(v) for k, v in (extras or {}).items()})
   with io.atomic_output(folder, is_dir=True, overwrite=overwrite) as tmp:
     io.write_safetensors(flat, tmp / "params.safetensors")
-    (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()},
-                                                indent=2))
+    (tmp / "config.json").write_text(
+      json.dumps({"format": FORMAT, "model": cfg.to_dict()}, indent=2)
+    )
 
 
 def load_flax(folder: str | os.PathLike) -> tuple[dict, DiTConfig, dict]:
@@ -490,18 +554,24 @@ def load_flax(folder: str | os.PathLike) -> tuple[dict, DiTConfig, dict]:
     raise CheckpointError(f"{folder}: not a sana_jax checkpoint (no config.json)")
   meta = io.read_json(folder / "config.json", "config.json")
   if meta.get("format") != FORMAT:
-    raise CheckpointError(f"{folder}: config.json format is {meta.get('format')!r}, "
-                          f"expected {FORMAT!r}")
+    raise CheckpointError(
+      f"{folder}: config.json format is {meta.get('format')!r}, expected {FORMAT!r}"
+    )
   cfg = DiTConfig.coerce(meta["model"])
   flat = io.read_safetensors(folder / "params.safetensors")
-  extras = {k[len("extras/"):]: v for k, v in flat.items() if k.startswith("extras/")}
+  extras = {k[len("extras/") :]: v for k, v in flat.items() if k.startswith("extras/")}
   flat = {k: v for k, v in flat.items() if not k.startswith("extras/")}
   _check_params(flat, cfg)
   return unflatten(flat), cfg, extras
 
 
-def save_diffusers(folder: str | os.PathLike, params: Mapping, cfg: DiTConfig,
-                   max_shard_bytes: int | None = None, overwrite: bool = True) -> None:
+def save_diffusers(
+  folder: str | os.PathLike,
+  params: Mapping,
+  cfg: DiTConfig,
+  max_shard_bytes: int | None = None,
+  overwrite: bool = True,
+) -> None:
   """A diffusers SanaTransformer2DModel folder (written like `save_flax`)."""
   sd = params_to_diffusers(params, cfg)
   config = to_diffusers_config(cfg)
@@ -510,8 +580,9 @@ def save_diffusers(folder: str | os.PathLike, params: Mapping, cfg: DiTConfig,
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def load_diffusers(folder: str | os.PathLike, cfg: DiTConfig | None = None
-                   ) -> tuple[dict, DiTConfig]:
+def load_diffusers(
+  folder: str | os.PathLike, cfg: DiTConfig | None = None
+) -> tuple[dict, DiTConfig]:
   """A diffusers SanaTransformer2DModel folder -> (params, config)."""
   folder = pathlib.Path(folder)
   if not folder.exists():
@@ -524,8 +595,9 @@ def load_diffusers(folder: str | os.PathLike, cfg: DiTConfig | None = None
   return diffusers_to_params(sd, cfg), cfg
 
 
-def load_official(path: str | os.PathLike, cfg: DiTConfig | None = None, ema: bool = False
-                  ) -> tuple[dict, DiTConfig, dict]:
+def load_official(
+  path: str | os.PathLike, cfg: DiTConfig | None = None, ema: bool = False
+) -> tuple[dict, DiTConfig, dict]:
   """An official .pth -> (params, config, extras). `ema` picks state_dict_ema."""
   ckpt = io.read_pth(path)
   key = "state_dict_ema" if ema else "state_dict"
@@ -543,10 +615,14 @@ def load_official(path: str | os.PathLike, cfg: DiTConfig | None = None, ema: bo
   return params, cfg, extras
 
 
-def save_official(path: str | os.PathLike, params: Mapping, cfg: DiTConfig,
-                  extras: Mapping | None = None, key: str = "state_dict",
-                  overwrite: bool = True) -> None:
+def save_official(
+  path: str | os.PathLike,
+  params: Mapping,
+  cfg: DiTConfig,
+  extras: Mapping | None = None,
+  key: str = "state_dict",
+  overwrite: bool = True,
+) -> None:
   """An official .pth ({key: state dict}), written like `save_flax`."""
   sd = params_to_official(params, cfg, extras)
-  io.write_pth({key: {k: io.numpy_to_torch(v) for k, v in sd.items()}}, path,
-               overwrite=overwrite)
+  io.write_pth({key: {k: io.numpy_to_torch(v) for k, v in sd.items()}}, path, overwrite=overwrite)

@@ -33,9 +33,18 @@ import numpy as np
 from sana_jax.cli import UsageError  # noqa: F401  (re-exported: converters raise it)
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 
 
@@ -58,10 +67,12 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{path}: truncated safetensors file ({len(data)} bytes)")
   (header_len,) = struct.unpack("<Q", data[:8])
   if 8 + header_len > len(data):
-    raise CheckpointError(f"{path}: truncated safetensors file (header says {header_len} "
-                          f"bytes, file has {len(data) - 8})")
+    raise CheckpointError(
+      f"{path}: truncated safetensors file (header says {header_len} "
+      f"bytes, file has {len(data) - 8})"
+    )
   try:
-    header = json.loads(data[8:8 + header_len])
+    header = json.loads(data[8 : 8 + header_len])
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
   base = 8 + header_len
@@ -73,24 +84,35 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
     if base + end > len(data):
-      raise CheckpointError(f"{path}: truncated safetensors file: tensor {name} needs bytes up "
-                            f"to {base + end}, file has {len(data)}")
+      raise CheckpointError(
+        f"{path}: truncated safetensors file: tensor {name} needs bytes up "
+        f"to {base + end}, file has {len(data)}"
+      )
     dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-    arr = np.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize,
-                        offset=base + start)
+    arr = np.frombuffer(
+      data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=base + start
+    )
     out[name] = arr.reshape(info["shape"])
   return out
 
 
-def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
-                      metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+  tensors: Mapping[str, np.ndarray],
+  path: str | os.PathLike,
+  metadata: Mapping[str, str] | None = None,
+) -> None:
   from safetensors.numpy import save_file
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
-            metadata=dict(metadata) if metadata else None)
+
+  save_file(
+    {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+    str(path),
+    metadata=dict(metadata) if metadata else None,
+  )
 
 
-def read_safetensors_folder(folder: str | os.PathLike,
-                            stem: str = "diffusion_pytorch_model") -> dict[str, np.ndarray]:
+def read_safetensors_folder(
+  folder: str | os.PathLike, stem: str = "diffusion_pytorch_model"
+) -> dict[str, np.ndarray]:
   """A folder holding `{stem}.safetensors`, or shards listed in `{stem}.safetensors.index.json`.
 
   Any single `*.safetensors` / index in the folder is accepted when `stem` is not found.
@@ -108,8 +130,10 @@ def read_safetensors_folder(folder: str | os.PathLike,
     elif len(singles) == 1:
       single = singles[0]
     else:
-      raise CheckpointError(f"{folder}: expected {stem}.safetensors or a sharded index; found "
-                            f"{[p.name for p in indices + singles] or 'no safetensors files'}")
+      raise CheckpointError(
+        f"{folder}: expected {stem}.safetensors or a sharded index; found "
+        f"{[p.name for p in indices + singles] or 'no safetensors files'}"
+      )
   if index.exists():
     weight_map = read_json(index, "safetensors index").get("weight_map")
     if not isinstance(weight_map, dict):
@@ -125,8 +149,12 @@ def read_safetensors_folder(folder: str | os.PathLike,
   return read_safetensors(single)
 
 
-def write_safetensors_sharded(tensors: Mapping[str, np.ndarray], folder: pathlib.Path,
-                              stem: str, max_shard_bytes: int | None = None) -> None:
+def write_safetensors_sharded(
+  tensors: Mapping[str, np.ndarray],
+  folder: pathlib.Path,
+  stem: str,
+  max_shard_bytes: int | None = None,
+) -> None:
   """Writes `{stem}.safetensors`, or shards + index when larger than max_shard_bytes."""
   total = sum(np.asarray(v).nbytes for v in tensors.values())
   if max_shard_bytes is None or total <= max_shard_bytes:
@@ -151,8 +179,9 @@ def write_safetensors_sharded(tensors: Mapping[str, np.ndarray], folder: pathlib
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, is_dir: bool, overwrite: bool = True
-                  ) -> Iterator[pathlib.Path]:
+def atomic_output(
+  path: str | os.PathLike, is_dir: bool, overwrite: bool = True
+) -> Iterator[pathlib.Path]:
   """Yields a temporary path next to `path`; moves it into place only on success.
 
   An existing `path` is refused (FileExistsError, before anything is written) when
@@ -203,6 +232,7 @@ def atomic_output(path: str | os.PathLike, is_dir: bool, overwrite: bool = True
 def torch_to_numpy(tensor) -> np.ndarray:
   """A torch tensor as numpy, keeping bf16 (as ml_dtypes.bfloat16) bit-exactly."""
   import torch
+
   tensor = tensor.detach().cpu().contiguous()
   if tensor.dtype == torch.bfloat16:
     return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -211,6 +241,7 @@ def torch_to_numpy(tensor) -> np.ndarray:
 
 def numpy_to_torch(array: np.ndarray):
   import torch
+
   array = np.array(array, copy=True, order="C")  # torch wants writable memory
   if array.dtype == ml_dtypes.bfloat16:
     return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
@@ -223,15 +254,17 @@ def read_pth(path: str | os.PathLike) -> dict:
   import pickle
 
   import torch
+
   if path.is_dir():
     raise CheckpointError(f"{path} is a folder, not a .pth checkpoint file")
   try:
     return torch.load(str(path), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise CheckpointError(
-        f"{path}: refused to unpickle: it holds objects other than tensors and plain "
-        f"containers, or is not a torch checkpoint ({_torch_reason(e)}); only "
-        "weights-only checkpoints are read") from None
+      f"{path}: refused to unpickle: it holds objects other than tensors and plain "
+      f"containers, or is not a torch checkpoint ({_torch_reason(e)}); only "
+      "weights-only checkpoints are read"
+    ) from None
   except (RuntimeError, EOFError, OSError, ValueError) as e:
     raise CheckpointError(f"{path}: cannot read .pth checkpoint: {_torch_reason(e)}") from None
 
@@ -242,14 +275,20 @@ def _torch_reason(error: BaseException) -> str:
   m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
   if m and m.group(1).strip():
     text = m.group(1)
-  lines = [line.strip() for line in text.splitlines() if line.strip()
-           and "weights_only" not in line and "arbitrary code" not in line
-           and "file an issue" not in line.lower()]
+  lines = [
+    line.strip()
+    for line in text.splitlines()
+    if line.strip()
+    and "weights_only" not in line
+    and "arbitrary code" not in line
+    and "file an issue" not in line.lower()
+  ]
   return " ".join(lines)[:300] or type(error).__name__
 
 
 def write_pth(obj, path: str | os.PathLike, overwrite: bool = True) -> None:
   import torch
+
   with atomic_output(path, is_dir=False, overwrite=overwrite) as tmp:
     torch.save(obj, str(tmp))
 
@@ -263,8 +302,12 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
   def _get_help_string(self, action):
     text = action.help or ""
-    if (action.option_strings and not action.required and "default" not in text
-        and action.default is not argparse.SUPPRESS):
+    if (
+      action.option_strings
+      and not action.required
+      and "default" not in text
+      and action.default is not argparse.SUPPRESS
+    ):
       d = action.default
       shown = "none" if d is None else "off" if d is False else "on" if d is True else d
       if isinstance(shown, (list, tuple)):
@@ -297,8 +340,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path}: malformed {what}: {e}") from None
   if not isinstance(data, dict):
-    raise CheckpointError(f"{path}: a {what} must hold a JSON object, holds "
-                          f"{type(data).__name__}")
+    raise CheckpointError(f"{path}: a {what} must hold a JSON object, holds {type(data).__name__}")
   return data
 
 
@@ -312,35 +354,47 @@ def check_safetensors(path: str | os.PathLike) -> None:
       raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
     (header_len,) = struct.unpack("<Q", head)
     if 8 + header_len > size:
-      raise CheckpointError(f"{path}: not a safetensors file or truncated (header says "
-                            f"{header_len} bytes, file has {size - 8})")
+      raise CheckpointError(
+        f"{path}: not a safetensors file or truncated (header says "
+        f"{header_len} bytes, file has {size - 8})"
+      )
     try:
       header = json.loads(f.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
   if not isinstance(header, dict):
     raise CheckpointError(f"{path}: corrupt safetensors header")
-  ends = [info["data_offsets"][1] for name, info in header.items()
-          if name != "__metadata__" and isinstance(info, dict) and "data_offsets" in info]
+  ends = [
+    info["data_offsets"][1]
+    for name, info in header.items()
+    if name != "__metadata__" and isinstance(info, dict) and "data_offsets" in info
+  ]
   if ends and 8 + header_len + max(ends) > size:
-    raise CheckpointError(f"{path}: truncated safetensors file: tensors need "
-                          f"{8 + header_len + max(ends)} bytes, file has {size}")
+    raise CheckpointError(
+      f"{path}: truncated safetensors file: tensors need "
+      f"{8 + header_len + max(ends)} bytes, file has {size}"
+    )
 
 
-def check_output(path: str | os.PathLike, *, overwrite: bool, is_dir: bool,
-                 flag: str = "--dst") -> pathlib.Path:
+def check_output(
+  path: str | os.PathLike, *, overwrite: bool, is_dir: bool, flag: str = "--dst"
+) -> pathlib.Path:
   """Refuses (UsageError) an output that exists without --overwrite, one of the wrong kind
   (a file where a folder is written, or the reverse), or one that cannot be created."""
   path = pathlib.Path(path)
   kind = "folder" if is_dir else "file"
   if path.exists() or path.is_symlink():
     if not overwrite:
-      raise UsageError(f"{flag} {path} exists; pass --overwrite to replace it (replaced "
-                       "only once the new output is complete)")
+      raise UsageError(
+        f"{flag} {path} exists; pass --overwrite to replace it (replaced "
+        "only once the new output is complete)"
+      )
     if path.is_dir() != is_dir:
-      raise UsageError(f"{flag} {path} is a {'folder' if path.is_dir() else 'file'}; this "
-                       f"command writes a {kind} there (even --overwrite does not replace "
-                       "one with the other)")
+      raise UsageError(
+        f"{flag} {path} is a {'folder' if path.is_dir() else 'file'}; this "
+        f"command writes a {kind} there (even --overwrite does not replace "
+        "one with the other)"
+      )
   parent = path.parent
   while not parent.exists():
     parent = parent.parent
@@ -353,8 +407,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, is_dir: bool,
   return path
 
 
-def check_not_source(dst: str | os.PathLike, src: str | os.PathLike, flag: str = "--dst"
-                     ) -> None:
+def check_not_source(dst: str | os.PathLike, src: str | os.PathLike, flag: str = "--dst") -> None:
   """Refuses an output that is the source or holds it (replacing it would delete it)."""
   dst, src = pathlib.Path(dst).resolve(), pathlib.Path(src).resolve()
   if dst == src or dst in src.parents:
