@@ -181,6 +181,8 @@ class _Dense(nn.Module):
   use_bias: bool = True
   kernel_init: Any = _xavier
   dtype: Any = jnp.float32
+  lora_rank: int = 0  # > 0: add (lora_scale * (x A) B); A (in, *groups, r), B (*groups, r, out)
+  lora_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -198,7 +200,30 @@ class _Dense(nn.Module):
         "bias", _part(nn.initializers.zeros, self.names[1:]), self.out_shape, jnp.float32
       )
       y = y + bias.astype(self.dtype)
+    if self.lora_rank:
+      y = y + self._lora(x, in_dim)
     return y
+
+  def _lora(self, x: Array, in_dim: int) -> Array:
+    """The adapter's term. Grouped kernels (in, g, out) get one (A, B) pair per group."""
+    groups, out = self.out_shape[:-1], self.out_shape[-1]
+    g = "g"[: len(groups)]
+    free = (None,) * len(groups)
+    # PEFT's initialisation: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a=sqrt(5)), B = 0.
+    bound = 1.0 / math.sqrt(in_dim)
+    a_init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound
+    )
+    a = self.param(
+      "lora_a", _part(a_init, (self.names[0], *free, None)), (in_dim, *groups, self.lora_rank)
+    )
+    b = self.param(
+      "lora_b",
+      _part(nn.initializers.zeros, (*free, None, self.names[-1])),
+      (*groups, self.lora_rank, out),
+    )
+    h = jnp.einsum(f"...i,i{g}r->...{g}r", x.astype(self.dtype), a.astype(self.dtype))
+    return self.lora_scale * jnp.einsum(f"...{g}r,{g}ro->...{g}o", h, b.astype(self.dtype))
 
   def _kernel_init(self):
     if len(self.out_shape) == 1:
@@ -213,6 +238,10 @@ class _Dense(nn.Module):
     return init
 
 
+def _lora_args(cfg: DiTConfig, target: str) -> dict:
+  return {"lora_rank": cfg.lora_rank_for(target), "lora_scale": cfg.lora_scale}
+
+
 class SelfAttention(nn.Module):
   """LiteLA: ReLU linear self-attention over all tokens."""
 
@@ -223,7 +252,14 @@ class SelfAttention(nn.Module):
     cfg = self.cfg
     c, dt = cfg.hidden_size, jnp.dtype(cfg.compute_dtype)
     b, n, _ = x.shape
-    qkv = _Dense((3, c), ("embed", None, "heads"), use_bias=False, dtype=dt, name="qkv")(x)
+    qkv = _Dense(
+      (3, c),
+      ("embed", None, "heads"),
+      use_bias=False,
+      dtype=dt,
+      name="qkv",
+      **_lora_args(cfg, "self_attn.qkv"),
+    )(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if cfg.qk_norm:
       q = rms_norm(
@@ -236,7 +272,9 @@ class SelfAttention(nn.Module):
     q, k, v = (a.reshape(b, n, heads, cfg.self_head_dim) for a in (q, k, v))
     out = linear_attention(jax.nn.relu(q), jax.nn.relu(k), v, cfg.linear_attn_eps)
     out = out.reshape(b, n, c).astype(dt)
-    out = _Dense((c,), ("heads", "embed"), dtype=dt, name="out")(out)
+    out = _Dense(
+      (c,), ("heads", "embed"), dtype=dt, name="out", **_lora_args(cfg, "self_attn.out")
+    )(out)
     if cfg.fp16_attn_clip:
       out = jnp.clip(out, -65504.0, 65504.0)
     return out
@@ -257,7 +295,11 @@ class CrossAttention(nn.Module):
     """y: (B, Ly, C) -> keys/values (B, Ly, 2, Ci), k-norm applied."""
     cfg = self.cfg
     kv = _Dense(
-      (2, cfg.cross_inner), ("embed", None, "heads"), dtype=jnp.dtype(cfg.compute_dtype), name="kv"
+      (2, cfg.cross_inner),
+      ("embed", None, "heads"),
+      dtype=jnp.dtype(cfg.compute_dtype),
+      name="kv",
+      **_lora_args(cfg, "cross_attn.kv"),
     )(y)
     if cfg.cross_norm:
       k = rms_norm(
@@ -275,7 +317,9 @@ class CrossAttention(nn.Module):
     b, n, _ = x.shape
     if kv is None:
       kv = self.caption_kv(y)
-    q = _Dense((cfg.cross_inner,), ("embed", "heads"), dtype=dt, name="q")(x)
+    q = _Dense(
+      (cfg.cross_inner,), ("embed", "heads"), dtype=dt, name="q", **_lora_args(cfg, "cross_attn.q")
+    )(x)
     if cfg.cross_norm:
       q = rms_norm(
         q,
@@ -297,7 +341,13 @@ class CrossAttention(nn.Module):
       keep = keep | ~jnp.any(keep, axis=-1, keepdims=True)
       probs = jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
     out = jnp.einsum("bhnl,blhd->bnhd", probs.astype(dt), v.astype(dt)).reshape(b, n, -1)
-    return _Dense((cfg.hidden_size,), ("heads", "embed"), dtype=dt, name="out")(out)
+    return _Dense(
+      (cfg.hidden_size,),
+      ("heads", "embed"),
+      dtype=dt,
+      name="out",
+      **_lora_args(cfg, "cross_attn.out"),
+    )(out)
 
 
 class MixFFN(nn.Module):
@@ -314,7 +364,12 @@ class MixFFN(nn.Module):
     dt = jnp.dtype(cfg.compute_dtype)
     hid = cfg.mlp_hidden
     h = _Dense(
-      (2, hid), ("embed", None, "mlp"), kernel_init=_torch_conv, dtype=dt, name="inverted"
+      (2, hid),
+      ("embed", None, "mlp"),
+      kernel_init=_torch_conv,
+      dtype=dt,
+      name="inverted",
+      **_lora_args(cfg, "mlp.inverted"),
     )(x)
     h = jax.nn.silu(h)
     dw_kernel = self.param(
@@ -330,6 +385,7 @@ class MixFFN(nn.Module):
       kernel_init=_torch_conv,
       dtype=dt,
       name="point",
+      **_lora_args(cfg, "mlp.point"),
     )(h)
 
   @staticmethod
@@ -510,6 +566,11 @@ class SanaDiT(nn.Module):
 
     def one(kv_params, k_norm):
       kv = jnp.einsum("bli,ikj->blkj", y, kv_params["kernel"].astype(y.dtype)) + kv_params["bias"]
+      if "lora_a" in kv_params:
+        h = jnp.einsum("bli,igr->blgr", y, kv_params["lora_a"].astype(y.dtype))
+        kv = kv + cfg.lora_scale * jnp.einsum(
+          "blgr,gro->blgo", h, kv_params["lora_b"].astype(y.dtype)
+        )
       if cfg.cross_norm:
         k = rms_norm(kv[:, :, 0], k_norm, cfg.cross_norm_eps)
         kv = jnp.stack([k, kv[:, :, 1]], axis=2)

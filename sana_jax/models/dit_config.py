@@ -11,6 +11,21 @@ import dataclasses
 from typing import Any, Mapping
 
 
+# The block projections an adapter may target, by the module path inside a block. The
+# self-attention's q, k, v are one fused (in, 3, C) kernel; its adapter has one (A, B) per slice.
+LORA_TARGETS = (
+  "self_attn.qkv",
+  "self_attn.out",
+  "cross_attn.q",
+  "cross_attn.kv",
+  "cross_attn.out",
+  "mlp.inverted",
+  "mlp.point",
+)
+# diffusers' DreamBooth LoRA script for Sana: to_q, to_k, to_v of self- and cross-attention.
+DEFAULT_LORA_TARGETS = ("self_attn.qkv", "cross_attn.q", "cross_attn.kv")
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
   """Geometry and numerics of a SANA linear DiT.
@@ -62,7 +77,22 @@ class DiTConfig:
   remat_policy: str = "none"  # none | full | dots | dots_no_batch
   depthwise_impl: str = "shift"  # shift (nine multiply-adds) | conv (grouped lax conv)
 
+  # Low-rank adapters (LoRA) on the blocks' projections: y += (alpha / rank) * (x A) B, with
+  # A (in, [g,] rank) and B ([g,] rank, out) per block ("lora_a" / "lora_b" leaves beside the
+  # kernel, stacked on the layer axis). rank 0 = no adapters. alpha 0 means alpha = rank.
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_targets: tuple = DEFAULT_LORA_TARGETS
+
   def __post_init__(self):
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+    if unknown:
+      raise ValueError(f"unknown lora_targets {unknown}; allowed: {list(LORA_TARGETS)}")
+    if self.lora_rank < 0 or self.lora_alpha < 0:
+      raise ValueError(
+        f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank}, {self.lora_alpha}"
+      )
     if self.hidden_size % self.self_head_dim:
       raise ValueError(
         f"hidden_size={self.hidden_size} is not a multiple of self_head_dim={self.self_head_dim}"
@@ -87,6 +117,15 @@ class DiTConfig:
   @property
   def mlp_hidden(self) -> int:
     return int(self.hidden_size * self.mlp_ratio)
+
+  def lora_rank_for(self, target: str) -> int:
+    """The adapter rank of one block projection (0 when it has no adapter)."""
+    return self.lora_rank if target in self.lora_targets else 0
+
+  @property
+  def lora_scale(self) -> float:
+    """alpha / rank, the factor on (x A) B."""
+    return (self.lora_alpha or self.lora_rank) / max(self.lora_rank, 1)
 
   @classmethod
   def coerce(cls, config: Any) -> "DiTConfig":
