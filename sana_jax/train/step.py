@@ -1,4 +1,4 @@
-"""The jitted train step: flow-matching loss, CFG dropout, accumulation, skip, EMA."""
+"""The jitted train step: flow-matching loss, CFG dropout, accumulation; then `update`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import optax
 from sana_jax import parallel
 from sana_jax.diffusion import flow
 from sana_jax.models import dit
-from sana_jax.train import optimizer as optim_lib
 from sana_jax.train import state as state_lib
+from sana_jax.train import update as update_lib
 
 
 def _loss_fn(params, model, batch, noise, draws, drop_u, null_caption, config):
@@ -66,32 +66,7 @@ def train_step(
     (loss, grads), _ = jax.lax.scan(body, zero, micro)
     loss, grads = jax.tree_util.tree_map(lambda a: a / k, (loss, grads))
 
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  decay = tc.ema_decay
-  ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
-  keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-    lambda a, c: jnp.where(finite, a, c), new, old
-  )
-  new_state = state.replace(
-    step=state.step + 1,
-    params=keep(params, state.params),
-    opt_state=keep(opt_state, state.opt_state),
-    ema_params=keep(ema, state.ema_params),
-    skipped=state.skipped + (~finite).astype(jnp.int32),
-    nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
-  )
-  # The optimizer's schedule counts applied updates: a skipped step keeps its state (and
-  # count), so the LR of this update is the schedule at step - skipped.
-  metrics = {
-    "loss": loss,
-    "grad_norm": grad_norm,
-    "finite": finite,
-    "lr": optim_lib.learning_rate(tc)(state.step - state.skipped),
-  }
-  return new_state, metrics
+  return update_lib.apply_gradients(state, loss, grads, tx=tx, tc=tc)
 
 
 def jit_train_step(config, tx, mesh, state_shardings):

@@ -1,0 +1,54 @@
+"""What a train step does after the gradient: norm, non-finite guard, optimizer, EMA.
+
+Split from `step.py` so the gradient (what is trained, how the loss is formed) and the
+update (passes over the whole parameter tree) can change independently.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sana_jax.train import optimizer as optim_lib
+from sana_jax.train import state as state_lib
+
+
+def apply_gradients(
+  state: state_lib.TrainState,
+  loss: jax.Array,
+  grads,
+  *,
+  tx: optax.GradientTransformation,
+  tc: ml_collections.ConfigDict,
+) -> tuple[state_lib.TrainState, dict]:
+  """One optimizer update of `state.params` with `grads` (a tree like it), and the EMA.
+
+  A step whose loss or gradient norm is not finite changes nothing but the step and the
+  skip counters. Returns the new state and {"loss", "grad_norm", "finite", "lr"} scalars.
+  """
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = tc.ema_decay
+  ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, c: jnp.where(finite, a, c), new, old)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=keep(params, state.params),
+    opt_state=keep(opt_state, state.opt_state),
+    ema_params=keep(ema, state.ema_params),
+    skipped=state.skipped + (~finite).astype(jnp.int32),
+    nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+  )
+  # The optimizer's schedule counts applied updates: a skipped step keeps its state (and
+  # count), so the LR of this update is the schedule at step - skipped.
+  metrics = {
+    "loss": loss,
+    "grad_norm": grad_norm,
+    "finite": finite,
+    "lr": optim_lib.learning_rate(tc)(state.step - state.skipped),
+  }
+  return new_state, metrics
