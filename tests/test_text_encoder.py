@@ -281,6 +281,41 @@ def test_bfloat16_matches_transformers_in_bfloat16(monkeypatch):
     assert _l1(planted, theirs, mask) / gap > 1.5, factor
 
 
+def test_bf16_weights_not_upcast_as_a_stack():
+  """bf16-stored weights (the pipeline's Gemma): XLA:CPU turns a bf16 stack sliced inside
+  the layer loop into an fp32 copy of the whole stack (the pipeline's 8 GB). The encoder
+  passes the kernels as uint16 views instead (`pack_params`): the compiled encoder's
+  temporaries stay below the fp32 stack's size, where the unpacked params need more than
+  it; the numbers are the same bits."""
+  cfg = te.Gemma2Config(
+    vocab_size=50, hidden_size=64, intermediate_size=768, num_layers=4, num_heads=4,
+    num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+    dtype="bfloat16", param_dtype="bfloat16",
+  )  # fmt: skip
+  params = jax.tree.map(jnp.asarray, te.init_params(cfg, 3))
+  ids, mask = np.arange(12, dtype=np.int32)[None] % 50, np.ones((1, 12), np.int32)
+  fp32_stack = sum(x.size * 4 for x in jax.tree.leaves(params["layers"]) if x.dtype == jnp.bfloat16)
+  fn = te.make_encode_fn(cfg)
+  packed = te.pack_params(params)
+  assert packed["layers"]["mlp"]["up"]["kernel"].dtype == jnp.uint16
+  assert packed["layers"]["mlp"]["up"]["kernel"].unsafe_buffer_pointer() == (
+    params["layers"]["mlp"]["up"]["kernel"].unsafe_buffer_pointer()
+  )  # a view: no second copy of the weights
+
+  def temp(p):
+    return fn.jitted.lower(p, ids, mask).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp(params) > fp32_stack  # the upcast stack (what the packing avoids)
+  assert temp(packed) < fp32_stack / 4
+  np.testing.assert_array_equal(
+    np.asarray(fn(params, ids, mask)), np.asarray(fn.jitted(params, ids, mask))
+  )
+  np.testing.assert_array_equal(  # numpy params (hf_to_params) too
+    np.asarray(fn(jax.tree.map(np.asarray, params), ids, mask)),
+    np.asarray(fn.jitted(params, ids, mask)),
+  )
+
+
 def test_remat_same_output():
   model = hf_model()
   ids, mask = inputs()

@@ -35,7 +35,6 @@ H = heads, K = kv heads, d = head_dim, F = intermediate, V = vocab):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -207,27 +206,40 @@ def attention_masks(attention_mask: jax.Array, sliding_window: int | None):
   return full, sliding
 
 
-class _Dense(nn.Dense):
-  """nn.Dense that accumulates in and returns float32, then rounds to `dtype`: torch's
-  bf16 Linear numerics, and on XLA:CPU a bf16 x bf16 -> fp32 dot runs ~2.5x faster than
-  one with a bf16 result (Gemma-2-2B encode at 495 tokens, this 2-core CPU)."""
+class _Dense(nn.Module):
+  """A bias-free Dense (kernel (in, out)) that accumulates in and returns float32, then
+  rounds to `dtype`: torch's bf16 Linear numerics, and on XLA:CPU a bf16 x bf16 -> fp32 dot
+  runs ~2.5x faster than one with a bf16 result (Gemma-2-2B encode at 495 tokens, this
+  2-core CPU).
 
-  def __call__(self, inputs):
-    return super().__call__(inputs).astype(self.dtype)
+  The kernel may arrive as uint16, the bit pattern of a bfloat16 kernel (`pack_params`):
+  it is bit-cast back here, after `nn.scan` has sliced out this layer. XLA:CPU cannot
+  slice a bf16 array inside a loop, so it converts a bf16 stack to an fp32 copy of the
+  whole stack before the loop and back to bf16 per layer (Gemma-2-2B: an 8.2 GB temporary
+  and that much memory traffic on every call); a uint16 stack is sliced as it is."""
+
+  features: int
+  dtype: Any
+  param_dtype: Any
+  kernel_init: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    if kernel.dtype == jnp.uint16:
+      kernel = jax.lax.bitcast_convert_type(kernel, jnp.bfloat16)
+    y = jax.lax.dot_general(
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
+      (((x.ndim - 1,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32,
+    )
+    return y.astype(self.dtype)
 
 
 def _dense(features, names, dtype, param_dtype, name):
   init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
-  return _Dense(
-    features,
-    use_bias=False,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    kernel_init=init,
-    precision=None,
-    name=name,
-    dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
-  )
+  return _Dense(features, dtype, param_dtype, init, name=name)
 
 
 class Attention(nn.Module):
@@ -356,12 +368,47 @@ def encode(config: Gemma2Config, params: dict, input_ids, attention_mask) -> jax
   )
 
 
+def _packable(leaf) -> bool:
+  """A bf16 array whose bits can be viewed as uint16 without a copy: numpy, or a jax array
+  on one CPU device (np.asarray of it is a view, jax.device_put of the view is one too)."""
+  if isinstance(leaf, np.ndarray):
+    return leaf.dtype == jnp.bfloat16
+  if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+    return False
+  if leaf.dtype != jnp.bfloat16 or not leaf.is_fully_addressable:
+    return False
+  devices = leaf.sharding.device_set
+  return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+def pack_params(params: dict) -> dict:
+  """The stacked bf16 kernels under 'layers' as uint16 views of the same memory (no copy
+  where `_packable`; others unchanged): `_Dense` bit-casts them back per layer, so XLA:CPU
+  never makes an fp32 copy of the stack (see `_Dense`). Same numbers, same tree."""
+
+  def pack(path, leaf):
+    if path[-1].key != "kernel" or not _packable(leaf):
+      return leaf
+    view = np.asarray(leaf).view(np.uint16)
+    return view if isinstance(leaf, np.ndarray) else jax.device_put(view, leaf.sharding)
+
+  layers = jax.tree_util.tree_map_with_path(pack, params["layers"])
+  return {**params, "layers": layers}
+
+
 def make_encode_fn(config: Gemma2Config):
-  """jitted (params, input_ids (B, L), attention_mask (B, L)) -> (B, L, D) float32."""
+  """(params, input_ids (B, L), attention_mask (B, L)) -> (B, L, D) float32, jitted; bf16
+  layer kernels are passed to the compiled function as uint16 views (`pack_params`)."""
   model = Gemma2Encoder(config)
 
   @jax.jit
   def fn(params, input_ids, attention_mask):
     return model.apply({"params": params}, input_ids, attention_mask)
 
-  return fn
+  def encode_fn(params, input_ids, attention_mask):
+    if isinstance(params, dict) and isinstance(params.get("layers"), dict):
+      params = pack_params(params)
+    return fn(params, input_ids, attention_mask)
+
+  encode_fn.jitted = fn
+  return encode_fn
