@@ -344,3 +344,82 @@ def test_export_refuses_adapters_that_do_not_fit_the_config():
     lora_diffusers.to_diffusers(adapted, LCFG.replace(lora_rank=4))
   with pytest.raises(lora.LoraGeometryError, match="lora_rank 0"):
     lora_diffusers.to_diffusers(adapted, CFG)
+
+
+# ------------------------------------------- your own images: captions in a .jsonl
+
+
+@pytest.fixture(scope="module")
+def pixel_model():
+  """The embedded ShapesEval model (pixel space, 32 px): nothing to build."""
+  from sana_jax import shapes_model
+
+  return shapes_model.DEFAULT_MODEL
+
+
+def _image_folder(folder):
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for i, (h, w) in enumerate([(40, 40), (30, 70), (33, 33), (50, 50)]):
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+  (folder / "im3.txt").write_text("a sidecar caption the jsonl overrides")
+  return folder
+
+
+@pytest.mark.filterwarnings("ignore::sana_jax.models.prompts.PromptWarning")
+def test_preprocess_folder_with_jsonl_captions(pixel_model, tmp_path, capsys):
+  """--captions FILE.jsonl replaces the sidecar .txt files: the images it lists (and only
+  those) are encoded with its captions, one record per image, in their aspect buckets."""
+  from sana_jax.data import latents_tfds, preprocess
+
+  (tmp_path / "imgs").mkdir()
+  images = _image_folder(tmp_path / "imgs")
+  rows = {"im0.png": "a red star", "im1.png": "a blue circle left of a star", "im3.png": "a star"}
+  jsonl = tmp_path / "metadata.jsonl"
+  jsonl.write_text(
+    "\n".join(json.dumps({"file_name": k, "text": v}) for k, v in rows.items()) + "\n\n"
+  )
+  out = tmp_path / "data"
+  argv = ["--model", pixel_model, "--out", out, "--source", "folder", "--images", images]
+  argv += ["--captions", jsonl, "--buckets", "32x32,32x64", "--name", "j", "--no_progress"]
+  argv += ["--batch_size", "2"]
+  assert preprocess.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+  assert "wrote dataset of 3 examples" in capsys.readouterr().out
+  recs = {
+    split: sorted(src[i]["text"].decode() for i in range(len(src)))
+    for split, src in latents_tfds.open_dataset(latents_tfds.version_dir(out, "j")).items()
+  }
+  assert recs == {"train_32x32": ["a red star", "a star"], "train_32x64": [rows["im1.png"]]}
+
+
+@pytest.mark.contract
+@pytest.mark.parametrize(
+  "case", ["not json", "no text", "absent file", "outside", "twice", "empty", "with shapes"]
+)
+def test_preprocess_bad_jsonl_refused(pixel_model, tmp_path, capsys, case):
+  from sana_jax.data import preprocess
+  from tests import cli_contract
+
+  images = tmp_path / "imgs"
+  images.mkdir()
+  _image_folder(images)
+  good = json.dumps({"file_name": "im0.png", "text": "a star"})
+  lines, fragments = {
+    "not json": ([good, "{oops"], ["line 2", "not JSON"]),
+    "no text": ([json.dumps({"file_name": "im0.png"})], ["line 1", '"text"']),
+    "absent file": ([json.dumps({"file_name": "im9.png", "text": "x"})], ["line 1", "im9.png"]),
+    "outside": ([json.dumps({"file_name": "../x.png", "text": "x"})], ["outside --images"]),
+    "twice": ([good, good], ["line 2", "listed twice"]),
+    "empty": ([], ["no captions"]),
+    "with shapes": ([good], ["--captions", "--source folder"]),
+  }[case]
+  jsonl = tmp_path / "c.jsonl"
+  jsonl.write_text("\n".join(lines))
+  out = tmp_path / "out"
+  source = ["--source", "folder", "--images", str(images)] if case != "with shapes" else []
+  argv = ["--model", pixel_model, "--out", out, *source, "--captions", jsonl]
+  before = cli_contract.snapshot(tmp_path)
+  result = cli_contract.call_main(preprocess.main, argv, capsys)
+  cli_contract.assert_refused(result, "--captions", *fragments)
+  cli_contract.assert_unchanged(before)

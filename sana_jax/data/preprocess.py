@@ -2,12 +2,18 @@
 
   python -m sana_jax.data.preprocess --model MODEL --out DATA --source shapes --num 20000
   python -m sana_jax.data.preprocess --model MODEL --out DATA --source folder --images DIR
+  python -m sana_jax.data.preprocess --model MODEL --out DATA --source folder --images DIR \
+      --captions DIR/metadata.jsonl
 
 MODEL is a model folder (sana_jax.bundle): its text encoder, tokenizer, prompt settings and
 autoencoder encode the data (the transformer need not exist yet). `folder` sources hold
-images with a caption in a .txt file of the same stem; images are centre-cropped to the
-model's image size (aspect buckets: --buckets HxW,... in pixels, each image to the nearest
-aspect ratio). The null caption is written beside the data for CFG dropout.
+images (.png/.jpg) with their captions either in a .txt file of the same stem beside each
+image, or in one JSON-lines file (--captions) with a line {"file_name": "a.png", "text":
+"..."} per image ("caption" is accepted for "text"; file_name relative to --images; images
+not listed are left out). Images are resized to cover their bucket and centre-cropped
+(aspect buckets: --buckets HxW,... in pixels, each image to the nearest aspect ratio;
+default one square bucket of the model's image size). The null caption is written beside
+the data for CFG dropout. docs/fine_tuning.md walks through a folder end to end.
 
 The dataset is written to DATA/sana_latents/NAME/1.0.0, whole or not at all; an existing
 dataset of that name is refused unless --overwrite (then replaced once the new one is
@@ -78,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     help="folder source: images (.png/.jpg) with a same-stem .txt caption "
     "(default: none; required for --source folder)",
+  )
+  ap.add_argument(
+    "--captions",
+    type=pathlib.Path,
+    default=None,
+    help="folder source: a .jsonl file, one {\"file_name\": ..., \"text\": ...} object per "
+    "line, instead of the sidecar .txt files (default: none: the .txt files)",
   )
   ap.add_argument(
     "--buckets",
@@ -198,7 +211,11 @@ def validate(args) -> dict:
     )
   shard = parse_shard(args.shard) if args.shard is not None else None
   if args.source == "shapes":
-    for flag, value in (("--images", args.images), ("--buckets", args.buckets or None)):
+    for flag, value in (
+      ("--images", args.images),
+      ("--captions", args.captions),
+      ("--buckets", args.buckets or None),
+    ):
       if value is not None:
         raise UsageError(f"{flag} {value}: applies to --source folder only")
     if size % downsample:
@@ -213,7 +230,11 @@ def validate(args) -> dict:
       raise UsageError("--source folder needs --images DIR")
     if not args.images.is_dir():
       raise UsageError(f"--images {args.images}: no such folder")
-    files = list_images(args.images)
+    if args.captions is not None:
+      captions = read_captions_jsonl(args.captions, args.images)
+      files = sorted(captions)
+    else:
+      files = list_images(args.images)
     if not files:
       raise UsageError(f"--images {args.images}: no {'/'.join(IMAGE_SUFFIXES)} images")
     files = files[: args.num] if args.num else files
@@ -226,6 +247,7 @@ def validate(args) -> dict:
           f"autoencoder's {downsample}x downsampling"
         )
   return dict(
+    captions=captions if args.source == "folder" and args.captions is not None else None,
     settings=settings,
     downsample=downsample,
     channels=channels,
@@ -235,6 +257,41 @@ def validate(args) -> dict:
     files=files,
     shard=shard,
   )
+
+
+def read_captions_jsonl(path: pathlib.Path, images: pathlib.Path) -> dict[pathlib.Path, str]:
+  """{image path: caption} from a JSON-lines file (blank lines skipped). Raises UsageError
+  naming the line for malformed JSON, a missing file_name/text, a file that is absent,
+  outside --images or not an image, or one listed twice."""
+  if not path.is_file():
+    raise UsageError(f"--captions {path}: no such file")
+  out: dict[pathlib.Path, str] = {}
+  root = images.resolve()
+  for n, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    where = f"--captions {path}: line {n}"
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UsageError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise UsageError(f"{where}: expected an object with file_name and text")
+    name = row.get("file_name")
+    text = row.get("text", row.get("caption"))
+    if not isinstance(name, str) or not isinstance(text, str):
+      raise UsageError(f'{where}: needs "file_name" and "text" (or "caption") strings')
+    f = images / name
+    if root not in f.resolve().parents:
+      raise UsageError(f"{where}: {name!r} is outside --images {images}")
+    if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
+      raise UsageError(f"{where}: {name!r} is not a {'/'.join(IMAGE_SUFFIXES)} file in {images}")
+    if f in out:
+      raise UsageError(f"{where}: {name!r} is listed twice")
+    out[f] = text.strip()
+  if not out:
+    raise UsageError(f"--captions {path}: no captions in the file")
+  return out
 
 
 def shard_range(num: int, index: int, count: int) -> range:
@@ -249,13 +306,14 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
   return min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - np.log(ratio)))
 
 
-def plan_folder(files: list[pathlib.Path], buckets) -> dict:
-  """{bucket: [files]} from the image headers (nothing decoded); checks every caption."""
+def plan_folder(files: list[pathlib.Path], buckets, captions: dict | None = None) -> dict:
+  """{bucket: [files]} from the image headers (nothing decoded); checks every caption
+  (a sidecar .txt per image unless `captions` maps every file to its caption)."""
   from PIL import Image, UnidentifiedImageError
 
   plan = {b: [] for b in buckets}
   for f in files:
-    if not f.with_suffix(".txt").is_file():
+    if captions is None and not f.with_suffix(".txt").is_file():
       raise UsageError(f"--images: {f} has no caption file {f.with_suffix('.txt').name}")
     try:
       with Image.open(f) as im:
@@ -266,8 +324,9 @@ def plan_folder(files: list[pathlib.Path], buckets) -> dict:
   return plan
 
 
-def load_folder_image(f: pathlib.Path, bucket: tuple[int, int]):
-  """(uint8 (h, w, 3) image resized to cover the bucket and centre-cropped, caption)."""
+def load_folder_image(f: pathlib.Path, bucket: tuple[int, int], caption: str | None = None):
+  """(uint8 (h, w, 3) image resized to cover the bucket and centre-cropped, caption: the
+  given one, else the sidecar .txt's)."""
   import numpy as np
   from PIL import Image
 
@@ -278,9 +337,9 @@ def load_folder_image(f: pathlib.Path, bucket: tuple[int, int]):
     (max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC
   )
   left, top = (img.width - w) // 2, (img.height - h) // 2
-  return np.asarray(img.crop((left, top, left + w, top + h))), f.with_suffix(
-    ".txt"
-  ).read_text().strip()
+  if caption is None:
+    caption = f.with_suffix(".txt").read_text().strip()
+  return np.asarray(img.crop((left, top, left + w, top + h))), caption
 
 
 def shapes_source(indices, image_size: int, seed: int):
@@ -373,8 +432,11 @@ def run(args) -> str:
     by_bucket = {plan["buckets_px"][0]: list(mine)}
     make = lambda b: shapes_source(by_bucket[b], plan["size"], args.seed)  # noqa: E731
   else:
-    by_bucket = plan_folder([plan["files"][i] for i in mine], plan["buckets_px"])
-    make = lambda b: (load_folder_image(f, b) for f in by_bucket[b])  # noqa: E731
+    caps = plan["captions"]
+    by_bucket = plan_folder([plan["files"][i] for i in mine], plan["buckets_px"], caps)
+    make = lambda b: (  # noqa: E731
+      load_folder_image(f, b, caps[f] if caps else None) for f in by_bucket[b]
+    )
   nonempty = [b for b, items in by_bucket.items() if items]
   total = sum(len(v) for v in by_bucket.values())
 
