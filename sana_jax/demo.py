@@ -168,8 +168,8 @@ class Generation:
   """What one request produced.
 
   candidates: every generated image, uint8 (H, W, 3), seeds `request.seeds` in order.
-  shown: indices into candidates of the images to show (the kept ones, best first in
-    bracket order, with best-of-N; all of them without).
+  shown: indices into candidates of the images to show (with best-of-N the kept ones, in
+    bracket order: the tournament does not rank them among themselves; all without).
   verdicts: the ShapesEval judge's Verdict per candidate, or None (prompt without a spec).
   tournament: the played bracket (best_of_n.Tournament) with best-of-N, else None.
   """
@@ -191,13 +191,15 @@ class Generation:
 
   @property
   def winner(self) -> int | None:
-    """The candidate ranked first by the tournament (None without best-of-N)."""
-    return None if self.tournament is None else self.tournament.winners[0]
+    """The candidate that won the whole bracket: best-of-N keeping one image; else None."""
+    t = self.tournament
+    return t.winners[0] if t is not None and len(t.winners) == 1 else None
 
   def verdict_rows(self) -> list[list]:
     """One row per candidate, columns VERDICT_HEADERS: index, seed, yes/no, score, no score,
-    its matches ('beat #1; beat #3', 'lost to #0', 'bye'), and the result ('kept #1' =
-    first kept, 'out in round r', 'shown' without best-of-N)."""
+    its matches ('beat #1; beat #3', 'lost to #0', 'bye'), and the result ('winner' when
+    one image is kept, 'kept' when several are, 'out in round r'; 'shown' without
+    best-of-N)."""
     if self.verdicts is None:
       return []
     seeds = self.request.seeds
@@ -219,7 +221,7 @@ class Generation:
       if self.tournament is None:
         result = "shown"
       elif i in rank:
-        result = f"kept #{rank[i] + 1}" + (" (winner)" if rank[i] == 0 else "")
+        result = "winner" if self.winner == i else "kept"
       else:
         result = f"out in round {out_round[i]}"
       rows.append(
@@ -238,18 +240,27 @@ class Generation:
   def summary(self) -> str:
     """One line for the page: what was sampled, and what the judge decided."""
     r = self.request
-    head = f"{len(self.candidates)} image(s), seeds {r.seed}..{r.seeds[-1]}, {r.steps} steps, guidance {r.guidance:g}"
+    head = (
+      f"{len(self.candidates)} image(s), seeds {r.seed}..{r.seeds[-1]}, {r.steps} steps, "
+      f"guidance {r.guidance:g}"
+    )
     if self.verdicts is None:
       return f"{head}. Not judged: no ShapesEval specification for this prompt."
     yes = sum(v.yes for v in self.verdicts)
     if self.tournament is None:
       return f"{head}. ShapesEval judge: {yes} of {len(self.verdicts)} correct."
-    w = self.winner
-    return (
+    head = (
       f"{head}. Best {r.num_images} of {r.best_of} by the ShapesEval judge "
-      f"({yes} of {r.best_of} candidates correct): winner #{w} (seed {r.seeds[w]}, "
-      f"{'yes' if self.verdicts[w].yes else 'no'}, score {self.verdicts[w].yes_score:.3f}); "
-      f"kept {', '.join(f'#{i}' for i in self.shown)}."
+      f"({yes} of {r.best_of} candidates correct)"
+    )
+    w = self.winner
+    if w is None:
+      kept = ", ".join(f"#{i} (seed {r.seeds[i]})" for i in self.shown)
+      return f"{head}: kept {kept}, in bracket order."
+    v = self.verdicts[w]
+    return (
+      f"{head}: winner #{w} (seed {r.seeds[w]}, {'yes' if v.yes else 'no'}, "
+      f"score {v.yes_score:.3f})."
     )
 
 
@@ -326,7 +337,7 @@ def page_outputs(gen: Generation) -> tuple[list, list[list], object, str]:
   bracket = None
   if gen.tournament is not None:
     bracket = bracket_picture(
-      gen.candidates,
+      [enlarge(c, 96) for c in gen.candidates],  # the picture's cells are 96 px
       gen.tournament,
       gen.verdicts,
       gen.request.seeds,
@@ -377,7 +388,9 @@ def build_blocks(pipe, model_name: str = "model"):
         example = gr.Dropdown(examples, value=None, label="ShapesEval examples")
         with gr.Row():
           seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
-          num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="number of images")
+          num_images = gr.Slider(
+            1, MAX_IMAGES, value=1, step=1, label="number of images (kept, with best-of-N)"
+          )
         with gr.Row():
           steps = gr.Slider(1, MAX_STEPS, value=sampler["steps"], step=1, label="steps")
           guidance = gr.Slider(
@@ -393,7 +406,7 @@ def build_blocks(pipe, model_name: str = "model"):
         button = gr.Button("Generate", variant="primary", elem_id="generate")
       with gr.Column(scale=2):
         summary = gr.Markdown(elem_id="summary")
-        gallery = gr.Gallery(label="images (kept by the judge)", columns=4, height="auto")
+        gallery = gr.Gallery(label="images", columns=4, height=250, object_fit="contain")
         table = gr.Dataframe(headers=list(VERDICT_HEADERS), label="the judge's verdicts", wrap=True)
         bracket = gr.Image(label="bracket (gold: kept)", type="pil", show_label=True)
     example.change(lambda p: p or gr.skip(), example, prompt)
