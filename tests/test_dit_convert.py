@@ -421,3 +421,91 @@ def test_official_output_carries_pos_embed(setup, tmp_path):
     "sample_size": base * cfg.patch_size,
     "pe_interpolation": 1.5,
   }
+
+
+# ------------------------------------------------------------- the one safetensors reader
+
+
+def _header_file(path, header: dict, data: bytes) -> None:
+  raw = json.dumps(header).encode()
+  path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_reader_is_memory_mapped_and_keeps_bf16(tmp_path):
+  """io.read_safetensors (every weights module reads through it) hands out read-only views
+  of a memory map: reading a 64 MB file allocates nothing (tracemalloc sees numpy's
+  allocations; the former read_bytes() reader allocated the whole file), and bf16 / fp16
+  tensors keep their dtype and bits (safetensors.torch wrote them)."""
+  import tracemalloc
+
+  import ml_dtypes
+  from safetensors.torch import save_file
+
+  big = torch.randn(4096, 4096)
+  small = torch.randn(3, 5).to(torch.bfloat16)
+  save_file(
+    {"big": big, "b": small, "h": torch.arange(6.0).half()}, str(tmp_path / "t.safetensors")
+  )
+  tracemalloc.start()
+  try:
+    out = io.read_safetensors(tmp_path / "t.safetensors")
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 1 << 20, peak  # the file is 64 MB
+  assert not out["big"].flags.writeable
+  base = out["big"]
+  while base.base is not None and not isinstance(base, np.memmap):
+    base = base.base
+  assert isinstance(base, np.memmap)
+  assert out["b"].dtype == ml_dtypes.bfloat16 and out["h"].dtype == np.float16
+  np.testing.assert_array_equal(out["b"].view(np.int16), small.view(torch.int16).numpy())
+  np.testing.assert_array_equal(out["big"], big.numpy())
+
+
+def test_reader_errors_name_file_tensor_dtype_and_shape(tmp_path):
+  f = tmp_path / "bad.safetensors"
+  _header_file(f, {"w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 10]}}, b"\0" * 10)
+  with pytest.raises(CheckpointError, match=r"bad.safetensors: tensor w: BF16 \(2, 3\) needs 12"):
+    io.read_safetensors(f)
+  with pytest.raises(CheckpointError, match=r"tensor w: BF16 \(2, 3\) needs 12"):
+    io.check_safetensors(f)  # the header-only check applies the same rules
+  _header_file(f, {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8)
+  with pytest.raises(CheckpointError, match="tensor w has unsupported dtype C64"):
+    io.read_safetensors(f)
+  _header_file(f, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 12)
+  with pytest.raises(CheckpointError, match="truncated safetensors file: tensor w needs bytes"):
+    io.read_safetensors(f)
+  f.write_bytes(b"\x10\0\0\0\0\0\0\0{not json}......")
+  with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+    io.read_safetensors(f)
+  f.write_bytes(b"\x01\0")
+  with pytest.raises(CheckpointError, match=r"bad.safetensors: truncated safetensors file \(2"):
+    io.read_safetensors(f)
+
+
+def test_sharded_index_reader(tmp_path, qk_official):
+  """Shards through one index reader (io.read_safetensors_index), used by the DiT, Gemma
+  and DC-AE folder readers: same tensors as the single file; a missing shard is named."""
+  params, _ = W.official_to_params(qk_official, QK)
+  W.save_diffusers(tmp_path / "s", params, QK, max_shard_bytes=20_000)
+  W.save_diffusers(tmp_path / "one", params, QK)
+  index = tmp_path / "s" / "diffusion_pytorch_model.safetensors.index.json"
+  sharded = io.read_safetensors_index(index)
+  _assert_same(sharded, io.read_safetensors_folder(tmp_path / "one"))
+  shard = sorted((tmp_path / "s").glob("*-of-*.safetensors"))[-1]
+  shard.unlink()
+  with pytest.raises(FileNotFoundError, match=f"missing: .*{shard.name}"):
+    io.read_safetensors_folder(tmp_path / "s")
+
+
+def test_one_tree_flattening():
+  """dit, gemma and dcae weights share io.flatten / io.unflatten."""
+  from sana_jax.weights import dcae, gemma
+
+  assert W.flatten is io.flatten and gemma.flatten is io.flatten
+  tree = {"a": {"b": {"kernel": 1, "bias": 2}}, "c": 3}
+  assert io.flatten(tree) == {"a/b/kernel": 1, "a/b/bias": 2, "c": 3}
+  assert io.unflatten(io.flatten(tree)) == tree
+  assert dcae._flatten(tree) == {("a", "b", "kernel"): 1, ("a", "b", "bias"): 2, ("c",): 3}
+  assert dcae._unflatten(dcae._flatten(tree)) == tree

@@ -15,7 +15,8 @@ one table (`_MODULE_KIND`) used in both directions:
 Loading is strict: the expected diffusers keys and shapes are derived from our module for
 the config (jax.eval_shape), and missing, unexpected or mis-shaped tensors raise one
 ValueError that lists them all. BatchNorm `num_batches_tracked` buffers are accepted and
-dropped. safetensors are read with safetensors.numpy (no torch).
+dropped. safetensors are read by the shared reader (`io.read_safetensors`: memory-mapped,
+no torch, bf16 kept as bf16 until the conversion casts it to the fp32 parameters).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax
 import numpy as np
 
 from sana_jax.models.autoencoder import AutoencoderDC, DCAEConfig, param_shapes
+from sana_jax.weights import io
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -147,24 +149,13 @@ def _is_torch_conv1x1(path: tuple[str, ...]) -> bool:
   return path[-2] in ("conv_inverted", "conv_point")
 
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], object]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
+def _flatten(tree: Mapping) -> dict[tuple[str, ...], object]:
+  """io.flatten (the shared tree flattening) with the keys split into path tuples."""
+  return {tuple(k.split("/")): v for k, v in io.flatten(tree).items()}
 
 
 def _unflatten(flat: Mapping[tuple[str, ...], object]) -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return tree
+  return io.unflatten({"/".join(path): v for path, v in flat.items()})
 
 
 def expected_torch_shapes(
@@ -228,10 +219,8 @@ def convert_state_dict(
     if shape != tshape:
       misshaped.append(f"{key}: checkpoint {shape}, expected {tshape}")
       continue
-    w = np.asarray(value)
-    if w.dtype != np.float32:
-      w = w.astype(np.float32)
-    flat[path] = to_flax(_kind(path), w, fshape)
+    w = to_flax(_kind(path), np.asarray(value).astype(np.float32, copy=False), fshape)
+    flat[path] = jax.numpy.asarray(w) if as_jax else np.ascontiguousarray(w)  # one at a time
   missing = sorted(
     k
     for k in expected
@@ -251,8 +240,7 @@ def convert_state_dict(
     if misshaped:
       msg.append(f"  {len(misshaped)} mis-shaped: {_fmt(sorted(misshaped))}")
     raise DCAECheckpointError("\n".join(msg))
-  tree = _unflatten(flat)
-  return jax.tree_util.tree_map(jax.numpy.asarray if as_jax else np.ascontiguousarray, tree)
+  return _unflatten(flat)
 
 
 def to_diffusers_state_dict(
@@ -278,37 +266,15 @@ def to_diffusers_state_dict(
 # ----------------------------------------------------------------------------------------
 
 
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
-
-  try:
-    return load_file(str(path))
-  except (TypeError, ValueError) as e:  # bf16 has no numpy dtype: go through JAX
-    if not any(w in str(e).lower() for w in ("bf16", "bfloat16", "dtype")):
-      raise
-    from safetensors.flax import load_file as load_flax
-
-    return {k: np.asarray(v, np.float32) for k, v in load_flax(str(path)).items()}
-
-
 def read_state_dict(folder: str | os.PathLike) -> dict[str, np.ndarray]:
   """`diffusion_pytorch_model.safetensors`, or its shards via `*.safetensors.index.json`."""
   folder = _resolve(folder)
   index = folder / f"{WEIGHTS_STEM}.safetensors.index.json"
   single = folder / f"{WEIGHTS_STEM}.safetensors"
   if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    out = {}
-    for shard in sorted(set(weight_map.values())):
-      out.update(_read_safetensors(folder / shard))
-    absent = sorted(set(weight_map) - set(out))
-    if absent:
-      raise DCAECheckpointError(
-        f"{index}: tensors listed but absent from the shards: {_fmt(absent)}"
-      )
-    return out
+    return io.read_safetensors_index(index)
   if single.exists():
-    return _read_safetensors(single)
+    return io.read_safetensors(single)
   raise FileNotFoundError(
     f"{folder}: no {single.name} or {index.name} (a diffusers AutoencoderDC "
     "folder, e.g. the 'vae' subfolder of a SANA pipeline, is expected)"
@@ -386,7 +352,7 @@ def load_params(
   d = json.loads((folder / CONFIG_NAME).read_text())
   config = DCAEConfig.from_diffusers(d, **config_overrides)
   parts = tuple(parts)
-  flat = {tuple(k.split("/")): v for k, v in _read_safetensors(folder / PARAMS_NAME).items()}
+  flat = {tuple(k.split("/")): v for k, v in io.read_safetensors(folder / PARAMS_NAME).items()}
   expected = {p: tuple(s.shape) for p, s in _flatten(param_shapes(config)).items() if p[0] in parts}
   got = {p: v for p, v in flat.items() if p[0] in parts}
   missing = sorted("/".join(p) for p in expected if p not in got)

@@ -32,26 +32,8 @@ FORMAT = "sana_jax.dit"
 # ------------------------------------------------------------------------- tree helpers
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(flatten(v, key + "/"))
-    else:
-      out[key] = v
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  tree: dict = {}
-  for key, v in flat.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+flatten = io.flatten  # the one tree flattening ('a/b/kernel' keys), shared by all models
+unflatten = io.unflatten
 
 
 def _expected_flax_shapes(cfg: DiTConfig) -> dict[str, tuple]:

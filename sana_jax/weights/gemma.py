@@ -3,7 +3,8 @@
 One declarative table (`_LAYER_TABLE`, `_GLOBAL_TABLE`) maps transformers names to Flax
 paths with the tensor transform; both directions use it. Loading is strict: missing,
 unexpected or mis-shaped tensors raise one ValueError listing all of them. safetensors
-files are read without torch (safetensors.numpy; bfloat16 through ml_dtypes).
+files are read without torch by the shared reader (`io.read_safetensors`: memory-mapped,
+bfloat16 kept through ml_dtypes).
 
 Accepted folders: `Gemma2Model.save_pretrained` (keys `layers.0....`) or
 `Gemma2ForCausalLM.save_pretrained` (keys `model.layers.0....`, optional `lm_head.weight`,
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import struct
+
 import numpy as np
 
 from sana_jax.models.text_encoder import FULL, SLIDING, Gemma2Config
+from sana_jax.weights import io
 
 # transformers per-layer name -> (our path inside 'layers', transform kind)
 _LAYER_TABLE: tuple[tuple[str, str, str], ...] = (
@@ -120,48 +122,10 @@ def _check_folder(folder: str) -> str:
   return folder
 
 
-_ST_DTYPES = {
-  "F64": np.float64,
-  "F32": np.float32,
-  "F16": np.float16,
-  "I64": np.int64,
-  "I32": np.int32,
-  "I16": np.int16,
-  "I8": np.int8,
-  "U8": np.uint8,
-  "BOOL": np.bool_,
-}
-
-
-def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
-  """Reader for dtypes numpy lacks (BF16): parse the header, view bytes via ml_dtypes."""
-  import ml_dtypes
-
-  dtypes = dict(_ST_DTYPES, BF16=ml_dtypes.bfloat16)
-  with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in dtypes:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    arr = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]])
-    out[name] = arr.reshape(info["shape"])
-  return out
-
-
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of one .safetensors file as numpy arrays (no torch)."""
-  import safetensors.numpy
-
-  try:
-    return safetensors.numpy.load_file(path)
-  except TypeError:  # e.g. "data type 'bfloat16' not understood"
-    return _read_safetensors_raw(path)
+  """All tensors of one .safetensors file (io.read_safetensors: memory-mapped, no torch,
+  bf16 kept)."""
+  return io.read_safetensors(path)
 
 
 def read_hf_state_dict(folder: str) -> dict[str, np.ndarray]:
@@ -170,18 +134,9 @@ def read_hf_state_dict(folder: str) -> dict[str, np.ndarray]:
   index = os.path.join(folder, "model.safetensors.index.json")
   single = os.path.join(folder, "model.safetensors")
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    files = sorted(set(weight_map.values()))
-    missing = [s for s in files if not os.path.isfile(os.path.join(folder, s))]
-    if missing:
-      raise FileNotFoundError(f"{folder!r}: shards listed in the index are missing: {missing}")
-    state = {}
-    for shard in files:
-      state.update(read_safetensors(os.path.join(folder, shard)))
-    return state
+    return io.read_safetensors_index(index)
   if os.path.isfile(single):
-    return read_safetensors(single)
+    return io.read_safetensors(single)
   raise FileNotFoundError(
     f"{folder!r} holds neither model.safetensors nor "
     f"model.safetensors.index.json (files: {sorted(os.listdir(folder))})"
@@ -202,19 +157,6 @@ def _strip_prefix(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # Conversion
 
 
-def _set(tree: dict, path: str, value) -> None:
-  *parents, leaf = path.split("/")
-  for p in parents:
-    tree = tree.setdefault(p, {})
-  tree[leaf] = value
-
-
-def _get(tree: dict, path: str):
-  for p in path.split("/"):
-    tree = tree[p]
-  return tree
-
-
 def hf_to_params(state: dict[str, np.ndarray], config: Gemma2Config, dtype=np.float32) -> dict:
   """transformers state dict -> our nested param dict (layers stacked on axis 0).
 
@@ -232,28 +174,27 @@ def hf_to_params(state: dict[str, np.ndarray], config: Gemma2Config, dtype=np.fl
   if missing or unexpected or mis_shaped:
     raise ValueError(_mismatch_message(config, missing, unexpected, mis_shaped))
 
-  def cast(a):
-    return np.asarray(a).astype(dtype)
-
-  params: dict = {}
-  for hf_name, path, kind in _GLOBAL_TABLE:
-    _set(params, path, cast(state[hf_name]))
+  flat = {path: np.asarray(state[hf_name]).astype(dtype) for hf_name, path, _ in _GLOBAL_TABLE}
   for hf_name, path, kind in _LAYER_TABLE:
-    tensors = [state[f"layers.{i}.{hf_name}"] for i in range(config.num_layers)]
-    if kind == "linear":  # torch Linear (out, in) -> Dense kernel (in, out)
-      tensors = [t.T for t in tensors]
-    _set(params, f"layers/{path}", np.stack([cast(t) for t in tensors], axis=0))
-  return params
+    first = state[f"layers.0.{hf_name}"]
+    shape = first.T.shape if kind == "linear" else first.shape
+    stacked = np.empty((config.num_layers, *shape), dtype)  # filled per layer: one copy
+    for i in range(config.num_layers):
+      t = np.asarray(state[f"layers.{i}.{hf_name}"])
+      stacked[i] = t.T if kind == "linear" else t  # torch Linear (out, in) -> kernel (in, out)
+    flat[f"layers/{path}"] = stacked
+  return unflatten(flat)
 
 
 def params_to_hf(params: dict, config: Gemma2Config, prefix: str = "") -> dict:
   """Inverse of `hf_to_params`: our tree -> transformers names (prefix 'model.' for a
-  Gemma2ForCausalLM body). Arrays are numpy float32, contiguous."""
+  Gemma2ForCausalLM body). Arrays are numpy in the params' dtype, contiguous."""
+  flat = flatten(params)
   out = {}
   for hf_name, path, kind in _GLOBAL_TABLE:
-    out[prefix + hf_name] = np.ascontiguousarray(np.asarray(_get(params, path)))
+    out[prefix + hf_name] = np.ascontiguousarray(np.asarray(flat[path]))
   for hf_name, path, kind in _LAYER_TABLE:
-    stacked = np.asarray(_get(params, f"layers/{path}"))
+    stacked = np.asarray(flat[f"layers/{path}"])
     for i in range(config.num_layers):
       t = stacked[i].T if kind == "linear" else stacked[i]
       out[f"{prefix}layers.{i}.{hf_name}"] = np.ascontiguousarray(t)
@@ -298,22 +239,7 @@ def load_hf_folder(
 # Our format
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}/{k}" if prefix else k
-    if isinstance(v, dict):
-      out.update(flatten(v, key))
-    else:
-      out[key] = np.ascontiguousarray(np.asarray(v))
-  return out
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for k, v in flat.items():
-    _set(tree, k, v)
-  return tree
+flatten, unflatten = io.flatten, io.unflatten  # the shared tree flattening
 
 
 PARAMS_FILE = "params.safetensors"
@@ -322,10 +248,8 @@ CONFIG_FILE = "config.json"
 
 def save_params(params: dict, config: Gemma2Config, folder: str) -> None:
   """Write `params.safetensors` (flat '/'-joined keys) and `config.json` into folder."""
-  import safetensors.numpy
-
   os.makedirs(folder, exist_ok=True)
-  safetensors.numpy.save_file(
+  io.write_safetensors(
     flatten(params), os.path.join(folder, PARAMS_FILE), metadata={"format": "sana_jax.gemma2"}
   )
   with open(os.path.join(folder, CONFIG_FILE), "w") as f:

@@ -1,8 +1,10 @@
 """Reading and writing tensor files without torch where possible.
 
-- safetensors: read by parsing the header ourselves, so bf16/fp16 checkpoints load as
-  numpy (bf16 via ml_dtypes), with a clear error for truncated files; written with
-  safetensors.numpy.
+- safetensors: one strict reader for every model (`read_safetensors`, shards through
+  `read_safetensors_index`): the header parsed here, the tensors read-only numpy views of
+  a memory map (no copy; bf16 stays bf16 via ml_dtypes), clear errors naming the file,
+  the tensor, its dtype and shape; written with safetensors.numpy.
+- parameter trees: one `flatten` / `unflatten` ('a/b/kernel' keys) for every model.
 - diffusers folders: a single `*.safetensors` or shards + `*.safetensors.index.json`.
 - `.pth`: torch.load(weights_only=True) (torch imported lazily); pickles carrying code are
   refused by torch, and we re-raise with the path.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import pathlib
 import re
@@ -25,7 +28,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -60,40 +63,133 @@ def _require_exists(path: str | os.PathLike) -> pathlib.Path:
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """All tensors of one .safetensors file as numpy arrays (bf16 as ml_dtypes.bfloat16)."""
+  """All tensors of one .safetensors file as read-only numpy views of a memory map of it:
+  nothing is read until used and no copy is made, so a converter's peak is its output,
+  not its input plus its output. Each tensor keeps the file's dtype (BF16 as
+  ml_dtypes.bfloat16, F8 as ml_dtypes float8; never upcast). Strict: a truncated file, a
+  corrupt header, an unknown dtype or a tensor whose byte range does not fit its dtype and
+  shape raises CheckpointError naming the file and the tensor."""
   path = _require_exists(path)
-  data = path.read_bytes()
-  if len(data) < 8:
-    raise CheckpointError(f"{path}: truncated safetensors file ({len(data)} bytes)")
-  (header_len,) = struct.unpack("<Q", data[:8])
-  if 8 + header_len > len(data):
-    raise CheckpointError(
-      f"{path}: truncated safetensors file (header says {header_len} "
-      f"bytes, file has {len(data) - 8})"
-    )
-  try:
-    header = json.loads(data[8 : 8 + header_len])
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
-  base = 8 + header_len
+  if path.is_dir():
+    raise CheckpointError(f"{path} is a folder, not a .safetensors file")
+  header, base, size = _safetensors_header(path)
+  data = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    if info["dtype"] not in _ST_DTYPES:
-      raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    if base + end > len(data):
+    dtype, shape, start, end = _tensor_entry(path, name, info)
+    if base + end > size:
       raise CheckpointError(
         f"{path}: truncated safetensors file: tensor {name} needs bytes up "
-        f"to {base + end}, file has {len(data)}"
+        f"to {base + end}, file has {size}"
       )
-    dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-    arr = np.frombuffer(
-      data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=base + start
-    )
-    out[name] = arr.reshape(info["shape"])
+    count = (end - start) // dtype.itemsize
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=base + start) if count else None
+    out[name] = np.zeros(shape, dtype) if arr is None else arr.reshape(shape)
   return out
+
+
+def _safetensors_header(path: pathlib.Path) -> tuple[dict, int, int]:
+  """(header dict, offset of the data, file size); CheckpointError when unreadable."""
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+    (header_len,) = struct.unpack("<Q", head)
+    if 8 + header_len > size:
+      raise CheckpointError(
+        f"{path}: truncated safetensors file (header says {header_len} bytes, file has {size - 8})"
+      )
+    raw = f.read(header_len)
+  try:
+    header = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+  return header, 8 + header_len, size
+
+
+def _tensor_entry(path, name: str, info) -> tuple[np.dtype, tuple[int, ...], int, int]:
+  """(dtype, shape, start, end) of one header entry, checked against each other."""
+  if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+    raise CheckpointError(f"{path}: tensor {name}: corrupt header entry {info!r}")
+  if info["dtype"] not in _ST_DTYPES:
+    raise CheckpointError(
+      f"{path}: tensor {name} has unsupported dtype {info['dtype']} "
+      f"(supported: {', '.join(_ST_DTYPES)})"
+    )
+  dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+  shape, offsets = info["shape"], info["data_offsets"]
+  if not (
+    isinstance(shape, list)
+    and all(isinstance(d, int) and d >= 0 for d in shape)
+    and isinstance(offsets, list)
+    and len(offsets) == 2
+    and all(isinstance(o, int) for o in offsets)
+    and 0 <= offsets[0] <= offsets[1]
+  ):
+    raise CheckpointError(
+      f"{path}: tensor {name}: corrupt header entry (shape {shape}, data_offsets {offsets})"
+    )
+  start, end = offsets
+  need = math.prod(shape) * dtype.itemsize
+  if end - start != need:
+    raise CheckpointError(
+      f"{path}: tensor {name}: {info['dtype']} {tuple(shape)} needs {need} bytes, "
+      f"its data_offsets give {end - start}"
+    )
+  return dtype, tuple(shape), start, end
+
+
+def read_safetensors_index(index: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The tensors of every shard an `*.safetensors.index.json` lists (read_safetensors each);
+  strict: a listed shard that is absent, or a tensor listed but in none of the shards."""
+  index = pathlib.Path(index)
+  weight_map = read_json(index, "safetensors index").get("weight_map")
+  if not isinstance(weight_map, dict):
+    raise CheckpointError(f"{index}: no 'weight_map' object")
+  shards = sorted(set(weight_map.values()))
+  absent = [s for s in shards if not (index.parent / s).is_file()]
+  if absent:
+    raise FileNotFoundError(f"{index.parent}: shards listed in {index.name} are missing: {absent}")
+  out = {}
+  for shard in shards:
+    out.update(read_safetensors(index.parent / shard))
+  missing = sorted(set(weight_map) - set(out))
+  if missing:
+    raise CheckpointError(f"{index}: tensors listed but absent from shards: {missing[:10]}")
+  return out
+
+
+# ------------------------------------------------------------------- parameter trees
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  """A nested mapping of parameters -> {'a/b/kernel': leaf}, leaves as they are (the keys
+  of our params.safetensors files; every weights module uses this one)."""
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(flatten(v, key + "/"))
+    else:
+      out[key] = v
+  return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  """Inverse of `flatten`: {'a/b/kernel': leaf} -> nested plain dicts."""
+  tree: dict = {}
+  for key, v in flat.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
 
 
 def write_safetensors(
@@ -135,17 +231,7 @@ def read_safetensors_folder(
         f"{[p.name for p in indices + singles] or 'no safetensors files'}"
       )
   if index.exists():
-    weight_map = read_json(index, "safetensors index").get("weight_map")
-    if not isinstance(weight_map, dict):
-      raise CheckpointError(f"{index}: no 'weight_map' object")
-    out = {}
-    for shard in sorted(set(weight_map.values())):
-      tensors = read_safetensors(folder / shard)
-      out.update(tensors)
-    missing = sorted(set(weight_map) - set(out))
-    if missing:
-      raise CheckpointError(f"{index}: tensors listed but absent from shards: {missing[:10]}")
-    return out
+    return read_safetensors_index(index)
   return read_safetensors(single)
 
 
@@ -345,34 +431,16 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
 
 
 def check_safetensors(path: str | os.PathLike) -> None:
-  """Reads only the header: raises CheckpointError for a corrupt or truncated file."""
+  """Reads only the header: raises CheckpointError (as `read_safetensors` would) for a
+  corrupt or truncated file, an unknown dtype or an entry whose bytes do not fit it."""
   path = _require_exists(path)
-  size = path.stat().st_size
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-    (header_len,) = struct.unpack("<Q", head)
-    if 8 + header_len > size:
-      raise CheckpointError(
-        f"{path}: not a safetensors file or truncated (header says "
-        f"{header_len} bytes, file has {size - 8})"
-      )
-    try:
-      header = json.loads(f.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
-  if not isinstance(header, dict):
-    raise CheckpointError(f"{path}: corrupt safetensors header")
+  header, base, size = _safetensors_header(path)
   ends = [
-    info["data_offsets"][1]
-    for name, info in header.items()
-    if name != "__metadata__" and isinstance(info, dict) and "data_offsets" in info
+    _tensor_entry(path, name, info)[3] for name, info in header.items() if name != "__metadata__"
   ]
-  if ends and 8 + header_len + max(ends) > size:
+  if ends and base + max(ends) > size:
     raise CheckpointError(
-      f"{path}: truncated safetensors file: tensors need "
-      f"{8 + header_len + max(ends)} bytes, file has {size}"
+      f"{path}: truncated safetensors file: tensors need {base + max(ends)} bytes, file has {size}"
     )
 
 
