@@ -389,7 +389,7 @@ def build_blocks(pipe, model_name: str = "model"):
         with gr.Row():
           seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
           num_images = gr.Slider(
-            1, MAX_IMAGES, value=1, step=1, label="number of images (kept, with best-of-N)"
+            1, MAX_IMAGES, value=1, step=1, label="number of images", info="best-of-N keeps these"
           )
         with gr.Row():
           steps = gr.Slider(1, MAX_STEPS, value=sampler["steps"], step=1, label="steps")
@@ -406,7 +406,9 @@ def build_blocks(pipe, model_name: str = "model"):
         button = gr.Button("Generate", variant="primary", elem_id="generate")
       with gr.Column(scale=2):
         summary = gr.Markdown(elem_id="summary")
-        gallery = gr.Gallery(label="images", columns=4, height=250, object_fit="contain")
+        gallery = gr.Gallery(
+          label="images", columns=4, height=250, object_fit="contain", fit_columns=False
+        )
         table = gr.Dataframe(headers=list(VERDICT_HEADERS), label="the judge's verdicts", wrap=True)
         bracket = gr.Image(label="bracket (gold: kept)", type="pil", show_label=True)
     example.change(lambda p: p or gr.skip(), example, prompt)

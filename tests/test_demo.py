@@ -206,7 +206,7 @@ def test_blocks_build_and_wire_generate():
   blocks = demo.build_blocks(fake, model_name="fake")
   assert isinstance(blocks, gr.Blocks)
   labels = {c.get("props", {}).get("label") for c in blocks.config["components"]}
-  for want in ("prompt", "seed", "steps", "guidance", "the judge's verdicts"):
+  for want in ("prompt", "seed", "steps", "guidance", "number of images", "the judge's verdicts"):
     assert want in labels, labels
   (fn,) = [f for f in blocks.fns.values() if f.api_name == "generate"]
   gallery, rows, bracket, text = fn.fn("one triangle", 0, 5, 1.0, 1, 2)
