@@ -64,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     help="model folder (default: the embedded ShapesEval model, sana_jax/assets/shapes_model)",
   )
   ap.add_argument(
+    "--lora",
+    type=pathlib.Path,
+    default=None,
+    help="a LoRA .safetensors file in diffusers' format (ours exported, or PEFT-trained) for "
+    "this model, merged into the transformer before sampling (default: none)",
+  )
+  ap.add_argument(
+    "--lora_scale",
+    type=float,
+    default=None,
+    help="strength of --lora: W + scale * (alpha / r) A B; 0 is the base model (default: 1.0)",
+  )
+  ap.add_argument(
     "--height",
     type=int,
     default=None,
@@ -248,13 +261,41 @@ def check_args(args) -> dict:
       f"most {MAX_UPSCALE:g}x is allowed ({int(gen_h * MAX_UPSCALE)}x"
       f"{int(gen_w * MAX_UPSCALE)} here), or pass --no_binning to sample at {h}x{w}"
     )
+  lora = check_lora(args, model)
   note = None
   if (gen_h, gen_w) != (h, w):
     note = (
       f"note: sampling at {gen_h}x{gen_w} (the aspect-ratio bin of this model's "
       f"{base} px base size nearest {h}x{w}), then resizing the images to {h}x{w}"
     )
-  return {"prompts": prompts, "model": model, "note": note}
+  return {"prompts": prompts, "model": model, "note": note, "lora": lora}
+
+
+def check_lora(args, model: pathlib.Path):
+  """(adapter tree, its config) of --lora checked against the model's transformer config
+  (the LoRA file is read; the model's weights are not), or None without --lora."""
+  import math
+
+  if args.lora is None:
+    if args.lora_scale is not None:
+      raise UsageError(f"--lora_scale {args.lora_scale:g}: needs --lora FILE")
+    return None
+  if args.lora_scale is not None and not math.isfinite(args.lora_scale):
+    raise UsageError(f"--lora_scale {args.lora_scale:g}: must be a finite number")
+  from sana_jax.lora import LoraError
+  from sana_jax.lora import diffusers as lora_diffusers
+  from sana_jax.models.dit_config import DiTConfig
+  from sana_jax.weights import io
+
+  if not args.lora.is_file():
+    what = "a folder" if args.lora.is_dir() else "no such file"
+    raise UsageError(f"--lora {args.lora}: {what}; give a LoRA .safetensors file")
+  try:
+    meta = io.read_json(model / "transformer" / "config.json", "transformer config")
+    cfg = DiTConfig.coerce(meta["model"])
+    return lora_diffusers.load(args.lora, cfg)
+  except (LoraError, io.CheckpointError, KeyError, ValueError) as e:
+    raise UsageError(f"--lora {args.lora}: {e}") from None
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -271,13 +312,26 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   compile_cache.enable(cache)
+  from sana_jax import bundle
   from sana_jax.models.prompts import PromptWarning
   from sana_jax.pipeline import SamplingOptions, SanaPipeline
   from sana_jax.utils_images import save_images
 
   prompts = plan["prompts"]
   t0 = time.perf_counter()
-  pipe = SanaPipeline.from_folder(plan["model"])
+  loaded = bundle.load(plan["model"])
+  if plan["lora"]:
+    from sana_jax.lora import merge
+
+    scale = 1.0 if args.lora_scale is None else args.lora_scale
+    loaded.dit_params, loaded.dit_config = merge.merge_into(
+      loaded.dit_params, loaded.dit_config, *plan["lora"], scale
+    )
+    lcfg = plan["lora"][1]
+    print(
+      f"merged LoRA {args.lora} (rank {lcfg.lora_rank}, {len(lcfg.lora_targets)} targets) at scale {scale:g}"
+    )
+  pipe = SanaPipeline(loaded)
   opts = SamplingOptions(
     height=args.height,
     width=args.width,
