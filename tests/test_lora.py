@@ -225,13 +225,22 @@ def test_merge_equals_applying(base, scale):
   assert ref.rel_err(_ours(plain_cfg, params, inputs), want) > 0.1
 
 
-def test_merge_keeps_a_bf16_base_bf16(base):
+def test_merge_into_a_bf16_base_is_not_rounded_back(base):
+  """A bf16 base (the shipped model's storage) merges into float32 kernels: an update far
+  below bf16's resolution survives."""
   import ml_dtypes
 
   _, params = base
   bf = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), params)
-  merged, _ = merge.merge(merge.attach(bf, _random_adapters(LCFG, 2)), LCFG)
-  assert merged["blocks"]["self_attn"]["qkv"]["kernel"].dtype == ml_dtypes.bfloat16
+  tiny = jax.tree.map(lambda a: a * 1e-3, _random_adapters(LCFG, 2))
+  merged, _ = merge.merge(merge.attach(bf, tiny), LCFG)
+  kernel = merged["blocks"]["self_attn"]["qkv"]["kernel"]
+  assert kernel.dtype == np.float32
+  a, b = tiny["blocks"]["self_attn"]["qkv"]["lora_a"], tiny["blocks"]["self_attn"]["qkv"]["lora_b"]
+  want = bf["blocks"]["self_attn"]["qkv"]["kernel"].astype(
+    np.float32
+  ) + LCFG.lora_scale * np.einsum("ligr,lgro->ligo", a, b)
+  np.testing.assert_allclose(kernel, want, rtol=1e-6, atol=1e-9)
 
 
 # -------------------------------------------------------------------- bad files
@@ -422,4 +431,97 @@ def test_preprocess_bad_jsonl_refused(pixel_model, tmp_path, capsys, case):
   before = cli_contract.snapshot(tmp_path)
   result = cli_contract.call_main(preprocess.main, argv, capsys)
   cli_contract.assert_refused(result, "--captions", *fragments)
+  cli_contract.assert_unchanged(before)
+
+
+# ------------------------------------------------------------ sample --lora FILE
+
+
+@pytest.fixture(scope="module")
+def shapes_lora(tmp_path_factory):
+  """A random LoRA (default targets, rank 2) exported for the embedded model's geometry."""
+  from sana_jax import shapes_model
+
+  tmp_path, name = tmp_path_factory.mktemp("shapes_lora"), "shapes_lora.safetensors"
+
+  meta = json.loads((shapes_model.DEFAULT_MODEL / "transformer" / "config.json").read_text())
+  cfg = DiTConfig.coerce(meta["model"]).replace(lora_rank=2, lora_alpha=4.0)
+  base = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), dit.abstract_params(cfg))
+  adapted = merge.attach(merge.split(base)[0], _random_adapters(cfg, 8))
+  return lora_diffusers.save(tmp_path / name, adapted, cfg)
+
+
+def test_sample_merges_the_lora_at_its_scale(tmp_path, monkeypatch, shapes_lora):
+  """sample --lora F --lora_scale 0.5 samples the model whose kernels are W + 0.5 B_d A_d
+  (the file's own tensors, diffusers' convention): checked on the bundle the pipeline gets."""
+  from sana_jax import pipeline, shapes_model
+  from sana_jax.commands import sample
+  from sana_jax.weights import dit as dw
+
+  path = shapes_lora
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def capture(self, bundle, **kw):
+    seen["bundle"] = bundle
+    raise Stop
+
+  monkeypatch.setattr(pipeline.SanaPipeline, "__init__", capture)
+  argv = ["--prompt", "a red circle", "--out", tmp_path / "o", "--no_progress", "--lora", path]
+  with pytest.raises(Stop):
+    sample.main([str(a) for a in argv + ["--lora_scale", "0.5"]])
+  got = seen["bundle"]
+  assert got.dit_config.lora_rank == 0 and not merge.split(got.dit_params)[1]
+  base, _, _ = dw.load_flax(shapes_model.DEFAULT_MODEL / "transformer")
+  sd, _ = lora_diffusers.read_file(path)
+  for i in range(got.dit_config.depth):
+    for j, m in enumerate(["to_q", "to_k", "to_v"]):
+      k = f"transformer.transformer_blocks.{i}.attn1.{m}.lora_"
+      want = (
+        base["blocks"]["self_attn"]["qkv"]["kernel"][i, :, j]
+        + 0.5 * (sd[k + "B.weight"] @ sd[k + "A.weight"]).T
+      )
+      np.testing.assert_allclose(
+        got.dit_params["blocks"]["self_attn"]["qkv"]["kernel"][i, :, j], want, atol=1e-6
+      )
+  np.testing.assert_array_equal(  # untargeted kernels untouched
+    got.dit_params["blocks"]["mlp"]["point"]["kernel"], base["blocks"]["mlp"]["point"]["kernel"]
+  )
+
+
+SAMPLE_BAD = {
+  "missing file": (["--lora", "ABSENT"], ["--lora", "no such file"]),
+  "a folder": (["--lora", "DIR"], ["--lora", "a folder"]),
+  "not safetensors": (["--lora", "TEXT"], ["--lora", "not a safetensors file"]),
+  "another geometry": (["--lora", "TINY"], ["--lora", "another geometry"]),
+  "scale nan": (["--lora", "GOOD", "--lora_scale", "nan"], ["--lora_scale", "nan", "finite"]),
+  "scale inf": (["--lora", "GOOD", "--lora_scale", "inf"], ["--lora_scale", "inf"]),
+  "scale not a number": (["--lora", "GOOD", "--lora_scale", "x"], ["--lora_scale", "'x'"]),
+  "scale without lora": (["--lora_scale", "0.5"], ["--lora_scale", "needs --lora"]),
+}
+
+
+@pytest.mark.contract
+@pytest.mark.parametrize("case", list(SAMPLE_BAD))
+def test_sample_bad_lora_refused(tmp_path, capsys, case, shapes_lora):
+  from sana_jax.commands import sample
+  from tests import cli_contract
+
+  files = {"ABSENT": tmp_path / "absent.safetensors", "DIR": tmp_path / "adir"}
+  files["DIR"].mkdir()
+  files["TEXT"] = tmp_path / "notes.safetensors"
+  files["TEXT"].write_text("not a tensor file at all\n" * 4)
+  if case == "another geometry":
+    adapted = merge.attach(_zero_base(), _random_adapters(LCFG, 0))
+    files["TINY"] = lora_diffusers.save(tmp_path / "tiny.safetensors", adapted, LCFG)
+  files["GOOD"] = shapes_lora
+  extra, fragments = SAMPLE_BAD[case]
+  extra = [str(files.get(a, a)) for a in extra]
+  out = tmp_path / "out"
+  before = cli_contract.snapshot(tmp_path)
+  argv = ["--prompt", "a red circle", "--out", out, "--no_progress", *extra]
+  result = cli_contract.call_main(sample.main, argv, capsys)
+  cli_contract.assert_refused(result, *fragments)
   cli_contract.assert_unchanged(before)

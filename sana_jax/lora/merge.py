@@ -3,8 +3,8 @@
 A parameter tree with adapters holds, beside each targeted block kernel (L, in, [g,] out),
 `lora_a` (L, in, [g,] r) and `lora_b` (L, [g,] r, out); the model adds
 (alpha / r) (x A) B. Merging replaces the kernel by W + lora_scale * (alpha / r) A B per
-block and slice (computed in float32, stored in the kernel's dtype) and drops the adapter
-leaves, so the plain model (lora_rank 0) computes what the adapted one did (lora_scale 1).
+block and slice (computed and stored in float32: a bf16 base kernel is not rounded back,
+which would erase adapter updates below bf16's resolution) and drops the adapter leaves, so the plain model (lora_rank 0) computes what the adapted one did (lora_scale 1).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def _delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def merge(params: Mapping, cfg: DiTConfig, lora_scale: float = 1.0) -> tuple[dict, DiTConfig]:
   """(params with every adapter folded into its kernel, cfg with lora_rank 0).
 
-  lora_scale multiplies the adapters' effect (0: the base model, 1: as trained). The kernels
-  keep their dtype (a bf16 base stays bf16; the sum is formed in float32)."""
+  lora_scale multiplies the adapters' effect (0: the base model, 1: as trained). Merged
+  kernels are float32 (float64 stays float64); other leaves keep their dtype."""
   if not cfg.lora_rank:
     raise LoraGeometryError("the config has lora_rank 0: there are no adapters to merge")
   factor = float(lora_scale) * cfg.lora_scale
@@ -83,10 +83,24 @@ def merge(params: Mapping, cfg: DiTConfig, lora_scale: float = 1.0) -> tuple[dic
         raise LoraGeometryError(
           f"adapter product {delta.shape} does not match its kernel {kernel.shape}"
         )
-      out["kernel"] = (kernel.astype(np.float32) + factor * delta).astype(kernel.dtype)
+      dtype = np.float64 if kernel.dtype == np.float64 else np.float32
+      out["kernel"] = kernel.astype(dtype) + factor * delta.astype(dtype)
     return out
 
   merged = fold(params)
   _, left = split(merged)
   assert not left
   return merged, cfg.replace(lora_rank=0, lora_alpha=0.0)
+
+
+def merge_into(
+  base: Mapping, base_cfg: DiTConfig, adapters: Mapping, lora_cfg: DiTConfig, lora_scale: float
+) -> tuple[dict, DiTConfig]:
+  """A model without adapters (base, base_cfg) with an adapter tree (from
+  `sana_jax.lora.diffusers.load`, whose lora_cfg gives rank, alpha and targets) folded in
+  at lora_scale: (merged params, base_cfg)."""
+  cfg = base_cfg.replace(
+    lora_rank=lora_cfg.lora_rank, lora_alpha=lora_cfg.lora_alpha, lora_targets=lora_cfg.lora_targets
+  )
+  merged, _ = merge(attach(base, adapters), cfg, lora_scale)
+  return merged, base_cfg
