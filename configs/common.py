@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from sana_jax.models.dit_config import DiTConfig
+from sana_jax.models.dit_config import DEFAULT_LORA_TARGETS, DiTConfig
 
 
 def dit(**overrides) -> ml_collections.ConfigDict:
@@ -37,6 +37,12 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       sqrt_lr_scaling=False,
       grad_clip=0.1,
       ema_decay=0.9999,
+      # EMA storage: "fp32"; "bf16" (half the memory; stochastically rounded updates);
+      # "off" (no EMA: export/sample the raw weights).
+      ema="fp32",
+      # "bfloat16": the trained parameters stored in bf16 (updates computed in fp32 and
+      # stochastically rounded; no fp32 master copy): half the parameter and gradient memory.
+      param_dtype="float32",
       cfg_dropout=0.1,
       timestep_sampler="logit_normal",
       seed=0,
@@ -47,6 +53,13 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       max_consecutive_nonfinite=20,
       peak_tflops=0.0,
       init_from="",
+      # LoRA fine-tuning (rank 0 = off, train the whole model): adapters on `targets` (see
+      # sana_jax.models.dit_config.LORA_TARGETS) are the only trained parameters; the rest of
+      # the model is frozen (from `base`: a DiT or pipeline folder or a training workdir;
+      # empty = the seed's random init), stored in `base_dtype` ("float32" / "bfloat16").
+      # alpha 0 means alpha = rank (scale 1). The adapters are written to
+      # WORKDIR/lora/adapter.safetensors at every checkpoint.
+      lora=dict(rank=0, alpha=0.0, targets=DEFAULT_LORA_TARGETS, base="", base_dtype="float32"),
     )
   )
   tc.update(overrides)

@@ -207,3 +207,97 @@ def restore_params(workdir: str | pathlib.Path, step: int | None = None, ema: bo
   )
   key = "ema_params" if ema else "params"
   return restored[key], step
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+ADAPTER_FORMAT = "sana_jax.lora_adapter"
+ADAPTER_DIR = "lora"
+
+
+def adapter_path(workdir: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
+  """workdir/lora/adapter.safetensors (the latest) or workdir/lora/adapter_<step>.safetensors."""
+  name = "adapter.safetensors" if step is None else f"adapter_{step}.safetensors"
+  return pathlib.Path(workdir).absolute() / ADAPTER_DIR / name
+
+
+def save_adapters(workdir, step: int, state, model_cfg) -> pathlib.Path | None:
+  """Writes the trained adapters of a LoRA state (every process must call it; process 0
+  writes): workdir/lora/adapter_<step>.safetensors, then the same bytes as
+  workdir/lora/adapter.safetensors, each renamed into place whole.
+
+  Format: safetensors, one tensor per adapter leaf keyed by its '/'-joined path in the DiT
+  tree (e.g. "blocks/self_attn/qkv/lora_a", fp32, shapes as in the model: lora_a
+  (depth, in, [g,] r), lora_b (depth, [g,] r, out)); the EMA weights (the raw ones under
+  train.ema="off"). Header metadata (strings): format "sana_jax.lora_adapter", step,
+  weights ("ema" or "params"), rank, alpha, scale (= alpha / rank, not folded in), targets
+  (JSON list), model (JSON of the DiTConfig with the adapters, as in config.json)."""
+  from sana_jax.weights import dit as dit_weights
+  from sana_jax.weights import io
+
+  tree = state.params if state.ema_params is None else state.ema_params
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  flat = {
+    k: np.asarray(v, np.float32) for k, v in dit_weights.flatten(jax.device_get(tree)).items()
+  }
+  if jax.process_index() != 0:
+    return None
+  meta = {
+    "format": ADAPTER_FORMAT,
+    "step": str(step),
+    "weights": "params" if state.ema_params is None else "ema",
+    "rank": str(model_cfg.lora_rank),
+    "alpha": repr(float(model_cfg.lora_alpha)),
+    "scale": repr(float(model_cfg.lora_scale)),
+    "targets": json.dumps(list(model_cfg.lora_targets)),
+    "model": json.dumps(model_cfg.to_dict()),
+  }
+  for path in (adapter_path(workdir, step), adapter_path(workdir)):
+    with io.atomic_output(path, is_dir=False) as tmp:
+      io.write_safetensors(flat, tmp, metadata=meta)
+  return adapter_path(workdir)
+
+
+def base_folder(path: str | pathlib.Path) -> pathlib.Path | None:
+  """The DiT folder (config.json + params.safetensors) a train.lora.base names: the folder
+  itself, or its transformer/ (a pipeline folder such as sana_jax/assets/shapes_model);
+  None when it is neither (it may be a training workdir: see load_base)."""
+  p = pathlib.Path(path)
+  for folder in (p, p / "transformer"):
+    if (folder / "config.json").is_file() and (folder / "params.safetensors").is_file():
+      return folder
+  return None
+
+
+def base_config(path: str | pathlib.Path) -> dict:
+  """The model config dict of a train.lora.base: a DiT folder's config.json "model", or the
+  config saved with a training workdir's newest checkpoint. Raises ValueError (what it
+  is not) or CorruptCheckpoint."""
+  folder = base_folder(path)
+  if folder is not None:
+    meta = json.loads((folder / "config.json").read_text())
+    if not isinstance(meta, dict) or "model" not in meta:
+      raise ValueError(f"{folder / 'config.json'} has no 'model' section")
+    return meta["model"]
+  if saved_steps(path):
+    return read_config(path)["model"]
+  raise ValueError(
+    "not a sana_jax DiT folder (config.json and params.safetensors, or a pipeline folder "
+    "with transformer/) nor a training workdir with checkpoints/"
+  )
+
+
+def load_base(path: str | pathlib.Path) -> dict:
+  """The parameter tree (numpy) of a train.lora.base: a DiT folder's weights, or a
+  training workdir's newest EMA parameters (the full tree; its adapters, if any, left in)."""
+  folder = base_folder(path)
+  if folder is not None:
+    from sana_jax.weights import dit as dit_weights
+
+    params, _, _ = dit_weights.load_flax(folder)
+    return params
+  state_tree, _ = restore_params(path, ema=True)
+  return state_tree

@@ -63,7 +63,7 @@ IMPLEMENTATION_FIELDS = ("model.compute_dtype", "model.remat_policy", "model.dep
 # Fields that fix the order of the data the checkpoint's iterator continues.
 DATA_ORDER_FIELDS = ("train.global_batch", "train.seed", "data.num_epochs")
 # Fields whose state is meaningless under another value even where its shapes match.
-STATE_MEANING_FIELDS = ("train.optimizer",)
+STATE_MEANING_FIELDS = ("train.optimizer", "train.lora.alpha", "train.lora.base")
 
 
 def mesh_devices(config: ml_collections.ConfigDict) -> list:
@@ -126,6 +126,7 @@ def validate(config: ml_collections.ConfigDict) -> dict:
   )
   if not (isinstance(tc.ema_decay, (int, float)) and 0 <= tc.ema_decay <= 1):
     bad.append(f"train.ema_decay={tc.ema_decay!r} must be in [0, 1]")
+  bad += state_lib.check_train_settings(tc)
   if not (isinstance(tc.cfg_dropout, (int, float)) and 0 <= tc.cfg_dropout <= 1):
     bad.append(f"train.cfg_dropout={tc.cfg_dropout!r} must be in [0, 1]")
   if not isinstance(tc.lr, (int, float)) or tc.lr < 0:
@@ -154,6 +155,7 @@ def validate(config: ml_collections.ConfigDict) -> dict:
   try:
     optim_lib.make_optimizer(tc)  # validates the optimizer name
     m = DiTConfig.coerce(config.model)
+    m = state_lib.model_config(config)
   except (ValueError, TypeError) as e:
     raise UsageError(str(e)) from e
   if not config.data.dir:
@@ -204,7 +206,9 @@ def validate(config: ml_collections.ConfigDict) -> dict:
 def state_structure(config_dict: dict):
   """(treedef, [(shape, dtype)]) of the train state a config builds (nothing allocated)."""
   c = ml_collections.ConfigDict(config_dict)
-  abstract = state_lib.abstract_state(DiTConfig.coerce(c.model), optim_lib.make_optimizer(c.train))
+  abstract = state_lib.abstract_state(
+    state_lib.model_config(c), optim_lib.make_optimizer(c.train), c.train
+  )
   leaves, treedef = jax.tree_util.tree_flatten(abstract)
   return treedef, [(tuple(l.shape), str(l.dtype)) for l in leaves]
 
@@ -277,6 +281,7 @@ class Prepared:
   model_cfg: DiTConfig
   resume_step: int | None  # the checkpoint a resume will try first
   init_from_cfg: Any = None
+  lora_base_cfg: Any = None  # the DiTConfig of train.lora.base
 
 
 def _check_workdir(workdir: pathlib.Path) -> None:
@@ -320,6 +325,27 @@ def _check_init_from(path: str, model_cfg: DiTConfig) -> DiTConfig:
   return cfg
 
 
+def _check_lora_base(path: str, model_cfg: DiTConfig) -> DiTConfig:
+  """train.lora.base must be a DiT folder (or pipeline folder, or training workdir) of the
+  model's geometry (its adapter fields and implementation fields aside)."""
+  try:
+    cfg = DiTConfig.coerce(checkpoint.base_config(path))
+  except (ValueError, TypeError, OSError, checkpoint.CorruptCheckpoint) as e:
+    raise UsageError(f"train.lora.base={path}: {e}") from e
+  ignore = IMPLEMENTATION_FIELDS + ("model.lora_rank", "model.lora_alpha", "model.lora_targets")
+  diff = {
+    f"model.{k}": (v, getattr(model_cfg, k))
+    for k, v in cfg.to_dict().items()
+    if f"model.{k}" not in ignore and getattr(model_cfg, k) != v
+  }
+  if diff:
+    raise UsageError(
+      f"train.lora.base {path} does not fit the model config (base -> config): "
+      f"{checkpoint.format_changes(diff)}"
+    )
+  return cfg
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Prepared:
   """Every check before any work; reads only, creates nothing. Raises UsageError (and
   IncompatibleCheckpoint for a config change the workdir's checkpoint cannot take)."""
@@ -329,7 +355,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Pr
   devices = mesh_devices(config)
   m = config.mesh
   shape = parallel.mesh_shape(len(devices), m.data, m.fsdp, m.tensor)
-  model_cfg = DiTConfig.coerce(config.model)
+  model_cfg = state_lib.model_config(config)
   resume_step = None
   for step in reversed(checkpoint.saved_steps(workdir)):
     try:
@@ -341,7 +367,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Pr
     resume_step = step
     break
   init_cfg = _check_init_from(config.train.init_from, model_cfg) if config.train.init_from else None
-  return Prepared(shapes, devices, shape, model_cfg, resume_step, init_cfg)
+  base = state_lib.lora_settings(config.train)["base"]
+  base_cfg = _check_lora_base(base, model_cfg) if base else None
+  return Prepared(shapes, devices, shape, model_cfg, resume_step, init_cfg, base_cfg)
 
 
 def check_resume(config, workdir, step: int, saved: dict, data_state: dict | None) -> None:
@@ -392,6 +420,29 @@ def init_params_from(path: str, model_cfg: DiTConfig, like):
   return jax.tree.map(lambda p, ref: np.asarray(p).astype(ref.dtype), params, like)
 
 
+def lora_base_params(path: str, like):
+  """The frozen base from train.lora.base (a tree like `like`, the state's `frozen`), cast
+  to its dtypes. Refuses a base whose leaves or shapes differ (named)."""
+  from sana_jax.weights import dit as dit_weights
+
+  loaded = dit_weights.flatten(checkpoint.load_base(path))
+  want = dit_weights.flatten(like)
+  missing = sorted(set(want) - set(loaded))
+  wrong = [
+    f"{k} {tuple(np.shape(loaded[k]))} (expected {tuple(want[k].shape)})"
+    for k in want
+    if k in loaded and tuple(np.shape(loaded[k])) != tuple(want[k].shape)
+  ]
+  if missing or wrong:
+    raise UsageError(
+      f"train.lora.base {path} does not hold the model's base parameters: "
+      + (f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}; " if missing else "")
+      + (f"wrong shapes {wrong[:5]}" if wrong else "")
+    )
+  flat = {k: np.asarray(loaded[k]).astype(want[k].dtype) for k in want}
+  return jax.tree.map(lambda _, v: v, like, dit_weights.unflatten(flat))
+
+
 def _say(verbose: bool, msg: str) -> None:
   if verbose and jax.process_index() == 0:
     print(msg, flush=True)
@@ -427,10 +478,10 @@ def train(
 
   mesh = parallel.make_mesh(*prep.mesh_shape, devices=prep.devices)
   tx = optim_lib.make_optimizer(tc)
-  shardings = state_lib.state_shardings(model_cfg, tx, mesh)
+  shardings = state_lib.state_shardings(model_cfg, tx, mesh, tc)
   abstract = jax.tree_util.tree_map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-    state_lib.abstract_state(model_cfg, tx),
+    state_lib.abstract_state(model_cfg, tx, tc),
     shardings,
   )
   batch_sharding = parallel.batch_sharding(mesh, 4)
@@ -449,15 +500,23 @@ def train(
     start = 0
     state = step_lib.init_state(config, tx, mesh, shardings)
     if tc.init_from:
-      params = init_params_from(tc.init_from, model_cfg, state.params)
-      state = state.replace(
-        params=jax.device_put(params, shardings.params),
-        ema_params=jax.device_put(params, shardings.ema_params),
-        opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(
-          jax.device_put(params, shardings.params)
-        ),
+      fp32 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), state.params)
+      params = init_params_from(tc.init_from, model_cfg, fp32)
+      del state  # the step-0 state of these weights (EMA and dtypes per train.ema/param_dtype)
+      state = jax.jit(lambda p: state_lib.create(p, tx, tc), out_shardings=shardings)(
+        jax.device_put(params, shardings.params)
       )
       _say(verbose, f"starting from step 0 with the weights of {tc.init_from}")
+    elif state.frozen is not None and state_lib.lora_settings(tc)["base"]:
+      base = state_lib.lora_settings(tc)["base"]
+      state = state.replace(
+        frozen=jax.device_put(lora_base_params(base, state.frozen), shardings.frozen)
+      )
+      _say(
+        verbose,
+        f"starting from step 0: LoRA rank {model_cfg.lora_rank} on "
+        f"{', '.join(model_cfg.lora_targets)} over the frozen base {base}",
+      )
     else:
       _say(verbose, "starting from step 0 (no checkpoint in the workdir)")
   else:
@@ -582,6 +641,8 @@ def train(
       stop = stop_now(step)
       if step % tc.checkpoint_every == 0 or step == total or stop:
         checkpoint.save(mgr, step, state, iterator, config_dict, force=True)
+        if state.frozen is not None:
+          checkpoint.save_adapters(workdir, step, state, model_cfg)
       if stop:
         log.warning("SIGTERM: saved a checkpoint at step %d and stopped", step)
         _say(
@@ -601,6 +662,7 @@ def train(
     verbose,
     f"stopped at step {step}: checkpoints {checkpoint.checkpoint_dir(workdir)} "
     f"(steps {checkpoint.saved_steps(workdir)}), metrics {workdir.absolute() / 'metrics.jsonl'}"
-    f", TensorBoard {workdir.absolute() / 'tensorboard'}",
+    f", TensorBoard {workdir.absolute() / 'tensorboard'}"
+    + (f", adapters {checkpoint.adapter_path(workdir)}" if state.frozen is not None else ""),
   )
   return state

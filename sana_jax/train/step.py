@@ -1,4 +1,13 @@
-"""The jitted train step: flow-matching loss, CFG dropout, accumulation; then `update`."""
+"""The jitted train step: flow-matching loss, CFG dropout, accumulation; then `update`.
+
+LoRA (state.frozen is set): the loss is a function of the adapters (state.params) with the
+frozen base closed over, so `jax.grad` never forms a base gradient. train.param_dtype
+"bfloat16": the trained parameters are stored (and differentiated) in bf16, each update is
+computed in fp32 and stochastically rounded back (no fp32 master copy). train.ema: "fp32"
+(update.py's EMA), "bf16" (the EMA stored in bf16, updated in fp32 and stochastically
+rounded back, else a 0.9999 EMA would never move: its step is far below bf16's resolution)
+or "off" (no EMA; the EMA update is dropped from the program).
+"""
 
 from __future__ import annotations
 
@@ -17,8 +26,12 @@ from sana_jax.train import state as state_lib
 from sana_jax.train import update as update_lib
 
 
-def _loss_fn(params, model, batch, noise, draws, drop_u, null_caption, config):
+def _loss_fn(params, frozen, model, batch, noise, draws, drop_u, null_caption, config):
+  """params: the trained tree; frozen: the frozen base under LoRA (not differentiated), or
+  None."""
   tc = config.train
+  if frozen is not None:
+    params = state_lib.merge(params, frozen)
   ti = flow.training_inputs(batch["latent"], noise, draws, config.flow_shift, tc.timestep_sampler)
   caption = flow.drop_captions(drop_u, batch["caption"], null_caption, tc.cfg_dropout)
   pred = model.apply({"params": params}, ti.x_t, ti.model_time, caption, batch["caption_mask"])
@@ -42,7 +55,7 @@ def train_step(
   batch is split into k equal micro-batches whose gradients are averaged.
   """
   tc = config.train
-  model = dit.SanaDiT(config.model)
+  model = dit.SanaDiT(state_lib.model_config(config))
   key = jax.random.fold_in(jax.random.key(tc.seed), state.step)
   k_noise, k_t, k_drop = jax.random.split(key, 3)
   b = batch["latent"].shape[0]
@@ -52,21 +65,85 @@ def train_step(
   grad_fn = jax.value_and_grad(_loss_fn)
   k = tc.grad_accum
   if k == 1:
-    loss, grads = grad_fn(state.params, model, batch, noise, draws, drop_u, null_caption, config)
+    loss, grads = grad_fn(
+      state.params, state.frozen, model, batch, noise, draws, drop_u, null_caption, config
+    )
   else:
     split = lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:])  # noqa: E731
     micro = jax.tree_util.tree_map(split, (batch, noise, draws, drop_u))
 
     def body(acc, xs):
       mb, n, d, u = xs
-      l, g = grad_fn(state.params, model, mb, n, d, u, null_caption, config)
+      l, g = grad_fn(state.params, state.frozen, model, mb, n, d, u, null_caption, config)
       return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None
 
-    zero = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    # accumulated in fp32 whatever the parameters' dtype (train.param_dtype)
+    zero = (
+      jnp.zeros(()),
+      jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
+    )
     (loss, grads), _ = jax.lax.scan(body, zero, micro)
     loss, grads = jax.tree_util.tree_map(lambda a: a / k, (loss, grads))
 
-  return update_lib.apply_gradients(state, loss, grads, tx=tx, tc=tc)
+  return _apply(state, loss, grads, tx=tx, tc=tc)
+
+
+def _hash32(x: jax.Array) -> jax.Array:
+  """murmur3's 32-bit finaliser (uint32 -> uint32, elementwise)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def stochastic_bf16(x: jax.Array, step: jax.Array, salt: int) -> jax.Array:
+  """fp32 -> bf16, rounded up with probability equal to the dropped fraction (unbiased).
+  The dither is a hash of (element index, step, salt): elementwise, so XLA fuses it (no
+  random-bits buffer), identical under any sharding, reproduced exactly on resume."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  idx = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
+  mix = step.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) + jnp.uint32((salt * 0x27D4EB2F) % 2**32)
+  dither = _hash32(idx * jnp.uint32(0x85EBCA77) + mix) >> 16
+  rounded = (bits + dither) & jnp.uint32(0xFFFF0000)
+  out = jax.lax.bitcast_convert_type(rounded, jnp.float32)
+  return jnp.where(jnp.isfinite(x), out, x).astype(jnp.bfloat16)
+
+
+def _stochastic_tree(tree, step, salt: int):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  out = [stochastic_bf16(x, step, salt + i) for i, x in enumerate(leaves)]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _apply(state, loss, grads, *, tx, tc):
+  """update.apply_gradients with train.param_dtype and train.ema's storage. bf16
+  parameters: the update is computed in fp32 (parameters and gradients upcast leaf by leaf
+  inside the update) and the result stochastically rounded back to bf16."""
+  if state_lib.param_dtype(tc) == "float32":
+    return _apply_ema(state, loss, grads, tx=tx, tc=tc)
+  f32 = lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t)  # noqa: E731
+  new, metrics = _apply_ema(state.replace(params=f32(state.params)), loss, f32(grads), tx=tx, tc=tc)
+  params = _stochastic_tree(new.params, state.step, tc.seed * 1_000_003 + 500_009)
+  return new.replace(params=params), metrics
+
+
+def _apply_ema(state, loss, grads, *, tx, tc):
+  """update.apply_gradients with train.ema's storage: fp32 as it is; bf16 updated in fp32
+  and stochastically rounded back; off: the EMA computed on a stand-in and dropped (dead
+  code to XLA)."""
+  mode = state_lib.ema_mode(tc)
+  if mode == "fp32":
+    return update_lib.apply_gradients(state, loss, grads, tx=tx, tc=tc)
+  if mode == "off":
+    new, metrics = update_lib.apply_gradients(
+      state.replace(ema_params=state.params), loss, grads, tx=tx, tc=tc
+    )
+    return new.replace(ema_params=None), metrics
+  up = jax.tree_util.tree_map(lambda e: e.astype(jnp.float32), state.ema_params)
+  new, metrics = update_lib.apply_gradients(state.replace(ema_params=up), loss, grads, tx=tx, tc=tc)
+  ema = _stochastic_tree(new.ema_params, state.step, tc.seed * 1_000_003)
+  return new.replace(ema_params=ema), metrics
 
 
 def jit_train_step(config, tx, mesh, state_shardings):
@@ -97,8 +174,11 @@ def jit_train_step(config, tx, mesh, state_shardings):
 def init_state(config, tx, mesh, state_shardings):
   """A fresh, sharded train state (parameters initialised on their devices)."""
 
+  model_cfg = state_lib.model_config(config)
+
   def init(rng):
-    return state_lib.create(dit.init_params(config.model, rng), tx)
+    params = dit.init_params(model_cfg, rng)
+    return state_lib.create(params, tx, config.train, lora=state_lib.is_lora(model_cfg))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
     return jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.train.seed))
