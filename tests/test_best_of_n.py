@@ -521,10 +521,10 @@ def test_cli_default_path_runs_the_pipeline(tmp_path, monkeypatch):
   model (--steps 4). The candidates equal the pipeline's own images for the same seeds
   (a separate SanaPipeline), the verdicts the real ShapesEval evaluator's on them, and
   the kept candidates the tournament's winners."""
-  from sana_jax.data import shapes
-  from sana_jax.eval import shapes as evaluator
+  from sana_jax.shapes_eval import task as shapes
+  from sana_jax.shapes_eval import evaluator as evaluator
   from sana_jax.pipeline import SamplingOptions, SanaPipeline
-  from sana_jax.shapes_model import DEFAULT_MODEL
+  from sana_jax.shapes_eval.model import DEFAULT_MODEL
 
   spec = next(s for s in shapes.eval_prompts() if s["tag"] == "color_attr")
   meta = tmp_path / "meta.jsonl"

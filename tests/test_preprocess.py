@@ -73,7 +73,7 @@ def test_writes_training_data_and_null_caption(model, tmp_path, capsys, caplog):
   """Every record is the shapes scene of its index through the model's autoencoder, its
   caption through the model's text encoder; the null caption is the encoder's "" prompt.
   One progress bar counting to the examples encoded, no absl ERROR about open files."""
-  from sana_jax.data import shapes
+  from sana_jax.shapes_eval import task as shapes
 
   out = tmp_path / "data"
   assert (

@@ -22,8 +22,8 @@ import traceback
 import numpy as np
 import pytest
 
-from sana_jax.eval import score_model
-from sana_jax.eval import shapes as shapes_eval
+from sana_jax.shapes_eval import score as score_model
+from sana_jax.shapes_eval import evaluator as shapes_eval
 from sana_jax.scaling import best_of_n_cli, prune_cli
 from tests.cli_contract import assert_refused, assert_unchanged, run_command, snapshot
 
@@ -137,7 +137,7 @@ def files(tmp_path_factory):
   (root / "meta_bad.jsonl").write_text("{not json\n")
   (root / "not_a_model").mkdir()
   # a GenEval-layout folder of one prompt, and one whose image is not an image
-  from sana_jax.data import shapes
+  from sana_jax.shapes_eval import task as shapes
 
   spec = shapes.eval_prompts()[0]
   shapes_eval.save_geneval_folder(

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sana_jax.data import shapes
-from sana_jax.eval import score_model
-from sana_jax.eval import shapes as evaluator
+from sana_jax.shapes_eval import task as shapes
+from sana_jax.shapes_eval import score as score_model
+from sana_jax.shapes_eval import evaluator as evaluator
 from sana_jax.scaling.best_of_n import tournament
 from sana_jax.scaling.judges import Verdict
 
@@ -67,7 +67,7 @@ def test_tables_equal_the_evaluator_on_the_saved_images(tmp_path, capsys):
 
   # the images are the pipeline's, seed 1000 * prompt index + candidate
   from sana_jax.pipeline import SamplingOptions, SanaPipeline
-  from sana_jax.shapes_model import DEFAULT_MODEL
+  from sana_jax.shapes_eval.model import DEFAULT_MODEL
 
   flat = [(p, k) for p in range(6) for k in range(3)]
   want = SanaPipeline.from_folder(DEFAULT_MODEL).generate(

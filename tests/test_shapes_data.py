@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from sana_jax.data import shapes as S
+from sana_jax.shapes_eval import task as S
 
 NUMBER_WORDS = {
   1: ("one", "1", "a", "single"),
@@ -185,7 +185,7 @@ def test_grid_cli(tmp_path):
 
 
 def _build(data_dir, image_size=32, num_train=60, seed=1):
-  from sana_jax.data import shapes_tfds
+  from sana_jax.shapes_eval import tfds_builder as shapes_tfds
 
   cfg = shapes_tfds.make_config(image_size, num_train, seed)
   builder = shapes_tfds.ShapesEval(config=cfg, data_dir=str(data_dir))
@@ -205,7 +205,7 @@ def _record_files(data_dir):
 
 def test_tfds_builder_writes_array_record_readable_without_tensorflow(tmp_path):
   import tensorflow_datasets as tfds
-  from sana_jax.data import shapes_tfds
+  from sana_jax.shapes_eval import tfds_builder as shapes_tfds
 
   _build(tmp_path / "a")
   files = _record_files(tmp_path / "a")
@@ -231,7 +231,7 @@ def test_tfds_builder_writes_array_record_readable_without_tensorflow(tmp_path):
   assert seen == {c: 10 for c in S.CATEGORIES}  # balanced
 
   # The eval split renders the evaluation prompts, in order; the evaluator passes them.
-  from sana_jax.eval import shapes as E
+  from sana_jax.shapes_eval import evaluator as E
 
   eval_specs = S.eval_prompts()
   for i in range(len(evals)):
@@ -258,7 +258,7 @@ def test_tfds_builder_is_deterministic(tmp_path):
 
 
 def test_tfds_registered_configs():
-  from sana_jax.data import shapes_tfds
+  from sana_jax.shapes_eval import tfds_builder as shapes_tfds
 
   sizes = {c.name: c.image_size for c in shapes_tfds.ShapesEval.BUILDER_CONFIGS}
   assert sizes == {"32px": 32, "64px": 64, "128px": 128}

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from sana_jax.data import shapes as S
-from sana_jax.eval import shapes as E
+from sana_jax.shapes_eval import task as S
+from sana_jax.shapes_eval import evaluator as E
 
 
 def degrade(img, rng, noise, blur):

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from sana_jax import bundle
-from sana_jax.data import shapes
-from sana_jax.eval import shapes as evaluator
+from sana_jax.shapes_eval import task as shapes
+from sana_jax.shapes_eval import evaluator as evaluator
 from sana_jax.pipeline import SanaPipeline
-from sana_jax.shapes_model import DEFAULT_MODEL
+from sana_jax.shapes_eval.model import DEFAULT_MODEL
 from tests import cli_contract
 from tests.cli_contract import assert_refused, assert_unchanged, run_command, snapshot
 
@@ -47,7 +47,7 @@ def test_shipped_model_samples_and_scores():
 def test_context_probe_tells_the_random_encoder_from_the_pretrained_one(tmp_path):
   # The numbers docs/shapes_model.md reports: a frozen random Gemma is nearly context-free
   # (swapped prompts are the same bag of vectors); the shipped, pre-trained one is not.
-  from sana_jax.shapes_model import context_probe, init, shapes_config
+  from sana_jax.shapes_eval.model import context_probe, init, shapes_config
 
   shipped = context_probe(DEFAULT_MODEL)
   assert shipped["same_word_cos"] < 0.9, shipped
@@ -63,9 +63,9 @@ def test_context_probe_tells_the_random_encoder_from_the_pretrained_one(tmp_path
 def test_pretraining_makes_word_order_readable_through_position_free_attention():
   # Same budget, same readout: training only the readout on the frozen random encoder
   # leaves most captions unreadable; training the encoder too makes them readable.
-  from sana_jax import shapes_encoder
+  from sana_jax.shapes_eval import encoder as shapes_encoder
   from sana_jax.models import prompts, text_encoder
-  from sana_jax.shapes_model import prompt_config, shapes_config, text_encoder_config
+  from sana_jax.shapes_eval.model import prompt_config, shapes_config, text_encoder_config
 
   config = shapes_config()
   tcfg = text_encoder_config(config)
@@ -90,7 +90,7 @@ def test_pretraining_makes_word_order_readable_through_position_free_attention()
 
 def _call_main(argv, capsys) -> subprocess.CompletedProcess:
   """shapes_model.main(argv) in-process (tests.cli_contract.call_main)."""
-  from sana_jax import shapes_model
+  from sana_jax.shapes_eval import model as shapes_model
 
   return cli_contract.call_main(shapes_model.main, argv, capsys)
 
@@ -233,7 +233,7 @@ def _orbax_run(tmp_path, config, step=5):
 
 
 def test_init_and_export_write_whole_and_overwrite_only_when_asked(tmp_path, capsys):
-  from sana_jax import shapes_model
+  from sana_jax.shapes_eval import model as shapes_model
   from sana_jax.weights import dit as dit_weights
 
   config = shapes_model.shapes_config()
@@ -265,7 +265,7 @@ def test_init_and_export_write_whole_and_overwrite_only_when_asked(tmp_path, cap
 
 
 def test_every_option_has_a_help_text_with_its_default():
-  from sana_jax import shapes_model
+  from sana_jax.shapes_eval import model as shapes_model
 
   parser = shapes_model.build_parser()
   subs = [a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)]

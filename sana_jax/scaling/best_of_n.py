@@ -389,6 +389,8 @@ def run_best_of_n(
 
 
 if __name__ == "__main__":
-  from sana_jax.scaling.best_of_n_cli import main
+  # `python -m sana_jax.scaling.best_of_n` still runs the command, which lives in best_of_n_cli
+  # (it imports this module; running it by name keeps the library free of an upward import).
+  import runpy
 
-  raise SystemExit(main())
+  runpy.run_module("sana_jax.scaling.best_of_n_cli", run_name="__main__", alter_sys=True)

@@ -204,7 +204,7 @@ def check_model_folder(model, flag: str = "--model") -> Path:
   """A sana_jax model folder (default: the embedded ShapesEval model), checked without
   loading it."""
   from sana_jax import bundle
-  from sana_jax.shapes_model import DEFAULT_MODEL
+  from sana_jax.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 
   folder = Path(model) if model is not None else DEFAULT_MODEL
   try:

@@ -548,7 +548,7 @@ class ShapesJudge(Judge):
     evaluate = self._evaluate
     if evaluate is None:
       try:
-        from sana_jax.eval.shapes import evaluate
+        from sana_jax.shapes_eval.evaluator import evaluate
       except ImportError as e:
         raise ImportError(
           "ShapesJudge needs sana_jax.eval.shapes.evaluate "
