@@ -79,9 +79,17 @@ def _summary(first, phases, setup_s, seq_len, extra=None) -> dict:
   }
 
 
+def _rss_gb() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 2**20
+  return float("nan")
+
+
 def _log(what: str) -> None:
   print(
-    f"  [{time.strftime('%H:%M:%S')}] {what} (peak RSS {_peak_rss_gb():.1f} GB)",
+    f"  [{time.strftime('%H:%M:%S')}] {what} (RSS {_rss_gb():.2f} GB, peak {_peak_rss_gb():.2f} GB)",
     file=sys.stderr,
     flush=True,
   )

@@ -199,9 +199,13 @@ class SanaPipeline:
     self.bundle = bundle
     self.model = dit.SanaDiT(bundle.dit_config)
     self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), bundle.dit_params)
+    # One copy of the DiT weights: the loaded ones (memory-mapped file pages, or bf16) are
+    # released once placed; the bundle keeps the placed fp32 ones.
+    bundle.dit_params = self.params
     self.settings = bundle.settings
     self.cache_caption_kv = cache_caption_kv
     self._apply = jax.jit(self.model.apply)
+    self._null_encoded = None  # (null caption, its mask) from the text encoder, once
 
   @classmethod
   def from_folder(
@@ -261,11 +265,14 @@ class SanaPipeline:
 
   def null_caption(self, use_null_mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """(null caption (L, Cy), its mask (L,) or None). With use_null_mask (diffusers) the
-    null prompt is encoded by the text encoder and its own mask returned; otherwise the
-    folder's stored null embedding is used when it has one (official)."""
-    if use_null_mask:
-      emb, mask = self.bundle.prompt_encoder.encode_null(1)
-      return np.asarray(emb[0], np.float32), np.asarray(mask[0])
+    null prompt is encoded by the text encoder (once per pipeline: it does not change) and
+    its own mask returned; otherwise the folder's stored null embedding is used when it
+    has one (official)."""
+    if use_null_mask:  # the same every call: encoded once per pipeline
+      if self._null_encoded is None:
+        emb, mask = self.bundle.prompt_encoder.encode_null(1)
+        self._null_encoded = (np.asarray(emb[0], np.float32), np.asarray(mask[0]))
+      return self._null_encoded
     null = self.bundle.null_caption
     if null is None:
       null = self.bundle.prompt_encoder.encode_null(1)[0][0]

@@ -282,6 +282,26 @@ def test_caption_kv_cache_keeps_results(pixel_pipe):
     assert _rel(a, b) <= 1e-5, use_null_mask
 
 
+def test_null_caption_encoded_once_and_one_copy_of_the_weights(pixel_pipe, monkeypatch):
+  """With use_null_mask the null prompt "" goes through the text encoder once per pipeline
+  (it is the same at every call; diffusers re-encodes it), giving the same images; the
+  bundle keeps only the placed DiT weights (the loaded memory-mapped ones are released)."""
+  pipe = SanaPipeline(pixel_pipe.bundle)
+  assert pipe.bundle.dit_params is pipe.params
+  encoder = pipe.bundle.prompt_encoder
+  calls = []
+  real = encoder.encode_null
+  monkeypatch.setattr(encoder, "encode_null", lambda n=1: calls.append(n) or real(n))
+  opts = SamplingOptions(steps=3, use_null_mask=True)
+  a = pipe.generate(["a red circle"], [3], opts, output="latent")
+  b = pipe.generate(["a red circle"], [3], opts, output="latent")
+  assert calls == [1]
+  np.testing.assert_array_equal(a, b)
+  fresh = SanaPipeline(pixel_pipe.bundle).null_caption(True)
+  np.testing.assert_array_equal(pipe.null_caption(True)[0], fresh[0])
+  np.testing.assert_array_equal(pipe.null_caption(True)[1], fresh[1])
+
+
 def test_aspect_ratio_binning(pixel_pipe):
   # Requested size comes back; sampling happens at the nearest bin.
   r = pixel_pipe.resolve(SamplingOptions(height=16, width=48))
