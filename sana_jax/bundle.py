@@ -98,8 +98,16 @@ def _autoencoder(folder: pathlib.Path, spec: dict) -> Autoencoder:
     from sana_jax.models import tiling
     from sana_jax.weights import dcae
 
-    _, params, cfg = dcae.load_autoencoder(folder / "vae")
+    # Text to image needs only the decoder: the encoder (half the DC-AE weights) is read
+    # on the first encode call.
+    _, params, cfg = dcae.load_autoencoder(folder / "vae", parts=("decoder",))
     tile = spec.get("tile_latents", 32)
+    encoder: dict = {}
+
+    def encode(images):
+      if not encoder:
+        encoder.update(dcae.load_autoencoder(folder / "vae", parts=("encoder",))[1])
+      return np.asarray(ae.encode(cfg, encoder, images))
 
     def decode(latents):
       latents = np.asarray(latents, np.float32)
@@ -111,7 +119,7 @@ def _autoencoder(folder: pathlib.Path, spec: dict) -> Autoencoder:
       "dcae",
       cfg.spatial_compression_ratio,
       cfg.latent_channels,
-      lambda x: np.asarray(ae.encode(cfg, params, x)),
+      encode,
       decode,
     )
   raise BundleError(f"unknown autoencoder kind {spec['kind']!r} (pixels or dcae)")

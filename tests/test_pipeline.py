@@ -162,6 +162,25 @@ def test_converted_folder_settings(converted):
   assert b.null_caption is None  # diffusers encodes "" instead of a stored buffer
 
 
+def test_bundle_loads_the_decoder_only_and_the_encoder_on_first_use(converted):
+  """Text to image holds the DC-AE decoder alone; autoencoder.encode reads the encoder on
+  its first call and matches diffusers' AutoencoderDC.encode (scaled by its factor)."""
+  ref_pipe, model = converted
+  b = bundle_lib.load(model)
+
+  def dicts(fn):  # the parameter dicts the function closes over
+    return [set(c.cell_contents) for c in fn.__closure__ if type(c.cell_contents) is dict]
+
+  assert {"decoder"} in dicts(b.autoencoder.decode) and set() in dicts(b.autoencoder.encode)
+  img = np.random.default_rng(3).uniform(-1, 1, (1, H, W, 3)).astype(np.float32)
+  ours = b.autoencoder.encode(img)
+  with torch.no_grad():
+    theirs = ref_pipe.vae.encode(torch.from_numpy(img.transpose(0, 3, 1, 2))).latent
+  theirs = theirs.numpy().transpose(0, 2, 3, 1) * ref_pipe.vae.config.scaling_factor
+  assert _rel(ours, theirs) <= 1e-4, _rel(ours, theirs)
+  assert {"encoder"} in dicts(b.autoencoder.encode)
+
+
 def test_end_to_end_same_image_as_diffusers(converted):
   """Same prompts, same initial latents: our converted pipeline vs diffusers' SanaPipeline,
   final latents and decoded images (output_type="np") within 1e-4 relative."""
