@@ -525,3 +525,85 @@ def test_sample_bad_lora_refused(tmp_path, capsys, case, shapes_lora):
   result = cli_contract.call_main(sample.main, argv, capsys)
   cli_contract.assert_refused(result, *fragments)
   cli_contract.assert_unchanged(before)
+
+
+# ------------------------------------------------ python -m sana_jax.lora export / merge
+
+
+def _native_file(path, adapters, cfg):
+  """An adapter file in train.py's format (train/checkpoint.save_adapters' docstring)."""
+  from sana_jax.weights import io
+
+  meta = {
+    "format": "sana_jax.lora_adapter",
+    "step": "7",
+    "weights": "params",
+    "rank": str(cfg.lora_rank),
+    "alpha": repr(float(cfg.lora_alpha)),
+    "scale": repr(float(cfg.lora_scale)),
+    "targets": json.dumps(list(cfg.lora_targets)),
+    "model": json.dumps(cfg.to_dict()),
+  }
+  io.write_safetensors(dit_weights.flatten(adapters), path, metadata=meta)
+  return path
+
+
+def test_cli_exports_and_merges_a_trained_adapter(base, tmp_path, capsys):
+  """train.py's adapter file -> the diffusers file of the same adapters; merge -> a DiT
+  folder whose kernels are the merged ones (and sample/load_flax read it)."""
+  from sana_jax.lora import __main__ as cli
+
+  _, params = base
+  dit_weights.save_flax(tmp_path / "dit", params, CFG)
+  adapters = _random_adapters(LCFG, 9)
+  native = _native_file(tmp_path / "adapter.safetensors", adapters, LCFG)
+  tree, cfg = lora_diffusers.load(native, CFG)
+  assert cfg.lora_rank == 3 and cfg.lora_alpha == 5.0 and cfg.lora_targets == LORA_TARGETS
+  argv = ["export", "--model", tmp_path / "dit", "--lora", native, "--out", tmp_path / "d.st"]
+  assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+  got, _ = lora_diffusers.read_file(tmp_path / "d.st")
+  want = lora_diffusers.to_diffusers(merge.attach(params, adapters), LCFG)
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  argv = ["merge", "--model", tmp_path / "dit", "--lora", native, "--out", tmp_path / "m"]
+  assert cli.main([str(a) for a in argv + ["--lora_scale", "0.5"]]) == 0
+  merged, mcfg, _ = dit_weights.load_flax(tmp_path / "m")
+  want, _ = merge.merge(merge.attach(params, adapters), LCFG, 0.5)
+  assert mcfg == CFG
+  for k, v in dit_weights.flatten(want).items():
+    np.testing.assert_allclose(dit_weights.flatten(merged)[k], v, rtol=1e-6, atol=1e-7)
+
+
+CLI_BAD = {
+  "lora missing": (["--lora", "ABSENT"], ["--lora", "no such file"]),
+  "out exists": (["--out", "EXISTS"], ["--out", "--overwrite"]),
+  "scale nan": (["--lora_scale", "nan"], ["--lora_scale", "finite"]),
+  "scale on export": (["--lora_scale", "2"], ["--lora_scale", "merge only"]),
+  "model not a model": (["--model", "EXISTS"], ["--model", "not a model folder"]),
+  "other geometry": (["--lora", "SHAPES"], ["--lora", "another geometry"]),
+  "unknown command": (["--command_is_positional"], ["unrecognized"]),
+}
+
+
+@pytest.mark.contract
+@pytest.mark.parametrize("case", list(CLI_BAD))
+def test_cli_bad_input_refused(base, tmp_path, capsys, case, shapes_lora):
+  from sana_jax.lora import __main__ as cli
+  from tests import cli_contract
+
+  dit_weights.save_flax(tmp_path / "dit", base[1], CFG)
+  native = _native_file(tmp_path / "adapter.safetensors", _random_adapters(LCFG, 9), LCFG)
+  (tmp_path / "exists").mkdir()
+  names = {"ABSENT": tmp_path / "nope.st", "EXISTS": tmp_path / "exists", "SHAPES": shapes_lora}
+  opts = {"--model": tmp_path / "dit", "--lora": native, "--out": tmp_path / "o.st"}
+  extra, fragments = CLI_BAD[case]
+  for flag, value in zip(extra[::2], extra[1::2]):
+    opts[flag] = names.get(value, value)
+  argv = ["export", *[str(x) for kv in opts.items() for x in kv]]
+  if case == "unknown command":
+    argv.append(extra[0])
+  before = cli_contract.snapshot(tmp_path)
+  result = cli_contract.call_main(cli.main, argv, capsys)
+  cli_contract.assert_refused(result, *fragments)
+  cli_contract.assert_unchanged(before)

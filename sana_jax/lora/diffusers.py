@@ -201,12 +201,10 @@ def save(
 # ------------------------------------------------------------------------------- import
 
 
-def read_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict | None]:
-  """(tensors, adapter metadata or None) of a LoRA .safetensors file.
-
-  The metadata is diffusers' `lora_adapter_metadata` header entry with its `transformer.`
-  prefix removed (PEFT LoraConfig fields). Raises LoraFormatError for anything that is not a
-  readable safetensors file, FileNotFoundError for a missing one."""
+def _read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+  """(tensors, the header's __metadata__ strings) of a .safetensors file. Raises
+  LoraFormatError for anything that is not a readable safetensors file, FileNotFoundError
+  for a missing one."""
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"no such LoRA file: {path}")
@@ -220,7 +218,17 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict | No
     tensors = io.read_safetensors(path)
   except (io.CheckpointError, ValueError, KeyError, TypeError) as e:
     raise LoraFormatError(f"{path}: not a safetensors file ({e})") from None
-  raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+  return tensors, dict(header.get("__metadata__") or {})
+
+
+def read_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict | None]:
+  """(tensors, adapter metadata or None) of a diffusers LoRA .safetensors file.
+
+  The metadata is diffusers' `lora_adapter_metadata` header entry with its `transformer.`
+  prefix removed (PEFT LoraConfig fields). Raises LoraFormatError for anything that is not a
+  readable safetensors file, FileNotFoundError for a missing one."""
+  tensors, header = _read(path)
+  raw = header.get(METADATA_KEY)
   metadata = None
   if raw:
     try:
@@ -381,10 +389,48 @@ def from_diffusers(
   return tree, new_cfg
 
 
-def load(path: str | os.PathLike, cfg: DiTConfig) -> tuple[dict, DiTConfig]:
-  """`from_diffusers` of a .safetensors LoRA file (errors name the file)."""
-  tensors, metadata = read_file(path)
+NATIVE_FORMAT = "sana_jax.lora_adapter"  # train.py's WORKDIR/lora/adapter.safetensors
+
+
+def from_native(
+  tensors: Mapping[str, np.ndarray], header: Mapping[str, str], cfg: DiTConfig
+) -> tuple[dict, DiTConfig]:
+  """train.py's adapter file (leaves keyed by their '/'-joined tree path, metadata rank,
+  alpha, targets) -> (adapter tree, cfg with those adapters), checked against cfg."""
+  from sana_jax.weights import dit as dit_weights
+
   try:
+    rank, alpha = int(header["rank"]), float(header["alpha"])
+    targets = tuple(json.loads(header["targets"]))
+    lora_cfg = cfg.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+  except (KeyError, ValueError, TypeError) as e:
+    raise LoraFormatError(f"a {NATIVE_FORMAT} file with bad rank/alpha/targets ({e!r})") from None
+  want = {
+    f"blocks/{'/'.join(TARGETS[t].path)}/{leaf}" for t in targets for leaf in ("lora_a", "lora_b")
+  }
+  unknown, missing = sorted(set(tensors) - want), sorted(want - set(tensors))
+  if unknown or missing:
+    raise LoraKeyError(
+      f"a {NATIVE_FORMAT} file for targets {list(targets)}: "
+      + (f"unexpected {unknown[:8]} " if unknown else "")
+      + (f"missing {missing[:8]}" if missing else "")
+    )
+  tree = dit_weights.unflatten({k: np.asarray(v, np.float32) for k, v in tensors.items()})
+  try:
+    check_adapters(tree, lora_cfg)
+  except LoraGeometryError as e:
+    raise LoraGeometryError(f"a LoRA for another geometry: {e}") from None
+  return tree, lora_cfg
+
+
+def load(path: str | os.PathLike, cfg: DiTConfig) -> tuple[dict, DiTConfig]:
+  """(adapter tree, cfg with the adapters) of a LoRA .safetensors file: diffusers' format
+  (`from_diffusers`) or train.py's own adapter file (`from_native`). Errors name the file."""
+  tensors, header = _read(path)
+  try:
+    if header.get("format") == NATIVE_FORMAT:
+      return from_native(tensors, header, cfg)
+    _, metadata = read_file(path)
     return from_diffusers(tensors, cfg, metadata)
   except LoraError as e:
     raise type(e)(f"{path}: {e}") from None
