@@ -26,6 +26,7 @@ AutoencoderDC (as it does). --memory_trace logs RSS and peak after each piece.
   python benchmarks/bench_pipeline.py                      # 3 timed runs each
   python benchmarks/bench_pipeline.py --runs 2 --no_kv_cache
   python benchmarks/bench_pipeline.py --only ours          # one framework
+  python benchmarks/bench_pipeline.py --plan               # compiled memory per piece
 
 The machine is shared: load averages are printed with each framework's numbers.
 """
@@ -347,6 +348,95 @@ def worker_diffusers(args) -> dict:
   )
 
 
+# --------------------------------------------------------------------- compiled memory
+
+
+def plan(args) -> int:
+  """Compile-only memory of each piece at the benchmark's geometry (XLA's memory analysis;
+  no weights are allocated): what the peak is made of. Weights resident throughout, then
+  per stage its temporaries; the text encoder with its bf16 kernels as the pipeline passes
+  them (uint16 views, text_encoder.pack_params) and as plain bf16 arrays (before)."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import math
+
+  import jax
+  import jax.numpy as jnp
+
+  from sana_jax import pipeline as pl
+  from sana_jax.diffusion import samplers
+  from sana_jax.models import autoencoder as ae
+  from sana_jax.models import dit
+  from sana_jax.models import text_encoder as te
+
+  S, gib = jax.ShapeDtypeStruct, 2**30
+  gcfg = te.gemma2_2b(vocab_size=args.vocab, param_dtype="bfloat16", dtype="bfloat16")
+  ids = S((1, 495), jnp.int32)
+  gshapes = te.nn.meta.unbox(
+    jax.eval_shape(te.Gemma2Encoder(gcfg).init, jax.random.key(0), ids, ids)["params"]
+  )
+  as_u16 = lambda p, s: S(s.shape, jnp.uint16) if p[-1].key == "kernel" else s  # noqa: E731
+  packed = {**gshapes, "layers": jax.tree_util.tree_map_with_path(as_u16, gshapes["layers"])}
+  cfg = _dit_config()
+  model, dparams = dit.SanaDiT(cfg), dit.abstract_params(cfg)
+  vcfg = ae.dcae_f32c32_config()
+  vshapes = ae.param_shapes(vcfg)
+  nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+  print(f"{'resident weights':<44}{'GB':>8}")
+  for name, tree in (
+    ("Gemma-2 (bf16)", gshapes),
+    ("DiT (fp32)", dparams),
+    ("DC-AE decoder (fp32)", vshapes["decoder"]),
+    ("DC-AE encoder (fp32; not held by ours)", vshapes["encoder"]),
+  ):
+    print(f"{name:<44}{nbytes(tree) / gib:8.2f}")
+  enc = te.make_encode_fn(gcfg).jitted
+  f = args.size // vcfg.spatial_compression_ratio
+  depth_kv = cfg.depth * 2 * cfg.cross_inner
+  run = samplers.make_sampler(
+    pl._apply_fn_for(model, True),
+    num_steps=args.steps,
+    shift=3.0,
+    solver="dpm_solver",
+    guidance_scale=4.5,
+    use_null_mask=True,
+  )
+  cells = dict(zip(run.__code__.co_freevars, (c.cell_contents for c in run.__closure__)))
+  stages = [
+    ("text encoder 495 tokens, plain bf16 (before)", enc, (gshapes, ids, ids)),
+    ("text encoder 495 tokens, uint16 views (now)", enc, (packed, ids, ids)),
+    (
+      "caption K/V",
+      pl._kv_fn_for(model),
+      (dparams, S((1, 300, cfg.caption_channels), jnp.float32)),
+    ),
+    (
+      f"sampler ({args.steps} steps, CFG)",
+      cells["fn"],
+      (
+        dparams,
+        S((1, f, f, cfg.in_channels), jnp.float32),
+        S((1, 300, depth_kv), jnp.float32),
+        S((1, 300), jnp.int32),
+        S((300, depth_kv), jnp.float32),
+        S((300,), jnp.int32),
+        cells["sched"],
+        cells["coeffs"],
+        cells["num_valid"],
+      ),
+    ),
+    (
+      f"DC-AE decode {args.size} px",
+      ae._jitted(vcfg, "decode"),
+      ({"decoder": vshapes["decoder"]}, S((1, f, f, vcfg.latent_channels), jnp.float32)),
+    ),
+  ]
+  print(f"{'stage (compiled)':<44}{'temp GB':>8}")
+  for name, fn, fargs in stages:
+    m = fn.lower(*fargs).compile().memory_analysis()
+    print(f"{name:<44}{m.temp_size_in_bytes / gib:8.2f}", flush=True)
+  return 0
+
+
 # -------------------------------------------------------------------------------- driver
 
 
@@ -453,8 +543,15 @@ def main(argv=None) -> int:
     default=600,
     help="seconds to wait for free memory before a worker starts",
   )
+  ap.add_argument(
+    "--plan",
+    action="store_true",
+    help="only print the compiled memory of each piece (no weights, no runs)",
+  )
   ap.add_argument("--worker", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
+  if args.plan:
+    return plan(args)
 
   if args.worker:
     res = (worker_ours if args.worker == "ours" else worker_diffusers)(args)
