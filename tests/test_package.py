@@ -1,0 +1,177 @@
+"""The package as a user installs it: a wheel (`pip wheel --no-deps`) in a fresh venv outside
+the checkout, its console commands run from another folder.
+
+The venv reuses this machine's packages (--system-site-packages) but the sana_jax it imports
+is the wheel's copy, not the editable checkout (checked by sana_jax.__file__). The sampling
+runs make the [train] and [torch] packages unimportable (a sitecustomize that sets
+sys.modules[name] = None, which is what `import` and importlib.util.find_spec see when a
+package is not installed), so they prove that `pip install .` alone samples the embedded
+model and imports the optimizer. The second sampling run starts warm: the persistent
+compilation cache the first one filled is read and nothing new is written to it (every
+compile is written, compile_cache.MIN_COMPILE_SECONDS = 0), so nothing was recompiled.
+
+Slow part: the module fixture (wheel build + venv + install, a few seconds of CPU) and the
+two sampling subprocesses of the embedded model (import, load and compile each).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The packages `pip install .` (no extras) does not install: [train], [torch], [demo], tests.
+NOT_IN_CORE = (
+  "tensorflow_datasets",
+  "tensorflow",
+  "grain",
+  "orbax",
+  "array_record",
+  "etils",
+  "tensorboardX",
+  "matplotlib",
+  "torch",
+  "diffusers",
+  "gradio",
+)
+
+
+def _run(cmd, cwd, env, timeout=600):
+  t = time.perf_counter()
+  p = subprocess.run(
+    cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+  )
+  p.seconds = time.perf_counter() - t
+  return p
+
+
+def _ok(p):
+  assert p.returncode == 0, f"exit {p.returncode}: {p.args}\n{(p.stdout + p.stderr)[-3000:]}"
+  return p
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+  """A fresh venv outside the checkout with the wheel of this checkout installed; returns
+  (root, env): env has the venv's bin first on PATH, no PYTHONPATH, a private cache dir."""
+  root = tmp_path_factory.mktemp("package")
+  src = root / "src"
+  src.mkdir()
+  for f in ("pyproject.toml", "README.md"):
+    shutil.copy(REPO / f, src / f)
+  # A copy, so the build writes its build/ and egg-info there, not into the checkout.
+  shutil.copytree(
+    REPO / "sana_jax", src / "sana_jax", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+  )
+  try:
+    importlib.import_module("setuptools")
+    isolation = ["--no-build-isolation"]  # offline: the installed setuptools builds it
+  except ImportError:
+    isolation = []
+  pip = [sys.executable, "-m", "pip"]
+  _ok(_run([*pip, "wheel", "-q", "--no-deps", *isolation, str(src), "-w", str(root)], root, None))
+  (wheel,) = root.glob("sana_jax-*.whl")
+  _ok(_run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+            str(root / "venv")], root, None))  # fmt: skip
+  python = root / "venv" / "bin" / "python"
+  _ok(
+    _run(
+      [*pip, "--python", str(python), "install", "-q", "--no-deps", "--ignore-installed",
+       "--no-index", str(wheel)],
+      root,
+      None,
+    )
+  )  # fmt: skip
+  block = root / "block"
+  block.mkdir()
+  (block / "sitecustomize.py").write_text(
+    "import os, sys\n"
+    "if os.environ.get('SANA_TEST_CORE_ONLY'):\n"
+    f"  for _name in {NOT_IN_CORE!r}:\n"
+    "    sys.modules[_name] = None\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"
+  env["PYTHONPATH"] = str(block)  # only the sitecustomize, never the checkout
+  env["SANA_JAX_CACHE_DIR"] = str(root / "cache")
+  env.pop("SANA_JAX_NO_COMPILE_CACHE", None)
+  elsewhere = root / "elsewhere"
+  elsewhere.mkdir()
+  return root, env
+
+
+def test_the_venv_imports_the_wheel_and_the_optimizer_without_train_or_torch(venv):
+  root, env = venv
+  code = (
+    "import json, sys, sana_jax, sana_jax.commands.sample as s\n"
+    "from sana_jax.optim import came_8bit\n"
+    "from sana_jax.shapes_model import DEFAULT_MODEL\n"
+    "print(json.dumps({'init': sana_jax.__file__, 'sample': s.__file__, "
+    "'model': str(DEFAULT_MODEL), 'opt': callable(came_8bit), "
+    "'torch': 'torch' in sys.modules and sys.modules['torch'] is not None}))"
+  )
+  p = _ok(_run(["python", "-c", code], root / "elsewhere", {**env, "SANA_TEST_CORE_ONLY": "1"}))
+  got = json.loads(p.stdout.strip().splitlines()[-1])
+  site = root / "venv" / "lib"
+  for key in ("init", "sample", "model"):
+    path = pathlib.Path(got[key]).resolve()
+    assert path.is_relative_to(site.resolve()), (key, path)
+    assert not path.is_relative_to(REPO), (key, path)
+  assert (pathlib.Path(got["model"]) / "pipeline.json").is_file()  # the assets are in the wheel
+  assert got["opt"] and not got["torch"]
+
+
+def test_console_commands_answer_help_from_another_folder(venv):
+  root, env = venv
+  for cmd, fragment in (
+    (["sana-sample", "--help"], "usage: sana-sample"),
+    (["sana-convert", "--help"], "sana-convert dit"),
+    (["sana-train", "--help"], "--compile_cache"),
+  ):
+    exe = root / "venv" / "bin" / cmd[0]
+    assert exe.is_file(), exe
+    p = _ok(_run([str(exe), *cmd[1:]], root / "elsewhere", env))
+    assert fragment in p.stdout, (cmd, p.stdout[:2000])
+
+
+def test_every_console_command_names_a_function():
+  """pyproject.toml's [project.scripts] entries resolve (module imported, function found)."""
+  import tomllib
+
+  scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+  assert {"sana-sample", "sana-train", "sana-convert", "sana-demo"} <= set(scripts)
+  for name, target in scripts.items():
+    module, func = target.split(":")
+    assert callable(getattr(importlib.import_module(module), func)), name
+
+
+@pytest.mark.slow
+def test_sample_from_another_folder_then_a_warm_start_compiles_nothing(venv):
+  """The wheel's sana-sample, core packages only, from a folder outside the checkout: two
+  images of the embedded model; the second start reads the compilation cache the first
+  wrote, writes nothing new and gives the same images."""
+  root, env = venv
+  env = {**env, "SANA_TEST_CORE_ONLY": "1"}
+  cache = root / "cache"
+  exe = str(root / "venv" / "bin" / "sana-sample")
+  args = ["--prompt", "two red circles", "--num_images", "2", "--steps", "4", "--no_progress"]
+  cold = _ok(_run([exe, *args, "--out", "cold"], root / "elsewhere", env))
+  entries = {p.name: p.stat().st_mtime_ns for p in cache.rglob("*-cache")}
+  assert entries, f"nothing cached in {cache}: {sorted(cache.rglob('*'))[:10]}"
+  warm = _ok(_run([exe, *args, "--out", "warm"], root / "elsewhere", env))
+  after = {p.name: p.stat().st_mtime_ns for p in cache.rglob("*-cache")}
+  assert after == entries, f"the warm start wrote {sorted(set(after) - set(entries))}"
+  pngs = sorted(p.name for p in (root / "elsewhere" / "cold").glob("p*.png"))
+  assert len(pngs) == 2
+  for name in pngs:
+    a = (root / "elsewhere" / "cold" / name).read_bytes()
+    assert a == (root / "elsewhere" / "warm" / name).read_bytes(), name
+  print(f"cold {cold.seconds:.1f} s, warm {warm.seconds:.1f} s, {len(entries)} cache entries")
