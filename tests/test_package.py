@@ -175,3 +175,68 @@ def test_sample_from_another_folder_then_a_warm_start_compiles_nothing(venv):
     a = (root / "elsewhere" / "cold" / name).read_bytes()
     assert a == (root / "elsewhere" / "warm" / name).read_bytes(), name
   print(f"cold {cold.seconds:.1f} s, warm {warm.seconds:.1f} s, {len(entries)} cache entries")
+
+
+# The compilation cache's settings (sana_jax/commands/compile_cache.py), in this process.
+
+
+@pytest.fixture
+def cache_env(monkeypatch, tmp_path):
+  for name in ("SANA_JAX_CACHE_DIR", "SANA_JAX_NO_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  return monkeypatch
+
+
+def test_cache_folder_precedence(cache_env, tmp_path):
+  import argparse
+
+  from sana_jax.commands import compile_cache as cc
+
+  ns = argparse.Namespace
+  default = tmp_path / "xdg" / "sana_jax" / "jax_cache"
+  assert cc.resolve(None) == default and default.is_dir()  # the user cache, created
+  cache_env.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jaxs"))
+  assert cc.resolve(None) == tmp_path / "jaxs"
+  cache_env.setenv("SANA_JAX_CACHE_DIR", str(tmp_path / "ours"))
+  assert cc.resolve(None) == tmp_path / "ours"
+  flag = ns(compile_cache=tmp_path / "flag", no_compile_cache=False)
+  assert cc.resolve(flag) == tmp_path / "flag"
+  assert cc.resolve(ns(compile_cache=tmp_path / "flag", no_compile_cache=True)) is None
+  cache_env.setenv("SANA_JAX_NO_COMPILE_CACHE", "1")
+  assert cc.resolve(None) is None
+  assert cc.resolve(ns(compile_cache=None, no_compile_cache=False)) is None
+  assert cc.resolve(flag) == tmp_path / "flag"  # an explicit folder wins over the variable
+  cache_env.setenv("SANA_JAX_NO_COMPILE_CACHE", "0")
+  assert cc.resolve(None) == tmp_path / "ours"
+
+
+def test_an_unusable_default_cache_is_a_warning_not_a_failure(cache_env, tmp_path, capsys):
+  from sana_jax.commands import compile_cache as cc
+
+  (tmp_path / "xdg").write_text("a file where the cache's parent should be")
+  assert cc.resolve(None) is None
+  assert "warning: compilation cache" in capsys.readouterr().err
+
+
+@pytest.mark.contract
+@pytest.mark.parametrize("command", ["sample", "train"])
+def test_a_compile_cache_that_is_a_file_is_refused(command, cache_env, tmp_path, capsys):
+  from sana_jax.commands import sample as sample_cmd
+  from sana_jax.commands import train as train_cmd
+  from tests.cli_contract import assert_refused, assert_unchanged, call_main, snapshot
+
+  bad = tmp_path / "cache_file"
+  bad.write_text("not a folder")
+  before = snapshot(tmp_path)
+  if command == "sample":
+    main, argv = sample_cmd.main, ["--prompt", "a red circle", "--out", tmp_path / "out"]
+  else:
+    main, argv = train_cmd.main, ["--config", REPO / "configs/tiny.py", "--workdir", tmp_path / "w"]
+  assert_refused(
+    call_main(main, [*argv, "--compile_cache", bad], capsys),
+    "--compile_cache",
+    "cache_file",
+    "is a file",
+  )
+  assert_unchanged(before)
