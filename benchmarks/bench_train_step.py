@@ -11,8 +11,9 @@ Timed runs alternate (ours, theirs, ours, ...) so load from other processes hits
 alike; medians are reported. torch gets as many threads as XLA:CPU's pool (the machine's
 cores, `--threads` to change). The breakdown times each part alone: ours as separately
 jitted functions (forward = the loss; backward = value_and_grad minus the forward;
-optimizer = tx.update + apply_updates; EMA; guard = gradient norm + isfinite + the `where`
-over params, optimizer state and EMA), theirs inside its step (perf_counter around each
+update = the step's whole post-gradient update, as `train/update.py` does it (gradient norm,
+non-finite guard, optimizer, EMA; state donated); optimizer = tx.update + apply_updates
+alone; EMA alone), theirs inside its step (perf_counter around each
 phase; torch on CPU is synchronous). Compile = lower + compile of the whole step.
 
   python benchmarks/bench_train_step.py                                   # shapes + 0.6B
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -41,6 +43,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from sana_jax import parallel  # noqa: E402
+from sana_jax.diffusion import flow  # noqa: E402
 from sana_jax.models import dit  # noqa: E402
 from sana_jax.models.dit_config import DiTConfig  # noqa: E402
 from sana_jax.train import optimizer as optim_lib  # noqa: E402
@@ -48,6 +51,43 @@ from sana_jax.train import state as state_lib  # noqa: E402
 from sana_jax.train import step as step_lib  # noqa: E402
 
 OPTIMIZERS = ("adamw", "came", "came_8bit")
+
+
+def where_guard_update(state, loss, grads, *, tx, tc):
+  """The update as it was before issue 21 (commit 28637d8's train/update.py): the
+  non-finite guard a `jnp.where` over every new leaf of params, optimizer state and EMA.
+  Kept here so each run measures before and after side by side."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = tc.ema_decay
+  ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, c: jnp.where(finite, a, c), new, old)  # noqa: E731
+  new_state = state.replace(
+    step=state.step + 1,
+    params=keep(params, state.params),
+    opt_state=keep(opt_state, state.opt_state),
+    ema_params=keep(ema, state.ema_params),
+    skipped=state.skipped + (~finite).astype(jnp.int32),
+    nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+  )
+  metrics = {
+    "loss": loss,
+    "grad_norm": grad_norm,
+    "finite": finite,
+    "lr": optim_lib.learning_rate(tc)(state.step - state.skipped),
+  }
+  return new_state, metrics
+
+
+# Our step's variants: name -> (DiTConfig overrides, update function or None = the project's).
+# "project" is the code as it is; the others measure alternatives in the same run.
+VARIANTS = {
+  "project": ((), None),
+  "where_guard": ((), where_guard_update),
+  "conv_dw": ((("depthwise_impl", "conv"),), None),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +176,15 @@ def make_batch(geo: Geometry, cfg: DiTConfig, seed: int = 0) -> dict:
 class Ours:
   """Our step and its parts, on one device."""
 
-  def __init__(self, config, cfg: DiTConfig, params: dict, batch: dict, null: np.ndarray):
-    self.config, self.cfg = config, cfg
+  def __init__(
+    self, config, cfg: DiTConfig, params: dict, batch: dict, null: np.ndarray, variant="project"
+  ):
+    overrides, self.update_fn = VARIANTS[variant]
+    if overrides:
+      cfg = cfg.replace(**dict(overrides))
+      config = config.copy_and_resolve_references()
+      config.model = cfg.to_dict()
+    self.config, self.cfg, self.variant = config, cfg, variant
     self.tx = optim_lib.make_optimizer(config.train)
     self.mesh = parallel.make_mesh(devices=jax.devices()[:1])
     self.state_sh = state_lib.state_shardings(config.model, self.tx, self.mesh)
@@ -151,10 +198,18 @@ class Ours:
   def compile(self):
     import flax.linen as nn
 
-    t0 = time.perf_counter()
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-      self.compiled = self.step.jitted.lower(self.state, self.batch, self.null).compile()
-    self.compile_s = time.perf_counter() - t0
+    from sana_jax.train import update as update_lib
+
+    original = update_lib.apply_gradients
+    if self.update_fn is not None:
+      update_lib.apply_gradients = self.update_fn  # only while tracing
+    try:
+      t0 = time.perf_counter()
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+        self.compiled = self.step.jitted.lower(self.state, self.batch, self.null).compile()
+      self.compile_s = time.perf_counter() - t0
+    finally:
+      update_lib.apply_gradients = original
     return self.compiled
 
   def run_step(self):
@@ -173,12 +228,17 @@ class Ours:
       key = jax.random.fold_in(jax.random.key(tc.seed), step)
       k_noise, k_t, k_drop = jax.random.split(key, 3)
       noise = jax.random.normal(k_noise, self.batch["latent"].shape, jnp.float32)
-      draws = step_lib.flow.timestep_draws(k_t, (b,), tc.timestep_sampler)
+      draws = flow.timestep_draws(k_t, (b,), tc.timestep_sampler)
       return noise, draws, jax.random.uniform(k_drop, (b,))
 
-    def loss(params, batch, null, step):
+    def loss(params, batch, null, step):  # the step's loss (train.step._loss_fn), no LoRA
       noise, draws, drop_u = inputs(step)
-      return step_lib._loss_fn(params, model, batch, noise, draws, drop_u, null, config)
+      ti = flow.training_inputs(
+        batch["latent"], noise, draws, config.flow_shift, tc.timestep_sampler
+      )
+      caption = flow.drop_captions(drop_u, batch["caption"], null, tc.cfg_dropout)
+      pred = model.apply({"params": params}, ti.x_t, ti.model_time, caption, batch["caption_mask"])
+      return flow.flow_loss(pred, batch["latent"], noise)
 
     fwd = jax.jit(loss)
     fwd_bwd = jax.jit(jax.value_and_grad(loss))
@@ -194,21 +254,24 @@ class Ours:
     ema = jax.jit(
       lambda e, p: jax.tree_util.tree_map(lambda a, c: decay * a + (1 - decay) * c, e, p)
     )
+    from sana_jax.train import update as update_lib
 
-    @jax.jit
-    def guard(loss, grads, new, old):
-      finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-      return jax.tree_util.tree_map(lambda a, c: jnp.where(finite, a, c), new, old)
-
-    trio = (state.params, state.opt_state, state.ema_params)
+    fn = self.update_fn or update_lib.apply_gradients
+    update = jax.jit(functools.partial(fn, tx=tx, tc=tc), donate_argnums=(0,))
+    box = [jax.tree_util.tree_map(jnp.copy, state)]
     lo = jnp.float32(0.5)
+
+    def run_update():  # the whole post-gradient update as the step does it, state donated
+      box[0] = update(box[0], lo, grads)[0]
+      jax.block_until_ready(box[0].params)
+
     bl = jax.block_until_ready
     return {
       "forward": lambda: bl(fwd(state.params, self.batch, self.null, state.step)),
       "forward+backward": lambda: bl(fwd_bwd(state.params, self.batch, self.null, state.step)),
+      "update": run_update,
       "optimizer": lambda: bl(opt(state.params, state.opt_state, grads)),
       "ema": lambda: bl(ema(state.ema_params, state.params)),
-      "guard": lambda: bl(guard(lo, grads, trio, trio)),
     }
 
 
@@ -289,30 +352,25 @@ class Theirs:
 # ----------------------------------------------------------------------------- checks
 
 
-def loss_parity(ours: Ours, theirs: Theirs, geo: Geometry, seed: int = 1) -> float:
-  """Both models' flow-matching loss on the same x_t, t, caption, mask, target (same weights).
-  Returns |ours - theirs| / |theirs|."""
+def prediction_parity(ours: Ours, theirs: Theirs, geo: Geometry, seed: int = 1) -> float:
+  """Both models' velocity on the same x_t, t, caption and mask (same weights): the two
+  sides train the same function. Returns max |ours - theirs| / max |theirs|."""
   torch = theirs.torch
   rng = np.random.default_rng(seed)
-  b = geo.batch
-  x0 = np.asarray(ours.batch["latent"])
-  noise = rng.standard_normal(x0.shape).astype(np.float32)
-  sigma = rng.uniform(0.1, 0.9, (b,)).astype(np.float32)
-  x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-  target = noise - x0
+  x_t = rng.standard_normal(ours.batch["latent"].shape).astype(np.float32)
+  t = rng.uniform(100, 900, (geo.batch,)).astype(np.float32)
   cap, mask = np.array(ours.batch["caption"]), np.array(ours.batch["caption_mask"])
-  pred = dit.SanaDiT(ours.cfg).apply({"params": ours.state.params}, x_t, sigma * 1000, cap, mask)
-  ours_loss = float(jnp.mean((pred - target) ** 2))
+  pred = dit.SanaDiT(ours.cfg).apply({"params": ours.state.params}, x_t, t, cap, mask)
   with torch.no_grad():
     tp = theirs.model(
       hidden_states=torch.from_numpy(np.ascontiguousarray(x_t.transpose(0, 3, 1, 2))),
       encoder_hidden_states=torch.from_numpy(cap),
-      timestep=torch.from_numpy(sigma * 1000),
+      timestep=torch.from_numpy(t),
       encoder_attention_mask=torch.from_numpy(mask.astype(np.float32)),
       return_dict=False,
     )[0]
-  theirs_loss = float(torch.mean((tp.permute(0, 2, 3, 1) - torch.from_numpy(target)) ** 2))
-  return abs(ours_loss - theirs_loss) / abs(theirs_loss)
+  ref = tp.numpy().transpose(0, 2, 3, 1)
+  return float(np.max(np.abs(np.asarray(pred) - ref)) / np.max(np.abs(ref)))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -322,7 +380,7 @@ def median_ms(ts) -> float:
   return 1e3 * statistics.median(ts)
 
 
-def bench(geo: Geometry, optimizers, runs: int, depth, breakdown: bool, out: list) -> list[dict]:
+def bench(geo: Geometry, optimizers, variants, runs: int, depth, breakdown: bool, out: list):
   from sana_jax.weights import dit as dit_weights
   from tests.dit_reference import diffusers_model
 
@@ -349,82 +407,157 @@ def bench(geo: Geometry, optimizers, runs: int, depth, breakdown: bool, out: lis
   for name in optimizers:
     config, _ = build_config(geo, name, depth)
     model.load_state_dict(init_sd)
-    ours = Ours(config, cfg, params, batch, null)
+    ours = {v: Ours(config, cfg, params, batch, null, v) for v in variants}
     theirs = Theirs(config, cfg, model, batch, null)
-    row = {"geometry": geo.name, "optimizer": name, "params": n_ours}
+    err = None
     if name == optimizers[0]:
-      row["loss_rel_err"] = loss_parity(ours, theirs, geo)
-      print(f"loss parity (same weights and inputs): rel err {row['loss_rel_err']:.2e}")
-    ours.compile()
-    row["compile_s"] = ours.compile_s
-    ours.run_step()  # warm-up
+      err = prediction_parity(ours[variants[0]], theirs, geo)
+      print(f"prediction parity (same weights and inputs): max rel err {err:.2e}")
+    for o in ours.values():
+      o.compile()
+      o.run_step()  # warm-up
     theirs.run_step()
-    ts_ours, ts_theirs, parts_theirs = [], [], {}
+    ts = {v: [] for v in variants}
+    ts_theirs, parts_theirs = [], {}
     for _ in range(runs):
-      s = time.perf_counter()
-      m = ours.run_step()
-      ts_ours.append(time.perf_counter() - s)
+      for v, o in ours.items():
+        s = time.perf_counter()
+        m = o.run_step()
+        ts[v].append(time.perf_counter() - s)
+        if not bool(m["finite"]):
+          raise RuntimeError(f"{name} ({v}): our step was not finite")
       s = time.perf_counter()
       theirs.run_step()
       ts_theirs.append(time.perf_counter() - s)
-      for k, v in theirs.last.items():
-        parts_theirs.setdefault(k, []).append(v)
-    if not bool(m["finite"]):
-      raise RuntimeError(f"{name}: our step was not finite")
-    row["ours_ms"], row["theirs_ms"] = median_ms(ts_ours), median_ms(ts_theirs)
-    row["theirs_parts"] = {k: median_ms(v) for k, v in parts_theirs.items()}
-    if breakdown:
-      parts = ours.parts()
-      for fn in parts.values():
-        fn()  # compile
-      times = {k: [] for k in parts}
-      for _ in range(runs):
-        for k, fn in parts.items():
-          s = time.perf_counter()
-          fn()
-          times[k].append(time.perf_counter() - s)
-      med = {k: median_ms(v) for k, v in times.items()}
-      med["backward"] = med.pop("forward+backward") - med["forward"]
-      row["ours_parts"] = med
-    row["load"] = load()
-    print(
-      f"{name}: ours {row['ours_ms']:.0f} ms, torch {row['theirs_ms']:.0f} ms, ratio "
-      f"{row['ours_ms'] / row['theirs_ms']:.2f}; compile {row['compile_s']:.1f} s; load "
-      f"{row['load']}",
-      flush=True,
-    )
-    rows.append(row)
-    out.append(row)
+      for k, t in theirs.last.items():
+        parts_theirs.setdefault(k, []).append(t)
+    theirs_ms = median_ms(ts_theirs)
+    theirs_parts = {k: median_ms(t) for k, t in parts_theirs.items()}
+    for v, o in ours.items():
+      row = {
+        "geometry": geo.name,
+        "optimizer": name,
+        "variant": v,
+        "params": n_ours,
+        "compile_s": o.compile_s,
+        "ours_ms": median_ms(ts[v]),
+        "theirs_ms": theirs_ms,
+        "theirs_parts": theirs_parts,
+        "pred_rel_err": err,
+      }
+      if breakdown:
+        parts = o.parts()
+        for fn in parts.values():
+          fn()  # compile
+        times = {k: [] for k in parts}
+        for _ in range(runs):
+          for k, fn in parts.items():
+            s = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - s)
+        med = {k: median_ms(t) for k, t in times.items()}
+        med["backward"] = med.pop("forward+backward") - med["forward"]
+        row["ours_parts"] = med
+        del parts
+      row["load"] = load()
+      print(
+        f"{name} ({v}): ours {row['ours_ms']:.0f} ms, torch {theirs_ms:.0f} ms, ratio "
+        f"{row['ours_ms'] / theirs_ms:.2f}; compile {o.compile_s:.1f} s; load {row['load']}",
+        flush=True,
+      )
+      rows.append(row)
+      out.append(row)
     del ours, theirs
   del model
   return rows
 
 
 def print_table(rows: list[dict]) -> None:
-  print("\n| geometry | optimizer | ours ms | torch ms | ours / torch | compile s |")
-  print("|---|---|---|---|---|---|")
+  print("\n| geometry | optimizer | ours | ours ms | torch ms | ours / torch | compile s |")
+  print("|---|---|---|---|---|---|---|")
   for r in rows:
     torch_name = "AdamW" if r["optimizer"] == "adamw" else "CAME (came-pytorch)"
     print(
-      f"| {r['geometry']} | {r['optimizer']} vs {torch_name} | {r['ours_ms']:.0f} | "
-      f"{r['theirs_ms']:.0f} | **{r['ours_ms'] / r['theirs_ms']:.2f}** | {r['compile_s']:.1f} |"
+      f"| {r['geometry']} | {r['optimizer']} vs {torch_name} | {r['variant']} | "
+      f"{r['ours_ms']:.0f} | {r['theirs_ms']:.0f} | **{r['ours_ms'] / r['theirs_ms']:.2f}** | "
+      f"{r['compile_s']:.1f} |"
     )
   if any("ours_parts" in r for r in rows):
-    print("\nbreakdown, ms (ours: each part jitted alone; torch: inside its step)")
     print(
-      "| geometry | optimizer | ours fwd | ours bwd | ours opt | ours EMA | ours guard "
+      "\nbreakdown, ms (ours: each part jitted alone, update = norm + guard + optimizer + EMA"
+      " as the step does it; torch: inside its step)"
+    )
+    print(
+      "| geometry | optimizer | ours | fwd | bwd | update | (opt alone) | (EMA alone) "
       "| torch fwd | torch bwd | torch clip+opt | torch EMA |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
       o, t = r.get("ours_parts"), r["theirs_parts"]
       if o is None:
         continue
       print(
-        f"| {r['geometry']} | {r['optimizer']} | {o['forward']:.0f} | {o['backward']:.0f} | "
-        f"{o['optimizer']:.0f} | {o['ema']:.1f} | {o['guard']:.1f} | {t['forward']:.0f} | "
-        f"{t['backward']:.0f} | {t['clip+optimizer']:.0f} | {t['ema']:.1f} |"
+        f"| {r['geometry']} | {r['optimizer']} | {r['variant']} | {o['forward']:.0f} | "
+        f"{o['backward']:.0f} | {o['update']:.0f} | {o['optimizer']:.0f} | {o['ema']:.1f} | "
+        f"{t['forward']:.0f} | {t['backward']:.0f} | {t['clip+optimizer']:.0f} | "
+        f"{t['ema']:.1f} |"
       )
+
+
+def compile_times(specs: list[str], repeats: int) -> list[dict]:
+  """Lower + compile time of the project's whole train step from abstract inputs (nothing is
+  allocated, so full widths are cheap). specs: "config[:depth[:batch[:latent]]]" with a
+  module of configs/ and the config's own optimizer; caption length = the config's. Compiles
+  alternate between the specs, `repeats` times each; a fresh jit every time (no cache)."""
+  import importlib
+
+  import flax.linen as nn
+
+  jax.config.update("jax_enable_compilation_cache", False)
+  cases = []
+  for spec in specs:
+    name, *rest = spec.split(":")
+    config = importlib.import_module(f"configs.{name}").get_config()
+    cfg = DiTConfig.coerce(config.model)
+    depth = int(rest[0]) if rest else cfg.depth
+    batch = int(rest[1]) if len(rest) > 1 else config.train.global_batch
+    latent = int(rest[2]) if len(rest) > 2 else config.image_size // config.vae_downsample
+    config.model = cfg.replace(depth=depth).to_dict()
+    config.train.global_batch = batch
+    cases.append((spec, config, batch, latent))
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  times = {spec: [] for spec, *_ in cases}
+  for _ in range(repeats):
+    for spec, config, b, n in cases:
+      cfg = DiTConfig.coerce(config.model)
+      tx = optim_lib.make_optimizer(config.train)
+      sh = state_lib.state_shardings(config.model, tx, mesh)
+      abstract = state_lib.abstract_state(config.model, tx)
+      ly = cfg.caption_len
+      sds = jax.ShapeDtypeStruct
+      batch = {
+        "latent": sds((b, n, n, cfg.in_channels), jnp.float32),
+        "caption": sds((b, ly, cfg.caption_channels), jnp.float32),
+        "caption_mask": sds((b, ly), jnp.int32),
+      }
+      null = sds((ly, cfg.caption_channels), jnp.float32)
+      step = step_lib.jit_train_step(config, tx, mesh, sh)
+      t0 = time.perf_counter()
+      with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+        step.jitted.lower(abstract, batch, null).compile()
+      times[spec].append(time.perf_counter() - t0)
+      print(
+        f"compiled {spec} ({config.train.optimizer}, batch {b}, {n}x{n}) in "
+        f"{times[spec][-1]:.1f} s; load {load()}",
+        flush=True,
+      )
+  rows = [{"spec": k, "compile_s": statistics.median(v)} for k, v in times.items()]
+  base = rows[0]["compile_s"]
+  print("\n| step | compile s (median) | / first |")
+  print("|---|---|---|")
+  for r in rows:
+    print(f"| {r['spec']} | {r['compile_s']:.1f} | {r['compile_s'] / base:.2f} |")
+  return rows
 
 
 def parse_args(argv=None):
@@ -444,21 +577,34 @@ def parse_args(argv=None):
   ap.add_argument(
     "--threads", type=int, default=None, help="torch threads (default: os.cpu_count())"
   )
+  ap.add_argument(
+    "--variants",
+    default="project",
+    help=f"our step's variants, comma-separated, of {sorted(VARIANTS)} (default project)",
+  )
+  ap.add_argument(
+    "--compile",
+    default="",
+    help="only time compiles of these steps, comma-separated config[:depth[:batch[:latent]]]"
+    " (e.g. sana15_1600m:20,sana15_1600m:60); default: none (the comparison)",
+  )
   ap.add_argument("--no-breakdown", action="store_true", help="skip the per-part timings")
   args = ap.parse_args(argv)
   geos = args.geometries.split(",")
   bad = [g for g in geos if g not in GEOMETRIES]
   opts = args.optimizers.split(",")
   bad += [o for o in opts if o not in OPTIMIZERS]
+  variants = args.variants.split(",")
+  bad += [v for v in variants if v not in VARIANTS]
   if bad or args.runs < 1:
-    ap.error(f"unknown geometry/optimizer {bad} or --runs < 1")
-  return args, geos, opts
+    ap.error(f"unknown geometry/optimizer/variant {bad} or --runs < 1")
+  return args, geos, opts, variants
 
 
 def main(argv=None) -> list[dict]:
   import torch
 
-  args, geos, opts = parse_args(argv)
+  args, geos, opts, variants = parse_args(argv)
   threads = args.threads or os.cpu_count()
   torch.set_num_threads(threads)
   print(
@@ -466,9 +612,11 @@ def main(argv=None) -> list[dict]:
     f"{torch.__version__} ({torch.get_num_threads()} threads); {args.runs} alternating runs",
     flush=True,
   )
+  if args.compile:
+    return compile_times(args.compile.split(","), args.runs)
   rows = []
   for g in geos:
-    bench(GEOMETRIES[g], opts, args.runs, args.depth, not args.no_breakdown, rows)
+    bench(GEOMETRIES[g], opts, variants, args.runs, args.depth, not args.no_breakdown, rows)
   print_table(rows)
   return rows
 
