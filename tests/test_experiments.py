@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from cli_contract import assert_refused, assert_unchanged, call_main, snapshot
+from tests.cli_contract import assert_refused, assert_unchanged, call_main, snapshot
 from sana_jax.experiments import came8, growth, inference_scaling, pruning
 
 COMMANDS = {

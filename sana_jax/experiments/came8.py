@@ -74,6 +74,12 @@ def build_parser():
     help="loss curve interval (default: 25)",
   )
   ap.add_argument(
+    "--warmup",
+    type=C.non_negative("--warmup"),
+    default=200,
+    help="learning-rate warm-up steps (default: 200, the recipe's)",
+  )
+  ap.add_argument(
     "--batch",
     type=C.positive("--batch"),
     default=64,
@@ -88,7 +94,7 @@ def check(args):
     raise C.UsageError(
       f"--per_category {args.per_category}: the evaluation set has 50 per category (expected 1..50)"
     )
-  args.heldout, args.sample_steps, args.warmup = 512, None, None
+  args.heldout, args.sample_steps = 512, None
   if args.quick:
     args.steps, args.per_category, args.num_train, args.log_every = 3, 1, 64, 1
     args.batch, args.heldout, args.sample_steps = 8, 16, 2
@@ -131,6 +137,7 @@ def work(args):
         categories={k: v["accuracy"] for k, v in rep["categories"].items()},
         bytes_per_param=run.opt_state_bytes / n_params,
         seconds=run.seconds,
+        step_cpu_seconds=run.cpu_seconds / args.steps,
       )
     )
     print(
