@@ -10,6 +10,7 @@ head 8, cross 4 x 10, caption 20, MLP 120, latent 5 x 9, caption length 7).
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 
@@ -62,10 +63,16 @@ def _ours(cfg, params, inputs):
   return np.asarray(_APPLY[cfg]({"params": params}, *inputs))
 
 
+@functools.lru_cache(maxsize=None)
+def _abstract(cfg):
+  """dit.abstract_params, traced once per config for the whole file."""
+  return dit.abstract_params(cfg)
+
+
 def _random_adapters(cfg, seed):
   """Random nonzero lora_a/lora_b leaves of cfg's shapes (each group its own A)."""
   rng = np.random.default_rng(seed)
-  _, shapes = merge.split(dit.abstract_params(cfg))
+  _, shapes = merge.split(_abstract(cfg))
   return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 
 
@@ -247,12 +254,17 @@ def test_merge_into_a_bf16_base_is_not_rounded_back(base):
 
 
 def _good_file(tmp_path):
+  return dict(_good_state_dict())
+
+
+@functools.lru_cache(maxsize=None)
+def _good_state_dict():
   adapted = merge.attach(_zero_base(), _random_adapters(LCFG, 5))
   return lora_diffusers.to_diffusers(adapted, LCFG)
 
 
 def _zero_base():
-  return jax.tree.map(lambda s: np.zeros(s.shape, np.float32), dit.abstract_params(CFG))
+  return jax.tree.map(lambda s: np.zeros(s.shape, np.float32), _abstract(CFG))
 
 
 def _edit(kind):
@@ -446,7 +458,7 @@ def shapes_lora(tmp_path_factory):
 
   meta = json.loads((shapes_model.DEFAULT_MODEL / "transformer" / "config.json").read_text())
   cfg = DiTConfig.coerce(meta["model"]).replace(lora_rank=2, lora_alpha=4.0)
-  base = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), dit.abstract_params(cfg))
+  base = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), _abstract(cfg))
   adapted = merge.attach(merge.split(base)[0], _random_adapters(cfg, 8))
   return lora_diffusers.save(tmp_path / name, adapted, cfg)
 
@@ -575,6 +587,14 @@ def test_cli_exports_and_merges_a_trained_adapter(base, tmp_path, capsys):
     np.testing.assert_allclose(dit_weights.flatten(merged)[k], v, rtol=1e-6, atol=1e-7)
 
 
+@pytest.fixture(scope="module")
+def cli_inputs(base, tmp_path_factory):
+  """(a DiT folder of the tiny model, a train.py adapter file for it)."""
+  tmp = tmp_path_factory.mktemp("cli")
+  dit_weights.save_flax(tmp / "dit", base[1], CFG)
+  return tmp / "dit", _native_file(tmp / "adapter.safetensors", _random_adapters(LCFG, 9), LCFG)
+
+
 CLI_BAD = {
   "lora missing": (["--lora", "ABSENT"], ["--lora", "no such file"]),
   "out exists": (["--out", "EXISTS"], ["--out", "--overwrite"]),
@@ -588,15 +608,14 @@ CLI_BAD = {
 
 @pytest.mark.contract
 @pytest.mark.parametrize("case", list(CLI_BAD))
-def test_cli_bad_input_refused(base, tmp_path, capsys, case, shapes_lora):
+def test_cli_bad_input_refused(cli_inputs, tmp_path, capsys, case, shapes_lora):
   from sana_jax.lora import __main__ as cli
   from tests import cli_contract
 
-  dit_weights.save_flax(tmp_path / "dit", base[1], CFG)
-  native = _native_file(tmp_path / "adapter.safetensors", _random_adapters(LCFG, 9), LCFG)
+  dit, native = cli_inputs
   (tmp_path / "exists").mkdir()
   names = {"ABSENT": tmp_path / "nope.st", "EXISTS": tmp_path / "exists", "SHAPES": shapes_lora}
-  opts = {"--model": tmp_path / "dit", "--lora": native, "--out": tmp_path / "o.st"}
+  opts = {"--model": dit, "--lora": native, "--out": tmp_path / "o.st"}
   extra, fragments = CLI_BAD[case]
   for flag, value in zip(extra[::2], extra[1::2]):
     opts[flag] = names.get(value, value)
