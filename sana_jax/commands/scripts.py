@@ -43,3 +43,8 @@ def shapes_eval() -> int:
 def preprocess() -> int:
   """sana-preprocess: python -m sana_jax.data.preprocess (images -> latents TFDS)."""
   return _run("sana_jax.data.preprocess")
+
+
+def lora() -> int:
+  """sana-lora: python -m sana_jax.lora (export an adapter to diffusers' file, merge one)."""
+  return _run("sana_jax.lora.__main__")
