@@ -326,15 +326,13 @@ PARAMS_NAME = "params.safetensors"
 def save_params(params: Mapping, config: DCAEConfig, folder: str | os.PathLike) -> None:
   """Our format: params.safetensors (keys 'decoder/up_blocks_3_0/attn/to_q/kernel', ...) and
   config.json (DCAEConfig fields, with `_class_name` 'sana_jax.DCAEConfig')."""
-  from safetensors.numpy import save_file
-
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   flat = {
     "/".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
     for k, v in _flatten(params).items()
   }
-  save_file(flat, str(folder / PARAMS_NAME))
+  io.write_safetensors(flat, folder / PARAMS_NAME)
   cfg = {
     "_class_name": "sana_jax.DCAEConfig",
     **config.to_diffusers(),
@@ -378,10 +376,10 @@ def load_params(
 
 def save_diffusers(params: Mapping, config: DCAEConfig, folder: str | os.PathLike) -> None:
   """Writes a diffusers AutoencoderDC folder (config.json + diffusion_pytorch_model.safetensors)."""
-  from safetensors.numpy import save_file
-
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   cfg = {"_class_name": "AutoencoderDC", **config.to_diffusers()}
   (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-  save_file(to_diffusers_state_dict(params, config), str(folder / f"{WEIGHTS_STEM}.safetensors"))
+  io.write_safetensors(
+    to_diffusers_state_dict(params, config), folder / f"{WEIGHTS_STEM}.safetensors"
+  )
