@@ -212,6 +212,74 @@ def sample_all(model_dir, lora_file, prompts, seeds):
   return SanaPipeline(b).generate(prompts, seeds)
 
 
+def diffusers_check(adapter: pathlib.Path, out: pathlib.Path) -> tuple[float, float]:
+  """Exports the adapter with `python -m sana_jax.lora export`, loads the file into diffusers'
+  SanaTransformer2DModel (the embedded model converted, diffusers' Sana LoRA loader) and
+  compares its output with ours plus the adapter (fp32, diffusers' numerics): returns
+  (relative error, how far the adapter moves the output)."""
+  import jax
+  import torch
+  from diffusers import SanaPipeline, SanaTransformer2DModel
+
+  from sana_jax.lora import diffusers as lora_diffusers
+  from sana_jax.lora import merge
+  from sana_jax.models import dit
+  from sana_jax.weights import dit as dit_weights
+
+  jax.config.update("jax_default_matmul_precision", "highest")
+  model = REPO / "sana_jax" / "assets" / "shapes_model"
+  exported = out / "star_lora_diffusers.safetensors"
+  run(
+    [
+      sys.executable,
+      "-m",
+      "sana_jax.lora",
+      "export",
+      "--model",
+      model,
+      "--lora",
+      adapter,
+      "--out",
+      exported,
+      "--overwrite",
+    ],
+    lock=False,
+  )
+  params, cfg, _ = dit_weights.load_flax(model / "transformer")
+  params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+  cfg = cfg.diffusers_compatible()
+  tree, lcfg = lora_diffusers.load(adapter, cfg)
+  config = dit_weights.to_diffusers_config(cfg)
+  config.pop("_class_name")
+  torch_model = SanaTransformer2DModel(**config).eval()
+  sd = dit_weights.params_to_diffusers(params, cfg)
+  torch_model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()})
+  state_dict, metadata = SanaPipeline.lora_state_dict(str(exported), return_lora_metadata=True)
+  SanaPipeline.load_lora_into_transformer(state_dict, torch_model, metadata=metadata)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+  y = rng.standard_normal((2, cfg.caption_len, cfg.caption_channels)).astype(np.float32)
+  mask = np.ones((2, cfg.caption_len), np.int32)
+  mask[0, 10:] = 0
+  t = np.array([999.0, 400.0], np.float32)
+  ours = np.asarray(dit.SanaDiT(lcfg).apply({"params": merge.attach(params, tree)}, x, t, y, mask))
+  plain = np.asarray(dit.SanaDiT(cfg).apply({"params": params}, x, t, y, mask))
+  with torch.no_grad():
+    theirs = (
+      torch_model(
+        hidden_states=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+        encoder_hidden_states=torch.from_numpy(y),
+        timestep=torch.from_numpy(t),
+        encoder_attention_mask=torch.from_numpy(mask.astype(np.float32)),
+        return_dict=False,
+      )[0]
+      .numpy()
+      .transpose(0, 2, 3, 1)
+    )
+  rel = lambda a, b: float(np.max(np.abs(a - b)) / np.max(np.abs(b)))  # noqa: E731
+  return rel(ours, theirs), rel(plain, ours)
+
+
 def grid_png(path, rows, labels, scale=3):
   """A small PNG: one row per (label, images), each image `scale` times enlarged."""
   from PIL import Image, ImageDraw
@@ -265,7 +333,20 @@ def main(argv=None) -> int:
     help="write lora_star_before_after.png and lora_star_train.png here (default: no)",
   )
   ap.add_argument("--no_lock", action="store_true", help="train without flock /tmp/heavy.lock")
+  ap.add_argument(
+    "--check_only",
+    type=pathlib.Path,
+    default=None,
+    help="only the diffusers check of this adapter file (default: the full run)",
+  )
   args = ap.parse_args(argv)
+  if args.check_only:
+    args.out.mkdir(parents=True, exist_ok=True)
+    err, moved = diffusers_check(args.check_only, args.out)
+    print(
+      f"diffusers with the exported LoRA vs ours: rel. error {err:.2e} (the adapter moves the output {moved:.2e})"
+    )
+    return 0
   if args.quick:
     args.steps, args.eval_prompts, args.eval_seeds = 20, 4, 1
   model = REPO / "sana_jax" / "assets" / "shapes_model"
@@ -364,6 +445,13 @@ def main(argv=None) -> int:
     f"{len(targets)} targets), total {time.perf_counter() - t0:.0f} s"
   )
   print(f"sample with it: python sample.py --prompt '{prompts[0]}' --lora {adapter}")
+  try:
+    err, moved = diffusers_check(adapter, out)
+    print(
+      f"diffusers with the exported LoRA vs ours: rel. error {err:.2e} (the adapter moves the output {moved:.2e})"
+    )
+  except ImportError as e:
+    print(f"diffusers check skipped ({e})")
   if args.docs:
     args.docs.mkdir(parents=True, exist_ok=True)
     k = min(8, len(flat))
