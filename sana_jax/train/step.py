@@ -117,33 +117,37 @@ def _stochastic_tree(tree, step, salt: int):
 
 
 def _apply(state, loss, grads, *, tx, tc):
-  """update.apply_gradients with train.param_dtype and train.ema's storage. bf16
-  parameters: the update is computed in fp32 (parameters and gradients upcast leaf by leaf
-  inside the update) and the result stochastically rounded back to bf16."""
-  if state_lib.param_dtype(tc) == "float32":
-    return _apply_ema(state, loss, grads, tx=tx, tc=tc)
-  f32 = lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t)  # noqa: E731
-  new, metrics = _apply_ema(state.replace(params=f32(state.params)), loss, f32(grads), tx=tx, tc=tc)
-  params = _stochastic_tree(new.params, state.step, tc.seed * 1_000_003 + 500_009)
-  return new.replace(params=params), metrics
+  """update.apply_gradients, with train.ema's storage and train.param_dtype.
 
-
-def _apply_ema(state, loss, grads, *, tx, tc):
-  """update.apply_gradients with train.ema's storage: fp32 as it is; bf16 updated in fp32
-  and stochastically rounded back; off: the EMA computed on a stand-in and dropped (dead
-  code to XLA)."""
-  mode = state_lib.ema_mode(tc)
-  if mode == "fp32":
+  fp32 EMA and parameters: update.py as it is. Otherwise update.py runs with its EMA on a
+  stand-in (dead code to XLA) and the EMA is formed here, decay * e + (1 - decay) * p like
+  update.py's, one elementwise pass per leaf (no fp32 copy of a bf16 tree): "off" none,
+  "bf16" computed in fp32 and stochastically rounded. bf16 parameters: the optimizer sees
+  their fp32 values and fp32 gradients; the updated values are stochastically rounded back.
+  """
+  mode, dtype = state_lib.ema_mode(tc), state_lib.param_dtype(tc)
+  if mode == "fp32" and dtype == "float32":
     return update_lib.apply_gradients(state, loss, grads, tx=tx, tc=tc)
-  if mode == "off":
-    new, metrics = update_lib.apply_gradients(
-      state.replace(ema_params=state.params), loss, grads, tx=tx, tc=tc
-    )
-    return new.replace(ema_params=None), metrics
-  up = jax.tree_util.tree_map(lambda e: e.astype(jnp.float32), state.ema_params)
-  new, metrics = update_lib.apply_gradients(state.replace(ema_params=up), loss, grads, tx=tx, tc=tc)
-  ema = _stochastic_tree(new.ema_params, state.step, tc.seed * 1_000_003)
-  return new.replace(ema_params=ema), metrics
+  f32 = lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t)  # noqa: E731
+  params = f32(state.params) if dtype == "bfloat16" else state.params
+  grads = f32(grads) if dtype == "bfloat16" else grads
+  stand_in = state.replace(params=params, ema_params=params)
+  new, metrics = update_lib.apply_gradients(stand_in, loss, grads, tx=tx, tc=tc)
+  finite, decay, salt = metrics["finite"], tc.ema_decay, tc.seed * 1_000_003
+  updated = new.params  # fp32; the old values where the step was skipped
+  ema = None
+  if mode != "off":
+
+    def ema_leaf(e, p):
+      e32 = e.astype(jnp.float32)
+      return jnp.where(finite, decay * e32 + (1 - decay) * p, e32)
+
+    ema = jax.tree_util.tree_map(ema_leaf, state.ema_params, updated)
+    if mode == "bf16":
+      ema = _stochastic_tree(ema, state.step, salt)
+  if dtype == "bfloat16":
+    updated = _stochastic_tree(updated, state.step, salt + 500_009)
+  return new.replace(params=updated, ema_params=ema), metrics
 
 
 def jit_train_step(config, tx, mesh, state_shardings):
