@@ -236,11 +236,13 @@ def _state_nbytes(
   min_8bit_size: int,
   block_size: int,
   align: int,
+  meta_dtype=jnp.bfloat16,
 ) -> int:
   """Bytes of the CAME state of one leaf (m, and v or the four factored statistics)."""
   n = math.prod(shape)
   if _use_8bit(shape, spec, quantize, unfactored, min_8bit_size):
-    mu = quant8.nbytes(shape, _tile(shape, spec, block_size, align))
+    tile = _tile(shape, spec, block_size, align)
+    mu = quant8.nbytes(shape, tile, jnp.dtype(meta_dtype).itemsize)
   else:
     mu = 4 * n
   if spec.factored:
@@ -251,7 +253,8 @@ def _state_nbytes(
   return mu + nu
 
 
-def _warn_if_stacked(params, specs, quantize, unfactored, min_8bit_size, block_size, align):
+def _warn_if_stacked(params, specs, quantize, unfactored, min_8bit_size, block_size, align, *extra):
+  mn = min_8bit_size
   """spec=None on a tree with stacked layers: say which leaves the default rule misreads
   and what it costs (one warning per init, all leaves named in it)."""
   prefixes = find_stacked(params)
@@ -263,14 +266,17 @@ def _warn_if_stacked(params, specs, quantize, unfactored, min_8bit_size, block_s
   for (p, x), s in zip(path_leaves, specs):
     path, shape = _path_str(p), tuple(x.shape)
     alt = alt_fn(path, x)
-    b = _state_nbytes(shape, s, quantize, unfactored, min_8bit_size, block_size, align)
-    b_alt = _state_nbytes(shape, alt, quantize, unfactored, min_8bit_size, block_size, align)
+    b = _state_nbytes(shape, s, quantize, unfactored, min_8bit_size, block_size, align, *extra)
+    b_alt = _state_nbytes(
+      shape, alt, quantize, unfactored, min_8bit_size, block_size, align, *extra
+    )
     total, total_alt, n_params = total + b, total_alt + b_alt, n_params + math.prod(shape)
     if alt != s:
       what = (
         "factored as one matrix"
         if s.factored
-        else "one unfactored tensor" + (", not quantized" if quantize else "")
+        else "one unfactored tensor"
+        + (", not quantized" if quantize and not _use_8bit(shape, s, True, unfactored, mn) else "")
       )
       rows.append(f"  {path} {shape}: {what}; {b:,} B (per-layer: {b_alt:,} B)")
   if not rows:
@@ -350,45 +356,87 @@ def _check_static_int(name, value):
 
 
 def _approx_rsqrt(row, col, spec: LeafSpec, nd: int):
-  """rsqrt(row / mean_rows(row)) * rsqrt(col), broadcast to batch + rows + cols."""
+  """(rsqrt(row / mean_rows(row)), rsqrt(col)), shaped to broadcast against
+  batch + rows + cols (two small factors, not their full-size product)."""
   _, rows, cols = _axes(spec, nd)
   r = jax.lax.rsqrt(row / jnp.mean(row, axis=rows, keepdims=True))
   r = r.reshape(r.shape + (1,) * len(cols))
   c = jax.lax.rsqrt(col)
   c = c.reshape(c.shape[: spec.batch_ndim] + (1,) * len(rows) + c.shape[spec.batch_ndim :])
-  return r * c
+  return r, c
 
 
-def _leaf_update(g, mu, nu, spec: LeafSpec, b1, b2, b3, eps, clip_threshold):
+def _copies(n: int, *xs) -> list:
+  """n copies of the arrays ``xs`` that XLA cannot merge (one optimization_barrier, so
+  nothing is copied at run time).
+
+  A full-size pass that rebuilds its elementwise operand from its own copy of the inputs
+  gets that operand fused in. Without the copies, common-subexpression elimination merges
+  the operands (even a broadcast of a small factor) into one full-size value read by
+  several fusions, which XLA writes to a temporary: on XLA:CPU a fresh full-size
+  temporary costs more per step than the recomputation (page faults; see docs/came.md).
+  """
+  return list(jax.lax.optimization_barrier(tuple(xs for _ in range(n))))
+
+
+def _unfactored_update(g, mu, nu, spec: LeafSpec, b1, b2, eps, clip_threshold):
+  """The unfactored leaves (biases, norms, depthwise conv): few parameters, plain form."""
   out_dtype = g.dtype
-  nd = g.ndim
   g = g.astype(jnp.float32)
   u = g * g + eps[0]
-  if spec.factored:
-    _, rows, cols = _axes(spec, nd)
-    v_row = b2 * nu.v_row + (1.0 - b2) * jnp.mean(u, axis=cols)
-    v_col = b2 * nu.v_col + (1.0 - b2) * jnp.mean(u, axis=rows)
-    upd = g * _approx_rsqrt(v_row, v_col, spec, nd)
-  else:
-    v = b2 * nu.v + (1.0 - b2) * u
-    upd = g * jax.lax.rsqrt(v)
-  clip_axes = tuple(range(spec.batch_ndim, nd))
+  v = b2 * nu.v + (1.0 - b2) * u
+  upd = g * jax.lax.rsqrt(v)
+  clip_axes = tuple(range(spec.batch_ndim, g.ndim))
   rms = jnp.sqrt(jnp.mean(upd * upd, axis=clip_axes, keepdims=True))
   upd = upd / jnp.maximum(rms / clip_threshold, 1.0)
-
   quantized = isinstance(mu, quant8.QuantizedArray)
   m = quant8.dequantize(mu) if quantized else mu
   m = b1 * m + (1.0 - b1) * upd
-  res = (upd - m) ** 2 + eps[1]
-  if spec.factored:
-    res_row = b3 * nu.res_row + (1.0 - b3) * jnp.mean(res, axis=cols)
-    res_col = b3 * nu.res_col + (1.0 - b3) * jnp.mean(res, axis=rows)
-    step = m * _approx_rsqrt(res_row, res_col, spec, nd)
-    new_nu = FactoredMoments(v_row, v_col, res_row, res_col)
-  else:
-    step = m
-    new_nu = FullMoment(v)
-  new_mu = quant8.quantize(m, mu.tile) if quantized else m
+  new_mu = quant8.quantize(m, mu.tile, mu.minimum.dtype) if quantized else m
+  return m.astype(out_dtype), new_mu, FullMoment(v)
+
+
+def _leaf_update(g, mu, nu, spec: LeafSpec, b1, b2, b3, eps, clip_threshold):
+  """One leaf's CAME step: (step in g's dtype, new m, new second-moment statistics).
+
+  The factored form is laid out for XLA's fusion (docs/came.md, "Update time"): the row,
+  column and RMS means read g directly (each from its own copy, see :func:`_copies`, and
+  eps1 added after the mean, so no full-size constant enters them); U is never stored
+  (the clip is folded into the row factor and each consumer recomputes g * r * c); the
+  updated m is the one full-size value shared by the later passes (it is the new state
+  when m is fp32), and the instability (U - m)^2 the only other one, read by its row and
+  column means.
+  """
+  if not spec.factored:
+    return _unfactored_update(g, mu, nu, spec, b1, b2, eps, clip_threshold)
+  out_dtype = g.dtype
+  nd = g.ndim
+  _, rows, cols = _axes(spec, nd)
+  clip_axes = tuple(range(spec.batch_ndim, nd))
+  quantized = isinstance(mu, quant8.QuantizedArray)
+  g = g.astype(jnp.float32)
+  (g_r,), (g_c,) = _copies(2, g)
+  # mean(g^2 + eps1) computed as mean(g^2) + eps1.
+  v_row = b2 * nu.v_row + (1.0 - b2) * (jnp.mean(g_r * g_r, axis=cols) + eps[0])
+  v_col = b2 * nu.v_col + (1.0 - b2) * (jnp.mean(g_c * g_c, axis=rows) + eps[0])
+  r, c = _approx_rsqrt(v_row, v_col, spec, nd)
+  (g_s, r_s, c_s), (g_m, _, c_m), (g_d, _, c_d) = _copies(3, g, r, c)
+  upd = g_s * r_s * c_s
+  rms = jnp.sqrt(jnp.mean(upd * upd, axis=clip_axes, keepdims=True))
+  # U = g * (r / max(rms / clip, 1)) * c: the clip folded into the row factor.
+  r = r / jnp.maximum(rms / clip_threshold, 1.0)
+  (r_m,), (r_d,) = _copies(2, r)
+  m = quant8.dequantize(mu) if quantized else mu
+  m = b1 * m + (1.0 - b1) * (g_m * r_m * c_m)
+  # (U - m)^2, stored once for its two means; mean(res + eps2) as mean(res) + eps2.
+  res = (g_d * r_d * c_d - m) ** 2
+  res_a, res_b = jax.lax.optimization_barrier((res, res))
+  res_row = b3 * nu.res_row + (1.0 - b3) * (jnp.mean(res_a, axis=cols) + eps[1])
+  res_col = b3 * nu.res_col + (1.0 - b3) * (jnp.mean(res_b, axis=rows) + eps[1])
+  rr, cc = _approx_rsqrt(res_row, res_col, spec, nd)
+  step = m * rr * cc
+  new_mu = quant8.quantize(m, mu.tile, mu.minimum.dtype) if quantized else m
+  new_nu = FactoredMoments(v_row, v_col, res_row, res_col)
   return step.astype(out_dtype), new_mu, new_nu
 
 
@@ -404,9 +452,10 @@ def scale_by_came(
   spec: Union[None, SpecFn, Any] = None,
   quantize_mu: bool = False,
   block_size: int = 2048,
-  min_8bit_size: int = 16384,
+  min_8bit_size: int = 0,
   align: int = 8,
-  quantize_unfactored: bool = False,
+  quantize_unfactored: bool = True,
+  meta_dtype: Any = jnp.bfloat16,
 ) -> optax.GradientTransformation:
   """CAME's preconditioned direction (without learning rate or weight decay).
 
@@ -421,19 +470,28 @@ def scale_by_came(
       ``(path: str, leaf) -> LeafSpec``, or a tree of LeafSpec matching the parameters.
       (With ``optax.inject_hyperparams``, list a callable spec in ``static_args``.)
     quantize_mu: store m in 8 bits (CAME-8bit) for factored leaves with more than
-      ``min_8bit_size`` elements per matrix, in blocks of about ``block_size`` elements
-      that never cross a matrix.
+      ``min_8bit_size`` elements per matrix (default 0: all; the official code: 16384),
+      in blocks of about ``block_size`` elements that never cross a matrix.
     align: prefer block counts per axis that are multiples of this (see quant8.block_shape).
     quantize_unfactored: also store m in 8 bits for unfactored leaves with more than
-      ``min_8bit_size`` elements per ``batch_ndim`` slice (the depthwise conv); off in the
-      reference. Their second moment v stays fp32.
+      ``min_8bit_size`` elements per ``batch_ndim`` slice (depthwise conv, biases, norms;
+      default on, off in the official code). Their second moment v stays fp32.
+    meta_dtype: dtype of the per-block min and scale, ``jnp.bfloat16`` (default; min
+      rounded down, scale up, see quant8.quantize) or ``jnp.float32``.
 
   Returns:
     An optax.GradientTransformation with :class:`CameState`. Updates keep the gradients'
     dtype; all statistics are fp32.
   """
-  for name, val in (("block_size", block_size), ("min_8bit_size", min_8bit_size), ("align", align)):
+  for name, val in (
+    ("block_size", block_size),
+    ("min_8bit_size", min_8bit_size),
+    ("align", align),
+  ):
     _check_static_int(name, val)
+  meta_dtype = jnp.dtype(meta_dtype)
+  if meta_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"meta_dtype must be float32 or bfloat16, got {meta_dtype}")
   if len(eps) != 2:
     raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}")
 
@@ -442,14 +500,22 @@ def scale_by_came(
     specs = leaf_specs(params, spec)
     if spec is None:
       _warn_if_stacked(
-        params, specs, quantize_mu, quantize_unfactored, min_8bit_size, block_size, align
+        params,
+        specs,
+        quantize_mu,
+        quantize_unfactored,
+        min_8bit_size,
+        block_size,
+        align,
+        meta_dtype,
       )
     mus, nus = [], []
     for p, s in zip(leaves, specs):
       shape = tuple(p.shape)
       zeros = jnp.zeros(shape, jnp.float32)
       if _use_8bit(shape, s, quantize_mu, quantize_unfactored, min_8bit_size):
-        mus.append(quant8.zeros(shape, _tile(shape, s, block_size, align)))
+        tile = _tile(shape, s, block_size, align)
+        mus.append(quant8.zeros(shape, tile, meta_dtype))
       else:
         mus.append(zeros)
       if s.factored:
@@ -511,16 +577,19 @@ def came_8bit(
   weight_decay_mask: Any = None,
   spec: Union[None, SpecFn, Any] = None,
   block_size: int = 2048,
-  min_8bit_size: int = 16384,
+  min_8bit_size: int = 0,
   align: int = 8,
-  quantize_unfactored: bool = False,
+  quantize_unfactored: bool = True,
+  meta_dtype: Any = jnp.bfloat16,
 ) -> optax.GradientTransformation:
-  """CAME-8bit: as :func:`came`, with m of large factored matrices stored in 8 bits.
+  """CAME-8bit: as :func:`came`, with m stored in 8 bits.
 
   Each step dequantises m, updates it in fp32, uses that fp32 m for the step and stores it
   requantised. ``block_size`` counts elements per block (not rows as in the official code);
-  blocks never cross a matrix (or a layer). ``quantize_unfactored`` also quantises m of
-  large unfactored leaves (beyond the reference; see docs/came.md).
+  blocks never cross a matrix (or a layer). By default every leaf's m is 8-bit, with bf16
+  block min/scale; the official code's
+  choice is ``min_8bit_size=16384, quantize_unfactored=False, meta_dtype=jnp.float32``
+  (see docs/came.md for the bytes and the loss of each).
   """
   return optax.chain(
     scale_by_came(
@@ -535,6 +604,7 @@ def came_8bit(
       min_8bit_size=min_8bit_size,
       align=align,
       quantize_unfactored=quantize_unfactored,
+      meta_dtype=meta_dtype,
     ),
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),

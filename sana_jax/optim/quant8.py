@@ -6,8 +6,8 @@ matrices of a factored parameter) mean a block never crosses a matrix, so the st
 one layer is a slice of the state along that axis. Each block stores
 
     q     = round((x - min) / scale)   uint8, same shape as x
-    min   = block minimum              fp32, shape x.shape // tile (per axis)
-    scale = (max - min) / 255          fp32, same shape as min
+    min   = block minimum              fp32 or bf16, shape x.shape // tile (per axis)
+    scale = (max - min) / 255          same dtype and shape as min
 
 and decodes as ``q * scale + min`` (SANA-1.5 paper, eq. 1). A constant block has scale 0;
 it encodes to q = 0 and decodes exactly to its value (no division by zero, no NaN).
@@ -26,12 +26,20 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["QuantizedArray", "block_shape", "quantize", "dequantize", "zeros", "nbytes"]
+__all__ = [
+  "QuantizedArray",
+  "block_shape",
+  "quantize",
+  "quantize_recomputed",
+  "dequantize",
+  "zeros",
+  "nbytes",
+]
 
 _LEVELS = 255.0
 
@@ -40,8 +48,8 @@ class QuantizedArray(NamedTuple):
   """An fp32 tensor stored as uint8 codes with a per-block min and scale."""
 
   q: jax.Array  # uint8, the tensor's shape
-  minimum: jax.Array  # fp32, shape // tile
-  scale: jax.Array  # fp32, shape // tile
+  minimum: jax.Array  # fp32 or bf16, shape // tile
+  scale: jax.Array  # same dtype, shape // tile
 
   @property
   def shape(self):
@@ -98,29 +106,66 @@ def _expand(a):
   return a.reshape(tuple(x for n in a.shape for x in (n, 1)))
 
 
-def quantize(x: jax.Array, tile: tuple[int, ...]) -> QuantizedArray:
-  """Encode x (any float dtype; computed in fp32) with blocks of extent ``tile``."""
+def quantize(x: jax.Array, tile: tuple[int, ...], meta_dtype=jnp.float32) -> QuantizedArray:
+  """Encode x (any float dtype; computed in fp32) with blocks of extent ``tile``.
+
+  ``meta_dtype`` (fp32 or bf16) stores min and scale. With bf16 (half the metadata) the
+  min is rounded down and the scale up, so the 255 levels still cover [min, max]: the
+  error stays at most half of the stored step, which is at most about 1% wider than the
+  fp32 step for a block whose range spans zero (a constant block that bf16 cannot
+  represent exactly then decodes within half a tiny step instead of exactly).
+  """
+  return quantize_recomputed(lambda: x, tile, meta_dtype)
+
+
+def _round_bf16(x: jax.Array, up: bool) -> jax.Array:
+  """fp32 -> the bf16 value next to x towards +inf (up) or -inf (not up), exactly."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  high = bits & jnp.uint32(0xFFFF0000)
+  inexact = (bits & jnp.uint32(0xFFFF)) != 0
+  negative = (bits >> 31) == 1
+  away = inexact & (negative != up)  # the truncation went the wrong way: one ulp further out
+  high = jnp.where(away, high + jnp.uint32(0x10000), high)
+  return jax.lax.bitcast_convert_type(high, jnp.float32).astype(jnp.bfloat16)
+
+
+def quantize_recomputed(
+  make: Callable[[], jax.Array], tile: tuple[int, ...], meta_dtype=jnp.float32
+) -> QuantizedArray:
+  """:func:`quantize` of ``make()``, calling ``make`` once for each of the three full-size
+  passes (block min, block max, codes), so that it can rebuild x from fresh inputs for
+  each pass instead of sharing one materialised value."""
   tile = tuple(int(t) for t in tile)
+  meta_dtype = jnp.dtype(meta_dtype)
+  if meta_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"meta_dtype must be float32 or bfloat16, got {meta_dtype}")
+  x = make()
   _check_tile(x.shape, tile)
   split, tile_axes = _split(x.shape, tile)
-  t = x.astype(jnp.float32).reshape(split)
-  mn = jnp.min(t, axis=tile_axes)
-  mx = jnp.max(t, axis=tile_axes)
-  scale = (mx - mn) / _LEVELS
+  mn = jnp.min(x.astype(jnp.float32).reshape(split), axis=tile_axes)
+  mx = jnp.max(make().astype(jnp.float32).reshape(split), axis=tile_axes)
+  if meta_dtype == jnp.bfloat16:
+    mn_s = _round_bf16(mn, up=False)
+    scale_s = _round_bf16((mx - mn_s.astype(jnp.float32)) / _LEVELS, up=True)
+    mn, scale = mn_s.astype(jnp.float32), scale_s.astype(jnp.float32)
+  else:
+    scale = (mx - mn) / _LEVELS
+    mn_s, scale_s = mn, scale
   safe = jnp.where(scale > 0, scale, 1.0)
+  t = make().astype(jnp.float32).reshape(split)
   code = (t - _expand(mn)) / _expand(safe)
   q = jnp.clip(jnp.round(code), 0, _LEVELS).astype(jnp.uint8)
-  return QuantizedArray(q.reshape(x.shape), mn, scale)
+  return QuantizedArray(q.reshape(x.shape), mn_s, scale_s)
 
 
-def zeros(shape: tuple[int, ...], tile: tuple[int, ...]) -> QuantizedArray:
+def zeros(shape: tuple[int, ...], tile: tuple[int, ...], meta_dtype=jnp.float32) -> QuantizedArray:
   """The encoding of an all-zero tensor (what ``quantize(jnp.zeros(shape), tile)`` gives),
   built directly so nothing is computed or constant-folded."""
   shape, tile = tuple(shape), tuple(tile)
   _check_tile(shape, tile)
   grid = tuple(s // t for s, t in zip(shape, tile))
   return QuantizedArray(
-    jnp.zeros(shape, jnp.uint8), jnp.zeros(grid, jnp.float32), jnp.zeros(grid, jnp.float32)
+    jnp.zeros(shape, jnp.uint8), jnp.zeros(grid, meta_dtype), jnp.zeros(grid, meta_dtype)
   )
 
 
@@ -128,10 +173,12 @@ def dequantize(qa: QuantizedArray) -> jax.Array:
   """Decode to fp32: q * scale + min, blockwise."""
   split, _ = _split(qa.q.shape, qa.tile)
   t = qa.q.reshape(split).astype(jnp.float32)
-  return (t * _expand(qa.scale) + _expand(qa.minimum)).reshape(qa.q.shape)
+  scale, mn = qa.scale.astype(jnp.float32), qa.minimum.astype(jnp.float32)
+  return (t * _expand(scale) + _expand(mn)).reshape(qa.q.shape)
 
 
-def nbytes(shape: tuple[int, ...], tile: tuple[int, ...]) -> int:
-  """Bytes of a QuantizedArray: 1 B per element + 8 B (fp32 min and scale) per block."""
+def nbytes(shape: tuple[int, ...], tile: tuple[int, ...], meta_itemsize: int = 4) -> int:
+  """Bytes of a QuantizedArray: 1 B per element + min and scale (meta_itemsize B each)
+  per block."""
   n = math.prod(shape)
-  return n + 8 * (n // math.prod(tile))
+  return n + 2 * meta_itemsize * (n // math.prod(tile))
