@@ -14,8 +14,10 @@ timestep draws: the same numbers for every run), ShapesEval on the evaluation pr
 arrays of the state as the step holds them). Goal to test: CAME-8bit's final loss within
 1% of CAME's. Writes results.json, table.md and claim_came8.png.
 
-Default size: about 40 minutes on this 2-core CPU when it is otherwise idle (measured on
-a reduced run, see docs/paper_claims.md); --quick is a seconds-long smoke run.
+Default size (4 x 400 steps of batch 64, 300 prompts each): about 40 minutes on this
+2-core CPU when it is idle, estimated from a timed reduced run (0.6-0.74 s process CPU per
+step of batch 16 under load, x4 for batch 64, wall = CPU / 2 on two idle cores, sampling
+~0.25 s CPU per image); see docs/paper_claims.md. --quick is a seconds-long smoke run.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def build_parser():
   ap.add_argument(
     "--steps",
     type=C.positive("--steps"),
-    default=1000,
-    help="training steps per run (default: 1000)",
+    default=400,
+    help="training steps per run (default: 400)",
   )
   ap.add_argument(
     "--optimizers",

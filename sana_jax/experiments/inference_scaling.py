@@ -14,8 +14,11 @@ the 6-block N = 1 score, and the DiT FLOPs per prompt of each (N x 20 sampling s
 for CFG x one forward; the judge's cost not counted). Writes results.json, table.md and
 claim_inference.png.
 
-Default size: about 40 minutes on this 2-core CPU when it is otherwise idle (measured on
-a reduced run, see docs/paper_claims.md); --quick is a seconds-long smoke run.
+Default size (500 fine-tune steps of batch 64, best-of-16 on 300 prompts): about 20
+minutes on this 2-core CPU when it is idle, estimated from a timed reduced run (0.6-0.74 s
+process CPU per step of batch 16 under load, x4 for batch 64, wall = CPU / 2 on two idle
+cores, sampling ~0.25 s CPU per image); see docs/paper_claims.md. --quick is a
+seconds-long smoke run.
 """
 
 from __future__ import annotations
