@@ -6,9 +6,9 @@ is the wheel's copy, not the editable checkout (checked by sana_jax.__file__). T
 runs make the [train] and [torch] packages unimportable (a sitecustomize that sets
 sys.modules[name] = None, which is what `import` and importlib.util.find_spec see when a
 package is not installed), so they prove that `pip install .` alone samples the embedded
-model and imports the optimizer. The second sampling run starts warm: the persistent
-compilation cache the first one filled is read and nothing new is written to it (every
-compile is written, compile_cache.MIN_COMPILE_SECONDS = 0), so nothing was recompiled.
+model and imports the optimizer. The second sampling run starts warm: JAX's own
+compilation-cache events (jax.monitoring) show every compile it requests answered from the
+cache the first one filled (no miss), and nothing new is written to the cache.
 
 Slow part: the module fixture (wheel build + venv + install, a few seconds of CPU) and the
 two sampling subprocesses of the embedded model (import, load and compile each).
@@ -97,6 +97,13 @@ def venv(tmp_path_factory):
     "if os.environ.get('SANA_TEST_CORE_ONLY'):\n"
     f"  for _name in {NOT_IN_CORE!r}:\n"
     "    sys.modules[_name] = None\n"
+    # JAX's compilation-cache events of the process, as JSON at exit.
+    "if os.environ.get('SANA_TEST_COUNT_COMPILES'):\n"
+    "  import atexit, collections, json, jax.monitoring\n"
+    "  _counts = collections.Counter()\n"
+    "  jax.monitoring.register_event_listener(lambda event, **kw: _counts.update([event]))\n"
+    "  atexit.register(lambda: open(os.environ['SANA_TEST_COUNT_COMPILES'], 'w')"
+    ".write(json.dumps(_counts)))\n"
   )
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
   env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"
@@ -163,18 +170,34 @@ def test_sample_from_another_folder_then_a_warm_start_compiles_nothing(venv):
   cache = root / "cache"
   exe = str(root / "venv" / "bin" / "sana-sample")
   args = ["--prompt", "two red circles", "--num_images", "2", "--steps", "4", "--no_progress"]
-  cold = _ok(_run([exe, *args, "--out", "cold"], root / "elsewhere", env))
-  entries = {p.name: p.stat().st_mtime_ns for p in cache.rglob("*-cache")}
-  assert entries, f"nothing cached in {cache}: {sorted(cache.rglob('*'))[:10]}"
-  warm = _ok(_run([exe, *args, "--out", "warm"], root / "elsewhere", env))
+  events = {}
+  for name in ("cold", "warm"):
+    counts = root / f"{name}.events.json"
+    runs = _ok(_run([exe, *args, "--out", name], root / "elsewhere",
+                    {**env, "SANA_TEST_COUNT_COMPILES": str(counts)}))  # fmt: skip
+    events[name] = (runs, json.loads(counts.read_text()))
+    if name == "cold":
+      entries = {p.name: p.stat().st_mtime_ns for p in cache.rglob("*-cache")}
+      assert entries, f"nothing cached in {cache}: {sorted(cache.rglob('*'))[:10]}"
+  requests, hits, misses = (
+    {k: e.get(f"/jax/compilation_cache/{what}", 0) for k, (_, e) in events.items()}
+    for what in ("compile_requests_use_cache", "cache_hits", "cache_misses")
+  )
+  assert misses["cold"] > 0, events["cold"]  # the cold start compiles
+  # the warm start: no miss; what the cold start compiled came from the cache
+  assert misses["warm"] == 0 and hits["warm"] >= misses["cold"], (events["cold"], events["warm"])
   after = {p.name: p.stat().st_mtime_ns for p in cache.rglob("*-cache")}
   assert after == entries, f"the warm start wrote {sorted(set(after) - set(entries))}"
+  cold, warm = events["cold"][0], events["warm"][0]
   pngs = sorted(p.name for p in (root / "elsewhere" / "cold").glob("p*.png"))
   assert len(pngs) == 2
   for name in pngs:
     a = (root / "elsewhere" / "cold" / name).read_bytes()
     assert a == (root / "elsewhere" / "warm" / name).read_bytes(), name
-  print(f"cold {cold.seconds:.1f} s, warm {warm.seconds:.1f} s, {len(entries)} cache entries")
+  print(
+    f"cold {cold.seconds:.1f} s ({misses['cold']} compiles), warm {warm.seconds:.1f} s "
+    f"({hits['warm']} cache hits, {misses['warm']} misses), {len(entries)} cache entries"
+  )
 
 
 # The compilation cache's settings (sana_jax/commands/compile_cache.py), in this process.
