@@ -120,7 +120,7 @@ def test_the_venv_imports_the_wheel_and_the_optimizer_without_train_or_torch(ven
   code = (
     "import json, sys, sana_jax, sana_jax.commands.sample as s\n"
     "from sana_jax.optim import came_8bit\n"
-    "from sana_jax.shapes_model import DEFAULT_MODEL\n"
+    "from sana_jax.embedded import EMBEDDED_MODEL as DEFAULT_MODEL\n"
     "print(json.dumps({'init': sana_jax.__file__, 'sample': s.__file__, "
     "'model': str(DEFAULT_MODEL), 'opt': callable(came_8bit), "
     "'torch': 'torch' in sys.modules and sys.modules['torch'] is not None}))"

@@ -31,13 +31,13 @@ def prune() -> int:
 
 
 def score() -> int:
-  """sana-score: python -m sana_jax.eval.score_model (ShapesEval of a model, best-of-N)."""
-  return _run("sana_jax.eval.score_model")
+  """sana-score: python -m sana_jax.shapes_eval.score (ShapesEval of a model, best-of-N)."""
+  return _run("sana_jax.shapes_eval.score")
 
 
 def shapes_eval() -> int:
-  """sana-shapes-eval: python -m sana_jax.eval.shapes (ShapesEval of a folder of images)."""
-  return _run("sana_jax.eval.shapes", cache=False)
+  """sana-shapes-eval: python -m sana_jax.shapes_eval.evaluator (a folder of images)."""
+  return _run("sana_jax.shapes_eval.evaluator", cache=False)
 
 
 def preprocess() -> int:
