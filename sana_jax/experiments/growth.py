@@ -23,9 +23,10 @@ each grown run first reaches the scratch run's final validation score and final 
 (goal to test: >= 40% less), and the final score of every run on the evaluation prompts
 (--per_category). Writes results.json, table.md and claim_growth.png.
 
-Default size (2100 steps at 6 blocks and 300 at 3 over the four runs, batch 64, 23 curve points, 5 x 300 final prompts): about 45 minutes on this 2-core CPU when
-it is idle, estimated from a timed reduced run (0.6-0.74 s process CPU per step of batch 16
-under load, x4 for batch 64, wall = CPU / 2 on two idle cores, sampling ~0.25 s CPU per
+Default size (1500 steps at 6 blocks and 300 at 3 over the four runs, batch 64, 23 curve
+points, 5 x 300 final prompts): about 45 minutes on this 2-core CPU when it is idle,
+estimated from a timed reduced run (0.6-0.74 s process CPU per step of batch 16 under
+load, x4 for batch 64, wall = CPU / 2 on two idle cores, sampling ~0.25 s CPU per
 image); see docs/paper_claims.md. --quick is a seconds-long smoke run.
 """
 
