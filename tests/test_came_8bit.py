@@ -198,12 +198,15 @@ def test_which_leaves_are_quantized():
   mu = came_lib.came_8bit(1e-3, spec=SPEC, **official_dw).init(p)[0].mu
   assert isinstance(mu["blocks"]["dw"], quant8.QuantizedArray)  # 18000 per layer
   assert not isinstance(mu["blocks"]["bias"], quant8.QuantizedArray)
-  # our default: every leaf's m is 8-bit, bf16 metadata, blocks still per layer
-  is_q = lambda x: isinstance(x, quant8.QuantizedArray)
+  # our default: m of every leaf with more than 1024 elements per layer is 8-bit (bf16
+  # metadata, blocks still per layer); smaller leaves stay fp32
   mu = came_lib.came_8bit(1e-3, spec=SPEC).init(p)[0].mu
-  leaves = jax.tree.leaves(mu, is_leaf=is_q)
-  assert len(leaves) == len(jax.tree.leaves(p)) and all(map(is_q, leaves))
-  assert all(x.minimum.dtype == jnp.bfloat16 for x in leaves)
+  assert all(mu["blocks"][k].minimum.dtype == jnp.bfloat16 for k in ("kernel", "dw"))
+  assert mu["blocks"]["dw"].minimum.shape[0] == 2  # 18000 per layer, unfactored
+  assert not isinstance(mu["blocks"]["bias"], quant8.QuantizedArray)  # 100 per layer
+  mu = came_lib.came_8bit(1e-3, spec=SPEC, min_8bit_size=0).init(p)[0].mu
+  is_q = lambda x: isinstance(x, quant8.QuantizedArray)
+  assert all(map(is_q, jax.tree.leaves(mu, is_leaf=is_q)))  # every leaf
   assert mu["blocks"]["bias"].minimum.shape[0] == 2
   # The official threshold: matrices with *more than* 16384 elements, per layer.
   sizes = {

@@ -452,7 +452,7 @@ def scale_by_came(
   spec: Union[None, SpecFn, Any] = None,
   quantize_mu: bool = False,
   block_size: int = 2048,
-  min_8bit_size: int = 0,
+  min_8bit_size: int = 1024,
   align: int = 8,
   quantize_unfactored: bool = True,
   meta_dtype: Any = jnp.bfloat16,
@@ -470,7 +470,7 @@ def scale_by_came(
       ``(path: str, leaf) -> LeafSpec``, or a tree of LeafSpec matching the parameters.
       (With ``optax.inject_hyperparams``, list a callable spec in ``static_args``.)
     quantize_mu: store m in 8 bits (CAME-8bit) for factored leaves with more than
-      ``min_8bit_size`` elements per matrix (default 0: all; the official code: 16384),
+      ``min_8bit_size`` elements per matrix (default 1024; the official code: 16384),
       in blocks of about ``block_size`` elements that never cross a matrix.
     align: prefer block counts per axis that are multiples of this (see quant8.block_shape).
     quantize_unfactored: also store m in 8 bits for unfactored leaves with more than
@@ -577,7 +577,7 @@ def came_8bit(
   weight_decay_mask: Any = None,
   spec: Union[None, SpecFn, Any] = None,
   block_size: int = 2048,
-  min_8bit_size: int = 0,
+  min_8bit_size: int = 1024,
   align: int = 8,
   quantize_unfactored: bool = True,
   meta_dtype: Any = jnp.bfloat16,
@@ -586,8 +586,8 @@ def came_8bit(
 
   Each step dequantises m, updates it in fp32, uses that fp32 m for the step and stores it
   requantised. ``block_size`` counts elements per block (not rows as in the official code);
-  blocks never cross a matrix (or a layer). By default every leaf's m is 8-bit, with bf16
-  block min/scale; the official code's
+  blocks never cross a matrix (or a layer). By default m of every leaf with more than 1024
+  elements per layer is 8-bit (tiny leaves stay fp32), with bf16 block min/scale; the official code's
   choice is ``min_8bit_size=16384, quantize_unfactored=False, meta_dtype=jnp.float32``
   (see docs/came.md for the bytes and the loss of each).
   """
