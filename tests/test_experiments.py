@@ -128,7 +128,7 @@ def test_help_states_the_default_size_estimate(capsys):
   for mod in COMMANDS.values():
     with pytest.raises(SystemExit):
       mod.build_parser().parse_args(["--help"])
-    assert "minutes on this 2-core CPU" in capsys.readouterr().out
+    assert "minutes on this 2-core CPU" in " ".join(capsys.readouterr().out.split())
 
 
 def test_first_reach_interpolates_the_first_crossing():
