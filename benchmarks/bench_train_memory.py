@@ -95,12 +95,15 @@ def analyse(
   per_dev_batch: int | None = None,
   base_dtype: str = "bfloat16",
   param_dtype: str = "float32",
+  depth: int = 0,
 ) -> dict:
   cfg_name, mesh_axes, n_dev, default_batch, goal, rank = CASES[case]
   per_dev_batch = per_dev_batch or default_batch
   config = load_config(cfg_name)
   config.model.compute_dtype = compute_dtype
   config.model.remat_policy = policy
+  if depth:
+    config.model.depth = depth  # a shallower proxy of the same width (fast, light compile)
   batch = per_dev_batch * n_dev
   config.train.global_batch = batch
   config.train.ema = ema
@@ -170,6 +173,7 @@ def main():
   )
   ap.add_argument("--batches", default="", help="per-device batches (default: the case's)")
   ap.add_argument("--base_dtype", default="bfloat16", help="train.lora.base_dtype (LoRA)")
+  ap.add_argument("--depth", type=int, default=0, help="override the depth (0: the case's)")
   ap.add_argument("--quality", default="", help="DATA: the numerics run (see quality())")
   ap.add_argument("--quality_steps", type=int, default=200)
   ap.add_argument("--quality_decay", type=float, default=0.995)
@@ -198,7 +202,7 @@ def main():
       for variant in a.variants.split(","):
         ema, param_dtype = variant.split("/")
         for b in batches:
-          _row(analyse(case, policy, a.dtype, ema, b, a.base_dtype, param_dtype))
+          _row(analyse(case, policy, a.dtype, ema, b, a.base_dtype, param_dtype, a.depth))
   print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
