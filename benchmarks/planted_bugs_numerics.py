@@ -185,8 +185,8 @@ BUGS = [
     "dit_depthwise_flipped",
     "shift depthwise conv flips the kernel (convolution)",
     DIT,
-    "term = xp[:, i:i + h, j:j + w] * kernel[i, j].astype(x.dtype)",
-    "term = xp[:, i:i + h, j:j + w] * kernel[2 - i, 2 - j].astype(x.dtype)",
+    'term = xp[:, i : i + h, j : j + w] * kernel[i, j].astype(x.dtype)',
+    'term = xp[:, i : i + h, j : j + w] * kernel[2 - i, 2 - j].astype(x.dtype)',
     (SWITCH, "-k", "depthwise"),
   ),
   Bug(
@@ -245,43 +245,32 @@ BUGS = [
     "came_b3_8bit",
     "came_8bit default b3 0.9999 -> 0.999",
     OPT,
-    '''    spec: Union[None, SpecFn, Any] = None,
-    block_size: int = 2048,''',
-    '''    spec: Union[None, SpecFn, Any] = None,
-    block_size: int = 2048,
-    _b3_planted: float = 0.999,''',
+    'def came_8bit(\n  learning_rate: optax.ScalarOrSchedule,\n  b1: float = 0.9,\n  b2: float = 0.999,\n  b3: float = 0.9999,',
+    'def came_8bit(\n  learning_rate: optax.ScalarOrSchedule,\n  b1: float = 0.9,\n  b2: float = 0.999,\n  b3: float = 0.999,',
     (CAME8, "-k", "pytorch or numpy"),
   ),
   Bug(
     "came_b1",
     "scale_by_came default b1 0.9 -> 0.95",
     OPT,
-    '''def scale_by_came(
-    b1: float = 0.9,''',
-    '''def scale_by_came(
-    b1: float = 0.95,''',
+    'def scale_by_came(\n  b1: float = 0.9,',
+    'def scale_by_came(\n  b1: float = 0.95,',
     (CAME, "-k", "pytorch"),
   ),
   Bug(
     "came_b2",
     "came default b2 0.999 -> 0.99",
     OPT,
-    '''def came(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,''',
-    '''def came(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,''',
+    'def came(\n  learning_rate: optax.ScalarOrSchedule,\n  b1: float = 0.9,\n  b2: float = 0.999,',
+    'def came(\n  learning_rate: optax.ScalarOrSchedule,\n  b1: float = 0.9,\n  b2: float = 0.99,',
     (CAME, "-k", "pytorch"),
   ),
   Bug(
     "came_res_sign",
     "instability (U + m)^2 instead of (U - m)^2",
     OPT,
-    "res = (upd - m) ** 2 + eps[1]",
-    "res = (upd + m) ** 2 + eps[1]",
+    'res = (g_d * r_d * c_d - m) ** 2',
+    'res = (g_d * r_d * c_d + m) ** 2',
     (CAME, "-k", "pytorch"),
   ),
   Bug(
@@ -304,8 +293,8 @@ BUGS = [
     "came_eps2_dropped",
     "eps2 dropped from the instability",
     OPT,
-    "res = (upd - m) ** 2 + eps[1]",
-    "res = (upd - m) ** 2",
+    '(jnp.mean(res_a, axis=cols) + eps[1])\n  res_col = b3 * nu.res_col + (1.0 - b3) * (jnp.mean(res_b, axis=rows) + eps[1])',
+    'jnp.mean(res_a, axis=cols)\n  res_col = b3 * nu.res_col + (1.0 - b3) * jnp.mean(res_b, axis=rows)',
     (CAME, "-k", "pytorch or zero"),
   ),
   Bug(
@@ -320,20 +309,16 @@ BUGS = [
     "came_wd_ignored",
     "came() ignores weight_decay",
     OPT,
-    '''      scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),''',
-    '''      scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec),
-      optax.add_decayed_weights(0.0, weight_decay_mask),''',
+    '    scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec),\n    optax.add_decayed_weights(weight_decay, weight_decay_mask),',
+    '    scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec),\n    optax.add_decayed_weights(0.0, weight_decay_mask),',
     (CAME, "-k", "pytorch"),
   ),
   Bug(
     "came8_wd_ignored",
     "came_8bit() ignores weight_decay",
     OPT,
-    '''                    quantize_unfactored=quantize_unfactored),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),''',
-    '''                    quantize_unfactored=quantize_unfactored),
-      optax.add_decayed_weights(0.0, weight_decay_mask),''',
+    '      meta_dtype=meta_dtype,\n    ),\n    optax.add_decayed_weights(weight_decay, weight_decay_mask),',
+    '      meta_dtype=meta_dtype,\n    ),\n    optax.add_decayed_weights(0.0, weight_decay_mask),',
     (CAME8,),
   ),
   Bug(
@@ -348,17 +333,16 @@ BUGS = [
     "came8_step_uses_quantized_m",
     "step uses the requantised m, not the fp32 m",
     OPT,
-    "  res = (upd - m) ** 2 + eps[1]",
-    "  m = quant8.dequantize(quant8.quantize(m, mu.tile)) if quantized else m\n"
-    "  res = (upd - m) ** 2 + eps[1]",
+    '  res = (g_d * r_d * c_d - m) ** 2',
+    '  m = quant8.dequantize(quant8.quantize(m, mu.tile, mu.minimum.dtype)) if quantized else m\n  res = (g_d * r_d * c_d - m) ** 2',
     (CAME8,),
   ),
   Bug(
     "came8_min_size_ge",
     "8-bit threshold > 16384 -> > 1024",
     OPT,
-    "and math.prod(shape[spec.batch_ndim:]) > min_8bit_size)",
-    "and math.prod(shape[spec.batch_ndim:]) > min_8bit_size // 16)",
+    'and math.prod(shape[spec.batch_ndim :]) > min_8bit_size',
+    'and math.prod(shape[spec.batch_ndim :]) > min_8bit_size // 16',
     (CAME8, "-k", "quantized or numpy"),
   ),
   Bug(
@@ -440,19 +424,11 @@ BUGS = [
     "gemma_bf16_ignored",
     "Gemma dtype='bfloat16' ignored for the MLP",
     TE,
-    '''        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        gate = _dense''',
-    '''        dt, pdt = jnp.float32, jnp.dtype(c.param_dtype)
-        gate = _dense''',
+    '    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)\n    gate = _dense',
+    '    dt, pdt = jnp.float32, jnp.dtype(c.param_dtype)\n    gate = _dense',
     (GEMMA, "-k", "bfloat16"),
   ),
 ]
-
-# came_b3_8bit needs the planted default to reach scale_by_came
-_B3_USE = (
-  "scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec, quantize_mu=True,",
-  "scale_by_came(b1, b2, _b3_planted, eps, clip_threshold, spec=spec, quantize_mu=True,",
-)
 
 
 def _copy_tree(dst):
@@ -479,9 +455,6 @@ def _patch(tree, bug):
       f"in {bug.path} (the source moved on; update the bug)"
     )
   out = src.replace(bug.old, bug.new)
-  if bug.name == "came_b3_8bit":
-    assert out.count(_B3_USE[0]) == 1
-    out = out.replace(_B3_USE[0], _B3_USE[1])
   open(path, "w").write(out)
   return path, src
 
