@@ -182,8 +182,10 @@ def _tree(rng, L=2):
 SPEC = came_lib.reference_spec(
   stacked=lambda p: p.startswith("blocks/"), matrix=lambda p, s: 1 if p.endswith("kernel") else None
 )
-# The official CAME-8bit's choices (our defaults before: 1.0226 B/param on SANA-1.5 1.6B).
+# The official CAME-8bit's choices (our defaults: 1.0226 B/param on SANA-1.5 1.6B), and
+# the compact layout (came_lib.COMPACT: 1.0147).
 OFFICIAL = dict(min_8bit_size=16384, quantize_unfactored=False, meta_dtype=jnp.float32)
+COMPACT = came_lib.COMPACT
 
 
 def test_which_leaves_are_quantized():
@@ -198,13 +200,17 @@ def test_which_leaves_are_quantized():
   mu = came_lib.came_8bit(1e-3, spec=SPEC, **official_dw).init(p)[0].mu
   assert isinstance(mu["blocks"]["dw"], quant8.QuantizedArray)  # 18000 per layer
   assert not isinstance(mu["blocks"]["bias"], quant8.QuantizedArray)
-  # our default: m of every leaf with more than 1024 elements per layer is 8-bit (bf16
+  # the default is the official rule
+  default = came_lib.came_8bit(1e-3, spec=SPEC).init(p)[0].mu
+  assert not isinstance(default["blocks"]["dw"], quant8.QuantizedArray)
+  assert default["blocks"]["kernel"].minimum.dtype == jnp.float32
+  # COMPACT: m of every leaf with more than 1024 elements per layer is 8-bit (bf16
   # metadata, blocks still per layer); smaller leaves stay fp32
-  mu = came_lib.came_8bit(1e-3, spec=SPEC).init(p)[0].mu
+  mu = came_lib.came_8bit(1e-3, spec=SPEC, **COMPACT).init(p)[0].mu
   assert all(mu["blocks"][k].minimum.dtype == jnp.bfloat16 for k in ("kernel", "dw"))
   assert mu["blocks"]["dw"].minimum.shape[0] == 2  # 18000 per layer, unfactored
   assert not isinstance(mu["blocks"]["bias"], quant8.QuantizedArray)  # 100 per layer
-  mu = came_lib.came_8bit(1e-3, spec=SPEC, min_8bit_size=0).init(p)[0].mu
+  mu = came_lib.came_8bit(1e-3, spec=SPEC, **dict(COMPACT, min_8bit_size=0)).init(p)[0].mu
   is_q = lambda x: isinstance(x, quant8.QuantizedArray)
   assert all(map(is_q, jax.tree.leaves(mu, is_leaf=is_q)))  # every leaf
   assert mu["blocks"]["bias"].minimum.shape[0] == 2
@@ -571,7 +577,7 @@ def test_stacked_tree_without_spec_warns_and_names_the_leaves():
   }
   assert came_lib.find_stacked(tree) == ["layers"]
   with pytest.warns(came_lib.StackedLayoutWarning, match="layers/attn/kernel"):
-    came_lib.came_8bit(1e-3).init(tree)  # the default (8-bit unfactored m) warns too
+    came_lib.came_8bit(1e-3, **COMPACT).init(tree)  # COMPACT (8-bit unfactored m) warns too
   with pytest.warns(came_lib.StackedLayoutWarning) as rec:
     state = came_lib.came_8bit(1e-3, **OFFICIAL).init(tree)
   assert len(rec) == 1
@@ -624,8 +630,8 @@ def test_plain_trees_do_not_warn():
 def test_sana_1600m_shapes_bytes_per_param():
   """The SANA-1.5 1.6B tree (jax.eval_shape, nothing allocated): spec=None warns and costs
   7.8 B/param; sana_spec() (the stacked layout of the sana_jax DiT) gives at most 1.015
-  B/param by default (every m 8-bit, bf16 block metadata), 1.0226 with the official
-  CAME-8bit's choices (whose own code measures 1.019, REFERENCE.md section 6)."""
+  B/param with COMPACT (every m 8-bit, bf16 block metadata), 1.0226 with the defaults, the
+  official CAME-8bit's choices (whose own code measures 1.019, REFERENCE.md section 6)."""
   import warnings
   from configs import sana15_1600m
   from sana_jax.models import dit
@@ -638,13 +644,13 @@ def test_sana_1600m_shapes_bytes_per_param():
   assert "blocks/cross_attn/q/bias (20, 2240): factored as one matrix" in msg
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    stacked = _state_bytes_per_param(came_lib.came_8bit(1e-4, spec=came_lib.sana_spec()), tree)
-    official = _state_bytes_per_param(
-      came_lib.came_8bit(1e-4, spec=came_lib.sana_spec(), **OFFICIAL), tree
+    stacked = _state_bytes_per_param(
+      came_lib.came_8bit(1e-4, spec=came_lib.sana_spec(), **COMPACT), tree
     )
+    official = _state_bytes_per_param(came_lib.came_8bit(1e-4, spec=came_lib.sana_spec()), tree)
   print(
     f"\nSANA-1.5 1.6B came_8bit state: spec=None {default:.3f} B/param, "
-    f"sana_spec() {stacked:.4f} B/param, official choices {official:.4f}"
+    f"sana_spec() + COMPACT {stacked:.4f} B/param, defaults (official) {official:.4f}"
   )
   assert 7.7 < default < 7.9
   assert 1.0 < stacked <= 1.015

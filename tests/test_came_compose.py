@@ -168,8 +168,8 @@ def test_bf16_params_keep_dtype_stats_fp32(name):
   is_q = lambda x: isinstance(x, quant8.QuantizedArray)
   for x in jax.tree.leaves(came_state.mu, is_leaf=is_q):
     if is_q(x):
-      # codes uint8; block min/scale in the default metadata dtype, bf16
-      assert x.q.dtype == jnp.uint8 and x.minimum.dtype == x.scale.dtype == jnp.bfloat16
+      # codes uint8; block min/scale in the default metadata dtype, fp32
+      assert x.q.dtype == jnp.uint8 and x.minimum.dtype == x.scale.dtype == jnp.float32
     else:
       assert x.dtype == jnp.float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(came_state.nu))

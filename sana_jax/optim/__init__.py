@@ -2,6 +2,7 @@
 
 from sana_jax.optim import quant8
 from sana_jax.optim.came import (
+  COMPACT,
   CameState,
   FactoredMoments,
   FullMoment,
@@ -19,6 +20,7 @@ from sana_jax.optim.came import (
 )
 
 __all__ = [
+  "COMPACT",
   "CameState",
   "FactoredMoments",
   "FullMoment",
