@@ -43,7 +43,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sana_jax.data import shapes  # noqa: E402
+from sana_jax.shapes_eval import task as shapes  # noqa: E402
 
 COLORS = tuple(shapes.COLORS)  # red yellow green blue purple black
 TRAIN_FRAMES = ("a photo of {}", "an image of {}")
@@ -128,7 +128,7 @@ def classify(image: np.ndarray) -> tuple[str | None, dict]:
   evaluator's _fit_shape, without blur) and compared by soft IoU."""
   from scipy import ndimage
 
-  from sana_jax.eval import shapes as ev
+  from sana_jax.shapes_eval import evaluator as ev
 
   img = ev._as_float_image(image)  # pylint: disable=protected-access
   _, alpha = ev.color_maps(img, ev.estimate_background(img), 80.0)

@@ -60,7 +60,7 @@ def _grammar_specs() -> dict:
   """normalize_prompt(prompt) -> ShapesEval spec, for every prompt of the grammar: the
   shipped evaluation prompts first, then every frame x wording x spec that
   `data.shapes.caption` can write."""
-  from sana_jax.data import shapes
+  from sana_jax.shapes_eval import task as shapes
 
   table = {}
   for spec in shapes.eval_prompts():
@@ -78,7 +78,7 @@ def _grammar_specs() -> dict:
 def shapes_spec(prompt: str) -> dict | None:
   """The ShapesEval specification (GenEval metadata dict) of a prompt of the ShapesEval
   grammar (compared after `data.shapes.normalize_prompt`), or None."""
-  from sana_jax.data import shapes
+  from sana_jax.shapes_eval import task as shapes
 
   spec = _grammar_specs().get(shapes.normalize_prompt(prompt))
   return None if spec is None else dict(spec)
@@ -86,7 +86,7 @@ def shapes_spec(prompt: str) -> dict | None:
 
 def example_prompts(per_category: int = 2) -> list[str]:
   """A few ShapesEval evaluation prompts per category, for the page's examples."""
-  from sana_jax.data import shapes
+  from sana_jax.shapes_eval import task as shapes
 
   specs = shapes.eval_prompts()
   return [
@@ -470,7 +470,7 @@ def check_model(model) -> pathlib.Path:
   from sana_jax import bundle
 
   if model is None:
-    from sana_jax.shapes_model import DEFAULT_MODEL
+    from sana_jax.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 
     model = DEFAULT_MODEL
   model = pathlib.Path(model)

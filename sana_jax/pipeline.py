@@ -469,7 +469,7 @@ def _shard_batch(noise, emb, mask, devices=None):
 def make_generate_fn(model: str | None = None, **options):
   """For sana_jax.scaling.best_of_n_cli: a generate_fn over a model folder (default: the
   embedded ShapesEval model)."""
-  from sana_jax.shapes_model import DEFAULT_MODEL
+  from sana_jax.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 
   pipe = SanaPipeline.from_folder(model or DEFAULT_MODEL)
   return pipe.generate_fn(**options)

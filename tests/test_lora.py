@@ -373,7 +373,7 @@ def test_export_refuses_adapters_that_do_not_fit_the_config():
 @pytest.fixture(scope="module")
 def pixel_model():
   """The embedded ShapesEval model (pixel space, 32 px): nothing to build."""
-  from sana_jax import shapes_model
+  from sana_jax.shapes_eval import model as shapes_model
 
   return shapes_model.DEFAULT_MODEL
 
@@ -452,7 +452,7 @@ def test_preprocess_bad_jsonl_refused(pixel_model, tmp_path, capsys, case):
 @pytest.fixture(scope="module")
 def shapes_lora(tmp_path_factory):
   """A random LoRA (default targets, rank 2) exported for the embedded model's geometry."""
-  from sana_jax import shapes_model
+  from sana_jax.shapes_eval import model as shapes_model
 
   tmp_path, name = tmp_path_factory.mktemp("shapes_lora"), "shapes_lora.safetensors"
 

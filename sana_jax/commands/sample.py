@@ -232,7 +232,7 @@ def check_args(args) -> dict:
 
   from sana_jax import bundle
   from sana_jax.pipeline import folder_geometry, generation_size
-  from sana_jax.shapes_model import DEFAULT_MODEL
+  from sana_jax.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 
   model = args.model or DEFAULT_MODEL
   if model.exists() and not model.is_dir():

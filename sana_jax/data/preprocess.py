@@ -343,7 +343,7 @@ def load_folder_image(f: pathlib.Path, bucket: tuple[int, int], caption: str | N
 
 
 def shapes_source(indices, image_size: int, seed: int):
-  from sana_jax.data import shapes
+  from sana_jax.shapes_eval import task as shapes
 
   for i in indices:
     ex = shapes.example(i, image_size, seed)

@@ -42,7 +42,7 @@ CALIBRATION_SEED = 1  # held-out scenes for block importance
 
 def recipe():
   """configs/shapes.py's config (ml_collections)."""
-  from sana_jax.shapes_model import shapes_config
+  from sana_jax.shapes_eval.model import shapes_config
 
   return shapes_config()
 
@@ -311,7 +311,7 @@ def fixed_loss(params, cfg, data: dict, draws: int = 4, batch: int = 64) -> floa
 def prompts(validation: bool, per_category: int) -> list[dict]:
   """ShapesEval prompts via score_model.select_prompts: `per_category` of each of the six
   categories, validation (for choosing) or evaluation (the 300, 50 per category)."""
-  from sana_jax.eval import score_model
+  from sana_jax.shapes_eval import score as score_model
 
   ns = argparse.Namespace(validation=validation, per_category=per_category, num_prompts=None)
   return score_model.select_prompts(ns)
@@ -340,7 +340,7 @@ def pipeline(params, cfg, steps: int | None = None):
 
 def generate(params, cfg, specs, n: int = 1, sample_steps: int | None = None, batch: int = 128):
   """(P, n, 32, 32, 3) uint8 via score_model.generate_all (seeds 1000 * p + k)."""
-  from sana_jax.eval import score_model
+  from sana_jax.shapes_eval import score as score_model
   from sana_jax.pipeline import SamplingOptions
 
   pipe = pipeline(params, cfg)
@@ -358,7 +358,7 @@ def generate(params, cfg, specs, n: int = 1, sample_steps: int | None = None, ba
 def score(params, cfg, specs, sample_steps: int | None = None) -> dict:
   """ShapesEval report (GenEval's: per-category accuracy, overall = mean over categories) of
   one image per prompt (seed 1000 * p)."""
-  from sana_jax.eval import shapes as evaluator
+  from sana_jax.shapes_eval import evaluator as evaluator
 
   images = generate(params, cfg, specs, 1, sample_steps)
   return evaluator.report([(s, evaluator.evaluate(im[0], s)) for s, im in zip(specs, images)])
@@ -366,8 +366,8 @@ def score(params, cfg, specs, sample_steps: int | None = None) -> dict:
 
 def best_of_n(params, cfg, specs, ns, sample_steps: int | None = None) -> dict:
   """{N: report} of best-of-N with the ShapesEval judge (score_model's tournament)."""
-  from sana_jax.eval import score_model
-  from sana_jax.eval import shapes as evaluator
+  from sana_jax.shapes_eval import score as score_model
+  from sana_jax.shapes_eval import evaluator as evaluator
   from sana_jax.scaling.judges import ShapesJudge
 
   images = generate(params, cfg, specs, max(ns), sample_steps)
