@@ -96,6 +96,7 @@ def analyse(
   base_dtype: str = "bfloat16",
   param_dtype: str = "float32",
   depth: int = 0,
+  guard: str = "where",
 ) -> dict:
   cfg_name, mesh_axes, n_dev, default_batch, goal, rank = CASES[case]
   per_dev_batch = per_dev_batch or default_batch
@@ -108,6 +109,7 @@ def analyse(
   config.train.global_batch = batch
   config.train.ema = ema
   config.train.param_dtype = param_dtype
+  config.train.nonfinite_guard = guard
   if rank:
     config.train.lora.update(rank=rank, alpha=float(rank), base_dtype=base_dtype)
   mesh = parallel.make_mesh(**mesh_axes, devices=jax.devices()[:n_dev])
@@ -178,6 +180,12 @@ def main():
   ap.add_argument("--quality_steps", type=int, default=200)
   ap.add_argument("--quality_decay", type=float, default=0.995)
   ap.add_argument("--quality_workdir", default="/tmp/bench_train_memory_quality")
+  ap.add_argument(
+    "--guard",
+    default="where",
+    choices=("where", "cond"),
+    help="train.nonfinite_guard (default: where, the lower-memory form the docs' table uses)",
+  )
   a = ap.parse_args()
   if a.quality:
     quality(a.quality, a.quality_steps, a.quality_decay, a.quality_workdir)
@@ -202,7 +210,7 @@ def main():
       for variant in a.variants.split(","):
         ema, param_dtype = variant.split("/")
         for b in batches:
-          _row(analyse(case, policy, a.dtype, ema, b, a.base_dtype, param_dtype, a.depth))
+          _row(analyse(case, policy, a.dtype, ema, b, a.base_dtype, param_dtype, a.depth, a.guard))
   print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -43,6 +43,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       # "bfloat16": the trained parameters stored in bf16 (updates computed in fp32 and
       # stochastically rounded; no fp32 master copy): half the parameter and gradient memory.
       param_dtype="float32",
+      # How a non-finite step keeps the old state: "cond" (faster: the update is skipped,
+      # nothing copied) or "where" (lower peak memory on XLA:CPU, docs/fine_tuning.md).
+      nonfinite_guard="cond",
       cfg_dropout=0.1,
       timestep_sampler="logit_normal",
       seed=0,

@@ -225,6 +225,7 @@ def test_stochastic_bf16_rounding_is_unbiased_and_deterministic():
     ("lora.base", "/nonexistent/model", "train.lora.base=/nonexistent/model"),
     ("ema", "fp16", "train.ema='fp16'"),
     ("param_dtype", "float16", "train.param_dtype='float16'"),
+    ("nonfinite_guard", "select", "train.nonfinite_guard='select'"),
     ("init_from", "/some/model", "train.init_from='/some/model'"),
   ],
 )

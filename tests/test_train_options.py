@@ -77,8 +77,8 @@ EMA_DECAY, SGD_LR = 0.9, 0.0625
 
 
 @functools.lru_cache(maxsize=None)
-def _setup(grad_accum=1):
-  config = _config(ema_decay=EMA_DECAY, grad_accum=grad_accum)
+def _setup(grad_accum=1, **train):
+  config = _config(ema_decay=EMA_DECAY, grad_accum=grad_accum, **train)
   tx = optax.sgd(SGD_LR, momentum=0.9)
   step = jax.jit(functools.partial(step_lib.train_step, config=config, tx=tx))
   state = state_lib.create(dit.init_params(config.model, jax.random.key(0)), tx)
@@ -105,8 +105,10 @@ def test_ema_is_the_recurrence_over_the_step_parameters():
   assert moved > 1e-4
 
 
-def test_nonfinite_batch_is_skipped_and_counted():
-  step, state = _setup()
+@pytest.mark.parametrize("guard", ["cond", "where"])
+def test_nonfinite_batch_is_skipped_and_counted(guard):
+  """Both train.nonfinite_guard forms keep the whole state on a non-finite step."""
+  step, state = _setup(nonfinite_guard=guard)
   state0 = jax.device_get(step(state, _batch(7), NULL)[0])  # a momentum trace to keep
   bad = _batch(0)
   bad["latent"] = bad["latent"].at[3, 1, 2, 0].set(jnp.nan)
@@ -131,6 +133,18 @@ def test_nonfinite_batch_is_skipped_and_counted():
   np.testing.assert_allclose(
     float(m["lr"]), float(optim_lib.learning_rate(_config().train)(1)), rtol=1e-6
   )
+
+
+def test_nonfinite_guards_take_the_same_finite_step():
+  """train.nonfinite_guard changes how the old state is kept, never the step itself."""
+  (cond, state), (where, _) = _setup(), _setup(nonfinite_guard="where")
+  a, b = (
+    jax.device_get(cond(state, _batch(3), NULL)[0]),
+    jax.device_get(where(state, _batch(3), NULL)[0]),
+  )
+  _assert_trees_equal(a.params, b.params, "params")
+  _assert_trees_equal(a.opt_state, b.opt_state, "opt_state")
+  _assert_trees_equal(a.ema_params, b.ema_params, "ema_params")
 
 
 def test_finite_loss_with_nonfinite_gradient_is_skipped(monkeypatch):

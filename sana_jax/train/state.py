@@ -98,6 +98,9 @@ def check_train_settings(tc) -> list[str]:
     bad.append(f"train.param_dtype={param_dtype(tc)!r} must be one of {', '.join(PARAM_DTYPES)}")
   if ema_mode(tc) not in EMA_MODES:
     bad.append(f"train.ema={ema_mode(tc)!r} must be one of {', '.join(EMA_MODES)}")
+  guard = tc.get("nonfinite_guard", "cond")
+  if guard not in ("cond", "where"):
+    bad.append(f"train.nonfinite_guard={guard!r} must be one of cond, where")
   return bad
 
 
