@@ -58,44 +58,18 @@ def build_parser():
     help=f"comma-separated, from {', '.join(C.OPTIMIZERS)} (default: all four)",
   )
   ap.add_argument(
-    "--per_category",
-    type=C.positive("--per_category"),
-    default=50,
-    help="evaluation prompts per category for the final score, 1..50 (default: 50, all 300)",
-  )
-  ap.add_argument(
-    "--num_train",
-    type=C.positive("--num_train"),
-    default=20000,
-    help="training scenes (default: 20000)",
-  )
-  ap.add_argument(
     "--log_every",
     type=C.positive("--log_every"),
     default=25,
     help="loss curve interval (default: 25)",
   )
-  ap.add_argument(
-    "--warmup",
-    type=C.non_negative("--warmup"),
-    default=200,
-    help="learning-rate warm-up steps (default: 200, the recipe's)",
-  )
-  ap.add_argument(
-    "--batch",
-    type=C.positive("--batch"),
-    default=64,
-    help="training batch (default: 64, the recipe's)",
-  )
+  C.add_shared_options(ap, per_category_help='evaluation prompts per category for the final score')
   return ap
 
 
 def check(args):
   C.check_out(args.out, OUTPUTS, args.overwrite)
-  if args.per_category > 50:
-    raise C.UsageError(
-      f"--per_category {args.per_category}: the evaluation set has 50 per category (expected 1..50)"
-    )
+  C.check_per_category(args)
   args.heldout, args.sample_steps = 512, None
   if args.quick:
     args.steps, args.per_category, args.num_train, args.log_every = 3, 1, 64, 1

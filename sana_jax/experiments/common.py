@@ -406,6 +406,40 @@ def parser(prog: str, doc: str) -> CommandParser:
   return ap
 
 
+def add_shared_options(
+  ap,
+  *,
+  per_category_help: str = "evaluation prompts per category",
+  num_train_help: str = "training scenes",
+  batch: tuple = (64, "training batch (default: 64, the recipe's)"),
+  warmup: tuple | None = (200, "learning-rate warm-up steps (default: 200, the recipe's)"),
+) -> None:
+  """--per_category, --num_train, --batch and (unless warmup is None) --warmup, as every
+  claim command takes them; `batch` and `warmup` are (default, help)."""
+  ap.add_argument(
+    "--per_category",
+    type=positive("--per_category"),
+    default=50,
+    help=f"{per_category_help}, 1..50 (default: 50, all 300)",
+  )
+  ap.add_argument(
+    "--num_train",
+    type=positive("--num_train"),
+    default=20000,
+    help=f"{num_train_help} (default: 20000)",
+  )
+  ap.add_argument("--batch", type=positive("--batch"), default=batch[0], help=batch[1])
+  if warmup is not None:
+    ap.add_argument("--warmup", type=non_negative("--warmup"), default=warmup[0], help=warmup[1])
+
+
+def check_per_category(args) -> None:
+  if args.per_category > 50:
+    raise UsageError(
+      f"--per_category {args.per_category}: the evaluation set has 50 per category (expected 1..50)"
+    )
+
+
 def positive(name: str):
   def parse(text):
     try:

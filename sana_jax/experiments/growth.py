@@ -73,39 +73,13 @@ def build_parser():
     default=8,
     help="validation prompts per category for the curves, 1..90 (default: 8)",
   )
-  ap.add_argument(
-    "--per_category",
-    type=C.positive("--per_category"),
-    default=50,
-    help="evaluation prompts per category for the final scores, 1..50 (default: 50, all 300)",
-  )
-  ap.add_argument(
-    "--num_train",
-    type=C.positive("--num_train"),
-    default=20000,
-    help="training scenes (default: 20000)",
-  )
-  ap.add_argument(
-    "--warmup",
-    type=C.non_negative("--warmup"),
-    default=200,
-    help="learning-rate warm-up steps (default: 200, the recipe's)",
-  )
-  ap.add_argument(
-    "--batch",
-    type=C.positive("--batch"),
-    default=64,
-    help="training batch (default: 64, the recipe's)",
-  )
+  C.add_shared_options(ap, per_category_help='evaluation prompts per category for the final scores')
   return ap
 
 
 def check(args):
   C.check_out(args.out, OUTPUTS, args.overwrite)
-  if args.per_category > 50:
-    raise C.UsageError(
-      f"--per_category {args.per_category}: the evaluation set has 50 per category (expected 1..50)"
-    )
+  C.check_per_category(args)
   if args.val_per_category > 90:
     raise C.UsageError(
       f"--val_per_category {args.val_per_category}: at most 90 validation prompts per category"

@@ -49,35 +49,15 @@ def build_parser():
     help="fine-tune steps after pruning (default: 500)",
   )
   ap.add_argument(
-    "--per_category",
-    type=C.positive("--per_category"),
-    default=50,
-    help="evaluation prompts per category, 1..50 (default: 50, all 300)",
-  )
-  ap.add_argument(
     "--calib", type=C.positive("--calib"), default=64, help="calibration scenes (default: 64)"
   )
-  ap.add_argument(
-    "--num_train",
-    type=C.positive("--num_train"),
-    default=20000,
-    help="training scenes for fine-tuning (default: 20000)",
-  )
-  ap.add_argument(
-    "--batch",
-    type=C.positive("--batch"),
-    default=64,
-    help="training batch (default: 64, the recipe's)",
-  )
+  C.add_shared_options(ap, num_train_help='training scenes for fine-tuning', warmup=None)
   return ap
 
 
 def check(args):
   C.check_out(args.out, OUTPUTS, args.overwrite)
-  if args.per_category > 50:
-    raise C.UsageError(
-      f"--per_category {args.per_category}: the evaluation set has 50 per category (expected 1..50)"
-    )
+  C.check_per_category(args)
   if args.depth > 5:
     raise C.UsageError(f"--depth {args.depth}: prune the 6-block model to 1..5 blocks")
   args.warmup, args.sample_steps = 10, None

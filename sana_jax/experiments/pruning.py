@@ -48,44 +48,26 @@ def build_parser():
     help="fine-tune step counts to score at, comma-separated (default: 100,500)",
   )
   ap.add_argument(
-    "--per_category",
-    type=C.positive("--per_category"),
-    default=50,
-    help="evaluation prompts per category, 1..50 (default: 50, all 300)",
-  )
-  ap.add_argument(
     "--calib",
     type=C.positive("--calib"),
     default=64,
     help="calibration scenes (captions + rendered images) for the importance (default: 64)",
   )
-  ap.add_argument(
-    "--num_train",
-    type=C.positive("--num_train"),
-    default=20000,
-    help="training scenes for fine-tuning (default: 20000)",
-  )
-  ap.add_argument(
-    "--batch",
-    type=C.positive("--batch"),
-    default=16,
-    help="fine-tune batch (default: 16; the recipe's 64 would not fit the time)",
-  )
-  ap.add_argument(
-    "--warmup",
-    type=C.non_negative("--warmup"),
-    default=10,
-    help="fine-tune warm-up steps (default: 10; the recipe's 200 would cover the 100 steps)",
+  C.add_shared_options(
+    ap,
+    num_train_help='training scenes for fine-tuning',
+    batch=(16, "fine-tune batch (default: 16; the recipe's 64 would not fit the time)"),
+    warmup=(
+      10,
+      "fine-tune warm-up steps (default: 10; the recipe's 200 would cover the 100 steps)",
+    ),
   )
   return ap
 
 
 def check(args):
   C.check_out(args.out, OUTPUTS, args.overwrite)
-  if args.per_category > 50:
-    raise C.UsageError(
-      f"--per_category {args.per_category}: the evaluation set has 50 per category (expected 1..50)"
-    )
+  C.check_per_category(args)
   if args.quick:
     args.depths, args.finetune, args.per_category = [4], [2], 1
     args.calib, args.num_train, args.batch, args.sample_steps = 4, 64, 8, 2
