@@ -82,7 +82,7 @@ def _breakdown(state, n):
 
 
 def memory_table():
-  from configs import sana15_1600m, sana15_4800m
+  from sana_jax.configs import sana15_1600m, sana15_4800m
 
   trees = {"SANA-1.5 1.6B": sana15_1600m, "SANA-1.5 4.8B": sana15_4800m}
   opts = _optimizers()
@@ -108,7 +108,7 @@ def memory_table():
 
 
 def _params_0p6b(depth):
-  from configs import sana_600m
+  from sana_jax.configs import sana_600m
 
   cfg = _model_config(sana_600m)
   full = dit.abstract_params(cfg)
@@ -179,7 +179,7 @@ def time_update(depth, repeats):
 def tiny_dit(steps):
   """Distil a randomly initialised teacher DiT into a student (same tiny config, other
   seed) on fresh random inputs every step; report the loss on a held-out batch."""
-  from configs import tiny
+  from sana_jax.configs import tiny
 
   cfg = _model_config(tiny)
   model = dit.SanaDiT(dit.DiTConfig.coerce(cfg))

@@ -63,7 +63,7 @@ def time_forward(runs: int, impls: list[str], threads: int) -> None:
   import torch
 
   from sana_jax.weights import dit as dit_weights
-  from configs import sana_600m
+  from sana_jax.configs import sana_600m
 
   torch.set_num_threads(threads)
   cfg = model_config(sana_600m).diffusers_compatible()
@@ -146,7 +146,7 @@ def time_forward(runs: int, impls: list[str], threads: int) -> None:
 
 
 def forward_memory(compute_dtypes: list[str], batch: int) -> None:
-  from configs import sana15_4800m
+  from sana_jax.configs import sana15_4800m
 
   base = model_config(sana15_4800m)
   mesh = parallel.make_mesh(data=1, fsdp=8)

@@ -64,7 +64,7 @@ def load_config(name: str):
   default train config (what add_training adds; these configs override nothing) attached."""
   import importlib
 
-  from configs import common
+  from sana_jax.configs import common
 
   mod = importlib.import_module(f"configs.{name}")
   try:
@@ -241,7 +241,7 @@ def quality(data_dir: str, steps: int, decay: float, workroot: str) -> None:
   raw and the EMA weights, and how far each variant's weights are from the reference's,
   relative to how far the reference moved from the start (|w - w_ref| / |w_ref - w_0|).
   """
-  from configs import shapes
+  from sana_jax.configs import shapes
   from sana_jax.data import latents_tfds
   from sana_jax.diffusion import flow
   from sana_jax.train import loop

@@ -43,7 +43,7 @@ def main():
   a = ap.parse_args()
   import torch
 
-  from configs import sana15_1600m
+  from sana_jax.configs import sana15_1600m
   from tests import dit_reference as ref
 
   torch.set_num_threads(a.threads)

@@ -52,7 +52,7 @@ def geometry(tiny: bool) -> dict:
   from sana_jax.models.dit_config import DiTConfig
 
   if not tiny:
-    from configs import sana15_1600m
+    from sana_jax.configs import sana15_1600m
 
     dit_cfg = DiTConfig.coerce(sana15_1600m.get_config().model)
     return dict(
@@ -456,7 +456,7 @@ def train_ours(g, args) -> list[dict]:
   import jax
   import ml_collections
   import numpy as np
-  from configs import common
+  from sana_jax.configs import common
   from sana_jax import parallel
   from sana_jax.train import optimizer as optim_lib
   from sana_jax.train import state as state_lib

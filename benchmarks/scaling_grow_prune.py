@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs import tiny  # noqa: E402
+from sana_jax.configs import tiny  # noqa: E402
 from sana_jax.data import latents_tfds  # noqa: E402
 from sana_jax.diffusion import flow  # noqa: E402
 from sana_jax.models import dit  # noqa: E402

@@ -1,10 +1,3 @@
-"""Sana 0.6B at 1024 px (Sana_600M_img1024). Flow shift 4.0 in the official config
-(diffusers' pipeline uses 3.0)."""
+"""`--config configs/sana_600m.py` in a checkout; the config is sana_jax/configs/sana_600m.py (`--config sana_600m`)."""
 
-from configs import common
-
-
-def get_config():
-  model = common.dit(hidden_size=1152, depth=28, cross_heads=16, cross_head_dim=72, sample_size=32)
-  config = common.base_config(model, flow_shift=4.0, name="sana_600m", image_size=1024)
-  return common.add_training(config, mesh=dict(data=1, fsdp=-1))
+from sana_jax.configs.sana_600m import get_config  # noqa: F401

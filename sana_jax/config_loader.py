@@ -2,7 +2,9 @@
 
 `load_config("configs/tiny.py", ["model.depth=4", "flow_shift=6.0"])` imports the file,
 calls its get_config() and applies each override with the type of the existing field
-(so a typo or a wrong type is an error, not a new field).
+(so a typo or a wrong type is an error, not a new field). A bare name (`"tiny"`,
+`"shapes"`) is one of the configs installed with the package (sana_jax/configs/NAME.py),
+so `sana-train --config shapes` works from any folder.
 """
 
 from __future__ import annotations
@@ -16,14 +18,34 @@ from typing import Sequence
 import ml_collections
 
 
+PACKAGED = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def packaged_config_names() -> list[str]:
+  """Names of the configs in sana_jax/configs/ (`load_config(name)` loads one)."""
+  return sorted(p.stem for p in PACKAGED.glob("*.py") if p.stem not in ("__init__", "common"))
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The ConfigDict of `path` (a .py file with get_config(), or a packaged config's name)
+  with `overrides` ("FIELD=VALUE") applied. FileNotFoundError names a missing file or an
+  unknown name (with the known ones); ValueError a file that cannot be loaded or a bad
+  override."""
   path_obj = pathlib.Path(path)
+  if path_obj.suffix == "" and path_obj.name == path:  # a bare name: a packaged config
+    names = packaged_config_names()
+    if path not in names:
+      raise FileNotFoundError(
+        f"no such config: {path!r} is neither a file nor a packaged config "
+        f"(packaged: {', '.join(names)})"
+      )
+    path_obj = PACKAGED / f"{path}.py"
   if not path_obj.exists():
     raise FileNotFoundError(f"no such config file: {path}")
   if not path_obj.is_file() or path_obj.suffix != ".py":
     raise ValueError(f"config {path}: must be a Python file (configs/*.py) with get_config()")
   repo_root = path_obj.resolve().parent.parent
-  if str(repo_root) not in sys.path:  # so `from configs import common` works
+  if str(repo_root) not in sys.path:  # so a checkout's `from configs import common` works
     sys.path.insert(0, str(repo_root))
   spec = importlib.util.spec_from_file_location(f"_sana_config_{path_obj.stem}", path_obj)
   module = importlib.util.module_from_spec(spec)

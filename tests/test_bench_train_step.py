@@ -49,7 +49,7 @@ def _state_copies(update_fn) -> int:
   import jax
   import jax.numpy as jnp
 
-  from configs import tiny
+  from sana_jax.configs import tiny
   from sana_jax.models import dit
   from sana_jax.train import optimizer as optim_lib
   from sana_jax.train import state as state_lib

@@ -332,7 +332,7 @@ def test_sana_spec_on_the_dit_tree():
   layer, biases / norms / depthwise conv are not; the factored element count equals the
   torch 2-D / 1x1-conv weights' count."""
   dit = pytest.importorskip("sana_jax.models.dit")
-  from configs import tiny
+  from sana_jax.configs import tiny
 
   cfg = tiny.get_config()
   tree = dit.abstract_params(cfg.model)

@@ -633,7 +633,7 @@ def test_sana_1600m_shapes_bytes_per_param():
   B/param with COMPACT (every m 8-bit, bf16 block metadata), 1.0226 with the defaults, the
   official CAME-8bit's choices (whose own code measures 1.019, REFERENCE.md section 6)."""
   import warnings
-  from configs import sana15_1600m
+  from sana_jax.configs import sana15_1600m
   from sana_jax.models import dit
 
   tree = dit.abstract_params(sana15_1600m.get_config().model)

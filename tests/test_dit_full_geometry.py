@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import sana_600m
+from sana_jax.configs import sana_600m
 from sana_jax.models import dit
 from sana_jax.models.dit_config import DiTConfig
 from sana_jax.weights import dit as dit_weights

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from sana_jax.configs import tiny
 from sana_jax import parallel
 from sana_jax.models import dit
 from tests import dit_reference as ref

@@ -235,7 +235,7 @@ def test_remat_policy_equals_none(remat_base, policy):
 
 
 def test_sana_4k_config_turns_the_clip_on():
-  from configs import sana_1600m_4k
+  from sana_jax.configs import sana_1600m_4k
 
   assert DiTConfig.coerce(sana_1600m_4k.get_config().model).fp16_attn_clip
 

@@ -323,7 +323,7 @@ def test_train_step_timesteps_follow_the_scheme(scheme, monkeypatch):
   captions at the cfg_dropout rate."""
   import ml_collections
   import optax
-  from configs import common
+  from sana_jax.configs import common
   from sana_jax.models import dit
   from sana_jax.train import state as state_lib
   from sana_jax.train import step as step_lib

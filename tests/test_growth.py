@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs import tiny
+from sana_jax.configs import tiny
 from sana_jax.models import dit
 from sana_jax.models.dit_config import DiTConfig
 from sana_jax.scaling import growth

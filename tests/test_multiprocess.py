@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from sana_jax.configs import tiny
 from sana_jax.data import input_pipeline, latents_tfds
 from sana_jax.train import checkpoint, loop
 from tests import train_fixtures

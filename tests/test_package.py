@@ -136,6 +136,27 @@ def test_the_venv_imports_the_wheel_and_the_optimizer_without_train_or_torch(ven
   assert got["opt"] and not got["torch"]
 
 
+def test_the_packaged_configs_load_by_name_from_another_folder(venv):
+  """`sana-train --config shapes` needs no checkout: the configs ship in sana_jax/configs/,
+  and the experiments read the shapes recipe from there."""
+  root, env = venv
+  code = (
+    "import json\n"
+    "from sana_jax.config_loader import load_config, packaged_config_names\n"
+    "from sana_jax.experiments import common\n"
+    "c = load_config('tiny', ['model.depth=3'])\n"
+    "print(json.dumps({'names': packaged_config_names(), 'tiny_depth': c.model.depth,\n"
+    "  'shapes_width': common.recipe().model.hidden_size,\n"
+    "  'shipped': str(common.SHIPPED)}))"
+  )
+  p = _ok(_run(["python", "-c", code], root / "elsewhere", env))
+  got = json.loads(p.stdout.strip().splitlines()[-1])
+  assert {"tiny", "shapes", "sana_600m", "sana15_4800m"} <= set(got["names"])
+  assert "common" not in got["names"]
+  assert got["tiny_depth"] == 3 and got["shapes_width"] == 128
+  assert pathlib.Path(got["shipped"]).resolve().is_relative_to((root / "venv").resolve())
+
+
 def test_console_commands_answer_help_from_another_folder(venv):
   root, env = venv
   for cmd, fragment in (

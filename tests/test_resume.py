@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from sana_jax.configs import tiny
 from sana_jax.train import checkpoint, loop
 from tests import train_fixtures
 from tests.cli_contract import assert_unchanged, snapshot

@@ -434,7 +434,7 @@ def test_guidance_bad_input():
 
 
 def _tiny_dit():
-  from configs import tiny
+  from sana_jax.configs import tiny
   from sana_jax.models import dit
   from sana_jax.models.dit_config import DiTConfig
   from sana_jax.weights import dit as dit_weights

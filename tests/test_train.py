@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
+from sana_jax.configs import tiny
 from sana_jax.diffusion import flow
 from sana_jax.models import dit
 from sana_jax.train import loop

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import train
-from configs import tiny
+from sana_jax.configs import tiny
 from sana_jax.models import dit
 from sana_jax.models.dit_config import DiTConfig
 from tests import cli_contract, train_fixtures

@@ -17,7 +17,7 @@ import optax
 import pytest
 from jax.extend import core as jcore
 
-from configs import tiny
+from sana_jax.configs import tiny
 from sana_jax.data import latents_tfds
 from sana_jax.models import dit
 from sana_jax.models.dit_config import DiTConfig

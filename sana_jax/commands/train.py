@@ -1,5 +1,6 @@
 """Train a SANA DiT (`sana-train`, or train.py in a checkout):
-`python train.py --config configs/tiny.py --workdir runs/tiny [--config.train.steps=500 ...]`.
+`python train.py --config configs/tiny.py --workdir runs/tiny [--config.train.steps=500 ...]`
+(or `sana-train --config tiny ...` from any folder: a bare name is a packaged config).
 Resumes from the workdir's newest checkpoint.
 
 Any config field can be overridden with --config.FIELD=VALUE (the value must have the
@@ -19,6 +20,7 @@ import sys
 
 from sana_jax.cli import CommandParser, UsageError
 from sana_jax.commands import compile_cache
+from sana_jax.config_loader import packaged_config_names
 
 EXIT_PREEMPTED = 143
 
@@ -28,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument(
     "--config",
     required=True,
-    help="a config file (configs/*.py with get_config()); required, no default",
+    help="a config file (a .py with get_config(), e.g. configs/tiny.py) or the name of "
+    f"one installed with the package ({', '.join(packaged_config_names())}); required, "
+    "no default",
   )
   ap.add_argument(
     "--workdir",

@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from sana_jax.config_loader import load_config, split_config_args
+from sana_jax.config_loader import load_config, packaged_config_names, split_config_args
 from sana_jax.models.dit_config import DiTConfig
 from sana_jax.weights import dit as W
 from sana_jax.weights import io
@@ -104,10 +104,13 @@ def _read_array(path: str) -> np.ndarray:
 
 def _load_dit_config(path: str, overrides: list[str]) -> DiTConfig:
   p = pathlib.Path(path)
-  what = "a configs/*.py file whose get_config() has a `model` field"
-  if not p.is_file():
-    raise UsageError(f"--config {p}: no such file ({what})")
-  if p.suffix != ".py":
+  what = "a configs/*.py file or a packaged config's name whose get_config() has a `model` field"
+  named = p.suffix == "" and p.name == path and path in packaged_config_names()
+  if not named and not p.is_file():
+    raise UsageError(
+      f"--config {p}: no such file ({what}; packaged: {', '.join(packaged_config_names())})"
+    )
+  if not named and p.suffix != ".py":
     raise UsageError(
       f"--config {p}: must be {what}, e.g. configs/sana_1600m_2k.py; "
       f"got a {p.suffix or 'suffix-less'} file"
@@ -206,7 +209,8 @@ def build_parser() -> io.ArgumentParser:
   ap.add_argument(
     "--config",
     default=None,
-    help="a configs/*.py file whose `model` field describes the source "
+    help="a configs/*.py file, or a packaged config's name (e.g. sana_1600m_2k), whose "
+    "`model` field describes the source "
     "(needed only for official sources at non-released widths; overrides as "
     "--config.field=value); default: read from the source",
   )

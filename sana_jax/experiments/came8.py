@@ -100,6 +100,7 @@ def work(args):
       optimizer=name,
       warmup=args.warmup,
       log_every=args.log_every,
+      desc=f"train {name}",
     )
     loss = C.fixed_loss(run.params, cfg, held, batch=min(64, args.heldout))
     rep = C.score(run.params, cfg, specs, args.sample_steps)

@@ -30,9 +30,9 @@ import uuid
 import numpy as np
 
 from sana_jax.cli import CommandParser, UsageError
+from sana_jax.embedded import EMBEDDED_MODEL
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-SHIPPED = REPO / "sana_jax" / "assets" / "shapes_model"
+SHIPPED = EMBEDDED_MODEL
 DATA_SEED = 0  # the recipe's config.dataset.seed (shapes.example seed)
 CALIBRATION_SEED = 1  # held-out scenes for block importance
 
@@ -184,13 +184,16 @@ def train(
   log_every: int = 10,
   callback=None,
   skip: int = 0,
+  desc: str = "train",
 ) -> Run:
   """Trains `params` (a DiT tree of config `cfg`) for `steps` steps of `batch` examples of
   `data` with the recipe's step (flow matching, CFG dropout, grad clip, warm-up) and
   `optimizer`; batches in a fixed order (a permutation per epoch from `seed`).
   callback(step, params) is called every log_every steps (e.g. to score). skip: start the
-  data order at that step (a run continuing another's)."""
+  data order at that step (a run continuing another's). desc: the progress bar's label
+  (stderr)."""
   import jax
+  import tqdm
   import jax.numpy as jnp
 
   from sana_jax import parallel
@@ -223,7 +226,7 @@ def train(
   order = np.concatenate([rng.permutation(n) for _ in range(epochs)])[skip * batch :]
   losses, acc, t0, cpu = [], [], time.perf_counter(), 0.0
   dev = jax.devices()[0]
-  for s in range(steps):
+  for s in tqdm.trange(steps, desc=desc, unit="step", leave=False):
     idx = order[s * batch : (s + 1) * batch]
     b = {k: jax.device_put(data[k][idx], dev) for k in ("latent", "caption", "caption_mask")}
     c0 = time.process_time()
@@ -344,12 +347,8 @@ def generate(params, cfg, specs, n: int = 1, sample_steps: int | None = None, ba
   from sana_jax.pipeline import SamplingOptions
 
   pipe = pipeline(params, cfg)
-  import contextlib
-  import io
-
   c0 = time.process_time()
-  with contextlib.redirect_stderr(io.StringIO()):  # tqdm bars
-    out = score_model.generate_all(pipe, specs, n, batch, SamplingOptions(steps=sample_steps))
+  out = score_model.generate_all(pipe, specs, n, batch, SamplingOptions(steps=sample_steps))
   STATS["generate_cpu_s"] += time.process_time() - c0
   STATS["images"] += len(specs) * n
   return out

@@ -176,6 +176,7 @@ def work(args):
     warmup=args.warmup,
     log_every=args.eval_every,
     callback=cb,
+    desc="train scratch (6 blocks)",
   )
   runs["scratch (6 blocks)"] = dict(params=r.params, cfg=big_cfg, curve=curves, losses=r.losses)
 
@@ -192,6 +193,7 @@ def work(args):
     warmup=args.warmup,
     log_every=args.eval_every,
     callback=cb,
+    desc="train 3 blocks",
   )
   small, small_losses = r.params, r.losses
   f0 = args.small_steps * f_small
@@ -213,6 +215,7 @@ def work(args):
       callback=cb,
       seed=0,
       skip=args.small_steps,
+      desc=f"train grown: {label}",
     )
     runs[f"grown: {label}"] = dict(
       params=r.params,

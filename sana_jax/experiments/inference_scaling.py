@@ -92,6 +92,7 @@ def work(args):
       batch=args.batch,
       warmup=args.warmup,
       log_every=args.finetune,
+      desc=f"fine-tune {args.depth} blocks",
     ).params
   big = C.best_of_n(params, cfg, specs, [1], args.sample_steps)[1]["overall"]
   tables = C.best_of_n(small, scfg, specs, args.ns, args.sample_steps)

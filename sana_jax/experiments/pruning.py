@@ -126,7 +126,15 @@ def prune_and_finetune(params, cfg, kept, data, steps_list, batch, warmup, on_sc
 
   every = reduce(gcd, steps_list)
   run = C.train(
-    p, c, data, steps=max(steps_list), batch=batch, warmup=warmup, log_every=every, callback=cb
+    p,
+    c,
+    data,
+    steps=max(steps_list),
+    batch=batch,
+    warmup=warmup,
+    log_every=every,
+    callback=cb,
+    desc=f"fine-tune blocks {kept}",
   )
   return scores, run.losses
 

@@ -37,14 +37,13 @@ from sana_jax import bundle
 from sana_jax.embedded import EMBEDDED_MODEL
 from sana_jax.cli import CommandParser, UsageError
 
-REPO = pathlib.Path(__file__).resolve().parents[2]  # the checkout (configs/ lives there)
 DEFAULT_MODEL = EMBEDDED_MODEL
 
 
 def shapes_config():
   from sana_jax.config_loader import load_config
 
-  return load_config(str(REPO / "configs" / "shapes.py"))
+  return load_config("shapes")
 
 
 def text_encoder_config(config):

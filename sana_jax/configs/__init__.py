@@ -1,0 +1,1 @@
+"""ml_collections configs: one file per released model, plus `tiny` and `shapes`."""
