@@ -140,6 +140,14 @@ def test_first_reach_interpolates_the_first_crossing():
   assert growth.first_reach(loss, 1.0, lower_is_better=True) == 0.0
 
 
+def test_grown_runs_get_the_scratch_runs_compute_and_never_more():
+  assert growth.grown_steps_at_equal_compute(400, 200, 2.0, 1.0) == 300
+  assert growth.grown_steps_at_equal_compute(400, 200, 9.5, 4.8) == 298  # rounded down
+  for steps, small, fb, fs in [(400, 200, 9.5, 4.8), (7, 3, 3.0, 1.7), (2, 1, 5.0, 2.6)]:
+    n = growth.grown_steps_at_equal_compute(steps, small, fb, fs)
+    assert small * fs + n * fb <= steps * fb < small * fs + (n + 1) * fb
+
+
 def test_block_sets():
   bi = np.array([0.3, 0.05, 0.2, 0.01, 0.1, 0.4])
   sets = pruning.block_sets(bi, 3)

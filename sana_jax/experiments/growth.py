@@ -12,8 +12,10 @@ on the same training scenes in the same order:
   * small: the recipe at half depth (3 blocks, seed 0), --small_steps steps; grown to 6
     blocks with partial preservation (sana_jax.scaling.growth "constant", keeping the first
     2 source blocks, 4 fresh identity blocks), cyclic + zero gate and block replication +
-    zero gate; each trained on for --steps - --small_steps steps (fresh optimizer state,
-    warm-up again, as the paper's grown run restarts its optimizer).
+    zero gate; each trained on at 6 blocks until its total training compute reaches the
+    scratch run's (the small model's steps at its own FLOPs), with a fresh optimizer state
+    (as the paper's grown run restarts its optimizer) and a --grown_warmup warm-up (the
+    recipe's 200 is for a random init; the grown model is already trained).
 
 Every --eval_every steps each run is scored on ShapesEval validation prompts (--val_per_category
 of each category, one image each) and its held-out loss measured (256 scenes of another seed,
@@ -23,11 +25,10 @@ each grown run first reaches the scratch run's final validation score and final 
 (goal to test: >= 40% less), and the final score of every run on the evaluation prompts
 (--per_category). Writes results.json, table.md and claim_growth.png.
 
-Default size (1500 steps at 6 blocks and 300 at 3 over the four runs, batch 64, 23 curve
-points, 5 x 300 final prompts): about 45 minutes on this 2-core CPU when it is idle,
-estimated from a timed reduced run (0.6-0.74 s process CPU per step of batch 16 under
-load, x4 for batch 64, wall = CPU / 2 on two idle cores, sampling ~0.25 s CPU per
-image); see docs/paper_claims.md. --quick is a seconds-long smoke run.
+Default size (400 steps of batch 64 from scratch; 200 at 3 blocks, then ~300 at 6 for each
+grown run: ~1300 steps at 6 blocks and 200 at 3 in all, 17 curve points on 48 validation
+prompts, 5 x 300 final prompts): its time, in minutes on this 2-core CPU, is measured in
+docs/paper_claims.md. --quick is a seconds-long smoke run.
 """
 
 from __future__ import annotations
@@ -50,15 +51,21 @@ def build_parser():
   ap.add_argument(
     "--steps",
     type=C.positive("--steps"),
-    default=600,
-    help="total steps of every run (scratch: all at 6 blocks; grown: --small_steps at 3 "
-    "blocks, the rest at 6) (default: 600)",
+    default=400,
+    help="steps of the scratch run (6 blocks); each grown run trains --small_steps at 3 "
+    "blocks, then at 6 until its compute equals the scratch run's (default: 400)",
   )
   ap.add_argument(
     "--small_steps",
     type=C.positive("--small_steps"),
-    default=300,
-    help="steps of the 3-block model before growing, < --steps (default: 300)",
+    default=200,
+    help="steps of the 3-block model before growing, < --steps (default: 200)",
+  )
+  ap.add_argument(
+    "--grown_warmup",
+    type=C.non_negative("--grown_warmup"),
+    default=50,
+    help="learning-rate warm-up of the grown runs' fresh optimizer (default: 50)",
   )
   ap.add_argument(
     "--eval_every",
@@ -86,7 +93,7 @@ def check(args):
     )
   args.heldout, args.sample_steps = 256, None
   if args.quick:
-    args.steps, args.small_steps, args.eval_every = 2, 1, 1
+    args.steps, args.small_steps, args.eval_every, args.grown_warmup = 2, 1, 1, 1
     args.val_per_category, args.per_category, args.num_train = 1, 1, 64
     args.batch, args.heldout, args.sample_steps = 8, 8, 2
   if args.small_steps >= args.steps:
@@ -103,6 +110,12 @@ def check(args):
     raise C.UsageError(
       f"--eval_every {args.eval_every} must divide {' and '.join(bad)} (the curves' points)"
     )
+
+
+def grown_steps_at_equal_compute(steps: int, small_steps: int, f_big: float, f_small: float):
+  """Steps at 6 blocks after `small_steps` at 3 that bring a grown run's training FLOPs to
+  the scratch run's `steps` at 6 blocks, rounded down (never more compute); at least 1."""
+  return max(1, int((steps * f_big - small_steps * f_small) // f_big))
 
 
 def first_reach(curve, target, lower_is_better: bool):
@@ -147,6 +160,7 @@ def work(args):
   specs = C.prompts(False, args.per_category)
   big_cfg, small_cfg = C.model_config(6), C.model_config(3)
   f_big, f_small = C.step_flops(big_cfg, args.batch), C.step_flops(small_cfg, args.batch)
+  grown_steps = grown_steps_at_equal_compute(args.steps, args.small_steps, f_big, f_small)
 
   def measure(name, offset_steps, offset_flops, cfg, f_step, curves):
     def cb(step, params):
@@ -208,9 +222,9 @@ def work(args):
       grown,
       gcfg,
       data,
-      steps=args.steps - args.small_steps,
+      steps=grown_steps,
       batch=args.batch,
-      warmup=args.warmup,
+      warmup=args.grown_warmup,
       log_every=args.eval_every,
       callback=cb,
       seed=0,
@@ -272,8 +286,9 @@ def work(args):
     ],
   )
   text = (
-    f"{args.steps} steps of batch {args.batch} per run (grown: {args.small_steps} at 3 blocks "
-    f"first); validation curves on {len(val)} prompts, final scores on {len(specs)} "
+    f"batch {args.batch}; scratch: {args.steps} steps at 6 blocks; grown: {args.small_steps} "
+    f"at 3 blocks, then {grown_steps} at 6 (warm-up {args.grown_warmup}; the same total "
+    f"compute, or just under); validation curves on {len(val)} prompts, final scores on {len(specs)} "
     f"evaluation prompts; one step = {f_big / 1e9:.1f} GFLOPs at 6 blocks, "
     f"{f_small / 1e9:.1f} at 3.\n\n{table}\n\nGoal (>= 40% less compute than scratch to reach "
     "its final score / loss): see the saving columns (positive = less compute).\n"
@@ -284,6 +299,7 @@ def work(args):
     curves={k: v["curve"] for k, v in runs.items()},
     losses={k: v["losses"] for k, v in runs.items()},
     step_flops=dict(big=f_big, small=f_small),
+    grown_steps=grown_steps,
     args={k: (str(v) if k == "out" else v) for k, v in vars(args).items()},
     seconds=time.perf_counter() - t0,
   )
