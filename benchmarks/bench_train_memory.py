@@ -66,7 +66,7 @@ def load_config(name: str):
 
   from sana_jax.configs import common
 
-  mod = importlib.import_module(f"configs.{name}")
+  mod = importlib.import_module(f"sana_jax.configs.{name}")
   try:
     return mod.get_config()
   except TypeError as e:

@@ -92,7 +92,7 @@ POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 def load_config(name: str):
-  return importlib.import_module(f"configs.{MODELS[name][0]}").get_config()
+  return importlib.import_module(f"sana_jax.configs.{MODELS[name][0]}").get_config()
 
 
 def topology(name: str):

@@ -90,7 +90,7 @@ def test_config_defaults_are_the_official_values():
     "sana_1600m_2k",
     "sana_1600m_4k",
   ):
-    m = DiTConfig.coerce(importlib.import_module(f"configs.{mod}").get_config().model)
+    m = DiTConfig.coerce(importlib.import_module(f"sana_jax.configs.{mod}").get_config().model)
     for name, value in OFFICIAL.items():
       assert getattr(m, name) == value, (mod, name)
 
