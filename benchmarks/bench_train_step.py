@@ -87,6 +87,9 @@ VARIANTS = {
   "project": ((), None),
   "where_guard": ((), where_guard_update),
   "conv_dw": ((("depthwise_impl", "conv"),), None),
+  "scan": ((("scan_unroll", 1),), None),  # one block in the program, looped over depth
+  "unroll": ((("scan_unroll", 1000),), None),  # min(., depth): the whole stack unrolled
+  "remat_dots": ((("remat_policy", "dots"),), None),
 }
 
 
@@ -142,7 +145,7 @@ def load() -> str:
 def build_config(geo: Geometry, optimizer: str, depth: int | None):
   import importlib
 
-  config = importlib.import_module(f"configs.{geo.config}").get_config()
+  config = importlib.import_module(f"sana_jax.configs.{geo.config}").get_config()
   cfg = DiTConfig.coerce(config.model).replace(**dict(geo.overrides))
   if depth is not None and geo.name != "tiny":
     cfg = cfg.replace(depth=depth)
@@ -517,7 +520,7 @@ def compile_times(specs: list[str], repeats: int) -> list[dict]:
   cases = []
   for spec in specs:
     name, *rest = spec.split(":")
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"sana_jax.configs.{name}").get_config()
     cfg = DiTConfig.coerce(config.model)
     depth = int(rest[0]) if rest else cfg.depth
     batch = int(rest[1]) if len(rest) > 1 else config.train.global_batch

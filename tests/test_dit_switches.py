@@ -124,6 +124,45 @@ def test_depthwise_conv_gradients_equal_shift():
     assert ref.rel_err(a, b) <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_depthwise_shift_gradient_equals_autodiff_of_the_shift_form(dtype):
+  """The shift form's hand-written VJP (flipped-kernel correlation, nine reductions) against
+  jax.grad of the same nine multiply-adds: exact in fp32 on this input; in bf16 the same
+  dtypes, and no further from the fp32 gradient than autodiff's (the kernel gradient is
+  accumulated in fp32, autodiff's in bf16)."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 5, 7, 2, 3)), dtype)
+  k = jnp.asarray(rng.standard_normal((3, 3, 2, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((2, 5, 7, 2, 3)), dtype)
+
+  def grad(f, x, w):
+    return jax.grad(lambda a, b: jnp.sum((f(a, b) * w).astype(jnp.float32)), argnums=(0, 1))(x, k)
+
+  ours, autodiff = grad(dit._depthwise_shift, x, w), grad(dit._shifted_sum, x, w)
+  f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+  exact = grad(dit._shifted_sum, x.astype(jnp.float32), w.astype(jnp.float32))
+  for a, b, e in zip(ours, autodiff, exact):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if dtype == jnp.float32:
+      assert ref.rel_err(f32(a), f32(b)) == 0.0
+    else:
+      assert ref.rel_err(f32(a), f32(e)) <= max(ref.rel_err(f32(b), f32(e)), 1e-2)
+
+
+def test_scan_unroll_equals_the_scan_and_unrolls(remat_base):
+  """Unrolled blocks (scan_unroll = depth) compute what the scan computes, values and
+  gradients, and the option reaches lax.scan (an ignored option would pass the equality)."""
+  params, (base, base_jaxpr) = remat_base
+  got, jaxpr = _loss_and_grads(RCFG.replace(scan_unroll=RCFG.depth), params)
+  _assert_same(got, base, 1e-6)
+  unrolls = lambda jp: [  # noqa: E731
+    e.params["unroll"] for e in jp.jaxpr.eqns if e.primitive.name == "scan"
+  ]
+  assert unrolls(base_jaxpr) == [1] and unrolls(jaxpr) == [RCFG.depth]
+  with pytest.raises(ValueError, match="scan_unroll"):
+    RCFG.replace(scan_unroll=0)
+
+
 def test_depthwise_impl_conv_equals_shift_in_the_model(reference):
   """Forward only: the grouped conv's gradient is very slow on XLA:CPU (DESIGN.md); its
   gradient is checked on the function above."""

@@ -32,6 +32,10 @@ def get_config():
     patch_size=4,
     hidden_size=128,
     depth=6,
+    # The six blocks unrolled, not scanned: on XLA:CPU the scan's stacked residuals (written
+    # each iteration, zero-filled each step) cost more than the blocks' matmuls; the
+    # unrolled step takes ~0.7x the time (docs/train_speed.md), compiling a little longer.
+    scan_unroll=6,
     self_head_dim=32,
     cross_heads=4,
     cross_head_dim=32,

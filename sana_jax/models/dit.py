@@ -145,14 +145,51 @@ def depthwise_conv3x3(x: Array, kernel: Array, impl: str = "shift") -> Array:
       feature_group_count=n,
     )
     return out.reshape(b, h, w, *chan)
-  pad = [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * len(chan)
-  xp = jnp.pad(x, pad)
+  return _depthwise_shift(x, kernel)
+
+
+def _shifted_sum(x: Array, kernel: Array) -> Array:
+  """sum_ij pad(x)[:, i:i+h, j:j+w] * kernel[i, j]: the shift form, in x's dtype."""
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * (x.ndim - 3))
   out = None
   for i in range(3):
     for j in range(3):
       term = xp[:, i : i + h, j : j + w] * kernel[i, j].astype(x.dtype)
       out = term if out is None else out + term
   return out
+
+
+@jax.custom_vjp
+def _depthwise_shift(x: Array, kernel: Array) -> Array:
+  return _shifted_sum(x, kernel)
+
+
+def _depthwise_shift_fwd(x, kernel):
+  return _shifted_sum(x, kernel), (x, kernel)
+
+
+def _depthwise_shift_bwd(res, dy):
+  # Autodiff of the shift form pads each of the nine products of dy to the padded shape and
+  # adds them (slow loop fusions on XLA:CPU). The input gradient is the same correlation
+  # with the kernel flipped, formed like the forward; the kernel gradient is nine
+  # reductions of shifted input times dy (accumulated in fp32).
+  x, kernel = res
+  h, w = x.shape[1:3]
+  dx = _shifted_sum(dy.astype(x.dtype), kernel[::-1, ::-1])
+  xp = jnp.pad(x, [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * (x.ndim - 3))
+  dy32 = dy.astype(jnp.float32)
+  rows = []
+  for i in range(3):
+    row = [
+      jnp.sum(xp[:, i : i + h, j : j + w].astype(jnp.float32) * dy32, axis=(0, 1, 2))
+      for j in range(3)
+    ]
+    rows.append(jnp.stack(row))
+  return dx, jnp.stack(rows).astype(kernel.dtype)
+
+
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 def patchify(x: Array, p: int) -> Array:
@@ -446,6 +483,7 @@ def _block_stack(cfg: DiTConfig, return_cosine: bool, name: str = "blocks"):
     split_rngs={"params": True},
     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
     length=cfg.depth,
+    unroll=min(cfg.scan_unroll, cfg.depth),
     metadata_params={nn.PARTITION_NAME: "layers"},
   )(cfg, return_cosine, name=name)
 

@@ -76,6 +76,9 @@ class DiTConfig:
   compute_dtype: str = "float32"  # dtype of matmuls/convs; norms, softmax, linear attention in fp32
   remat_policy: str = "none"  # none | full | dots | dots_no_batch
   depthwise_impl: str = "shift"  # shift (nine multiply-adds) | conv (grouped lax conv)
+  # Blocks per iteration of the depth scan (nn.scan's unroll): 1 keeps one block in the
+  # program (compile time independent of depth); depth unrolls the stack.
+  scan_unroll: int = 1
 
   # Low-rank adapters (LoRA) on the blocks' projections: y += (alpha / rank) * (x A) B, with
   # A (in, [g,] rank) and B ([g,] rank, out) per block ("lora_a" / "lora_b" leaves beside the
@@ -83,6 +86,10 @@ class DiTConfig:
   lora_rank: int = 0
   lora_alpha: float = 0.0
   lora_targets: tuple = DEFAULT_LORA_TARGETS
+
+  # Fields that change how the model is computed, not what it is: a resume, init_from or a
+  # model folder may differ in them.
+  EXECUTION_FIELDS = ("compute_dtype", "remat_policy", "depthwise_impl", "scan_unroll")
 
   def __post_init__(self):
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -105,6 +112,8 @@ class DiTConfig:
       raise ValueError(f"depthwise_impl must be 'shift' or 'conv', got {self.depthwise_impl!r}")
     if self.depth < 1:
       raise ValueError(f"depth must be >= 1, got {self.depth}")
+    if not 1 <= self.scan_unroll:
+      raise ValueError(f"scan_unroll must be >= 1, got {self.scan_unroll}")
 
   @property
   def self_heads(self) -> int:

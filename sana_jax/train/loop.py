@@ -59,7 +59,7 @@ class NonFiniteError(RuntimeError):
 
 # Model fields that change how the model is computed, not what it is or what its state
 # holds: a resume may change them.
-IMPLEMENTATION_FIELDS = ("model.compute_dtype", "model.remat_policy", "model.depthwise_impl")
+IMPLEMENTATION_FIELDS = tuple(f"model.{k}" for k in DiTConfig.EXECUTION_FIELDS)
 # Fields that fix the order of the data the checkpoint's iterator continues.
 DATA_ORDER_FIELDS = ("train.global_batch", "train.seed", "data.num_epochs")
 # Fields whose state is meaningless under another value even where its shapes match.
@@ -311,7 +311,7 @@ def _check_init_from(path: str, model_cfg: DiTConfig) -> DiTConfig:
     raise UsageError(
       f"train.init_from={path}: unreadable {config_file} ({type(e).__name__}: {e})"
     ) from e
-  ignore = ("compute_dtype", "remat_policy", "depthwise_impl")
+  ignore = DiTConfig.EXECUTION_FIELDS
   diff = {
     f"model.{k}": (v, getattr(model_cfg, k))
     for k, v in cfg.to_dict().items()
@@ -405,12 +405,7 @@ def init_params_from(path: str, model_cfg: DiTConfig, like):
   from sana_jax.weights import dit as dit_weights
 
   params, cfg, _ = dit_weights.load_flax(path)
-  if (
-    cfg.replace(
-      **{k: getattr(model_cfg, k) for k in ("compute_dtype", "remat_policy", "depthwise_impl")}
-    )
-    != model_cfg
-  ):
+  if cfg.replace(**{k: getattr(model_cfg, k) for k in DiTConfig.EXECUTION_FIELDS}) != model_cfg:
     diff = {
       k: (v, getattr(model_cfg, k)) for k, v in cfg.to_dict().items() if getattr(model_cfg, k) != v
     }
