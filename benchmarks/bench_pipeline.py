@@ -400,7 +400,7 @@ def plan(args) -> int:
     guidance_scale=4.5,
     use_null_mask=True,
   )
-  cells = dict(zip(run.__code__.co_freevars, (c.cell_contents for c in run.__closure__)))
+  lat = S((1, f, f, cfg.in_channels), jnp.float32)
   stages = [
     ("text encoder 495 tokens, plain bf16 (before)", enc, (gshapes, ids, ids)),
     ("text encoder 495 tokens, uint16 views (now)", enc, (packed, ids, ids)),
@@ -410,18 +410,16 @@ def plan(args) -> int:
       (dparams, S((1, 300, cfg.caption_channels), jnp.float32)),
     ),
     (
-      f"sampler ({args.steps} steps, CFG)",
-      cells["fn"],
+      "sampler step (CFG; run once per step)",
+      run.step,
       (
         dparams,
-        S((1, f, f, cfg.in_channels), jnp.float32),
+        (lat, lat),
         S((1, 300, depth_kv), jnp.float32),
         S((1, 300), jnp.int32),
         S((300, depth_kv), jnp.float32),
         S((300,), jnp.int32),
-        cells["sched"],
-        cells["coeffs"],
-        cells["num_valid"],
+        run.step_inputs[0],
       ),
     ),
     (

@@ -2,9 +2,13 @@
 
 A denoiser is `velocity_fn(x, model_time) -> v` with x (B, ...) float32 latents (NHWC in
 this project) and model_time a float32 scalar; it returns the flow velocity, same shape
-as x. The samplers are pure, traceable functions built on `lax.scan`, so a caller jits
-the whole sampling loop in one program (`make_sampler` does that for a model apply fn,
-with parameters and captions as jit arguments, not baked-in constants).
+as x. The samplers are pure, traceable functions built on `lax.scan`, so a caller can jit
+the whole sampling loop in one program. `make_sampler` (the pipeline's) instead jits one
+solver step for a model apply fn, with parameters and captions as jit arguments (not
+baked-in constants), and runs it once per step from Python: progress is reported from the
+host between steps, so the program holds no host callback and JAX's persistent
+compilation cache can keep it (JAX never writes programs with host callbacks), and every
+step count and flow shift shares the one program.
 
 Parity target: diffusers' SanaPipeline loop with `DPMSolverMultistepScheduler(
 use_flow_sigmas=True, flow_shift=k, prediction_type="flow_prediction")` or
@@ -95,17 +99,26 @@ def dpm_solver_loop(
     _as_f32(coefficients.inv_r0),
   )
   x = jnp.asarray(x, jnp.float32)
-
-  def step(carry, inp):
-    x, prev_x0 = carry
-    _, t, sigma, ratio, phi, half_phi, inv_r0 = inp
-    v = velocity_fn(x, t).astype(jnp.float32)
-    x0 = x - sigma * v
-    d1 = inv_r0 * (x0 - prev_x0)
-    return ratio * x - phi * x0 - half_phi * d1, x0
-
+  step = functools.partial(dpm_solver_step, velocity_fn)
   x, _ = _scan_steps(step, (x, jnp.zeros_like(x)), xs, n, num_valid, progress)
   return x
+
+
+def dpm_solver_step(velocity_fn: VelocityFn, carry, inp):
+  """One DPM-Solver++ step: carry (x, previous x0 prediction), inp (step index, model time,
+  sigma, ratio, phi, half_phi, inv_r0) -> the next carry."""
+  x, prev_x0 = carry
+  _, t, sigma, ratio, phi, half_phi, inv_r0 = inp
+  v = velocity_fn(x, t).astype(jnp.float32)
+  x0 = x - sigma * v
+  d1 = inv_r0 * (x0 - prev_x0)
+  return ratio * x - phi * x0 - half_phi * d1, x0
+
+
+def euler_step(velocity_fn: VelocityFn, x, inp):
+  """One flow Euler step: inp (step index, model time, dt) -> x + dt v."""
+  _, t, dt = inp
+  return x + dt * velocity_fn(x, t).astype(jnp.float32)
 
 
 def euler_loop(
@@ -121,12 +134,7 @@ def euler_loop(
   n = int(dt.shape[0])
   xs = (jnp.arange(n), _as_f32(schedule.model_times), dt)
   x = jnp.asarray(x, jnp.float32)
-
-  def step(x, inp):
-    _, t, dt = inp
-    return x + dt * velocity_fn(x, t).astype(jnp.float32)
-
-  return _scan_steps(step, x, xs, n, num_valid, progress)
+  return _scan_steps(functools.partial(euler_step, velocity_fn), x, xs, n, num_valid, progress)
 
 
 def pad_schedule(schedule: schedules.FlowSchedule, coefficients, length: int):
@@ -255,13 +263,13 @@ def guided_velocity_fn(
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_sampler(apply_fn, solver, guidance_scale, guidance_interval, use_null_mask, progress):
-  """One jitted program per (model fn, solver, guidance settings); the grid and its
-  coefficients are arguments, so flow shifts with the same step count share it."""
+def _jitted_step(apply_fn, solver, guidance_scale, guidance_interval, use_null_mask):
+  """One jitted solver step per (model fn, solver, guidance settings):
+  step(params, carry, caption, caption_mask, null_caption, null_mask, inp) -> carry, with
+  the step's grid values `inp` as arguments, so every step, step count and flow shift
+  shares the program."""
 
-  def run(
-    params, noise, caption, caption_mask, null_caption, null_mask, schedule, coeffs, num_valid
-  ):
+  def step(params, carry, caption, caption_mask, null_caption, null_mask, inp):
     vf = guided_velocity_fn(
       lambda x, t, c, m: apply_fn(params, x, t, c, m),
       caption,
@@ -272,10 +280,23 @@ def _jitted_sampler(apply_fn, solver, guidance_scale, guidance_interval, use_nul
       guidance_interval=guidance_interval,
     )
     if solver == "dpm_solver":
-      return dpm_solver_loop(vf, noise, schedule, coeffs, progress=progress, num_valid=num_valid)
-    return euler_loop(vf, noise, schedule, progress=progress, num_valid=num_valid)
+      return dpm_solver_step(vf, carry, inp)
+    return euler_step(vf, carry, inp)
 
-  return jax.jit(run)
+  return jax.jit(step)
+
+
+def _step_inputs(schedule: schedules.FlowSchedule, coeffs) -> list[tuple]:
+  """Per-step grid values (what the scan's xs hold at step i), as float32 / int32 numpy
+  scalars so that every step traces to the same program."""
+  f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+  if coeffs is None:
+    sig = f32(schedule.sigmas)
+    cols = (f32(schedule.model_times), sig[1:] - sig[:-1])
+  else:
+    cols = (f32(schedule.model_times), f32(schedule.sigmas[:-1]), *(f32(c) for c in coeffs))
+  n = schedule.num_steps
+  return [(np.int32(i), *(c[i] for c in cols)) for i in range(n)]
 
 
 def make_sampler(
@@ -290,47 +311,45 @@ def make_sampler(
   progress: Progress = False,
   pad_to: Optional[int] = None,
 ):
-  """A jitted end-to-end sampler around a model apply fn.
+  """A sampler around a model apply fn: one jitted solver step, run once per step.
 
   apply_fn(params, x, t, caption, mask) -> v (x (2B, H, W, C), t (2B,)). Returns
-  `run(params, noise, caption, caption_mask, null_caption, null_mask=None) -> latents`;
-  parameters and captions are jit arguments (not baked-in constants), and the compiled
-  program is cached per (apply_fn, solver, guidance settings, step count). With
-  use_null_mask=False (official) `null_mask` is ignored and the conditional mask is used
-  for the null half; with True it is required (diffusers' SanaPipeline behaviour).
-  pad_to: run a grid padded to this many steps (extra steps are skipped with lax.cond), so
-  every step count <= pad_to reuses one compiled program.
+  `run(params, noise, caption, caption_mask, null_caption, null_mask=None) -> latents`
+  (float32, like noise); parameters and captions are jit arguments (not baked-in
+  constants), and one compiled step serves every step count and shift of the same (apply_fn,
+  solver, guidance settings). `run.step` is that jitted step and `run.step_inputs` its
+  per-step grid values (for lowering it alone). With use_null_mask=False (official)
+  `null_mask` is ignored and the conditional mask is used for the null half; with True it
+  is required (diffusers' SanaPipeline behaviour).
+  progress: True prints each step; a callable gets (step, total) on the host after each
+  step has run (no callback inside the program).
+  pad_to: kept for callers of the scanned grid; only checked (>= num_steps), since every
+  step count already shares the one compiled step.
   """
   schedule = make_schedule(solver, num_steps, shift)
   coeffs = schedules.dpm_solver_coefficients(schedule.sigmas) if solver == "dpm_solver" else None
   interval = _check_interval(guidance_interval)
   if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
     raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
-  fn = _jitted_sampler(
-    apply_fn, solver, float(guidance_scale), interval, bool(use_null_mask), progress
-  )
-  num_valid = None
-  if pad_to is not None:
-    schedule, coeffs = pad_schedule(schedule, coeffs, pad_to)
-    num_valid = jnp.int32(num_steps)
-  sched = schedules.FlowSchedule(*(jnp.asarray(a) for a in schedule))
-  coeffs = (
-    None if coeffs is None else schedules.DPMSolverCoefficients(*(jnp.asarray(a) for a in coeffs))
-  )
+  if pad_to is not None and pad_to < num_steps:
+    raise ValueError(f"cannot pad {num_steps} steps to {pad_to}")
+  step = _jitted_step(apply_fn, solver, float(guidance_scale), interval, bool(use_null_mask))
+  inputs = _step_inputs(schedule, coeffs)
+  report = None if not progress else (_print_progress if progress is True else progress)
 
   def run(params, noise, caption, caption_mask, null_caption, null_mask=None):
     if use_null_mask and null_mask is None:
       raise ValueError("use_null_mask=True needs the null caption's mask")
-    return fn(
-      params,
-      noise,
-      caption,
-      caption_mask,
-      null_caption,
-      null_mask if use_null_mask else None,
-      sched,
-      coeffs,
-      num_valid,
-    )
+    null_mask = null_mask if use_null_mask else None
+    x = jnp.asarray(noise, jnp.float32)
+    carry = (x, jnp.zeros_like(x)) if coeffs is not None else x
+    for i, inp in enumerate(inputs):
+      carry = step(params, carry, caption, caption_mask, null_caption, null_mask, inp)
+      if report is not None:
+        jax.block_until_ready(carry)
+        report(i, num_steps)
+    return carry[0] if coeffs is not None else carry
 
+  run.step = step
+  run.step_inputs = inputs
   return run
