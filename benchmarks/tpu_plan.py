@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import importlib
 import os
 import sys
@@ -119,9 +118,10 @@ def parse_mesh(text: str) -> dict:
 
 @contextlib.contextmanager
 def unrolled_scans():
-  """nn.scan fully unrolled (no while loop), so XLA's cost analysis sees every block."""
+  """nn.scan fully unrolled (no while loop), so XLA's cost analysis sees every block. The
+  model passes its own `unroll` (DiTConfig.scan_unroll): it is overridden here."""
   orig = nn.scan
-  nn.scan = functools.partial(orig, unroll=True)
+  nn.scan = lambda *args, **kw: orig(*args, **{**kw, "unroll": True})
   try:
     yield
   finally:
