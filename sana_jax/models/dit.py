@@ -177,13 +177,14 @@ def _depthwise_shift_bwd(res, dy):
   x, kernel = res
   h, w = x.shape[1:3]
   dx = _shifted_sum(dy.astype(x.dtype), kernel[::-1, ::-1])
-  xp = jnp.pad(x, [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * (x.ndim - 3))
-  dy32 = dy.astype(jnp.float32)
+  # dk[i, j] = sum_p x[p] dy[p - (i - 1, j - 1)]: shifts of dy, not of x, so the forward's
+  # shifted views of x have one consumer each and stay fused (not saved as residuals).
+  dyp = jnp.pad(dy.astype(jnp.float32), [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * (x.ndim - 3))
+  x32 = x.astype(jnp.float32)
   rows = []
   for i in range(3):
     row = [
-      jnp.sum(xp[:, i : i + h, j : j + w].astype(jnp.float32) * dy32, axis=(0, 1, 2))
-      for j in range(3)
+      jnp.sum(x32 * dyp[:, 2 - i : 2 - i + h, 2 - j : 2 - j + w], axis=(0, 1, 2)) for j in range(3)
     ]
     rows.append(jnp.stack(row))
   return dx, jnp.stack(rows).astype(kernel.dtype)
