@@ -98,6 +98,8 @@ BAD = [
   ("pruning", ["--depths", "4,x"], "--depths"),
   ("pruning", ["--finetune", "0"], "--finetune"),
   ("pruning", ["--warmup", "-1"], "--warmup"),
+  ("pruning", ["--lr", "0"], "--lr"),
+  ("pruning", ["--lr", "nan"], "--lr"),
   ("inference_scaling", ["--ns", "0,2"], "--ns"),
   ("inference_scaling", ["--depth", "6"], "--depth"),
   ("came8", ["--optimizers", "sgd"], "--optimizers"),

@@ -467,6 +467,20 @@ def non_negative(name: str):
   return parse
 
 
+def positive_float(name: str):
+  def parse(text):
+    try:
+      v = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a number (expected > 0)") from None
+    if not v > 0 or v == float("inf"):
+      raise argparse.ArgumentTypeError(f"{v} must be a finite number > 0")
+    return v
+
+  parse.__name__ = name
+  return parse
+
+
 def int_list(name: str, lo: int, hi: int):
   """Comma-separated integers, each in lo..hi, no repeats; returned in the given order."""
 

@@ -53,6 +53,12 @@ def build_parser():
     default=64,
     help="calibration scenes (captions + rendered images) for the importance (default: 64)",
   )
+  ap.add_argument(
+    "--lr",
+    type=C.positive_float("--lr"),
+    default=None,
+    help="fine-tune learning rate (default: the recipe's, 3e-4)",
+  )
   C.add_shared_options(
     ap,
     num_train_help='training scenes for fine-tuning',
@@ -103,7 +109,7 @@ def block_sets(bi: np.ndarray, depth: int, seed: int = 0) -> dict:
   }
 
 
-def prune_and_finetune(params, cfg, kept, data, steps_list, batch, warmup, on_score):
+def prune_and_finetune(params, cfg, kept, data, steps_list, batch, warmup, on_score, lr=None):
   """Prunes to `kept`, scores (on_score(steps, params, cfg) -> value) at 0 and after each of
   steps_list fine-tune steps (one run to the largest, scored on the way)."""
   from sana_jax.scaling import pruning
@@ -132,6 +138,7 @@ def prune_and_finetune(params, cfg, kept, data, steps_list, batch, warmup, on_sc
     steps=max(steps_list),
     batch=batch,
     warmup=warmup,
+    lr=lr,
     log_every=every,
     callback=cb,
     desc=f"fine-tune blocks {kept}",
@@ -163,7 +170,7 @@ def work(args):
       key = tuple(kept)
       if key not in done:
         done[key] = prune_and_finetune(
-          params, cfg, kept, data, args.finetune, args.batch, args.warmup, on_score
+          params, cfg, kept, data, args.finetune, args.batch, args.warmup, on_score, args.lr
         )
       scores, losses = done[key]
       rows.append(dict(depth=depth, method=method, kept=kept, scores=scores, losses=losses))
@@ -185,7 +192,9 @@ def work(args):
   table = C.markdown_table(header, table_rows)
   goal = goals(rows, base, 100 if 100 in args.finetune else min(args.finetune))
   text = (
-    f"ShapesEval overall ({len(specs)} evaluation prompts, one image each); block importance "
+    f"ShapesEval overall ({len(specs)} evaluation prompts, one image each; fine-tuned at batch "
+    f"{args.batch}, lr {'the recipe' if args.lr is None else args.lr}, warm-up "
+    f"{args.warmup}); block importance "
     + ", ".join(f"{b:.4f}" for b in bi)
     + f"\n\n{table}\n\n{goal}\n"
   )
