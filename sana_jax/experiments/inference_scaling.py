@@ -14,10 +14,9 @@ the 6-block N = 1 score, and the DiT FLOPs per prompt of each (N x 20 sampling s
 for CFG x one forward; the judge's cost not counted). Writes results.json, table.md and
 claim_inference.png.
 
-Default size (500 fine-tune steps of batch 64, best-of-16 on 300 prompts): about 20
-minutes on this 2-core CPU when it is idle, estimated from a timed reduced run (0.6-0.74 s
-process CPU per step of batch 16 under load, x4 for batch 64, wall = CPU / 2 on two idle
-cores, sampling ~0.25 s CPU per image); see docs/paper_claims.md. --quick is a
+Default size (500 fine-tune steps of batch 64, best-of-16 on 300 prompts): measured at 48
+minutes on this 2-core CPU while other jobs kept the load at 3-6 (2289 s of process CPU,
+so ~19 minutes of an idle machine's two cores); see docs/paper_claims.md. --quick is a
 seconds-long smoke run.
 """
 

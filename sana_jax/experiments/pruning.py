@@ -15,10 +15,9 @@ fine-tuning and after each count of --finetune steps. Identical block sets (e.g.
 importance) are trained and scored once. Writes results.json, table.md and claim_pruning.png.
 
 Default size (9 block sets x 500 fine-tune steps of batch 16, scored 3 times on 300
-prompts): about 45 minutes on this 2-core CPU when it is idle, estimated from a timed
-reduced run (0.6-0.74 s process CPU per step of batch 16 under load, wall = CPU / 2 on two
-idle cores, sampling ~0.25 s CPU per image); see docs/paper_claims.md. --quick is a
-seconds-long smoke run.
+prompts): measured at 45 minutes on this 2-core CPU while other jobs kept the load at 3-6
+(3158 s of process CPU, so ~26 minutes of an idle machine's two cores); see
+docs/paper_claims.md. --quick is a seconds-long smoke run.
 """
 
 from __future__ import annotations
