@@ -14,10 +14,10 @@ timestep draws: the same numbers for every run), ShapesEval on the evaluation pr
 arrays of the state as the step holds them). Goal to test: CAME-8bit's final loss within
 1% of CAME's. Writes results.json, table.md and claim_came8.png.
 
-Default size (4 x 400 steps of batch 64, 300 prompts each): about 40 minutes on this
-2-core CPU when it is idle, estimated from a timed reduced run (0.6-0.74 s process CPU per
-step of batch 16 under load, x4 for batch 64, wall = CPU / 2 on two idle cores, sampling
-~0.25 s CPU per image); see docs/paper_claims.md. --quick is a seconds-long smoke run.
+Default size (4 x 400 steps of batch 64, 300 prompts each): measured at 51 minutes on this
+2-core CPU while other jobs kept the load at 2-5 (3258 s of process CPU, so ~27 minutes of
+an idle machine's two cores); see docs/paper_claims.md. --quick is a seconds-long smoke
+run.
 """
 
 from __future__ import annotations
