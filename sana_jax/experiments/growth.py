@@ -27,8 +27,9 @@ each grown run first reaches the scratch run's final validation score and final 
 
 Default size (400 steps of batch 64 from scratch; 200 at 3 blocks, then ~300 at 6 for each
 grown run: ~1300 steps at 6 blocks and 200 at 3 in all, 17 curve points on 48 validation
-prompts, 5 x 300 final prompts): its time, in minutes on this 2-core CPU, is measured in
-docs/paper_claims.md. --quick is a seconds-long smoke run.
+prompts, 4 x 300 final prompts): measured at 55 minutes on this 2-core CPU while other jobs
+kept the load at 2-5 (3302 s of process CPU, so ~28 minutes of an idle machine's two
+cores); see docs/paper_claims.md. --quick is a seconds-long smoke run.
 """
 
 from __future__ import annotations
