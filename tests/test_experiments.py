@@ -94,6 +94,7 @@ BAD = [
   ("growth", ["--steps", "100", "--small_steps", "100"], "--small_steps"),
   ("growth", ["--eval_every", "7"], "--eval_every"),
   ("growth", ["--per_category", "51"], "--per_category"),
+  ("growth", ["--grown_warmup", "-1"], "--grown_warmup"),
   ("pruning", ["--depths", "6"], "--depths"),
   ("pruning", ["--depths", "4,x"], "--depths"),
   ("pruning", ["--finetune", "0"], "--finetune"),
