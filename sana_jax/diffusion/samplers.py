@@ -46,8 +46,16 @@ def _report(progress: Progress, step, total):
   jax.debug.callback(lambda s, n: fn(int(s), int(n)), step, total)
 
 
-def _as_f32(a):
-  return jnp.asarray(a, jnp.float32)
+def _grid_columns(schedule: schedules.FlowSchedule, coefficients, xp) -> tuple:
+  """Each step's grid values as float32 (N,) columns of array module xp (jnp inside a
+  traced loop, np for the per-step sampler), in the order the solver steps unpack them:
+  DPM-Solver++ (coefficients given): model time, sigma, ratio, phi, half_phi, inv_r0;
+  Euler (coefficients None): model time, dt = sigma_next - sigma (float32, as diffusers')."""
+  f32 = lambda a: xp.asarray(a, xp.float32)  # noqa: E731
+  if coefficients is None:
+    sig = f32(schedule.sigmas)
+    return f32(schedule.model_times), sig[1:] - sig[:-1]
+  return (f32(schedule.model_times), f32(schedule.sigmas[:-1]), *(f32(c) for c in coefficients))
 
 
 def _scan_steps(step_fn, carry, xs, num_steps, num_valid, progress):
@@ -89,15 +97,7 @@ def dpm_solver_loop(
   if coefficients is None:
     coefficients = schedules.dpm_solver_coefficients(np.asarray(schedule.sigmas))
   n = int(np.shape(schedule.model_times)[0])
-  xs = (
-    jnp.arange(n),
-    _as_f32(schedule.model_times),
-    _as_f32(schedule.sigmas[:-1]),
-    _as_f32(coefficients.ratio),
-    _as_f32(coefficients.phi),
-    _as_f32(coefficients.half_phi),
-    _as_f32(coefficients.inv_r0),
-  )
+  xs = (jnp.arange(n), *_grid_columns(schedule, coefficients, jnp))
   x = jnp.asarray(x, jnp.float32)
   step = functools.partial(dpm_solver_step, velocity_fn)
   x, _ = _scan_steps(step, (x, jnp.zeros_like(x)), xs, n, num_valid, progress)
@@ -129,10 +129,8 @@ def euler_loop(
   num_valid=None,
 ):
   """Flow Euler: x <- x + (sigma_next - sigma) v. x: (B, ...) float32 noise."""
-  sig = _as_f32(schedule.sigmas)
-  dt = sig[1:] - sig[:-1]  # float32, as diffusers' `sigma_next - sigma`
-  n = int(dt.shape[0])
-  xs = (jnp.arange(n), _as_f32(schedule.model_times), dt)
+  n = int(np.shape(schedule.model_times)[0])
+  xs = (jnp.arange(n), *_grid_columns(schedule, None, jnp))
   x = jnp.asarray(x, jnp.float32)
   return _scan_steps(functools.partial(euler_step, velocity_fn), x, xs, n, num_valid, progress)
 
@@ -289,12 +287,7 @@ def _jitted_step(apply_fn, solver, guidance_scale, guidance_interval, use_null_m
 def _step_inputs(schedule: schedules.FlowSchedule, coeffs) -> list[tuple]:
   """Per-step grid values (what the scan's xs hold at step i), as float32 / int32 numpy
   scalars so that every step traces to the same program."""
-  f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-  if coeffs is None:
-    sig = f32(schedule.sigmas)
-    cols = (f32(schedule.model_times), sig[1:] - sig[:-1])
-  else:
-    cols = (f32(schedule.model_times), f32(schedule.sigmas[:-1]), *(f32(c) for c in coeffs))
+  cols = _grid_columns(schedule, coeffs, np)
   n = schedule.num_steps
   return [(np.int32(i), *(c[i] for c in cols)) for i in range(n)]
 
