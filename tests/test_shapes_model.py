@@ -60,7 +60,7 @@ def test_context_probe_tells_the_random_encoder_from_the_pretrained_one(tmp_path
   assert random["distinct_word_cos"] < 0.5, random
 
 
-def test_pretraining_makes_word_order_readable_through_position_free_attention():
+def test_pretraining_makes_word_order_readable_through_position_free_attention(optimized_compiles):
   # Same budget, same readout: training only the readout on the frozen random encoder
   # leaves most captions unreadable; training the encoder too makes them readable.
   from sana_jax.shapes_eval import encoder as shapes_encoder
