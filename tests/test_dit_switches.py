@@ -149,6 +149,28 @@ def test_depthwise_shift_gradient_equals_autodiff_of_the_shift_form(dtype):
       assert ref.rel_err(f32(a), f32(e)) <= max(ref.rel_err(f32(b), f32(e)), 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("out_shape", [(7,), (2, 5)])
+def test_dense_matmul_gradient_equals_autodiff_of_the_einsum(dtype, out_shape):
+  """The dense product's hand-written VJP against jax.grad of the plain einsum, for a kernel
+  with one and with two out axes (the qkv / kv layout) and three batch axes: the same
+  values (fp32: to rounding of a differently ordered sum), dtypes and shapes."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 3, 4, 6)), dtype)
+  k = jnp.asarray(rng.standard_normal((6, *out_shape)), dtype)
+  w = jnp.asarray(rng.standard_normal((2, 3, 4, *out_shape)), dtype)
+  plain = lambda a, b: jnp.einsum(dit._dense_einsum(b.ndim - 1), a, b)  # noqa: E731
+
+  def grad(f):
+    return jax.grad(lambda a, b: jnp.sum((f(a, b) * w).astype(jnp.float32)), argnums=(0, 1))(x, k)
+
+  assert np.array_equal(np.asarray(dit.dense_matmul(x, k)), np.asarray(plain(x, k)))
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for a, b in zip(grad(dit.dense_matmul), grad(plain)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert ref.rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) <= tol
+
+
 def test_scan_unroll_equals_the_scan_and_unrolls(remat_base):
   """Unrolled blocks (scan_unroll = depth) compute what the scan computes, values and
   gradients, and the option reaches lax.scan (an ignored option would pass the equality)."""
