@@ -90,6 +90,7 @@ VARIANTS = {
   "scan": ((("scan_unroll", 1),), None),  # one block in the program, looped over depth
   "unroll": ((("scan_unroll", 1000),), None),  # min(., depth): the whole stack unrolled
   "remat_dots": ((("remat_policy", "dots"),), None),
+  "remat_full": ((("remat_policy", "full"),), None),  # blocks recomputed in the backward
 }
 
 
