@@ -4,7 +4,8 @@ per-device memory of the compiled SANA-1.5 4.8B forward on an 8-device FSDP mesh
 Part 1 (time, issue 2 must-show 6): Sana 0.6B geometry (28 blocks, width 1152), random
 weights, fp32, 512 px (16x16 latent), batch 1, 300 caption tokens (the last 120 padded).
 One diffusers model is built; our parameters are converted from it (so the run also checks
-parity). Our forward is compiled once per `--impls` depthwise-conv form; timed runs
+parity). Our forward is compiled once per `--impls` depthwise-conv form ("per_layer": the
+shift form with every block's weights in their own buffers, dit.apply_layers); timed runs
 alternate (ours-shift, ours-conv, diffusers, ours-shift, ...) so load from other processes
 hits all alike; medians are reported with the load average. torch uses --threads (2 by
 default). On a heavily loaded 2-core machine torch's 2-thread forward is much slower than
@@ -17,6 +18,7 @@ batch 8 (1 per device), 300 caption tokens, parameters sharded by the FSDP rules
 
   python benchmarks/bench_dit.py                      # 5 timed runs each, both impls, memory
   python benchmarks/bench_dit.py --runs 7 --impls shift --no-memory
+  python benchmarks/bench_dit.py --runs 5 --impls shift,per_layer --no-memory
   python benchmarks/bench_dit.py --no-time            # memory only (a few seconds)
 """
 
@@ -107,11 +109,17 @@ def time_forward(runs: int, impls: list[str], threads: int) -> None:
 
   runners = {}
   for impl in impls:
-    c = cfg.replace(depthwise_impl=impl)
     t0 = time.perf_counter()
-    fn = jax.jit(dit.SanaDiT(c).apply).lower({"params": params}, *args).compile()
+    if impl == "per_layer":
+      un = dit.unstack_blocks(params)
+      fn = jax.jit(dit.apply_layers, static_argnums=0).lower(cfg, un, *args).compile()
+      run = lambda fn=fn, un=un: jax.block_until_ready(fn(un, *args))  # noqa: E731
+    else:
+      c = cfg.replace(depthwise_impl=impl)
+      fn = jax.jit(dit.SanaDiT(c).apply).lower({"params": params}, *args).compile()
+      run = lambda fn=fn: jax.block_until_ready(fn({"params": params}, *args))  # noqa: E731
     print(f"compiled ours ({impl}) in {time.perf_counter() - t0:.1f} s")
-    runners[f"ours ({impl})"] = lambda fn=fn: jax.block_until_ready(fn({"params": params}, *args))
+    runners[f"ours ({impl})"] = run
   runners["diffusers"] = theirs
 
   ref = theirs().numpy().transpose(0, 2, 3, 1)
