@@ -178,7 +178,8 @@ def worker_ours(args) -> dict:
   )
   _log("text encoder params")
   cfg = _dit_config()
-  dparams = _random_tree(dit.abstract_params(cfg), 1)
+  # Drawn in the pipeline's per-block form (SanaPipeline.params), so the weights exist once.
+  dparams = _random_tree(jax.eval_shape(dit.unstack_blocks, dit.abstract_params(cfg)), 1)
   _log("DiT params")
   encoder = PromptEncoder.from_params(
     tok, gcfg, gparams, PromptConfig(max_length=300, chi=DIFFUSERS_CHI, lowercase=True)
@@ -378,6 +379,7 @@ def plan(args) -> int:
   packed = {**gshapes, "layers": jax.tree_util.tree_map_with_path(as_u16, gshapes["layers"])}
   cfg = _dit_config()
   model, dparams = dit.SanaDiT(cfg), dit.abstract_params(cfg)
+  layers = jax.eval_shape(dit.unstack_blocks, dparams)  # the pipeline's per-block weights
   vcfg = ae.dcae_f32c32_config()
   vshapes = ae.param_shapes(vcfg)
   nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
@@ -407,13 +409,13 @@ def plan(args) -> int:
     (
       "caption K/V",
       pl._kv_fn_for(model),
-      (dparams, S((1, 300, cfg.caption_channels), jnp.float32)),
+      (layers, S((1, 300, cfg.caption_channels), jnp.float32)),
     ),
     (
       "sampler step (CFG; run once per step)",
       run.step,
       (
-        dparams,
+        layers,
         (lat, lat),
         S((1, 300, depth_kv), jnp.float32),
         S((1, 300), jnp.int32),

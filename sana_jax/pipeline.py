@@ -198,14 +198,28 @@ class SanaPipeline:
     captions once per batch instead of at every denoising step (same numbers)."""
     self.bundle = bundle
     self.model = dit.SanaDiT(bundle.dit_config)
-    self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), bundle.dit_params)
+    self.params = bundle.dit_params
     # One copy of the DiT weights: the loaded ones (memory-mapped file pages, or bf16) are
-    # released once placed; the bundle keeps the placed fp32 ones.
+    # released once placed; the bundle keeps the placed per-block fp32 ones.
     bundle.dit_params = self.params
     self.settings = bundle.settings
     self.cache_caption_kv = cache_caption_kv
-    self._apply = jax.jit(self.model.apply)
     self._null_encoded = None  # (null caption, its mask) from the text encoder, once
+
+  @property
+  def params(self) -> dict:
+    """The DiT weights as the sampler runs them: `dit.unstack_blocks`' {"rest", "layers"},
+    fp32, each block's weights in their own buffers (the scan's per-step copies of the
+    stacked weights made the 0.6B forward 1.4x slower; docs/sampling.md)."""
+    return self._params
+
+  @params.setter
+  def params(self, tree: dict) -> None:
+    """A DiT tree as loaded (stacked blocks) or as `params` returns it."""
+    if "layers" in tree:
+      self._params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
+    else:
+      self._params = dit.unstack_blocks(tree, jnp.float32)
 
   @classmethod
   def from_folder(
@@ -425,30 +439,32 @@ _KV_FNS: dict = {}
 
 def _apply_fn_for(model: dit.SanaDiT, cached_kv: bool = False):
   """One apply function object per (model config, caption form), so compiled samplers are
-  reused. cached_kv: the caption argument is packed K/V from `_kv_fn_for`."""
+  reused; it takes SanaPipeline.params (per-block buffers, dit.apply_layers). cached_kv:
+  the caption argument is packed K/V from `_kv_fn_for`."""
   key = (model.cfg, cached_kv)
   if key not in _APPLY_FNS:
     cfg = model.cfg
     if not cached_kv:
-      _APPLY_FNS[key] = lambda params, x, t, c, m: model.apply({"params": params}, x, t, c, m)
+      _APPLY_FNS[key] = lambda params, x, t, c, m: dit.apply_layers(cfg, params, x, t, c, m)
     else:
 
       def apply(params, x, t, c, m):
         b, l, _ = c.shape
         kv = c.reshape(b, l, cfg.depth, 2, cfg.cross_inner).transpose(2, 0, 1, 3, 4)
-        return model.apply({"params": params}, x, t, c, m, caption_kv=kv)
+        return dit.apply_layers(cfg, params, x, t, c, m, caption_kv=kv)
 
       _APPLY_FNS[key] = apply
   return _APPLY_FNS[key]
 
 
 def _kv_fn_for(model: dit.SanaDiT):
-  """jitted (params, caption (B, L, Cy)) -> packed cross-attention K/V (B, L, depth*2*Ci)."""
+  """jitted (params (SanaPipeline.params), caption (B, L, Cy)) -> packed cross-attention K/V
+  (B, L, depth*2*Ci)."""
   key = model.cfg
   if key not in _KV_FNS:
 
     def kv(params, caption):
-      out = model.apply({"params": params}, caption, method=dit.SanaDiT.precompute_caption_kv)
+      out = dit.caption_kv_layers(model.cfg, params, caption)
       b, l = caption.shape[:2]
       return out.transpose(1, 2, 0, 3, 4).reshape(b, l, -1)  # (depth, B, L, 2, Ci) -> packed
 

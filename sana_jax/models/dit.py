@@ -649,34 +649,51 @@ class SanaDiT(nn.Module):
     y = self.encode_caption(caption)
     cfg = self.cfg
     blocks = self.variables["params"]["blocks"]["cross_attn"]
-
-    def one(kv_params, k_norm):
-      kv = jnp.einsum("bli,ikj->blkj", y, kv_params["kernel"].astype(y.dtype)) + kv_params["bias"]
-      if "lora_a" in kv_params:
-        h = jnp.einsum("bli,igr->blgr", y, kv_params["lora_a"].astype(y.dtype))
-        kv = kv + cfg.lora_scale * jnp.einsum(
-          "blgr,gro->blgo", h, kv_params["lora_b"].astype(y.dtype)
-        )
-      if cfg.cross_norm:
-        k = rms_norm(kv[:, :, 0], k_norm, cfg.cross_norm_eps)
-        kv = jnp.stack([k, kv[:, :, 1]], axis=2)
-      return kv
-
     k_norm = blocks.get("k_norm", jnp.ones((cfg.depth, cfg.cross_inner)))
+    one = functools.partial(_caption_kv_one, cfg, y)
     return jax.vmap(one)(nn.meta.unbox(blocks["kv"]), nn.meta.unbox(k_norm))
+
+
+def _caption_kv_one(cfg: DiTConfig, y: Array, kv_params: dict, k_norm: Array) -> Array:
+  """One block's cross-attention K/V of the projected caption y (B, Ly, C) -> (B, Ly, 2, Ci)."""
+  kv = jnp.einsum("bli,ikj->blkj", y, kv_params["kernel"].astype(y.dtype)) + kv_params["bias"]
+  if "lora_a" in kv_params:
+    h = jnp.einsum("bli,igr->blgr", y, kv_params["lora_a"].astype(y.dtype))
+    kv = kv + cfg.lora_scale * jnp.einsum("blgr,gro->blgo", h, kv_params["lora_b"].astype(y.dtype))
+  if cfg.cross_norm:
+    k = rms_norm(kv[:, :, 0], k_norm, cfg.cross_norm_eps)
+    kv = jnp.stack([k, kv[:, :, 1]], axis=2)
+  return kv
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def unstack_blocks(params: dict) -> dict:
+def unstack_blocks(params: dict, dtype=None) -> dict:
   """A DiT tree with its stacked blocks (every leaf (L, ...)) -> {"rest": the tree without
   "blocks", "layers": a tuple of L per-block trees}: each block's weights their own buffers,
-  for `apply_layers`. New arrays (the stacked ones can then be dropped)."""
+  for `apply_layers`. New device arrays (in `dtype` if given), made one block at a time, so
+  a memory-mapped or bf16 tree never exists whole in fp32 next to them."""
   blocks = params["blocks"]
   depth = jax.tree_util.tree_leaves(blocks)[0].shape[0]
-  layers = tuple(jax.tree_util.tree_map(lambda a: jnp.array(a[i]), blocks) for i in range(depth))
-  return {"rest": {k: v for k, v in params.items() if k != "blocks"}, "layers": layers}
+  put = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+  layers = tuple(jax.tree_util.tree_map(lambda a: put(a[i]), blocks) for i in range(depth))
+  rest = {k: jax.tree_util.tree_map(put, v) for k, v in params.items() if k != "blocks"}
+  return {"rest": rest, "layers": layers}
+
+
+def caption_kv_layers(config: Any, unstacked: dict, caption: Array) -> Array:
+  """SanaDiT.precompute_caption_kv from `unstack_blocks`' trees: caption (B, Ly, Cy) ->
+  (L, B, Ly, 2, Ci), for apply_layers' caption_kv."""
+  cfg = DiTConfig.coerce(config)
+  y = SanaDiT(cfg).apply({"params": unstacked["rest"]}, caption, method="encode_caption")
+  ones = jnp.ones((cfg.cross_inner,))
+  return jnp.stack(
+    [
+      _caption_kv_one(cfg, y, layer["cross_attn"]["kv"], layer["cross_attn"].get("k_norm", ones))
+      for layer in unstacked["layers"]
+    ]
+  )
 
 
 def apply_layers(
