@@ -152,7 +152,7 @@ def test_depthwise_shift_gradient_equals_autodiff_of_the_shift_form(dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("out_shape", [(7,), (2, 5)])
 def test_dense_matmul_gradient_equals_autodiff_of_the_einsum(dtype, out_shape):
-  """The dense product's hand-written VJP against jax.grad of the plain einsum, for a kernel
+  """The dense product (batch axes merged) against the plain einsum, values and jax.grad, for a kernel
   with one and with two out axes (the qkv / kv layout) and three batch axes: the same
   values (fp32: to rounding of a differently ordered sum), dtypes and shapes."""
   rng = np.random.default_rng(5)

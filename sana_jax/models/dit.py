@@ -198,34 +198,20 @@ def _dense_einsum(n_out: int) -> str:
   return f"...i,i{out}->...{out}"
 
 
-@jax.custom_vjp
 def dense_matmul(x: Array, kernel: Array) -> Array:
   """x (..., in) times kernel (in, *out) -> (..., *out) (1 or 2 out axes), in their dtype.
 
-  The same product as the einsum; the backward is written out because autodiff forms the
-  kernel gradient as a transposed product, and XLA:CPU then writes the whole producer of
-  dy (the block's fused norm/modulation backward) in transposed layout: 79 such copies
-  took 144 ms of the embedded model's ~400 ms step (docs/train_speed.md).
+  The batch axes are merged first (leading ones, so a batch sharding carries over). The
+  product is the same; what changes is autodiff's kernel gradient: from `...i,ij->...j` it
+  comes out as a transposed product, and XLA:CPU then writes the whole producer of dy (the
+  block's fused norm/modulation backward) in transposed layout (79 such copies, 144 ms of
+  the embedded step's op time); from `ti,ij->tj` it is a plain `dot(x, dy)`
+  (docs/train_speed.md). Plain autodiff, so remat policies still see the dots.
   """
-  return jnp.einsum(_dense_einsum(kernel.ndim - 1), x, kernel)
-
-
-def _dense_matmul_fwd(x, kernel):
-  return dense_matmul(x, kernel), (x, kernel)
-
-
-def _dense_matmul_bwd(res, dy):
-  x, kernel = res
-  out = "jk"[: kernel.ndim - 1]
-  dx = jnp.einsum(f"...{out},i{out}->...i", dy, kernel)
-  # Batch axes merged (leading, so any batch sharding carries over), the out axes kept.
-  x2 = x.reshape(-1, x.shape[-1])
-  dy2 = dy.reshape(-1, *kernel.shape[1:])
-  dk = jnp.einsum(f"ti,t{out}->i{out}", x2, dy2)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+  y = jnp.einsum(
+    _dense_einsum(kernel.ndim - 1).replace("...", "t"), x.reshape(-1, x.shape[-1]), kernel
+  )
+  return y.reshape(*x.shape[:-1], *kernel.shape[1:])
 
 
 def patchify(x: Array, p: int) -> Array:
