@@ -162,3 +162,23 @@ def test_caption_norm_init():
     np.testing.assert_array_equal(
       params["caption_norm"], np.full(cfg.hidden_size, value, np.float32)
     )
+
+
+def test_both_forwards_refuse_inputs_they_would_misread():
+  """Wrong latent channels, a size that is not a patch multiple, a mask of the wrong shape:
+  the scanned and the per-block forward name the problem."""
+  g = GEOMETRIES["qknorm_patch2"]
+  cfg = g["cfg"]
+  params = dit.init_params(cfg, jax.random.key(5))
+  x, t, y, mask = _inputs(cfg, g["latent"], g["caption_len"])
+  un = dit.unstack_blocks(params)
+  bad = [
+    ((x[..., :-1], t, y, mask), "channels"),
+    ((x[:, :-1], t, y, mask), "multiple of patch_size"),
+    ((x, t, y, mask[:, :-1]), "caption_mask shape"),
+  ]
+  for args, match in bad:
+    with pytest.raises(ValueError, match=match):
+      dit.SanaDiT(cfg).apply({"params": params}, *args)
+    with pytest.raises(ValueError, match=match):
+      dit.apply_layers(cfg, un, *args)

@@ -579,17 +579,7 @@ class SanaDiT(nn.Module):
     caption_kv: Array | None = None,
   ):
     """See class docstring. With `return_block_cosine`, returns (velocity, cos (L, B))."""
-    cfg = self.cfg
-    p = cfg.patch_size
-    b, hh, ww, cin = latents.shape
-    if cin != cfg.in_channels:
-      raise ValueError(f"latents have {cin} channels, the model expects {cfg.in_channels}")
-    if hh % p or ww % p:
-      raise ValueError(f"latent size {hh}x{ww} is not a multiple of patch_size {p}")
-    if caption_mask.shape != caption.shape[:2]:
-      raise ValueError(
-        f"caption_mask shape {caption_mask.shape} != caption shape[:2] {caption.shape[:2]}"
-      )
+    _check_inputs(self.cfg, latents, caption, caption_mask)
     x, t, t0, y = self.embed(latents, timestep, caption, caption_kv is not None)
     x, cosine = self.blocks(x, t0, y, caption_mask, caption_kv)
     out = self.head(x, t)
@@ -638,6 +628,20 @@ class SanaDiT(nn.Module):
     k_norm = blocks.get("k_norm", jnp.ones((cfg.depth, cfg.cross_inner)))
     one = functools.partial(_caption_kv_one, cfg, y)
     return jax.vmap(one)(nn.meta.unbox(blocks["kv"]), nn.meta.unbox(k_norm))
+
+
+def _check_inputs(cfg: DiTConfig, latents: Array, caption: Array, caption_mask: Array) -> None:
+  """Refuses inputs the forward would misread (channels, patch multiple, mask shape)."""
+  p = cfg.patch_size
+  _, hh, ww, cin = latents.shape
+  if cin != cfg.in_channels:
+    raise ValueError(f"latents have {cin} channels, the model expects {cfg.in_channels}")
+  if hh % p or ww % p:
+    raise ValueError(f"latent size {hh}x{ww} is not a multiple of patch_size {p}")
+  if caption_mask.shape != caption.shape[:2]:
+    raise ValueError(
+      f"caption_mask shape {caption_mask.shape} != caption shape[:2] {caption.shape[:2]}"
+    )
 
 
 def _caption_kv_one(cfg: DiTConfig, y: Array, kv_params: dict, k_norm: Array) -> Array:
@@ -697,10 +701,12 @@ def apply_layers(
   Why: inside the scan (or its unrolled form) every block's weights are sliced out of the
   stacked arrays, and XLA:CPU copies each slice (all the DiT's weights once per forward)
   and runs the fusions that read per-block vectors through a dynamic index: at the Sana
-  0.6B geometry, 512 px, the forward took 2.47 s this way against 3.14 s (docs/sampling.md).
-  Inference only (no remat, no block cosines); caption_kv (L, B, Ly, 2, Ci) as for __call__.
+  0.6B geometry, 512 px, the forward took 1.87 s this way against 2.61 s (`bench_dit.py
+  --impls shift,per_layer`, docs/sampling.md). Inference only (no remat, no block
+  cosines); caption_kv (L, B, Ly, 2, Ci) as for __call__. Same input checks as __call__.
   """
   cfg = DiTConfig.coerce(config)
+  _check_inputs(cfg, latents, caption, caption_mask)
   model, block = SanaDiT(cfg), Block(cfg)
   rest = {"params": unstacked["rest"]}
   x, t, t0, y = model.apply(
