@@ -149,26 +149,81 @@ def test_depthwise_shift_gradient_equals_autodiff_of_the_shift_form(dtype):
       assert ref.rel_err(f32(a), f32(e)) <= max(ref.rel_err(f32(b), f32(e)), 1e-2)
 
 
+@pytest.mark.parametrize("product", ["dense_matmul", "dense_matmul_autodiff"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("out_shape", [(7,), (2, 5)])
-def test_dense_matmul_gradient_equals_autodiff_of_the_einsum(dtype, out_shape):
-  """The dense product (batch axes merged) against the plain einsum, values and jax.grad, for a kernel
-  with one and with two out axes (the qkv / kv layout) and three batch axes: the same
-  values (fp32: to rounding of a differently ordered sum), dtypes and shapes."""
+def test_dense_products_equal_the_einsum_and_its_gradient(product, dtype, out_shape):
+  """Both dense products (the custom VJP and the merged-batch form under autodiff) against
+  the plain einsum, values and jax.grad, for a kernel with one and with two out axes (the
+  qkv / kv layout) and three batch axes: the same values (fp32: to rounding of a
+  differently ordered sum), dtypes and shapes."""
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((2, 3, 4, 6)), dtype)
   k = jnp.asarray(rng.standard_normal((6, *out_shape)), dtype)
   w = jnp.asarray(rng.standard_normal((2, 3, 4, *out_shape)), dtype)
   plain = lambda a, b: jnp.einsum(dit._dense_einsum(b.ndim - 1), a, b)  # noqa: E731
+  fn = getattr(dit, product)
 
   def grad(f):
     return jax.grad(lambda a, b: jnp.sum((f(a, b) * w).astype(jnp.float32)), argnums=(0, 1))(x, k)
 
-  assert np.array_equal(np.asarray(dit.dense_matmul(x, k)), np.asarray(plain(x, k)))
+  assert np.array_equal(np.asarray(fn(x, k)), np.asarray(plain(x, k)))
   tol = 1e-6 if dtype == jnp.float32 else 1e-2
-  for a, b in zip(grad(dit.dense_matmul), grad(plain)):
+  for a, b in zip(grad(fn), grad(plain)):
     assert a.dtype == b.dtype and a.shape == b.shape
     assert ref.rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) <= tol
+  # One input differentiated at a time (the custom VJP then forms only that gradient).
+  for argnum in (0, 1):
+    one = lambda f: jax.grad(
+      lambda a, b: jnp.sum((f(a, b) * w).astype(jnp.float32)), argnums=argnum
+    )  # noqa: E731
+    a, b = one(fn)(x, k), one(plain)(x, k)
+    assert (
+      a.shape == b.shape
+      and ref.rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) <= tol
+    )
+
+
+def _sub_jaxprs(eqn):
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def _dots_in_custom_vjps(jaxpr, inside=False) -> tuple[int, int]:
+  """(dot_generals inside custom_vjp calls, dot_generals outside them), recursively."""
+  hidden = seen = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      hidden, seen = hidden + inside, seen + (not inside)
+    for sub in _sub_jaxprs(eqn):
+      h, v = _dots_in_custom_vjps(sub, inside or eqn.primitive.name.startswith("custom_vjp"))
+      hidden, seen = hidden + h, seen + v
+  return hidden, seen
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "dots", "dots_no_batch"])
+def test_dense_products_are_visible_to_dot_saving_remat_policies(policy):
+  """The custom-VJP product hides its dots from remat policies (they see a custom_vjp
+  call, not a dot_general, and recompute it): blocks under a dot-saving policy must use
+  the plain-autodiff form, the others the custom VJP; the layers outside the blocks (never
+  rematerialised) always use the custom VJP. Counted on the model's jaxpr."""
+  cfg = RCFG.replace(remat_policy=policy)
+  params = dit.init_params(cfg, jax.random.key(0))
+  p = cfg.patch_size
+  x = jnp.zeros((1, 2 * p, 2 * p, cfg.in_channels))
+  y, m = jnp.zeros((1, 3, cfg.caption_channels)), jnp.ones((1, 3), jnp.int32)
+  loss = lambda q: jnp.sum(dit.SanaDiT(cfg).apply({"params": q}, x, jnp.zeros((1,)), y, m))  # noqa: E731
+  hidden, seen = _dots_in_custom_vjps(jax.make_jaxpr(loss)(params).jaxpr)
+  in_block = 7  # qkv, out; q, kv, out; inverted, point (the scan body is traced once)
+  outside = 7  # patch, 3 timestep and 2 caption layers, the final linear
+  if policy in ("dots", "dots_no_batch"):
+    assert hidden == outside and seen >= in_block
+  else:
+    assert hidden == outside + in_block and seen > 0  # (the attention products)
 
 
 def test_scan_unroll_equals_the_scan_and_unrolls(remat_base):

@@ -198,16 +198,50 @@ def _dense_einsum(n_out: int) -> str:
   return f"...i,i{out}->...{out}"
 
 
+@jax.custom_vjp
 def dense_matmul(x: Array, kernel: Array) -> Array:
   """x (..., in) times kernel (in, *out) -> (..., *out) (1 or 2 out axes), in their dtype.
 
-  The batch axes are merged first (leading ones, so a batch sharding carries over). The
-  product is the same; what changes is autodiff's kernel gradient: from `...i,ij->...j` it
-  comes out as a transposed product, and XLA:CPU then writes the whole producer of dy (the
-  block's fused norm/modulation backward) in transposed layout (79 such copies, 144 ms of
-  the embedded step's op time); from `ti,ij->tj` it is a plain `dot(x, dy)`
-  (docs/train_speed.md). Plain autodiff, so remat policies still see the dots.
+  The einsum's product with its backward written out: dx as the einsum of dy and the
+  kernel, dk as `dot(x, dy)` over the merged batch axes (leading, so a batch sharding
+  carries over), in the kernel's (in, *out) layout; each only when its input is being
+  differentiated (symbolic zeros), as autodiff would. Autodiff of the einsum forms dk as a
+  transposed product, and XLA:CPU then writes the whole producer of dy in transposed
+  layout (79 copies, 144 ms of the embedded step's op time); autodiff of the product on
+  merged batch axes (`dense_matmul_autodiff`) avoids that, but made the 0.6B-width step
+  slower than this form (3634 vs 2674 ms scanned, 2775 vs 2295 unrolled, alternating;
+  docs/train_speed.md). A custom VJP hides its dots from remat policies, so blocks under a
+  dot-saving policy use `dense_matmul_autodiff` (_Dense.written_backward).
   """
+  return jnp.einsum(_dense_einsum(kernel.ndim - 1), x, kernel)
+
+
+def _dense_matmul_fwd(x, kernel):
+  # Leafless markers (static structure) of which inputs want a gradient.
+  wanted = tuple(() if a.perturbed else None for a in (x, kernel))
+  return dense_matmul(x.value, kernel.value), (x.value, kernel.value, wanted)
+
+
+def _dense_matmul_bwd(res, dy):
+  x, kernel, (want_dx, want_dk) = res
+  if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    return None, None
+  out = "jk"[: kernel.ndim - 1]
+  dx = dk = None
+  if want_dx is not None:
+    dx = jnp.einsum(f"...{out},i{out}->...i", dy, kernel).astype(x.dtype)
+  if want_dk is not None:
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, *kernel.shape[1:])
+    dk = jnp.einsum(f"ti,t{out}->i{out}", x2, dy2).astype(kernel.dtype)
+  return dx, dk
+
+
+dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd, symbolic_zeros=True)
+
+
+def dense_matmul_autodiff(x: Array, kernel: Array) -> Array:
+  """dense_matmul's product under plain autodiff (batch axes merged first, so the kernel
+  gradient is a plain `dot(x, dy)`): remat policies that save dots see these."""
   y = jnp.einsum(
     _dense_einsum(kernel.ndim - 1).replace("...", "t"), x.reshape(-1, x.shape[-1]), kernel
   )
@@ -242,6 +276,9 @@ class _Dense(nn.Module):
   dtype: Any = jnp.float32
   lora_rank: int = 0  # > 0: add (lora_scale * (x A) B); A (in, *groups, r), B (*groups, r, out)
   lora_scale: float = 1.0
+  # dense_matmul (the backward written out, faster; its dots are hidden from remat
+  # policies) or dense_matmul_autodiff (for blocks under a dot-saving policy).
+  written_backward: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -249,7 +286,8 @@ class _Dense(nn.Module):
     kernel = self.param(
       "kernel", _part(self._kernel_init(), self.names), (in_dim, *self.out_shape), jnp.float32
     )
-    y = dense_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    product = dense_matmul if self.written_backward else dense_matmul_autodiff
+    y = product(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param(
         "bias", _part(nn.initializers.zeros, self.names[1:]), self.out_shape, jnp.float32
@@ -293,8 +331,14 @@ class _Dense(nn.Module):
     return init
 
 
-def _lora_args(cfg: DiTConfig, target: str) -> dict:
-  return {"lora_rank": cfg.lora_rank_for(target), "lora_scale": cfg.lora_scale}
+def _block_dense_args(cfg: DiTConfig, target: str) -> dict:
+  """A block's _Dense options: its LoRA adapter, and the written-out backward unless the
+  blocks are rematerialised with a policy that saves dots, which must see them."""
+  return {
+    "lora_rank": cfg.lora_rank_for(target),
+    "lora_scale": cfg.lora_scale,
+    "written_backward": cfg.remat_policy not in _DOT_SAVING_POLICIES,
+  }
 
 
 class SelfAttention(nn.Module):
@@ -313,7 +357,7 @@ class SelfAttention(nn.Module):
       use_bias=False,
       dtype=dt,
       name="qkv",
-      **_lora_args(cfg, "self_attn.qkv"),
+      **_block_dense_args(cfg, "self_attn.qkv"),
     )(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if cfg.qk_norm:
@@ -328,7 +372,7 @@ class SelfAttention(nn.Module):
     out = linear_attention(jax.nn.relu(q), jax.nn.relu(k), v, cfg.linear_attn_eps)
     out = out.reshape(b, n, c).astype(dt)
     out = _Dense(
-      (c,), ("heads", "embed"), dtype=dt, name="out", **_lora_args(cfg, "self_attn.out")
+      (c,), ("heads", "embed"), dtype=dt, name="out", **_block_dense_args(cfg, "self_attn.out")
     )(out)
     if cfg.fp16_attn_clip:
       out = jnp.clip(out, -65504.0, 65504.0)
@@ -354,7 +398,7 @@ class CrossAttention(nn.Module):
       ("embed", None, "heads"),
       dtype=jnp.dtype(cfg.compute_dtype),
       name="kv",
-      **_lora_args(cfg, "cross_attn.kv"),
+      **_block_dense_args(cfg, "cross_attn.kv"),
     )(y)
     if cfg.cross_norm:
       k = rms_norm(
@@ -373,7 +417,11 @@ class CrossAttention(nn.Module):
     if kv is None:
       kv = self.caption_kv(y)
     q = _Dense(
-      (cfg.cross_inner,), ("embed", "heads"), dtype=dt, name="q", **_lora_args(cfg, "cross_attn.q")
+      (cfg.cross_inner,),
+      ("embed", "heads"),
+      dtype=dt,
+      name="q",
+      **_block_dense_args(cfg, "cross_attn.q"),
     )(x)
     if cfg.cross_norm:
       q = rms_norm(
@@ -401,7 +449,7 @@ class CrossAttention(nn.Module):
       ("heads", "embed"),
       dtype=dt,
       name="out",
-      **_lora_args(cfg, "cross_attn.out"),
+      **_block_dense_args(cfg, "cross_attn.out"),
     )(out)
 
 
@@ -424,7 +472,7 @@ class MixFFN(nn.Module):
       kernel_init=_torch_conv,
       dtype=dt,
       name="inverted",
-      **_lora_args(cfg, "mlp.inverted"),
+      **_block_dense_args(cfg, "mlp.inverted"),
     )(x)
     h = jax.nn.silu(h)
     dw_kernel = self.param(
@@ -440,7 +488,7 @@ class MixFFN(nn.Module):
       kernel_init=_torch_conv,
       dtype=dt,
       name="point",
-      **_lora_args(cfg, "mlp.point"),
+      **_block_dense_args(cfg, "mlp.point"),
     )(h)
 
   @staticmethod
@@ -489,6 +537,7 @@ _REMAT_POLICIES = {
   "dots": jax.checkpoint_policies.dots_saveable,
   "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+_DOT_SAVING_POLICIES = ("dots", "dots_no_batch")
 
 
 def _block_stack(cfg: DiTConfig, return_cosine: bool, name: str = "blocks"):
