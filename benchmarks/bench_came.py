@@ -14,9 +14,9 @@
    blocks, about 150M parameters) keeps the per-parameter mix of the real tree; the ratio
    is what is compared (goal <= 2x).
 3. Tiny DiT: came vs came_8bit held-out loss after --dit_steps steps of distilling a random
-   teacher DiT on fresh random inputs: the default came_8bit (every m 8-bit), with fp32
-   metadata, and the previous default with min_8bit_size lowered to 1024 (blocks of 256)
-   so that its tiny matrices are quantised at all.
+   teacher DiT on fresh random inputs: came_8bit COMPACT (every m 8-bit), with fp32
+   metadata, and the defaults (the official choices) with min_8bit_size lowered to 1024
+   (blocks of 256) so that its tiny matrices are quantised at all.
 """
 
 from __future__ import annotations
@@ -51,17 +51,21 @@ def _nbytes(tree) -> int:
 
 def _optimizers():
   spec = O.sana_spec()
-  official = dict(min_8bit_size=16384, quantize_unfactored=False, meta_dtype=jnp.float32)
+  compact = O.COMPACT
   return {
     "optax.adamw": optax.adamw(1e-4),
     "optax.adafactor": optax.adafactor(1e-4),
     "came": O.came(1e-4, spec=spec),
-    "came_8bit (default)": O.came_8bit(1e-4, spec=spec),
-    "came_8bit fp32 metadata": O.came_8bit(1e-4, spec=spec, meta_dtype=jnp.float32),
-    "came_8bit block 4096": O.came_8bit(1e-4, spec=spec, block_size=4096),
-    "came_8bit small leaves fp32 (> 16384)": O.came_8bit(1e-4, spec=spec, min_8bit_size=16384),
-    "came_8bit official choices": O.came_8bit(1e-4, spec=spec, **official),
-    "came_8bit official + block 16384": O.came_8bit(1e-4, spec=spec, block_size=16384, **official),
+    "came_8bit COMPACT": O.came_8bit(1e-4, spec=spec, **compact),
+    "came_8bit COMPACT, fp32 metadata": O.came_8bit(
+      1e-4, spec=spec, **{**compact, "meta_dtype": jnp.float32}
+    ),
+    "came_8bit COMPACT, block 4096": O.came_8bit(1e-4, spec=spec, block_size=4096, **compact),
+    "came_8bit COMPACT, small leaves fp32 (> 16384)": O.came_8bit(
+      1e-4, spec=spec, **{**compact, "min_8bit_size": 16384}
+    ),
+    "came_8bit defaults (the official choices)": O.came_8bit(1e-4, spec=spec),
+    "came_8bit defaults, block 16384": O.came_8bit(1e-4, spec=spec, block_size=16384),
   }
 
 
@@ -93,7 +97,7 @@ def memory_table():
     for oname, opt in opts.items():
       state = jax.eval_shape(opt.init, abstract)
       rows.setdefault(oname, {})[tname] = _nbytes(state) / n
-      if oname == "came_8bit (default)":
+      if oname == "came_8bit COMPACT":
         breakdowns[tname] = _breakdown(state, n)
     rows.setdefault("official CAME-8bit (REFERENCE.md)", {})[tname] = OFFICIAL_8BIT
     print(f"{tname}: {n / 1e6:.1f}M parameters")
@@ -102,7 +106,7 @@ def memory_table():
   print(f"{'optimizer':<40}" + "".join(f"{t:>16}" for t in names))
   for oname, r in rows.items():
     print(f"{oname:<40}" + "".join(f"{r[t]:>16.4f}" for t in names))
-  print("\ncame_8bit (default) breakdown, bytes per parameter")
+  print("\ncame_8bit COMPACT breakdown, bytes per parameter")
   for part in next(iter(breakdowns.values())):
     print(f"  {part:<36}" + "".join(f"{breakdowns[t][part]:>16.4f}" for t in names))
 
@@ -226,9 +230,9 @@ def tiny_dit(steps):
     f"params), {steps} steps, held-out loss {init_loss:.4f} at init, came {f32:.5f}"
   )
   variants = {
-    "came_8bit (default: every m 8-bit, bf16 metadata)": {},
-    "came_8bit, fp32 metadata": dict(meta_dtype=jnp.float32),
-    "came_8bit, the previous default (matrices > 1024, fp32 metadata, block 256)": dict(
+    "came_8bit COMPACT (every m 8-bit, bf16 metadata)": dict(O.COMPACT),
+    "came_8bit COMPACT, fp32 metadata": {**O.COMPACT, "meta_dtype": jnp.float32},
+    "came_8bit defaults (official) with matrices > 1024 8-bit, block 256": dict(
       min_8bit_size=1024,
       block_size=256,
       quantize_unfactored=False,
