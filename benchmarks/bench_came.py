@@ -105,7 +105,7 @@ def memory_table():
   print("\nOptimizer state, bytes per parameter (jax.eval_shape, nothing allocated)")
   print(f"{'optimizer':<40}" + "".join(f"{t:>16}" for t in names))
   for oname, r in rows.items():
-    print(f"{oname:<40}" + "".join(f"{r[t]:>16.4f}" for t in names))
+    print(f"{oname:<48}" + "".join(f"{r[t]:>16.4f}" for t in names))
   print("\ncame_8bit COMPACT breakdown, bytes per parameter")
   for part in next(iter(breakdowns.values())):
     print(f"  {part:<36}" + "".join(f"{breakdowns[t][part]:>16.4f}" for t in names))
