@@ -103,7 +103,7 @@ def memory_table():
     print(f"{tname}: {n / 1e6:.1f}M parameters")
   names = list(trees)
   print("\nOptimizer state, bytes per parameter (jax.eval_shape, nothing allocated)")
-  print(f"{'optimizer':<40}" + "".join(f"{t:>16}" for t in names))
+  print(f"{'optimizer':<48}" + "".join(f"{t:>16}" for t in names))
   for oname, r in rows.items():
     print(f"{oname:<48}" + "".join(f"{r[t]:>16.4f}" for t in names))
   print("\ncame_8bit COMPACT breakdown, bytes per parameter")
