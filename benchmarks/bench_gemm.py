@@ -40,13 +40,16 @@ import jax  # noqa: E402
 import jax.extend.core  # noqa: E402
 import numpy as np  # noqa: E402
 
+import bench_train_step  # noqa: E402
+
 CASES = ("sample_0.6b", "train_shapes", "train_0.6b", "train_tiny")  # tiny: seconds (the test)
 
 
 # ----------------------------------------------------------------------------- products
 
 
-def _sub_jaxprs(params: dict):
+def sub_jaxprs(params: dict):
+  """Every jaxpr among an equation's params (closed ones opened), e.g. a scan's body."""
   for value in params.values():
     for item in value if isinstance(value, (tuple, list)) else (value,):
       if isinstance(item, jax.extend.core.ClosedJaxpr):
@@ -67,7 +70,7 @@ def count_products(jaxpr, counts=None, times: int = 1) -> collections.Counter:
       key = (tuple(lhs.shape), tuple(rhs.shape), eqn.params["dimension_numbers"], str(lhs.dtype))
       counts[key] += times
       continue
-    inner = list(_sub_jaxprs(eqn.params))
+    inner = list(sub_jaxprs(eqn.params))
     if not inner:
       continue
     if name in ("while", "cond"):
@@ -151,16 +154,6 @@ def time_products(counts: collections.Counter, runs: int) -> list[dict]:
 # ----------------------------------------------------------------------------- the steps
 
 
-def _alternate(fns: dict, runs: int) -> dict:
-  times = {k: [] for k in fns}
-  for _ in range(runs):
-    for k, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
-
-
 def sample_case():
   """(jaxpr of our denoiser call, {"ours": step, "torch": step}) at 0.6B, 512 px, batch 2."""
   import torch
@@ -204,20 +197,19 @@ def train_case(name: str):
   """(jaxpr of our train step, {"ours": step, "torch": step}), bench_train_step's geometry."""
   import flax.linen as nn
 
-  import bench_train_step as bts
   from sana_jax import parallel
   from sana_jax.weights import dit as dit_weights
   from tests.dit_reference import diffusers_model
 
-  geo = bts.GEOMETRIES[name]
-  config, cfg = bts.build_config(geo, "adamw", None)
+  geo = bench_train_step.GEOMETRIES[name]
+  config, cfg = bench_train_step.build_config(geo, "adamw", None)
   model = diffusers_model(cfg, relative_scale=0.2)
   sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
   params = jax.device_put(dit_weights.diffusers_to_params(sd, cfg), jax.devices()[0])
-  batch = bts.make_batch(geo, cfg)
+  batch = bench_train_step.make_batch(geo, cfg)
   null = np.zeros((geo.caption_len, cfg.caption_channels), np.float32)
-  ours = bts.Ours(config, cfg, params, batch, null, "project")
-  theirs = bts.Theirs(config, ours.cfg, model, batch, null)
+  ours = bench_train_step.Ours(config, cfg, params, batch, null, "project")
+  theirs = bench_train_step.Theirs(config, ours.cfg, model, batch, null)
   with jax.set_mesh(ours.mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
     jaxpr = jax.make_jaxpr(ours.step.jitted)(ours.state, ours.batch, ours.null).jaxpr
   ours.compile()
@@ -280,7 +272,7 @@ def main(argv=None) -> dict:
   counts = count_products(jaxpr)
   for fn in steps.values():  # warm up
     fn()
-  step_s = _alternate(steps, args.runs)
+  step_s = bench_train_step.alternate_medians(steps, args.runs)
   rows = time_products(counts, args.runs)
   return report(args.case, rows, step_s)
 

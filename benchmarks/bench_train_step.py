@@ -384,6 +384,18 @@ def median_ms(ts) -> float:
   return 1e3 * statistics.median(ts)
 
 
+def alternate_medians(fns: dict, runs: int) -> dict:
+  """Each zero-argument callable of `fns` timed `runs` times, alternating (one of each per
+  round, so load hits all alike): {name: median seconds}."""
+  times = {k: [] for k in fns}
+  for _ in range(runs):
+    for k, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench(geo: Geometry, optimizers, variants, runs: int, depth, breakdown: bool, out: list):
   from sana_jax.weights import dit as dit_weights
   from tests.dit_reference import diffusers_model
@@ -453,13 +465,7 @@ def bench(geo: Geometry, optimizers, variants, runs: int, depth, breakdown: bool
         parts = o.parts()
         for fn in parts.values():
           fn()  # compile
-        times = {k: [] for k in parts}
-        for _ in range(runs):
-          for k, fn in parts.items():
-            s = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - s)
-        med = {k: median_ms(t) for k, t in times.items()}
+        med = {k: 1e3 * t for k, t in alternate_medians(parts, runs).items()}
         med["backward"] = med.pop("forward+backward") - med["forward"]
         row["ours_parts"] = med
         del parts

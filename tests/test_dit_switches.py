@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import bench_gemm
 from sana_jax.models import dit
 from sana_jax.models.dit_config import DiTConfig
 from sana_jax.weights import dit as dit_weights
@@ -184,22 +185,13 @@ def test_dense_products_equal_the_einsum_and_its_gradient(product, dtype, out_sh
     )
 
 
-def _sub_jaxprs(eqn):
-  for value in eqn.params.values():
-    for item in value if isinstance(value, (tuple, list)) else (value,):
-      if isinstance(item, jax.extend.core.ClosedJaxpr):
-        yield item.jaxpr
-      elif isinstance(item, jax.extend.core.Jaxpr):
-        yield item
-
-
 def _dots_in_custom_vjps(jaxpr, inside=False) -> tuple[int, int]:
   """(dot_generals inside custom_vjp calls, dot_generals outside them), recursively."""
   hidden = seen = 0
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
       hidden, seen = hidden + inside, seen + (not inside)
-    for sub in _sub_jaxprs(eqn):
+    for sub in bench_gemm.sub_jaxprs(eqn.params):
       h, v = _dots_in_custom_vjps(sub, inside or eqn.primitive.name.startswith("custom_vjp"))
       hidden, seen = hidden + h, seen + v
   return hidden, seen

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.extend import core as jcore
-
+from benchmarks import bench_gemm
 from sana_jax.configs import tiny
 from sana_jax.data import latents_tfds
 from sana_jax.models import dit
@@ -512,15 +511,8 @@ def jaxpr_matmul_flops(jaxpr) -> int:
         * rs[rhs_spec[1]]
         * _prod([rs[i] for i in rhs_spec[2:]])
       )
-    subs = []
-    for v in eqn.params.values():
-      for x in v if isinstance(v, (tuple, list)) else (v,):
-        if isinstance(x, jcore.ClosedJaxpr):
-          subs.append(x.jaxpr)
-        elif isinstance(x, jcore.Jaxpr):
-          subs.append(x)
     times = eqn.params["length"] if name == "scan" else 1
-    total += times * sum(jaxpr_matmul_flops(s) for s in subs)
+    total += times * sum(jaxpr_matmul_flops(s) for s in bench_gemm.sub_jaxprs(eqn.params))
   return total
 
 
