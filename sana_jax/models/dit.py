@@ -131,6 +131,12 @@ def depthwise_conv3x3(x: Array, kernel: Array, impl: str = "shift") -> Array:
   x: (B, h, w, *C); kernel: (3, 3, *C). The channel axes may be several (e.g. (2, H)).
   "shift" sums nine shifted multiply-adds (fast on XLA:CPU); "conv" uses a grouped conv.
   """
+  # The named scope tags its ops in the HLO metadata (benchmarks/profile_train_step.py).
+  with jax.named_scope("depthwise_conv3x3"):
+    return _depthwise_conv3x3(x, kernel, impl)
+
+
+def _depthwise_conv3x3(x: Array, kernel: Array, impl: str) -> Array:
   b, h, w = x.shape[:3]
   chan = x.shape[3:]
   if impl == "conv":
