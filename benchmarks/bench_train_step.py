@@ -81,10 +81,22 @@ def where_guard_update(state, loss, grads, *, tx, tc):
   return new_state, metrics
 
 
+def optax_clip_optimizer(tc):
+  """make_optimizer with optax.clip_by_global_norm, the clip before the fused one (each
+  leaf divided by the norm, which the chain recomputes inside the update)."""
+  fused = optim_lib.clip_by_global_norm
+  optim_lib.clip_by_global_norm = optax.clip_by_global_norm
+  try:
+    return optim_lib.make_optimizer(tc)
+  finally:
+    optim_lib.clip_by_global_norm = fused
+
+
 # Our step's variants: name -> (DiTConfig overrides, update function or None = the project's).
 # "project" is the code as it is; the others measure alternatives in the same run.
 VARIANTS = {
   "project": ((), None),
+  "optax_clip": ((), None),  # the optimizer from optax_clip_optimizer (OPTIMIZER_VARIANTS)
   "where_guard": ((), where_guard_update),
   "conv_dw": ((("depthwise_impl", "conv"),), None),
   "scan": ((("scan_unroll", 1),), None),  # one block in the program, looped over depth
@@ -92,6 +104,8 @@ VARIANTS = {
   "remat_dots": ((("remat_policy", "dots"),), None),
   "remat_full": ((("remat_policy", "full"),), None),  # blocks recomputed in the backward
 }
+# Variants whose optimizer is not make_optimizer's: name -> fn(config.train) -> tx.
+OPTIMIZER_VARIANTS = {"optax_clip": optax_clip_optimizer}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +203,7 @@ class Ours:
       config = config.copy_and_resolve_references()
       config.model = cfg.to_dict()
     self.config, self.cfg, self.variant = config, cfg, variant
-    self.tx = optim_lib.make_optimizer(config.train)
+    self.tx = OPTIMIZER_VARIANTS.get(variant, optim_lib.make_optimizer)(config.train)
     self.mesh = parallel.make_mesh(devices=jax.devices()[:1])
     self.state_sh = state_lib.state_shardings(config.model, self.tx, self.mesh)
     create = jax.jit(lambda p: state_lib.create(p, self.tx), out_shardings=self.state_sh)

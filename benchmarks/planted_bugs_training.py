@@ -338,7 +338,7 @@ PLANTS = [
   _p(
     "grad_clip_ignored",
     OPTPY,
-    "    chain.insert(0, optax.clip_by_global_norm(tc.grad_clip))",
+    "    chain.insert(0, clip_by_global_norm(tc.grad_clip))",
     "    pass",
     OPTIMIZER_TESTS,
     "train.grad_clip ignored",
@@ -346,7 +346,7 @@ PLANTS = [
   _p(
     "grad_clip_elementwise",
     OPTPY,
-    "chain.insert(0, optax.clip_by_global_norm(tc.grad_clip))",
+    "chain.insert(0, clip_by_global_norm(tc.grad_clip))",
     "chain.insert(0, optax.clip(tc.grad_clip))",
     OPTIMIZER_TESTS,
     "per-element clip instead of the global norm",
@@ -354,7 +354,7 @@ PLANTS = [
   _p(
     "grad_clip_after_optimizer",
     OPTPY,
-    "chain.insert(0, optax.clip_by_global_norm(tc.grad_clip))",
+    "chain.insert(0, clip_by_global_norm(tc.grad_clip))",
     "chain.append(optax.clip_by_global_norm(tc.grad_clip))",
     OPTIMIZER_TESTS,
     "the update clipped instead of the gradient",

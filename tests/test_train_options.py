@@ -281,6 +281,53 @@ def test_grad_clip_clips_the_global_norm(clip):
     np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize("norm", [0.3, 5.0])
+@pytest.mark.parametrize("given", [False, True])
+def test_clip_equals_optax_clip_by_global_norm(norm, given):
+  """optimizer.clip_by_global_norm (one scalar factor; the caller's norm as the extra
+  argument grad_norm, or its own) gives optax.clip_by_global_norm's gradient up to
+  rounding, below and above the threshold, and the same (empty) state: checkpoints written
+  with optax's clip restore."""
+  g = _grad_sequence(SHAPES, [norm])[0]
+  ours, theirs = optim_lib.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+  assert jax.tree_util.tree_structure(ours.init(g)) == jax.tree_util.tree_structure(theirs.init(g))
+  extra = {"grad_norm": optax.tree.norm(g)} if given else {}
+  got, _ = jax.jit(lambda g: ours.update(g, ours.init(g), None, **extra))(g)
+  want, _ = theirs.update(g, theirs.init(g), None)
+  for k in SHAPES:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=0)
+  got_norm = float(optax.tree.norm(got))
+  assert got_norm == pytest.approx(min(norm, 1.0), rel=1e-5)
+
+
+def _full_size_outputs(tx, tc, shape):
+  """Fusions with a leaf's shape in the compiled update (state donated, as the step does)."""
+  import re
+
+  from sana_jax.train import update as update_lib
+
+  params = {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32)}
+  state = jax.eval_shape(lambda p: state_lib.create(p, tx), params)
+  fn = jax.jit(
+    lambda s, l, g: update_lib.apply_gradients(s, l, g, tx=tx, tc=tc), donate_argnums=(0,)
+  )
+  text = fn.lower(state, jax.ShapeDtypeStruct((), jnp.float32), params).compile().as_text()
+  dims = ",".join(map(str, shape))
+  return len(re.findall(rf"^\s*(?:ROOT )?%\S+ = f32\[{dims}\]\S* fusion\(", text, re.M))
+
+
+def test_clip_is_not_a_pass_of_its_own():
+  """The update clips inside the optimizer's moment passes with the norm it computed for
+  the guard: compiled, it writes two full-size arrays fewer per leaf than the same update
+  with optax's clip (its clipped copy of the gradient, and the g^2 of a second norm)."""
+  tc = _tc(optimizer="adamw", grad_clip=1.0, weight_decay=0.01)
+  plain = optim_lib.make_optimizer(_tc(optimizer="adamw", weight_decay=0.01))
+  with_optax_clip = optax.chain(optax.clip_by_global_norm(1.0), plain)
+  ours = _full_size_outputs(optim_lib.make_optimizer(tc), tc, (37, 53))
+  theirs = _full_size_outputs(with_optax_clip, tc, (37, 53))
+  assert ours <= theirs - 2, (ours, theirs)
+
+
 # Shapes for the CAME cases: a Dense kernel over 16384 elements (CAME-8bit stores its m in
 # 8 bits), a modulation table (factored) and a bias (unfactored), all dimensions distinct.
 CAME_SHAPES = {

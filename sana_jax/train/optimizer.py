@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -20,8 +22,34 @@ def learning_rate(tc: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.linear_schedule(0.0, lr, tc.warmup_steps)
 
 
-def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """tc: the config's `train` field."""
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm's clip, in a form XLA fuses into the optimizer's passes.
+
+  Gradients with global norm n > max_norm are scaled by max_norm / n, as optax does, but as
+  one scalar factor times each leaf (optax divides each element by n, a pass that XLA:CPU
+  writes out as a clipped copy of the whole gradient), so the product is recomputed inside
+  the optimizer's moment updates instead of stored (equal to optax's up to rounding). The
+  caller may pass the norm it has already computed as the extra argument ``grad_norm``
+  (``train/update.py`` does), so the gradient is not read once more to form it. The state
+  is optax's (``EmptyState``), so checkpoints do not change.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree_util.tree_map(lambda g: g * factor.astype(g.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  """tc: the config's `train` field. The chain takes the extra argument ``grad_norm`` (the
+  gradient's global norm, if the caller has it) for its clip."""
   if tc.optimizer not in OPTIMIZERS:
     raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {tc.optimizer!r}")
   schedule = learning_rate(tc)
@@ -33,5 +61,5 @@ def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformatio
     opt = optax.adamw(schedule, weight_decay=tc.weight_decay)
   chain = [opt]
   if tc.grad_clip and tc.grad_clip > 0:
-    chain.insert(0, optax.clip_by_global_norm(tc.grad_clip))
+    chain.insert(0, clip_by_global_norm(tc.grad_clip))
   return optax.chain(*chain)

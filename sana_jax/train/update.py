@@ -46,8 +46,11 @@ def apply_gradients(
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   decay = tc.ema_decay
 
+  # An optimizer from make_optimizer clips with the norm computed here (not a second pass).
+  extra = {"grad_norm": grad_norm} if isinstance(tx, optax.GradientTransformationExtraArgs) else {}
+
   def update(params, opt_state, ema_params):
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
     ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
     return params, opt_state, ema
