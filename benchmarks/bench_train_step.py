@@ -398,12 +398,24 @@ def median_ms(ts) -> float:
   return 1e3 * statistics.median(ts)
 
 
+# Seconds of idle before each timed run, so that no step starts while the other side's
+# worker threads still spin after theirs. An order effect remains: the variant listed
+# first measured ~5% slower than the same code listed second (2026-12-02, 0.6B,
+# CAME-8bit, both orders), so compare variants in both orders.
+SETTLE_S = 0.25
+
+
+def settle() -> None:
+  time.sleep(SETTLE_S)
+
+
 def alternate_medians(fns: dict, runs: int) -> dict:
   """Each zero-argument callable of `fns` timed `runs` times, alternating (one of each per
   round, so load hits all alike): {name: median seconds}."""
   times = {k: [] for k in fns}
   for _ in range(runs):
     for k, fn in fns.items():
+      settle()
       t0 = time.perf_counter()
       fn()
       times[k].append(time.perf_counter() - t0)
@@ -451,11 +463,13 @@ def bench(geo: Geometry, optimizers, variants, runs: int, depth, breakdown: bool
     ts_theirs, parts_theirs = [], {}
     for _ in range(runs):
       for v, o in ours.items():
+        settle()
         s = time.perf_counter()
         m = o.run_step()
         ts[v].append(time.perf_counter() - s)
         if not bool(m["finite"]):
           raise RuntimeError(f"{name} ({v}): our step was not finite")
+      settle()
       s = time.perf_counter()
       theirs.run_step()
       ts_theirs.append(time.perf_counter() - s)
