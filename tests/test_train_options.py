@@ -291,13 +291,31 @@ def test_clip_equals_optax_clip_by_global_norm(norm, given):
   g = _grad_sequence(SHAPES, [norm])[0]
   ours, theirs = optim_lib.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
   assert jax.tree_util.tree_structure(ours.init(g)) == jax.tree_util.tree_structure(theirs.init(g))
-  extra = {"grad_norm": optax.tree.norm(g)} if given else {}
+  extra = {"grad_norm": optax.tree.norm(g), "grad_norm_of": g} if given else {}
   got, _ = jax.jit(lambda g: ours.update(g, ours.init(g), None, **extra))(g)
   want, _ = theirs.update(g, theirs.init(g), None)
   for k in SHAPES:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=0)
   got_norm = float(optax.tree.norm(got))
   assert got_norm == pytest.approx(min(norm, 1.0), rel=1e-5)
+
+
+def test_clip_takes_the_norm_only_of_the_tree_it_receives():
+  """A norm passed for the gradient is not used for another tree: after a scale in the
+  chain, the clip computes the norm of what it receives, as optax's does."""
+  g = _grad_sequence(SHAPES, [5.0])[0]
+  ours = optax.chain(optax.scale(0.5), optim_lib.clip_by_global_norm(1.0))
+  theirs = optax.chain(optax.scale(0.5), optax.clip_by_global_norm(1.0))
+  norm = optax.tree.norm(g)
+  got, _ = ours.update(g, ours.init(g), None, grad_norm=norm, grad_norm_of=g)
+  want, _ = theirs.update(g, theirs.init(g), None)
+  assert float(optax.tree.norm(got)) == pytest.approx(1.0, rel=1e-5)
+  for k in SHAPES:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=0)
+  # a norm without the tree it belongs to is not used either
+  wrong = {"grad_norm": jnp.float32(1e9)}
+  got, _ = optim_lib.clip_by_global_norm(1.0).update(g, optax.EmptyState(), None, **wrong)
+  assert float(optax.tree.norm(got)) == pytest.approx(1.0, rel=1e-5)
 
 
 def _full_size_outputs(tx, tc, shape):

@@ -29,18 +29,22 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
   one scalar factor times each leaf (optax divides each element by n, a pass that XLA:CPU
   writes out as a clipped copy of the whole gradient), so the product is recomputed inside
   the optimizer's moment updates instead of stored (equal to optax's up to rounding). The
-  caller may pass the norm it has already computed as the extra argument ``grad_norm``
-  (``train/update.py`` does), so the gradient is not read once more to form it. The state
-  is optax's (``EmptyState``), so checkpoints do not change.
+  caller may pass the norm it has already computed, as the extra arguments ``grad_norm``
+  (the norm) and ``grad_norm_of`` (the very tree it is the norm of; ``train/update.py``
+  does), so the gradient is not read once more to form it. The norm is used only when
+  ``grad_norm_of is updates``: placed after another transformation in a chain, the clip
+  receives another tree and computes its own norm. The state is optax's (``EmptyState``),
+  so checkpoints do not change.
   """
 
   def init_fn(params):
     del params
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
-    del params, extra_args
-    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+  def update_fn(updates, state, params=None, *, grad_norm=None, grad_norm_of=None, **extra):
+    del params, extra
+    given = grad_norm is not None and grad_norm_of is updates
+    norm = grad_norm if given else optax.tree.norm(updates)
     factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
     return jax.tree_util.tree_map(lambda g: g * factor.astype(g.dtype), updates), state
 
@@ -48,8 +52,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
 
 
 def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  """tc: the config's `train` field. The chain takes the extra argument ``grad_norm`` (the
-  gradient's global norm, if the caller has it) for its clip."""
+  """tc: the config's `train` field. The chain takes the extra arguments ``grad_norm`` and
+  ``grad_norm_of`` (the gradient's global norm and the gradient tree, if the caller has the
+  norm) for its clip."""
   if tc.optimizer not in OPTIMIZERS:
     raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {tc.optimizer!r}")
   schedule = learning_rate(tc)

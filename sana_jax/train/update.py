@@ -47,7 +47,9 @@ def apply_gradients(
   decay = tc.ema_decay
 
   # An optimizer from make_optimizer clips with the norm computed here (not a second pass).
-  extra = {"grad_norm": grad_norm} if isinstance(tx, optax.GradientTransformationExtraArgs) else {}
+  extra = {}
+  if isinstance(tx, optax.GradientTransformationExtraArgs):
+    extra = {"grad_norm": grad_norm, "grad_norm_of": grads}
 
   def update(params, opt_state, ema_params):
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
