@@ -291,8 +291,12 @@ def test_clip_equals_optax_clip_by_global_norm(norm, given):
   g = _grad_sequence(SHAPES, [norm])[0]
   ours, theirs = optim_lib.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
   assert jax.tree_util.tree_structure(ours.init(g)) == jax.tree_util.tree_structure(theirs.init(g))
-  extra = {"grad_norm": optax.tree.norm(g), "grad_norm_of": g} if given else {}
-  got, _ = jax.jit(lambda g: ours.update(g, ours.init(g), None, **extra))(g)
+
+  def clip(g):
+    extra = {"grad_norm": optax.tree.norm(g), "grad_norm_of": g} if given else {}
+    return ours.update(g, ours.init(g), None, **extra)
+
+  got, _ = jax.jit(clip)(g)
   want, _ = theirs.update(g, theirs.init(g), None)
   for k in SHAPES:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=0)
@@ -312,6 +316,11 @@ def test_clip_takes_the_norm_only_of_the_tree_it_receives():
   assert float(optax.tree.norm(got)) == pytest.approx(1.0, rel=1e-5)
   for k in SHAPES:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=0)
+  # given with its own tree, the norm is the one used (here a wrong one, to show it)
+  got, _ = optim_lib.clip_by_global_norm(1.0).update(
+    g, optax.EmptyState(), None, grad_norm=2 * norm, grad_norm_of=g
+  )
+  assert float(optax.tree.norm(got)) == pytest.approx(0.5, rel=1e-5)
   # a norm without the tree it belongs to is not used either
   wrong = {"grad_norm": jnp.float32(1e9)}
   got, _ = optim_lib.clip_by_global_norm(1.0).update(g, optax.EmptyState(), None, **wrong)
