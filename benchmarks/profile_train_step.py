@@ -92,9 +92,9 @@ def kind_of(name: str, opcode: str, op_name: str) -> str:
   if "cross_attn" in op_name:
     return "cross-attention"
   head = name.split(".")[0]
-  if head.startswith(("copy", "dynamic-slice", "dynamic-update-slice", "bitcast_dynamic")) or (
-    opcode in ("copy", "dynamic-slice", "dynamic-update-slice")
-  ):
+  if head.startswith(
+    ("copy", "transpose_copy", "dynamic-slice", "dynamic-update-slice", "bitcast_dynamic")
+  ) or (opcode in ("copy", "dynamic-slice", "dynamic-update-slice")):
     return "copies"
   if head.startswith("wrapped_broadcast") or opcode == "broadcast":
     return "zero fills"
