@@ -92,20 +92,19 @@ def optax_clip_optimizer(tc):
     optim_lib.clip_by_global_norm = fused
 
 
-# Our step's variants: name -> (DiTConfig overrides, update function or None = the project's).
-# "project" is the code as it is; the others measure alternatives in the same run.
+# Our step's variants: name -> (DiTConfig overrides, update function or None = the project's,
+# optimizer factory fn(config.train) or None = make_optimizer). "project" is the code as it
+# is; the others measure alternatives in the same run.
 VARIANTS = {
-  "project": ((), None),
-  "optax_clip": ((), None),  # the optimizer from optax_clip_optimizer (OPTIMIZER_VARIANTS)
-  "where_guard": ((), where_guard_update),
-  "conv_dw": ((("depthwise_impl", "conv"),), None),
-  "scan": ((("scan_unroll", 1),), None),  # one block in the program, looped over depth
-  "unroll": ((("scan_unroll", 1000),), None),  # min(., depth): the whole stack unrolled
-  "remat_dots": ((("remat_policy", "dots"),), None),
-  "remat_full": ((("remat_policy", "full"),), None),  # blocks recomputed in the backward
+  "project": ((), None, None),
+  "optax_clip": ((), None, optax_clip_optimizer),
+  "where_guard": ((), where_guard_update, None),
+  "conv_dw": ((("depthwise_impl", "conv"),), None, None),
+  "scan": ((("scan_unroll", 1),), None, None),  # one block in the program, looped over depth
+  "unroll": ((("scan_unroll", 1000),), None, None),  # min(., depth): the whole stack unrolled
+  "remat_dots": ((("remat_policy", "dots"),), None, None),
+  "remat_full": ((("remat_policy", "full"),), None, None),  # blocks recomputed in the backward
 }
-# Variants whose optimizer is not make_optimizer's: name -> fn(config.train) -> tx.
-OPTIMIZER_VARIANTS = {"optax_clip": optax_clip_optimizer}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,13 +196,13 @@ class Ours:
   def __init__(
     self, config, cfg: DiTConfig, params: dict, batch: dict, null: np.ndarray, variant="project"
   ):
-    overrides, self.update_fn = VARIANTS[variant]
+    overrides, self.update_fn, make_tx = VARIANTS[variant]
     if overrides:
       cfg = cfg.replace(**dict(overrides))
       config = config.copy_and_resolve_references()
       config.model = cfg.to_dict()
     self.config, self.cfg, self.variant = config, cfg, variant
-    self.tx = OPTIMIZER_VARIANTS.get(variant, optim_lib.make_optimizer)(config.train)
+    self.tx = (make_tx or optim_lib.make_optimizer)(config.train)
     self.mesh = parallel.make_mesh(devices=jax.devices()[:1])
     self.state_sh = state_lib.state_shardings(config.model, self.tx, self.mesh)
     create = jax.jit(lambda p: state_lib.create(p, self.tx), out_shardings=self.state_sh)

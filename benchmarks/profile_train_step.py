@@ -145,7 +145,8 @@ def table(rows: list[dict]) -> dict[tuple[str, str], float]:
 
 def profile(geometry: str, optimizer: str, variant: str, steps: int, depth=None) -> dict:
   """Compile our step at `geometry` on random weights, run it twice, profile `steps` more.
-  Returns {"wall_ms" (median of the profiled steps), "rows" (op_times), "compile_s"}."""
+  Returns {"wall_ms" (median of the profiled steps), "rows" (op_times), "compile_s",
+  "geometry" (its description)}."""
   geo = bts.GEOMETRIES[geometry]
   config, cfg = bts.build_config(geo, optimizer, depth)
   params = dit.init_params(cfg, jax.random.key(0))
@@ -170,7 +171,9 @@ def profile(geometry: str, optimizer: str, variant: str, steps: int, depth=None)
         ours.run_step()
         walls.append(time.perf_counter() - t0)
     rows = op_times(trace_dir, hlo, steps)
-  return dict(wall_ms=bts.median_ms(walls), rows=rows, compile_s=ours.compile_s)
+  return dict(
+    wall_ms=bts.median_ms(walls), rows=rows, compile_s=ours.compile_s, geometry=geo.describe(cfg)
+  )
 
 
 def print_report(result: dict, top: int) -> None:
@@ -225,15 +228,13 @@ def main(argv=None) -> dict:
     ap.error(f"unknown --variant {args.variant!r}")
   if args.steps < 1 or args.top < 0:
     ap.error("--steps must be >= 1 and --top >= 0")
-  geo = bts.GEOMETRIES[args.geometry]
   print(
     f"jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cores); "
     f"{args.geometry}, {args.optimizer}, variant {args.variant}; load {bts.load()}",
     flush=True,
   )
   result = profile(args.geometry, args.optimizer, args.variant, args.steps, args.depth)
-  cfg = bts.build_config(geo, args.optimizer, args.depth)[1]
-  print(f"{geo.describe(cfg)}; compile {result['compile_s']:.1f} s")
+  print(f"{result['geometry']}; compile {result['compile_s']:.1f} s")
   print_report(result, args.top)
   return result
 

@@ -47,20 +47,17 @@ def _state_copies(update_fn) -> int:
   import re
 
   import jax
-  import jax.numpy as jnp
 
   from sana_jax.configs import tiny
   from sana_jax.models import dit
   from sana_jax.train import optimizer as optim_lib
-  from sana_jax.train import state as state_lib
+  from tests import train_fixtures
 
   config = tiny.get_config()
   config.train.optimizer = "adamw"
   tx = optim_lib.make_optimizer(config.train)
   params = dit.abstract_params(config.model)
-  state = jax.eval_shape(lambda p: state_lib.create(p, tx), params)
-  fn = jax.jit(lambda s, l, g: update_fn(s, l, g, tx=tx, tc=config.train), donate_argnums=(0,))
-  text = fn.lower(state, jax.ShapeDtypeStruct((), jnp.float32), params).compile().as_text()
+  text = train_fixtures.compiled_update_text(update_fn, tx, config.train, params)
   shapes = {
     "f32[" + ",".join(map(str, x.shape)) + "]"
     for x in jax.tree_util.tree_leaves(params)

@@ -2,6 +2,9 @@
 from its HLO metadata, control flow and the runtime's spans are not counted, and the
 seconds-long geometry profiles end to end."""
 
+import gzip
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -49,9 +52,6 @@ def test_op_times_count_program_ops_only(tmp_path):
     {"ph": "X", "name": loop, "dur": 9000},  # spans its body: not counted
     {"ph": "X", "name": "MutexLock", "dur": 500},  # the runtime's: not counted
   ]
-  import gzip
-  import json
-
   (tmp_path / "x").mkdir()
   with gzip.open(tmp_path / "x" / "host.trace.json.gz", "wt") as f:
     json.dump({"traceEvents": events}, f)

@@ -332,13 +332,10 @@ def _full_size_outputs(tx, tc, shape):
   import re
 
   from sana_jax.train import update as update_lib
+  from tests import train_fixtures
 
   params = {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32)}
-  state = jax.eval_shape(lambda p: state_lib.create(p, tx), params)
-  fn = jax.jit(
-    lambda s, l, g: update_lib.apply_gradients(s, l, g, tx=tx, tc=tc), donate_argnums=(0,)
-  )
-  text = fn.lower(state, jax.ShapeDtypeStruct((), jnp.float32), params).compile().as_text()
+  text = train_fixtures.compiled_update_text(update_lib.apply_gradients, tx, tc, params)
   dims = ",".join(map(str, shape))
   return len(re.findall(rf"^\s*(?:ROOT )?%\S+ = f32\[{dims}\]\S* fusion\(", text, re.M))
 

@@ -43,3 +43,17 @@ def write_tiny_dataset(
     null_caption=rng.standard_normal((caption_len, caption_channels)).astype(np.float32),
     null_mask=np.ones(caption_len, np.int32),
   )
+
+
+def compiled_update_text(update_fn, tx, tc, params) -> str:
+  """The compiled text of `update_fn(state, loss, grads, tx=tx, tc=tc)` (train/update.py's
+  signature) on abstract inputs for the parameter tree `params` (ShapeDtypeStructs), the
+  state donated as the train step does."""
+  import jax
+  import jax.numpy as jnp
+
+  from sana_jax.train import state as state_lib
+
+  state = jax.eval_shape(lambda p: state_lib.create(p, tx), params)
+  fn = jax.jit(lambda s, l, g: update_fn(s, l, g, tx=tx, tc=tc), donate_argnums=(0,))
+  return fn.lower(state, jax.ShapeDtypeStruct((), jnp.float32), params).compile().as_text()
