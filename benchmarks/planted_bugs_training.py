@@ -370,10 +370,19 @@ PLANTS = [
   _p(
     "came_8bit_is_came",
     OPTPY,
-    "opt = came_lib.came_8bit(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())",
+    "opt = came_lib.came_8bit(\n      schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec(), "
+    "**CAME_8BIT_STATES[state]\n    )",
     "opt = came_lib.came(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())",
     OPTIMIZER_TESTS,
     "came_8bit silently runs fp32 CAME",
+  ),
+  _p(
+    "came_8bit_state_ignored",
+    OPTPY,
+    "spec=came_lib.sana_spec(), **CAME_8BIT_STATES[state]\n",
+    "spec=came_lib.sana_spec()\n",
+    OPTIMIZER_TESTS,
+    'train.came_8bit_state="compact" silently keeps the official (larger) state',
   ),
   _p(
     "adamw_weight_decay_default",

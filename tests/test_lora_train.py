@@ -226,6 +226,7 @@ def test_stochastic_bf16_rounding_is_unbiased_and_deterministic():
     ("ema", "fp16", "train.ema='fp16'"),
     ("param_dtype", "float16", "train.param_dtype='float16'"),
     ("nonfinite_guard", "select", "train.nonfinite_guard='select'"),
+    ("came_8bit_state", "small", "train.came_8bit_state must be one of ('compact', 'official')"),
     ("init_from", "/some/model", "train.init_from='/some/model'"),
   ],
 )

@@ -14,6 +14,7 @@ import pytest
 from sana_jax.configs import tiny
 from sana_jax.diffusion import flow
 from sana_jax.models import dit
+from sana_jax.optim import quant8
 from sana_jax.train import loop
 from tests import train_fixtures
 
@@ -84,27 +85,50 @@ def _run(config, workdir, steps):
   return jax.device_get(state)
 
 
+def _codes(state) -> list[np.ndarray]:
+  """The uint8 codes of every 8-bit first moment in a train state."""
+  quantized = jax.tree_util.tree_leaves(
+    state.opt_state, is_leaf=lambda x: isinstance(x, quant8.QuantizedArray)
+  )
+  return [np.asarray(x.q, np.int32) for x in quantized if isinstance(x, quant8.QuantizedArray)]
+
+
 @pytest.mark.parametrize("mesh", [dict(data=2, fsdp=4), dict(data=8, fsdp=1)])
 def test_sharding_is_invisible(data_dir, tmp_path, mesh):
-  """Three steps on 8 simulated devices equal three single-device steps."""
+  """Three steps on 8 simulated devices equal three single-device steps (CAME-8bit under
+  the official state choices, which keep every first moment of the tiny model in fp32:
+  exact arithmetic up to reduction order)."""
+  single = _config(data_dir, checkpoint_every=1000, came_8bit_state="official")
+  single.mesh.update(data=1, fsdp=1, num_devices=1)
+  ref_state = _run(single, tmp_path / "single", 3)
+  sharded = _config(data_dir, checkpoint_every=1000, came_8bit_state="official")
+  sharded.mesh.update(num_devices=8, **mesh)
+  state = _run(sharded, tmp_path / "sharded", 3)
+  assert int(state.step) == int(ref_state.step) == 3
+  assert not _codes(state)
+  train_fixtures.assert_same_training(state.params, ref_state.params, eight_bit=False)
+
+
+def test_sharding_moves_compact_8bit_codes_by_one_level_at_most(data_dir, tmp_path):
+  """The default state (train.came_8bit_state="compact": 12 of the tiny model's 35 first
+  moments 8-bit) on 8 devices against 1: a last-bit difference of m (reduction order) may
+  flip a code, by one level and rarely, and nothing more (measured: 0.011% of the codes,
+  parameters within 7.1e-5 of their scale 1; docs/came.md), and the parameters agree to
+  train_fixtures.assert_same_training's 8-bit bound."""
   single = _config(data_dir, checkpoint_every=1000)
   single.mesh.update(data=1, fsdp=1, num_devices=1)
   ref_state = _run(single, tmp_path / "single", 3)
   sharded = _config(data_dir, checkpoint_every=1000)
-  sharded.mesh.update(num_devices=8, **mesh)
+  sharded.mesh.update(num_devices=8, data=2, fsdp=4)
   state = _run(sharded, tmp_path / "sharded", 3)
-  assert int(state.step) == int(ref_state.step) == 3
-  pairs = [
-    (np.asarray(a, np.float64), np.asarray(b, np.float64))
-    for a, b in zip(
-      jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(ref_state.params)
-    )
-  ]
-  scale = max(np.max(np.abs(b)) for _, b in pairs)
-  worst = max(np.max(np.abs(a - b)) for a, b in pairs)
-  assert worst <= 1e-5 * scale  # relative to the parameters' scale
-  for a, b in pairs:  # and no leaf drifts, even ones that started at zero
-    assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(b)), 1e-6)
+  codes, ref_codes = _codes(state), _codes(ref_state)
+  assert len(codes) == len(ref_codes) == 12
+  flips = [np.abs(a - b) for a, b in zip(codes, ref_codes)]
+  flipped = sum(int(np.count_nonzero(f)) for f in flips) / sum(f.size for f in flips)
+  print(f"compact across meshes: {flipped:.4%} of the codes differ")
+  assert max(int(f.max()) for f in flips) <= 1
+  assert flipped <= 1e-3
+  train_fixtures.assert_same_training(state.params, ref_state.params, eight_bit=True)
 
 
 def _train_cmd(workdir, data_dir, steps):

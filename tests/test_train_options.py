@@ -358,6 +358,14 @@ CAME_SHAPES = {
   "t_block/kernel": (131, 127),
   "final_scale_shift_table": (2, 41),
   "t_block/bias": (127,),
+  "proj/kernel": (40, 53),  # 2120 values: 8-bit under "compact" only
+  "proj/bias": (1500,),  # unfactored, 1500 values: 8-bit under "compact" only
+}
+# The leaves whose first moment train.came_8bit_state stores in 8 bits, with the metadata's
+# dtype (docs/came.md: "official" > 16384 values and factored, fp32; "compact" > 1024, bf16).
+EIGHT_BIT = {
+  "official": ({"t_block/kernel"}, jnp.float32),
+  "compact": ({"t_block/kernel", "proj/kernel", "proj/bias"}, jnp.bfloat16),
 }
 
 
@@ -403,19 +411,26 @@ def _torch_came(params, grads, lrs, weight_decay):
   return {k: view(k, t.detach().numpy()) for k, t in tp.items()}
 
 
-@pytest.mark.parametrize("name", optim_lib.OPTIMIZERS)
-def test_each_optimizer_matches_its_reference(name):
+@pytest.mark.parametrize(
+  "name,state", [("adamw", None), ("came", None), ("came_8bit", "official"), ("came_8bit", None)]
+)
+def test_each_optimizer_matches_its_reference(name, state):
   """make_optimizer(name) with warm-up and weight decay, three steps, against torch's AdamW
-  or came-pytorch's CAME (CAME-8bit: the big kernel's m really is stored in 8 bits and its
-  updates stay within 2% of CAME's; the small leaves, kept in fp32, match CAME's exactly)."""
+  or came-pytorch's CAME (CAME-8bit: the m of the leaves train.came_8bit_state names, and
+  only those, really is stored in 8 bits, with its metadata dtype, and their updates stay
+  within 2% of CAME's; the leaves kept in fp32 match CAME's exactly). state None: the
+  config's default, which must be "compact"."""
   lr, warmup, wd = 3e-3, 2, 0.02
   shapes = CAME_SHAPES if name.startswith("came") else SHAPES
   tc = _tc(optimizer=name, lr=lr, warmup_steps=warmup, weight_decay=wd)
+  if state is not None:
+    tc.came_8bit_state = state
+  eight_bit, meta_dtype = EIGHT_BIT[tc.came_8bit_state] if name == "came_8bit" else (set(), None)
   rng = np.random.default_rng(2)
   params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
   grads = _grad_sequence(shapes, [1.0, 0.5, 2.0], seed=3)
   tx = optim_lib.make_optimizer(tc)
-  state = tx.init(_tree(jax.tree_util.tree_map(jnp.asarray, params)))
+  opt_state = tx.init(_tree(jax.tree_util.tree_map(jnp.asarray, params)))
   reference = _torch_adamw if name == "adamw" else _torch_came
   # Step 0 runs at lr(0) = 0 (it only fills the moments), then lr / 2, lr, lr.
   lrs = [lr * min(s / warmup, 1.0) for s in range(4)]
@@ -424,25 +439,26 @@ def test_each_optimizer_matches_its_reference(name):
   p = _tree(jax.tree_util.tree_map(jnp.asarray, params))
   update = jax.jit(tx.update)
   for i, g in enumerate(seq):
-    u, state = update(_tree(jax.tree_util.tree_map(jnp.asarray, g)), state, p)
+    u, opt_state = update(_tree(jax.tree_util.tree_map(jnp.asarray, g)), opt_state, p)
     p = optax.apply_updates(p, u)
     got = _flat(jax.device_get(p))
     want = reference(params, seq[: i + 1], lrs[: i + 1], wd)
     for k in shapes:
-      if name == "came_8bit" and i >= 1 and k == "t_block/kernel":  # m stored in 8 bits
+      if i >= 1 and k in eight_bit:  # m stored in 8 bits
         err = np.max(np.abs(got[k] - want[k])) / np.max(np.abs(want[k] - params[k]))
-        print(f"came_8bit step {i}: 8-bit m moves the update by {err:.2%} of it")
+        print(f"came_8bit step {i}: 8-bit m moves {k}'s update by {err:.2%} of it")
         assert err < 0.02, (k, i, err)
       else:
         np.testing.assert_allclose(got[k], want[k], err_msg=f"{k} step {i}", **tol)
   quantized = [
     x
     for x in jax.tree_util.tree_leaves(
-      state, is_leaf=lambda x: isinstance(x, quant8.QuantizedArray)
+      opt_state, is_leaf=lambda x: isinstance(x, quant8.QuantizedArray)
     )
     if isinstance(x, quant8.QuantizedArray)
   ]
-  assert len(quantized) == (1 if name == "came_8bit" else 0)
+  assert sorted(x.shape for x in quantized) == sorted(shapes[k] for k in eight_bit)
+  assert all(x.minimum.dtype == x.scale.dtype == meta_dtype for x in quantized)
 
 
 # ------------------------------------------------------------------------- aspect buckets

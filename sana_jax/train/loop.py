@@ -64,6 +64,11 @@ IMPLEMENTATION_FIELDS = tuple(f"model.{k}" for k in DiTConfig.EXECUTION_FIELDS)
 DATA_ORDER_FIELDS = ("train.global_batch", "train.seed", "data.num_epochs")
 # Fields whose state is meaningless under another value even where its shapes match.
 STATE_MEANING_FIELDS = ("train.optimizer", "train.lora.alpha", "train.lora.base")
+# Fields added since checkpoints were first written whose absence from a saved config means
+# a value other than today's default: {field: the value the code that wrote it used}.
+# A saved config is compared as if it had these values (config_changes ignores absent
+# fields otherwise, and the restore would then fail on shapes instead of naming the field).
+ABSENT_MEANS = {"train.came_8bit_state": optim_lib.CAME_8BIT_STATE_ABSENT}
 
 
 def mesh_devices(config: ml_collections.ConfigDict) -> list:
@@ -224,6 +229,20 @@ def _with_values(config_dict: dict, values: dict) -> dict:
   return out
 
 
+def _with_absent_values(saved: dict) -> dict:
+  """`saved` with each ABSENT_MEANS field it lacks (under a section it has) set to the value
+  its absence means."""
+  missing = {}
+  for key, value in ABSENT_MEANS.items():
+    *parents, leaf = key.split(".")
+    node = saved
+    for p in parents:
+      node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf not in node:
+      missing[key] = value
+  return _with_values(saved, missing) if missing else saved
+
+
 def checkpoint_conflicts(
   saved: dict,
   config: ml_collections.ConfigDict,
@@ -236,7 +255,7 @@ def checkpoint_conflicts(
   DATA_ORDER_FIELDS, STATE_MEANING_FIELDS, and a dataset with other bucket sizes
   ("data.dir (dataset)")."""
   new = config.to_dict()
-  changes = checkpoint.config_changes(saved, new)
+  changes = checkpoint.config_changes(_with_absent_values(saved), new)
   conflicts = {
     k: v
     for k, v in changes.items()

@@ -12,6 +12,17 @@ import optax
 from sana_jax import optim as came_lib
 
 OPTIMIZERS = ("came_8bit", "came", "adamw")
+# train.came_8bit_state: which of CAME-8bit's first moments are 8-bit, with what metadata.
+# "compact": sana_jax.optim.COMPACT (1.0147 B/param on SANA-1.5 1.6B); "official": the
+# official CAME-8bit's choices, came_8bit's defaults (1.0226). A config without the field
+# (one written before it existed) means "official", the state those runs saved.
+CAME_8BIT_STATES = {"compact": came_lib.COMPACT, "official": {}}
+CAME_8BIT_STATE_ABSENT = "official"
+
+
+def came_8bit_state(tc: ml_collections.ConfigDict) -> str:
+  """train.came_8bit_state, or CAME_8BIT_STATE_ABSENT for a config without the field."""
+  return tc.get("came_8bit_state", CAME_8BIT_STATE_ABSENT)
 
 
 def learning_rate(tc: ml_collections.ConfigDict) -> optax.Schedule:
@@ -57,9 +68,16 @@ def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformatio
   norm) for its clip."""
   if tc.optimizer not in OPTIMIZERS:
     raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {tc.optimizer!r}")
+  state = came_8bit_state(tc)
+  if state not in CAME_8BIT_STATES:
+    raise ValueError(
+      f"train.came_8bit_state must be one of {tuple(CAME_8BIT_STATES)}, got {state!r}"
+    )
   schedule = learning_rate(tc)
   if tc.optimizer == "came_8bit":
-    opt = came_lib.came_8bit(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())
+    opt = came_lib.came_8bit(
+      schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec(), **CAME_8BIT_STATES[state]
+    )
   elif tc.optimizer == "came":
     opt = came_lib.came(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())
   else:
