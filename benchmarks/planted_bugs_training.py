@@ -39,6 +39,7 @@ STOP = f"{OPT}::test_consecutive_nonfinite_steps_stop_the_run"
 LR = f"{OPT}::test_learning_rate_warmup_and_sqrt_scaling"
 CLIP = f"{OPT}::test_grad_clip_clips_the_global_norm"
 OPTIMIZERS = f"{OPT}::test_each_optimizer_matches_its_reference"
+CAME_CLIP = f"{OPT}::test_came_takes_the_clip_as_a_factor"
 FWD_FLOPS = f"{OPT}::test_forward_flops_equal_the_counted_matmuls"
 STEP_FLOPS = f"{OPT}::test_train_step_flops_equal_the_counted_matmuls"
 MFU = f"{OPT}::test_mfu"
@@ -57,6 +58,7 @@ UPDATE = "sana_jax/train/update.py"
 FLOWPY = "sana_jax/diffusion/flow.py"
 SCHED = "sana_jax/diffusion/schedules.py"
 OPTPY = "sana_jax/train/optimizer.py"
+CAMEPY = "sana_jax/optim/came.py"
 METRICS = "sana_jax/train/metrics.py"
 
 
@@ -338,26 +340,42 @@ PLANTS = [
   _p(
     "grad_clip_ignored",
     OPTPY,
-    "    chain.insert(0, clip_by_global_norm(tc.grad_clip))",
-    "    pass",
+    "  return optax.chain(clip_by_global_norm(tc.grad_clip), opt)",
+    "  return optax.chain(opt)",
     OPTIMIZER_TESTS,
     "train.grad_clip ignored",
   ),
   _p(
     "grad_clip_elementwise",
     OPTPY,
-    "chain.insert(0, clip_by_global_norm(tc.grad_clip))",
-    "chain.insert(0, optax.clip(tc.grad_clip))",
+    "optax.chain(clip_by_global_norm(tc.grad_clip), opt)",
+    "optax.chain(optax.clip(tc.grad_clip), opt)",
     OPTIMIZER_TESTS,
     "per-element clip instead of the global norm",
   ),
   _p(
     "grad_clip_after_optimizer",
     OPTPY,
-    "chain.insert(0, clip_by_global_norm(tc.grad_clip))",
-    "chain.append(optax.clip_by_global_norm(tc.grad_clip))",
+    "optax.chain(clip_by_global_norm(tc.grad_clip), opt)",
+    "optax.chain(opt, optax.clip_by_global_norm(tc.grad_clip))",
     OPTIMIZER_TESTS,
     "the update clipped instead of the gradient",
+  ),
+  _p(
+    "came_clip_factor_dropped",
+    OPTPY,
+    "inner.update(updates, state[1], params, grad_scale=factor, **extra)",
+    "inner.update(updates, state[1], params, **extra)",
+    [CAME_CLIP],
+    "CAME and CAME-8bit never clip (the factor not handed over)",
+  ),
+  _p(
+    "came_clip_factor_in_statistics_only",
+    CAMEPY,
+    "    c = c * grad_scale\n",
+    "    pass\n",
+    [CAME_CLIP],
+    "the clip factor scales the statistics but not the gradient",
   ),
   _p(
     "came_weight_decay_dropped",

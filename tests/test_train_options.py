@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 from benchmarks import bench_gemm
+from sana_jax import optim as came_lib
 from sana_jax.configs import tiny
 from sana_jax.data import latents_tfds
 from sana_jax.models import dit
@@ -459,6 +460,56 @@ def test_each_optimizer_matches_its_reference(name, state):
   ]
   assert sorted(x.shape for x in quantized) == sorted(shapes[k] for k in eight_bit)
   assert all(x.minimum.dtype == x.scale.dtype == meta_dtype for x in quantized)
+
+
+@pytest.mark.parametrize("name", ["came", "came_8bit"])
+def test_came_takes_the_clip_as_a_factor(name):
+  """With CAME and CAME-8bit, make_optimizer hands the clip factor to the optimizer
+  (clip_folded_into, scale_by_came's grad_scale) instead of clipping the gradient: the same
+  state structure as chain(clip, optimizer), so older checkpoints restore; the same
+  updates up to rounding over steps below and above the threshold (CAME-8bit: codes may
+  flip on rounding, within 1% of the update); and, compiled, one full-size fusion fewer
+  per leaf (the clipped copy of the gradient is not formed)."""
+  tc = _tc(optimizer=name, lr=1e-2, grad_clip=1.0, weight_decay=0.02)
+  folded = optim_lib.make_optimizer(tc)
+  chained = optax.chain(
+    optim_lib.clip_by_global_norm(1.0),
+    *(
+      [came_lib.came(optim_lib.learning_rate(tc), weight_decay=0.02, spec=came_lib.sana_spec())]
+      if name == "came"
+      else [
+        came_lib.came_8bit(
+          optim_lib.learning_rate(tc),
+          weight_decay=0.02,
+          spec=came_lib.sana_spec(),
+          **optim_lib.CAME_8BIT_STATES[tc.came_8bit_state],
+        )
+      ]
+    ),
+  )
+  rng = np.random.default_rng(4)
+  params = _tree(
+    {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in CAME_SHAPES.items()}
+  )
+  a_state, b_state = folded.init(params), chained.init(params)
+  assert jax.tree_util.tree_structure(a_state) == jax.tree_util.tree_structure(b_state)
+  a_p = b_p = params
+  for g in _grad_sequence(CAME_SHAPES, [5.0, 0.3, 2.0], seed=5):
+    g = _tree(jax.tree_util.tree_map(jnp.asarray, g))
+    extra = {"grad_norm": optax.tree.norm(g), "grad_norm_of": g}
+    ua, a_state = folded.update(g, a_state, a_p, **extra)
+    ub, b_state = chained.update(g, b_state, b_p, **extra)
+    for x, y in zip(jax.tree_util.tree_leaves(ua), jax.tree_util.tree_leaves(ub)):
+      if name == "came":
+        atol = 1e-5 * float(np.max(np.abs(y)))  # rounding, relative to the leaf's step
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=atol)
+      else:
+        assert np.max(np.abs(x - y)) <= 1e-2 * np.max(np.abs(y))
+    a_p, b_p = optax.apply_updates(a_p, ua), optax.apply_updates(b_p, ub)
+  shape = (131, 127)
+  ours = _full_size_outputs(folded, tc, shape)
+  theirs = _full_size_outputs(chained, tc, shape)
+  assert ours <= theirs - 1, (ours, theirs)
 
 
 # ------------------------------------------------------------------------- aspect buckets

@@ -379,10 +379,12 @@ def _copies(n: int, *xs) -> list:
   return list(jax.lax.optimization_barrier(tuple(xs for _ in range(n))))
 
 
-def _unfactored_update(g, mu, nu, spec: LeafSpec, b1, b2, eps, clip_threshold):
+def _unfactored_update(g, mu, nu, spec: LeafSpec, b1, b2, eps, clip_threshold, grad_scale):
   """The unfactored leaves (biases, norms, depthwise conv): few parameters, plain form."""
   out_dtype = g.dtype
   g = g.astype(jnp.float32)
+  if grad_scale is not None:
+    g = g * grad_scale
   u = g * g + eps[0]
   v = b2 * nu.v + (1.0 - b2) * u
   upd = g * jax.lax.rsqrt(v)
@@ -396,19 +398,22 @@ def _unfactored_update(g, mu, nu, spec: LeafSpec, b1, b2, eps, clip_threshold):
   return m.astype(out_dtype), new_mu, FullMoment(v)
 
 
-def _leaf_update(g, mu, nu, spec: LeafSpec, b1, b2, b3, eps, clip_threshold):
-  """One leaf's CAME step: (step in g's dtype, new m, new second-moment statistics).
+def _leaf_update(g, mu, nu, spec: LeafSpec, b1, b2, b3, eps, clip_threshold, grad_scale=None):
+  """One leaf's CAME step: (step in g's dtype, new m, new second-moment statistics), of
+  the gradient grad_scale * g (grad_scale: None or an fp32 scalar).
 
   The factored form is laid out for XLA's fusion (docs/came.md, "Update time"): the row,
   column and RMS means read g directly (each from its own copy, see :func:`_copies`, and
-  eps1 added after the mean, so no full-size constant enters them); U is never stored
+  eps1 added after the mean, so no full-size constant enters them; grad_scale enters as
+  grad_scale^2 times the means and as a factor of the column factor, so the scaled
+  gradient is never formed either); U is never stored
   (the clip is folded into the row factor and each consumer recomputes g * r * c); the
   updated m is the one full-size value shared by the later passes (it is the new state
   when m is fp32), and the instability (U - m)^2 the only other one, read by its row and
   column means.
   """
   if not spec.factored:
-    return _unfactored_update(g, mu, nu, spec, b1, b2, eps, clip_threshold)
+    return _unfactored_update(g, mu, nu, spec, b1, b2, eps, clip_threshold, grad_scale)
   out_dtype = g.dtype
   nd = g.ndim
   _, rows, cols = _axes(spec, nd)
@@ -416,10 +421,13 @@ def _leaf_update(g, mu, nu, spec: LeafSpec, b1, b2, b3, eps, clip_threshold):
   quantized = isinstance(mu, quant8.QuantizedArray)
   g = g.astype(jnp.float32)
   (g_r,), (g_c,) = _copies(2, g)
-  # mean(g^2 + eps1) computed as mean(g^2) + eps1.
-  v_row = b2 * nu.v_row + (1.0 - b2) * (jnp.mean(g_r * g_r, axis=cols) + eps[0])
-  v_col = b2 * nu.v_col + (1.0 - b2) * (jnp.mean(g_c * g_c, axis=rows) + eps[0])
+  # mean(g^2 + eps1) computed as mean(g^2) + eps1; mean((s g)^2) as s^2 mean(g^2).
+  s2 = 1.0 if grad_scale is None else grad_scale * grad_scale
+  v_row = b2 * nu.v_row + (1.0 - b2) * (jnp.mean(g_r * g_r, axis=cols) * s2 + eps[0])
+  v_col = b2 * nu.v_col + (1.0 - b2) * (jnp.mean(g_c * g_c, axis=rows) * s2 + eps[0])
   r, c = _approx_rsqrt(v_row, v_col, spec, nd)
+  if grad_scale is not None:  # (s g) r c = g r (c s): every later use of g goes through c
+    c = c * grad_scale
   (g_s, r_s, c_s), (g_m, _, c_m), (g_d, _, c_d) = _copies(3, g, r, c)
   upd = g_s * r_s * c_s
   rms = jnp.sqrt(jnp.mean(upd * upd, axis=clip_axes, keepdims=True))
@@ -461,7 +469,7 @@ def scale_by_came(
   align: int = 8,
   quantize_unfactored: bool = False,
   meta_dtype: Any = jnp.float32,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """CAME's preconditioned direction (without learning rate or weight decay).
 
   Args:
@@ -490,8 +498,12 @@ def scale_by_came(
     agree to the quantisation step, not to fp32 rounding (docs/came.md).
 
   Returns:
-    An optax.GradientTransformation with :class:`CameState`. Updates keep the gradients'
-    dtype; all statistics are fp32.
+    An optax.GradientTransformationExtraArgs with :class:`CameState`. Updates keep the
+    gradients' dtype; all statistics are fp32. ``update`` takes the optional extra argument
+    ``grad_scale`` (an fp32 scalar, e.g. a global-norm clip factor): the step is then the
+    one for ``grad_scale * updates`` (equal up to rounding), computed without forming that
+    product, which XLA would otherwise store as a full-size copy of every factored leaf's
+    gradient (see ``sana_jax.train.optimizer.clip_folded_into``).
   """
   for name, val in (
     ("block_size", block_size),
@@ -537,21 +549,25 @@ def scale_by_came(
         nus.append(FullMoment(zeros))
     return CameState(mu=treedef.unflatten(mus), nu=treedef.unflatten(nus))
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, grad_scale=None, **extra):
+    del params, extra
+    if grad_scale is not None:
+      grad_scale = jnp.asarray(grad_scale, jnp.float32)
+      if grad_scale.shape != ():
+        raise ValueError(f"grad_scale must be a scalar, got shape {grad_scale.shape}")
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     specs = leaf_specs(updates, spec)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
     out_u, out_mu, out_nu = [], [], []
     for g, mu, nu, s in zip(leaves, mus, nus, specs):
-      u, mu, nu = _leaf_update(g, mu, nu, s, b1, b2, b3, eps, clip_threshold)
+      u, mu, nu = _leaf_update(g, mu, nu, s, b1, b2, b3, eps, clip_threshold, grad_scale)
       out_u.append(u)
       out_mu.append(mu)
       out_nu.append(nu)
     return treedef.unflatten(out_u), CameState(treedef.unflatten(out_mu), treedef.unflatten(out_nu))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def came(
@@ -564,10 +580,11 @@ def came(
   weight_decay: float = 0.0,
   weight_decay_mask: Any = None,
   spec: Union[None, SpecFn, Any] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """CAME: scale_by_came, decoupled weight decay (times lr), then -learning_rate.
 
   ``learning_rate`` and ``weight_decay`` may be schedules (callables of the step count).
+  ``update`` takes scale_by_came's extra argument ``grad_scale``.
   """
   return optax.chain(
     scale_by_came(b1, b2, b3, eps, clip_threshold, spec=spec),
@@ -591,7 +608,7 @@ def came_8bit(
   align: int = 8,
   quantize_unfactored: bool = False,
   meta_dtype: Any = jnp.float32,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """CAME-8bit: as :func:`came`, with m stored in 8 bits.
 
   Each step dequantises m, updates it in fp32, uses that fp32 m for the step and stores it

@@ -54,10 +54,39 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
 
   def update_fn(updates, state, params=None, *, grad_norm=None, grad_norm_of=None, **extra):
     del params, extra
-    given = grad_norm is not None and grad_norm_of is updates
-    norm = grad_norm if given else optax.tree.norm(updates)
-    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    factor = _clip_factor(max_norm, updates, grad_norm, grad_norm_of)
     return jax.tree_util.tree_map(lambda g: g * factor.astype(g.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _clip_factor(max_norm, updates, grad_norm, grad_norm_of) -> jax.Array:
+  """min(1, max_norm / |updates|) (a scalar), with the given norm when it is of `updates`."""
+  given = grad_norm is not None and grad_norm_of is updates
+  norm = grad_norm if given else optax.tree.norm(updates)
+  return jnp.where(norm < max_norm, 1.0, max_norm / norm)
+
+
+def clip_folded_into(
+  max_norm: float, inner: optax.GradientTransformationExtraArgs
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(clip_by_global_norm(max_norm), inner)`` for an ``inner`` that takes the
+  extra argument ``grad_scale`` (sana_jax.optim's CAME and CAME-8bit): the clip factor is
+  handed to ``inner`` instead of multiplied into the gradient, so the clipped gradient is
+  never formed. CAME stores its input once for its several passes, so the chain's clipped
+  copy would be one full-size write and read more per factored leaf. Equal to the chain up
+  to rounding; the state is the chain's, ``(EmptyState(), inner's state)``, so checkpoints
+  do not change. Takes the extra arguments ``grad_norm`` and ``grad_norm_of`` as
+  :func:`clip_by_global_norm` does.
+  """
+
+  def init_fn(params):
+    return (optax.EmptyState(), inner.init(params))
+
+  def update_fn(updates, state, params=None, *, grad_norm=None, grad_norm_of=None, **extra):
+    factor = _clip_factor(max_norm, updates, grad_norm, grad_norm_of)
+    out, inner_state = inner.update(updates, state[1], params, grad_scale=factor, **extra)
+    return out, (state[0], inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -82,7 +111,8 @@ def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformatio
     opt = came_lib.came(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())
   else:
     opt = optax.adamw(schedule, weight_decay=tc.weight_decay)
-  chain = [opt]
-  if tc.grad_clip and tc.grad_clip > 0:
-    chain.insert(0, clip_by_global_norm(tc.grad_clip))
-  return optax.chain(*chain)
+  if not (tc.grad_clip and tc.grad_clip > 0):
+    return optax.chain(opt)
+  if tc.optimizer in ("came_8bit", "came"):
+    return clip_folded_into(tc.grad_clip, opt)
+  return optax.chain(clip_by_global_norm(tc.grad_clip), opt)
