@@ -468,8 +468,10 @@ def test_came_takes_the_clip_as_a_factor(name):
   (clip_folded_into, scale_by_came's grad_scale) instead of clipping the gradient: the same
   state structure as chain(clip, optimizer), so older checkpoints restore; the same
   updates up to rounding over steps below and above the threshold (CAME-8bit: codes may
-  flip on rounding, within 1% of the update); and, compiled, one full-size fusion fewer
-  per leaf (the clipped copy of the gradient is not formed)."""
+  flip on rounding, within 1% of the update); scale_by_came(grad_scale=s) on g gives its
+  direction for s * g (its own rms clip lifted, which would hide a wrong scale); and,
+  compiled, one full-size fusion fewer per leaf (the clipped copy of the gradient is not
+  formed)."""
   tc = _tc(optimizer=name, lr=1e-2, grad_clip=1.0, weight_decay=0.02)
   folded = optim_lib.make_optimizer(tc)
   chained = optax.chain(
@@ -506,6 +508,17 @@ def test_came_takes_the_clip_as_a_factor(name):
       else:
         assert np.max(np.abs(x - y)) <= 1e-2 * np.max(np.abs(y))
     a_p, b_p = optax.apply_updates(a_p, ua), optax.apply_updates(b_p, ub)
+  # grad_scale itself, with CAME's own update clip out of the way (it would rescale a
+  # wrongly scaled U back to rms 1): the direction for s * g, over steps
+  eight_bit = dict(quantize_mu=True, **came_lib.COMPACT) if name == "came_8bit" else {}
+  direction = came_lib.scale_by_came(clip_threshold=1e6, spec=came_lib.sana_spec(), **eight_bit)
+  a_state = b_state = direction.init(params)
+  for s, g in zip([0.2, 1.0, 0.5], _grad_sequence(CAME_SHAPES, [5.0, 0.3, 2.0], seed=6)):
+    g = _tree(jax.tree_util.tree_map(jnp.asarray, g))
+    ua, a_state = direction.update(g, a_state, grad_scale=jnp.float32(s))
+    ub, b_state = direction.update(jax.tree_util.tree_map(lambda x: s * x, g), b_state)
+    for x, y in zip(jax.tree_util.tree_leaves(ua), jax.tree_util.tree_leaves(ub)):
+      assert np.max(np.abs(x - y)) <= (1e-5 if name == "came" else 1e-2) * np.max(np.abs(y))
   shape = (131, 127)
   ours = _full_size_outputs(folded, tc, shape)
   theirs = _full_size_outputs(chained, tc, shape)
