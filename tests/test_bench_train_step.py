@@ -33,7 +33,13 @@ def test_tiny_geometry_runs_both_sides(capsys):
 
 @pytest.mark.parametrize(
   "argv",
-  [["--geometries", "nope"], ["--optimizers", "sgd"], ["--variants", "x"], ["--runs", "0"]],
+  [
+    ["--geometries", "nope"],
+    ["--optimizers", "sgd"],
+    ["--variants", "x"],
+    ["--runs", "0"],
+    ["--lead", "-1"],
+  ],
 )
 def test_bad_arguments_are_refused(argv):
   with pytest.raises(SystemExit) as e:
