@@ -474,21 +474,12 @@ def test_came_takes_the_clip_as_a_factor(name):
   formed)."""
   tc = _tc(optimizer=name, lr=1e-2, grad_clip=1.0, weight_decay=0.02)
   folded = optim_lib.make_optimizer(tc)
-  chained = optax.chain(
-    optim_lib.clip_by_global_norm(1.0),
-    *(
-      [came_lib.came(optim_lib.learning_rate(tc), weight_decay=0.02, spec=came_lib.sana_spec())]
-      if name == "came"
-      else [
-        came_lib.came_8bit(
-          optim_lib.learning_rate(tc),
-          weight_decay=0.02,
-          spec=came_lib.sana_spec(),
-          **optim_lib.CAME_8BIT_STATES[tc.came_8bit_state],
-        )
-      ]
-    ),
-  )
+  lr, kw = optim_lib.learning_rate(tc), dict(weight_decay=0.02, spec=came_lib.sana_spec())
+  if name == "came":
+    opt = came_lib.came(lr, **kw)
+  else:
+    opt = came_lib.came_8bit(lr, **kw, **optim_lib.CAME_8BIT_STATES[tc.came_8bit_state])
+  chained = optax.chain(optim_lib.clip_by_global_norm(1.0), opt)
   rng = np.random.default_rng(4)
   params = _tree(
     {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in CAME_SHAPES.items()}
