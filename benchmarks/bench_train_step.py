@@ -418,9 +418,9 @@ def median_ms(ts) -> float:
 # Seconds of idle before each timed run, so that no step starts while the other side's
 # worker threads still spin after theirs. An order effect remained: the variant listed
 # first (the one that runs right after torch's step) measured 5-27% slower than the same
-# code listed second (2026-12-02, 0.6B, CAME-8bit, both orders), and torch's step after
-# ours up to 26% slower than after its own. So by default (--lead 1) every timed step
-# follows an untimed step of its own side, as steps follow each other in a training loop.
+# code listed second (2026-12-02, 0.6B, CAME-8bit, both orders). So by default (--lead 1)
+# every timed step follows an untimed step of its own side, as steps follow each other in
+# a training loop (whether torch's step is slowed likewise was not settled: docs/train_speed.md).
 SETTLE_S = 0.25
 
 
@@ -657,7 +657,7 @@ def parse_args(argv=None):
     default=1,
     help="untimed steps of the same side right before each timed one (default 1: a timed step"
     " follows a step of its own program, as in a training loop; 0: it follows the other "
-    "side's step, which slowed either side by up to ~25%% in one session)",
+    "side's step, which slowed our step by up to ~25%% in one session)",
   )
   ap.add_argument("--no-breakdown", action="store_true", help="skip the per-part timings")
   args = ap.parse_args(argv)
