@@ -67,12 +67,14 @@ def assert_same_training(params, reference, eight_bit: bool) -> float:
   within 1e-5 of the parameters' scale, and no leaf drifts relative to its own. With them
   (the default train.came_8bit_state="compact"), a last-bit difference of m may flip an
   8-bit code by one level, a whole quantisation step of that m (docs/came.md). Which codes
-  flip varies from run to run (gloo's reduction order is not fixed), and a flip in a block
-  whose range an outlier sets moves a small value by much of its step: the worst
-  difference measured after 3 to 6 steps of the tiny model was 5e-5 to 3.4e-4 of the
-  scale, so the bound is 2e-3. What a sharding bug would break is the share: at most 0.1%
-  of the values may lie beyond the 1e-5 bound (measured: 0.001% to 0.011%), so a
-  difference that spreads over the tree still fails.
+  flip depends on the last bits of m, so any change of rounding in the code moves it, and
+  a flip in a block whose range an outlier sets moves a small value by much of its step:
+  the worst difference measured after 3 to 6 steps of the tiny model was 5e-5 to 3.4e-4 of
+  the scale (two processes against one: 5.8e-5, then 3.4e-4 once the clip factor went into
+  CAME), so the bound is 2e-3. A flip also moves the later gradients of every value a
+  little, so the share of values beyond the 1e-5 bound grows with the steps after it
+  (measured: 0.001% to 0.011% after 3 steps, 0.0014% and 0.107% after 6): at most 1% may
+  lie beyond it, where a sharding bug (a wrong shard, a missing reduction) moves nearly all.
   """
   import jax
 
@@ -91,5 +93,5 @@ def assert_same_training(params, reference, eight_bit: bool) -> float:
   share = beyond / sum(b.size for _, b in pairs)
   print(f"8-bit m: worst {worst:.2e} of the scale; {share:.4%} of the values beyond 1e-5")
   assert worst <= 2e-3, worst
-  assert share <= 1e-3, share
+  assert share <= 1e-2, share
   return worst

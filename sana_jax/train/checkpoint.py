@@ -189,9 +189,10 @@ def _move_aside(mgr: ocp.CheckpointManager, step: int) -> None:
   mgr.reload()
 
 
-def restore_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool = True):
-  """(params as numpy arrays, step) from a training checkpoint, without the optimizer
-  (for export); reads on the host, whatever mesh wrote it."""
+def restore_tree(workdir: str | pathlib.Path, step: int | None = None) -> tuple[dict, int]:
+  """(the whole train state as nested dicts of numpy arrays, step) from a training
+  checkpoint (the latest when step is None), without a target structure; reads on the
+  host, whatever mesh wrote it."""
   steps = saved_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"no checkpoints in {checkpoint_dir(workdir)}")
@@ -205,6 +206,13 @@ def restore_params(workdir: str | pathlib.Path, step: int | None = None, ema: bo
   restored = ocp.Checkpointer(handler).restore(
     path, args=ocp.args.PyTreeRestore(restore_args=restore_args)
   )
+  return restored, step
+
+
+def restore_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool = True):
+  """(params as numpy arrays, step) from a training checkpoint, without the optimizer
+  (for export); reads on the host, whatever mesh wrote it."""
+  restored, step = restore_tree(workdir, step)
   key = "ema_params" if ema else "params"
   return restored[key], step
 
