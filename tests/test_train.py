@@ -109,12 +109,13 @@ def test_sharding_is_invisible(data_dir, tmp_path, mesh):
   train_fixtures.assert_same_training(state.params, ref_state.params, eight_bit=False)
 
 
-def test_sharding_moves_compact_8bit_codes_by_one_level_at_most(data_dir, tmp_path):
+def test_sharding_flips_few_compact_8bit_codes(data_dir, tmp_path):
   """The default state (train.came_8bit_state="compact": 12 of the tiny model's 35 first
-  moments 8-bit) on 8 devices against 1: a last-bit difference of m (reduction order) may
-  flip a code, by one level and rarely, and nothing more (measured: 0.011% of the codes,
-  parameters within 7.1e-5 of their scale 1; docs/came.md), and the parameters agree to
-  train_fixtures.assert_same_training's 8-bit bound."""
+  moments 8-bit) on 8 devices against 1, 3 steps: a last-bit difference of m (reduction
+  order) may flip a code by one level in a step, which m's EMA carries on, so the codes
+  are at most 3 levels apart (measured: 1) and at most 0.1% differ (measured: 0.013%);
+  the parameters agree to train_fixtures.assert_same_training's 8-bit bound (measured:
+  within 5e-5 of their scale 1; docs/came.md)."""
   single = _config(data_dir, checkpoint_every=1000)
   single.mesh.update(data=1, fsdp=1, num_devices=1)
   ref_state = _run(single, tmp_path / "single", 3)
@@ -126,7 +127,7 @@ def test_sharding_moves_compact_8bit_codes_by_one_level_at_most(data_dir, tmp_pa
   flips = [np.abs(a - b) for a, b in zip(codes, ref_codes)]
   flipped = sum(int(np.count_nonzero(f)) for f in flips) / sum(f.size for f in flips)
   print(f"compact across meshes: {flipped:.4%} of the codes differ")
-  assert max(int(f.max()) for f in flips) <= 1
+  assert max(int(f.max()) for f in flips) <= 3  # one level per step at most
   assert flipped <= 1e-3
   train_fixtures.assert_same_training(state.params, ref_state.params, eight_bit=True)
 
