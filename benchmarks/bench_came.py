@@ -277,6 +277,13 @@ def main():
   ap.add_argument("--skip_dit", action="store_true")
   ap.add_argument("--skip_memory", action="store_true")
   args = ap.parse_args()
+  bad = [
+    f"--{k} {getattr(args, k)} < {low}"
+    for k, low in (("depth", 0), ("repeats", 1), ("dit_steps", 1), ("dit_seeds", 1))
+    if getattr(args, k) < low
+  ]
+  if bad:
+    ap.error("; ".join(bad))
   if not args.skip_memory:
     memory_table()
   if not args.skip_time:

@@ -95,3 +95,14 @@ def assert_same_training(params, reference, eight_bit: bool) -> float:
   assert worst <= 2e-3, worst
   assert share <= 1e-2, share
   return worst
+
+
+def code_flips(codes, reference) -> tuple[float, int]:
+  """(share of differing codes, most levels any differs by) between two lists of 8-bit
+  code arrays (int), pairwise."""
+  flips = [
+    np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32))
+    for a, b in zip(codes, reference, strict=True)
+  ]
+  share = sum(int(np.count_nonzero(f)) for f in flips) / sum(f.size for f in flips)
+  return share, max(int(f.max()) for f in flips)

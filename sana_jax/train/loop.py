@@ -232,14 +232,12 @@ def _with_values(config_dict: dict, values: dict) -> dict:
 def _with_absent_values(saved: dict) -> dict:
   """`saved` with each ABSENT_MEANS field it lacks (under a section it has) set to the value
   its absence means."""
-  missing = {}
-  for key, value in ABSENT_MEANS.items():
-    *parents, leaf = key.split(".")
-    node = saved
-    for p in parents:
-      node = node.get(p) if isinstance(node, dict) else None
-    if isinstance(node, dict) and leaf not in node:
-      missing[key] = value
+  flat = checkpoint.flatten(saved)
+  missing = {
+    k: v
+    for k, v in ABSENT_MEANS.items()
+    if k not in flat and any(f.startswith(k.rsplit(".", 1)[0] + ".") for f in flat)
+  }
   return _with_values(saved, missing) if missing else saved
 
 
