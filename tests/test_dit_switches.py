@@ -8,11 +8,15 @@ diffusers' attention; an all-zero caption mask against diffusers / the official 
 -10000 path (every token attended).
 """
 
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from benchmarks import bench_gemm
 from sana_jax.models import dit
@@ -150,20 +154,27 @@ def test_depthwise_shift_gradient_equals_autodiff_of_the_shift_form(dtype):
       assert ref.rel_err(f32(a), f32(e)) <= max(ref.rel_err(f32(b), f32(e)), 1e-2)
 
 
-@pytest.mark.parametrize("product", ["dense_matmul", "dense_matmul_autodiff"])
+DENSE_PRODUCTS = {
+  "dense_matmul": dit.dense_matmul,
+  "dense_matmul_unmerged": lambda x, k: dit.dense_matmul(x, k, False),
+  "dense_matmul_autodiff": dit.dense_matmul_autodiff,
+}
+
+
+@pytest.mark.parametrize("product", sorted(DENSE_PRODUCTS))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("out_shape", [(7,), (2, 5)])
 def test_dense_products_equal_the_einsum_and_its_gradient(product, dtype, out_shape):
-  """Both dense products (the custom VJP and the merged-batch form under autodiff) against
-  the plain einsum, values and jax.grad, for a kernel with one and with two out axes (the
-  qkv / kv layout) and three batch axes: the same values (fp32: to rounding of a
-  differently ordered sum), dtypes and shapes."""
+  """The dense products (the custom VJP, with dx over merged or separate out axes, and the
+  merged-batch form under autodiff) against the plain einsum, values and jax.grad, for a
+  kernel with one and with two out axes (the qkv / kv layout) and three batch axes: the
+  same values (fp32: to rounding of a differently ordered sum), dtypes and shapes."""
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((2, 3, 4, 6)), dtype)
   k = jnp.asarray(rng.standard_normal((6, *out_shape)), dtype)
   w = jnp.asarray(rng.standard_normal((2, 3, 4, *out_shape)), dtype)
   plain = lambda a, b: jnp.einsum(dit._dense_einsum(b.ndim - 1), a, b)  # noqa: E731
-  fn = getattr(dit, product)
+  fn = DENSE_PRODUCTS[product]
 
   def grad(f):
     return jax.grad(lambda a, b: jnp.sum((f(a, b) * w).astype(jnp.float32)), argnums=(0, 1))(x, k)
@@ -183,6 +194,98 @@ def test_dense_products_equal_the_einsum_and_its_gradient(product, dtype, out_sh
       a.shape == b.shape
       and ref.rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) <= tol
     )
+
+
+def _input_gradient_hlo(product, x, kernel, w) -> str:
+  """The compiled gradient of sum(product(x, kernel[l]) * w[l]) over a scan of the stacked
+  kernel's blocks, with respect to x (a block stack's input gradient)."""
+
+  def loss(x, kernels):
+    def block(total, kw):
+      return total + jnp.sum(product(x, kw[0]) * kw[1]), None
+
+    return jax.lax.scan(block, 0.0, (kernels, w))[0]
+
+  return jax.jit(jax.grad(loss)).lower(x, kernel).compile().as_text()
+
+
+def test_grouped_kernels_input_gradient_reads_the_kernel_in_place(optimized_compiles):
+  """dx of a kernel with two out axes (in, 2, out), merged: no transposed copy of the kernel
+  (an (2 * out, in) or (2, out, in) array) in the compiled program; over separate out axes
+  XLA:CPU makes one per block (the copy this form removes: 310 ms of op time per 0.6B-width
+  step, docs/train_speed.md)."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((4, 16, 48)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 48, 2, 40)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 4, 16, 2, 40)), jnp.float32)
+  transposed = re.compile(r"= f32\[(80,48|2,40,48)\]")
+  merged = _input_gradient_hlo(dit.dense_matmul, x, kernel, w)
+  separate = _input_gradient_hlo(DENSE_PRODUCTS["dense_matmul_unmerged"], x, kernel, w)
+  assert transposed.search(separate), "the test no longer sees the copy it guards against"
+  assert not transposed.search(merged), transposed.findall(merged)
+
+
+_COLLECTIVES = re.compile(r"= \S+ (all-gather|all-to-all|collective-permute)(-start)?\(")
+
+
+def _dense_layer_gradients(mesh_shape: tuple, merge=None) -> tuple[list, bool]:
+  """A (48 -> 2 x 40) dense layer's compiled gradient with the kernel's logical names of
+  the qkv / kv layers, under `jax.set_mesh` and the project's logical rules on a mesh of
+  the 8 devices (data, fsdp, tensor): (the gather-like collectives in it, sorted; whether
+  the layer merged the out axes). `merge` True / False replaces dit.merges_out_axes's
+  answer (so the layer merges, or not, regardless of the mesh)."""
+  from sana_jax import parallel
+
+  mesh = jax.make_mesh(mesh_shape, parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  layer = dit._Dense((2, 40), ("embed", None, "heads"))
+  params = layer.init(jax.random.key(0), jnp.zeros((1, 48)))
+  params = jax.device_put(
+    nn.unbox(params), parallel.logical_sharding(nn.get_partition_spec(params), mesh)
+  )
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((8, 16, 48)), jnp.float32)
+  x = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+  loss = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))  # noqa: E731
+  merges = dit.merges_out_axes
+  if merge is not None:
+    dit.merges_out_axes = lambda name: merge
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+      hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+      merged = dit.merges_out_axes("heads")
+  finally:
+    dit.merges_out_axes = merges
+  return sorted(m.group(1) for m in _COLLECTIVES.finditer(hlo)), merged
+
+
+def test_dense_layers_merge_out_axes_only_off_the_mesh():
+  """_Dense merges the out axes for dx only where the minor one is not sharded. On a
+  tensor-parallel mesh (heads over 'tensor') its gradient has the collectives of the
+  unmerged form, fewer than merged (GSPMD then gathers the kernel); on an FSDP-only mesh
+  it merges, with the unmerged form's collectives. No mesh: merged (on this CPU)."""
+  assert dit.merges_out_axes("heads")
+  tensor, tensor_merged = _dense_layer_gradients((2, 2, 2))
+  assert not tensor_merged
+  assert tensor == _dense_layer_gradients((2, 2, 2), merge=False)[0]
+  assert len(tensor) < len(_dense_layer_gradients((2, 2, 2), merge=True)[0])
+  fsdp, fsdp_merged = _dense_layer_gradients((2, 4, 1))
+  assert fsdp_merged
+  assert fsdp == _dense_layer_gradients((2, 4, 1), merge=False)[0]
+
+
+def test_dense_layers_merge_out_axes_only_on_cpu():
+  """On a TPU topology's mesh (AOT compiles, tpu_plan.py) the out axes stay unmerged:
+  the merge is an XLA:CPU measure."""
+  pytest.importorskip("libtpu")
+  from jax.experimental import topologies
+
+  from sana_jax import parallel
+
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+  mesh = parallel.make_mesh(data=1, fsdp=4, devices=list(devices))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+    assert not dit.merges_out_axes("heads") and not dit.merges_out_axes("mlp")
+  with jax.set_mesh(parallel.make_mesh(data=1, fsdp=8)):
+    assert dit.merges_out_axes("heads")
 
 
 def _dots_in_custom_vjps(jaxpr, inside=False) -> tuple[int, int]:

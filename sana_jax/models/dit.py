@@ -204,8 +204,8 @@ def _dense_einsum(n_out: int) -> str:
   return f"...i,i{out}->...{out}"
 
 
-@jax.custom_vjp
-def dense_matmul(x: Array, kernel: Array) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense_matmul(x: Array, kernel: Array, merge_out_axes: bool = True) -> Array:
   """x (..., in) times kernel (in, *out) -> (..., *out) (1 or 2 out axes), in their dtype.
 
   The einsum's product with its backward written out: dx as the einsum of dy and the
@@ -218,31 +218,75 @@ def dense_matmul(x: Array, kernel: Array) -> Array:
   slower than this form (3634 vs 2674 ms scanned, 2775 vs 2295 unrolled, alternating;
   docs/train_speed.md). A custom VJP hides its dots from remat policies, so blocks under a
   dot-saving policy use `dense_matmul_autodiff` (_Dense.written_backward).
+
+  merge_out_axes: dx contracts dy and a kernel with two out axes over those axes merged
+  into one. Over the two axes as they are, XLA:CPU copied the whole kernel to transposed
+  layout for the product; over one merged minor axis it reads the kernel in place. The
+  merge is only free when the minor out axis is not sharded (merging a sharded minor axis
+  made GSPMD gather the kernel); `_Dense` asks `merges_out_axes`. The values are the
+  same either way, to rounding. The forward multiplies by the same merged kernel, so that
+  a sharded kernel is gathered once for both (with the forward on the (in, g, out) kernel,
+  GSPMD gathered the merged one a second time for dx).
   """
-  return jnp.einsum(_dense_einsum(kernel.ndim - 1), x, kernel)
+  used = _merged_kernel(kernel, merge_out_axes)
+  y = jnp.einsum(_dense_einsum(used.ndim - 1), x, used)
+  return y.reshape(*x.shape[:-1], *kernel.shape[1:])
 
 
-def _dense_matmul_fwd(x, kernel):
+def _merged_kernel(kernel: Array, merge_out_axes: bool) -> Array:
+  """The kernel the product multiplies by: (in, g * out) when merging its out axes."""
+  if merge_out_axes and kernel.ndim > 2:
+    return kernel.reshape(kernel.shape[0], -1)
+  return kernel
+
+
+def _dense_matmul_fwd(x, kernel, merge_out_axes):
   # Leafless markers (static structure) of which inputs want a gradient.
   wanted = tuple(() if a.perturbed else None for a in (x, kernel))
-  return dense_matmul(x.value, kernel.value), (x.value, kernel.value, wanted)
+  x, kernel = x.value, kernel.value
+  # The product's own (merged) kernel is the residual: one value for the forward's product
+  # and dx's, so that a sharded kernel is gathered once.
+  used = _merged_kernel(kernel, merge_out_axes)
+  y = jnp.einsum(_dense_einsum(used.ndim - 1), x, used)
+  return y.reshape(*x.shape[:-1], *kernel.shape[1:]), (x, used, kernel.shape[1:], wanted)
 
 
-def _dense_matmul_bwd(res, dy):
-  x, kernel, (want_dx, want_dk) = res
+def _dense_matmul_bwd(merge_out_axes, res, dy):
+  x, used, out_shape, (want_dx, want_dk) = res
   if isinstance(dy, jax.custom_derivatives.SymbolicZero):
     return None, None
-  out = "jk"[: kernel.ndim - 1]
+  dy = dy.reshape(*dy.shape[: dy.ndim - len(out_shape)], *used.shape[1:])
+  out = "jk"[: used.ndim - 1]
   dx = dk = None
   if want_dx is not None:
-    dx = jnp.einsum(f"...{out},i{out}->...i", dy, kernel).astype(x.dtype)
+    dx = jnp.einsum(f"...{out},i{out}->...i", dy, used).astype(x.dtype)
   if want_dk is not None:
-    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, *kernel.shape[1:])
-    dk = jnp.einsum(f"ti,t{out}->i{out}", x2, dy2).astype(kernel.dtype)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, *used.shape[1:])
+    dk = jnp.einsum(f"ti,t{out}->i{out}", x2, dy2).astype(used.dtype)
+    dk = dk.reshape(used.shape[0], *out_shape)
   return dx, dk
 
 
 dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd, symbolic_zeros=True)
+
+
+def merges_out_axes(minor_name: str | None) -> bool:
+  """Whether `_Dense` has dense_matmul merge a kernel's out axes, for a kernel whose minor
+  out axis has this logical name. Only on XLA:CPU, where the merge removes a transposed
+  copy of the kernel from the backward (on TPU the compiler's plan for the 1.6B step had
+  2.8% more bytes accessed merged: docs/train_speed.md), and only while that axis is not
+  sharded: under flax's current logical axis rules it maps onto no axis of size > 1 of the
+  current mesh (`jax.set_mesh`). With no mesh set, the default backend decides."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return jax.default_backend() == "cpu"
+  if mesh.abstract_device.platform != "cpu":
+    return False
+  (axes,) = nn.logical_to_mesh_axes((minor_name,))
+  for axis in axes if isinstance(axes, tuple) else (axes,):
+    if axis is not None and mesh.shape.get(axis, 1) > 1:
+      return False
+  return True
 
 
 def dense_matmul_autodiff(x: Array, kernel: Array) -> Array:
@@ -292,8 +336,11 @@ class _Dense(nn.Module):
     kernel = self.param(
       "kernel", _part(self._kernel_init(), self.names), (in_dim, *self.out_shape), jnp.float32
     )
-    product = dense_matmul if self.written_backward else dense_matmul_autodiff
-    y = product(x.astype(self.dtype), kernel.astype(self.dtype))
+    xc, kc = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.written_backward:
+      y = dense_matmul(xc, kc, merges_out_axes(self.names[-1]))
+    else:
+      y = dense_matmul_autodiff(xc, kc)
     if self.use_bias:
       bias = self.param(
         "bias", _part(nn.initializers.zeros, self.names[1:]), self.out_shape, jnp.float32
