@@ -247,29 +247,30 @@ def _dense_layer_gradients(mesh_shape: tuple, merge=None) -> tuple[list, bool]:
   loss = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))  # noqa: E731
   merges = dit.merges_out_axes
   if merge is not None:
-    dit.merges_out_axes = lambda name: merge
+    dit.merges_out_axes = lambda names: merge
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
       hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
-      merged = dit.merges_out_axes("heads")
+      merged = dit.merges_out_axes(layer.names)
   finally:
     dit.merges_out_axes = merges
   return sorted(m.group(1) for m in _COLLECTIVES.finditer(hlo)), merged
 
 
-def test_dense_layers_merge_out_axes_only_off_the_mesh():
-  """_Dense merges the out axes for dx only where the minor one is not sharded. On a
-  tensor-parallel mesh (heads over 'tensor') its gradient has the collectives of the
-  unmerged form, fewer than merged (GSPMD then gathers the kernel); on an FSDP-only mesh
-  it merges, with the unmerged form's collectives. No mesh: merged (on this CPU)."""
-  assert dit.merges_out_axes("heads")
-  tensor, tensor_merged = _dense_layer_gradients((2, 2, 2))
-  assert not tensor_merged
-  assert tensor == _dense_layer_gradients((2, 2, 2), merge=False)[0]
-  assert len(tensor) < len(_dense_layer_gradients((2, 2, 2), merge=True)[0])
-  fsdp, fsdp_merged = _dense_layer_gradients((2, 4, 1))
-  assert fsdp_merged
-  assert fsdp == _dense_layer_gradients((2, 4, 1), merge=False)[0]
+def test_dense_layers_merge_out_axes_only_for_unsharded_kernels():
+  """_Dense merges the out axes for dx only where the kernel is not sharded. On a
+  tensor-parallel mesh (heads over 'tensor') and on an FSDP mesh (its in axis over 'fsdp')
+  its gradient has the collectives of the unmerged form, fewer than merged (GSPMD gathers
+  the merged kernel apart); on a data-parallel mesh it merges. No mesh: merged (CPU)."""
+  names = ("embed", None, "heads")
+  assert dit.merges_out_axes(names)
+  for mesh_shape in ((2, 2, 2), (2, 4, 1)):
+    gathers, merged = _dense_layer_gradients(mesh_shape)
+    assert not merged, mesh_shape
+    assert gathers == _dense_layer_gradients(mesh_shape, merge=False)[0]
+    assert len(gathers) < len(_dense_layer_gradients(mesh_shape, merge=True)[0]), mesh_shape
+  gathers, merged = _dense_layer_gradients((8, 1, 1))
+  assert merged and gathers == _dense_layer_gradients((8, 1, 1), merge=False)[0] == []
 
 
 def test_dense_layers_merge_out_axes_only_on_cpu():
@@ -283,9 +284,9 @@ def test_dense_layers_merge_out_axes_only_on_cpu():
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
   mesh = parallel.make_mesh(data=1, fsdp=4, devices=list(devices))
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
-    assert not dit.merges_out_axes("heads") and not dit.merges_out_axes("mlp")
-  with jax.set_mesh(parallel.make_mesh(data=1, fsdp=8)):
-    assert dit.merges_out_axes("heads")
+    assert not dit.merges_out_axes(("embed", None, "heads"))
+  with jax.set_mesh(parallel.make_mesh(data=8)), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+    assert dit.merges_out_axes(("embed", None, "heads"))
 
 
 def _dots_in_custom_vjps(jaxpr, inside=False) -> tuple[int, int]:

@@ -222,70 +222,60 @@ def dense_matmul(x: Array, kernel: Array, merge_out_axes: bool = True) -> Array:
   merge_out_axes: dx contracts dy and a kernel with two out axes over those axes merged
   into one. Over the two axes as they are, XLA:CPU copied the whole kernel to transposed
   layout for the product; over one merged minor axis it reads the kernel in place. The
-  merge is only free when the minor out axis is not sharded (merging a sharded minor axis
-  made GSPMD gather the kernel); `_Dense` asks `merges_out_axes`. The values are the
-  same either way, to rounding. The forward multiplies by the same merged kernel, so that
-  a sharded kernel is gathered once for both (with the forward on the (in, g, out) kernel,
-  GSPMD gathered the merged one a second time for dx).
+  values are the same either way, to rounding. `_Dense` asks `merges_out_axes`.
   """
-  used = _merged_kernel(kernel, merge_out_axes)
-  y = jnp.einsum(_dense_einsum(used.ndim - 1), x, used)
-  return y.reshape(*x.shape[:-1], *kernel.shape[1:])
-
-
-def _merged_kernel(kernel: Array, merge_out_axes: bool) -> Array:
-  """The kernel the product multiplies by: (in, g * out) when merging its out axes."""
-  if merge_out_axes and kernel.ndim > 2:
-    return kernel.reshape(kernel.shape[0], -1)
-  return kernel
+  del merge_out_axes  # the forward is the same either way
+  return jnp.einsum(_dense_einsum(kernel.ndim - 1), x, kernel)
 
 
 def _dense_matmul_fwd(x, kernel, merge_out_axes):
   # Leafless markers (static structure) of which inputs want a gradient.
   wanted = tuple(() if a.perturbed else None for a in (x, kernel))
-  x, kernel = x.value, kernel.value
-  # The product's own (merged) kernel is the residual: one value for the forward's product
-  # and dx's, so that a sharded kernel is gathered once.
-  used = _merged_kernel(kernel, merge_out_axes)
-  y = jnp.einsum(_dense_einsum(used.ndim - 1), x, used)
-  return y.reshape(*x.shape[:-1], *kernel.shape[1:]), (x, used, kernel.shape[1:], wanted)
+  # The kernel itself is the residual (not a reshape of it): inside nn.scan a residual that
+  # is the scanned input is read from it, anything else is stacked per block.
+  y = dense_matmul(x.value, kernel.value, merge_out_axes)
+  return y, (x.value, kernel.value, wanted)
 
 
 def _dense_matmul_bwd(merge_out_axes, res, dy):
-  x, used, out_shape, (want_dx, want_dk) = res
+  x, kernel, (want_dx, want_dk) = res
   if isinstance(dy, jax.custom_derivatives.SymbolicZero):
     return None, None
-  dy = dy.reshape(*dy.shape[: dy.ndim - len(out_shape)], *used.shape[1:])
-  out = "jk"[: used.ndim - 1]
+  out = "jk"[: kernel.ndim - 1]
   dx = dk = None
-  if want_dx is not None:
-    dx = jnp.einsum(f"...{out},i{out}->...i", dy, used).astype(x.dtype)
+  if want_dx is not None and merge_out_axes and kernel.ndim > 2:
+    lead = dy.shape[: dy.ndim - (kernel.ndim - 1)]
+    dy_flat, kernel_flat = dy.reshape(*lead, -1), kernel.reshape(kernel.shape[0], -1)
+    dx = jnp.einsum("...o,io->...i", dy_flat, kernel_flat).astype(x.dtype)
+  elif want_dx is not None:
+    dx = jnp.einsum(f"...{out},i{out}->...i", dy, kernel).astype(x.dtype)
   if want_dk is not None:
-    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, *used.shape[1:])
-    dk = jnp.einsum(f"ti,t{out}->i{out}", x2, dy2).astype(used.dtype)
-    dk = dk.reshape(used.shape[0], *out_shape)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, *kernel.shape[1:])
+    dk = jnp.einsum(f"ti,t{out}->i{out}", x2, dy2).astype(kernel.dtype)
   return dx, dk
 
 
 dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd, symbolic_zeros=True)
 
 
-def merges_out_axes(minor_name: str | None) -> bool:
-  """Whether `_Dense` has dense_matmul merge a kernel's out axes, for a kernel whose minor
-  out axis has this logical name. Only on XLA:CPU, where the merge removes a transposed
-  copy of the kernel from the backward (on TPU the compiler's plan for the 1.6B step had
-  2.8% more bytes accessed merged: docs/train_speed.md), and only while that axis is not
-  sharded: under flax's current logical axis rules it maps onto no axis of size > 1 of the
-  current mesh (`jax.set_mesh`). With no mesh set, the default backend decides."""
+def merges_out_axes(names: tuple) -> bool:
+  """Whether `_Dense` has dense_matmul merge the out axes of a kernel with these logical
+  axis names for dx. Only on XLA:CPU, where the merge removes a transposed copy of the
+  kernel from the backward (on TPU the compiler's plan for the 1.6B step had 2.8% more
+  bytes accessed merged: docs/train_speed.md), and only for a kernel that is not sharded:
+  under flax's current logical axis rules no name maps onto an axis of size > 1 of the
+  current mesh (`jax.set_mesh`). A merged sharded kernel made GSPMD gather it once more
+  (its out axes: the merged axis is not a tiling; its in axis: the reshape is a value of its
+  own, gathered apart from the forward's). With no mesh set, the default backend decides."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return jax.default_backend() == "cpu"
   if mesh.abstract_device.platform != "cpu":
     return False
-  (axes,) = nn.logical_to_mesh_axes((minor_name,))
-  for axis in axes if isinstance(axes, tuple) else (axes,):
-    if axis is not None and mesh.shape.get(axis, 1) > 1:
-      return False
+  for axes in nn.logical_to_mesh_axes(names):
+    for axis in axes if isinstance(axes, tuple) else (axes,):
+      if axis is not None and mesh.shape.get(axis, 1) > 1:
+        return False
   return True
 
 
@@ -338,7 +328,7 @@ class _Dense(nn.Module):
     )
     xc, kc = x.astype(self.dtype), kernel.astype(self.dtype)
     if self.written_backward:
-      y = dense_matmul(xc, kc, merges_out_axes(self.names[-1]))
+      y = dense_matmul(xc, kc, merges_out_axes(self.names))
     else:
       y = dense_matmul_autodiff(xc, kc)
     if self.use_bias:
