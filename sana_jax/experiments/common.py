@@ -159,9 +159,7 @@ def make_tx(optimizer: str, tc):
   opt = optax.adamw(
     optim_lib.learning_rate(tc), weight_decay=tc.weight_decay, mu_dtype=jnp.bfloat16
   )
-  if tc.grad_clip and tc.grad_clip > 0:
-    return optax.chain(optim_lib.clip_by_global_norm(tc.grad_clip), opt)
-  return optax.chain(opt)
+  return optim_lib.clipped(tc, opt)
 
 
 OPTIMIZERS = ("came_8bit", "came", "adamw", "adamw_bf16mu")

@@ -111,8 +111,18 @@ def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformatio
     opt = came_lib.came(schedule, weight_decay=tc.weight_decay, spec=came_lib.sana_spec())
   else:
     opt = optax.adamw(schedule, weight_decay=tc.weight_decay)
+  return clipped(tc, opt, fold=tc.optimizer in ("came_8bit", "came"))
+
+
+def clipped(
+  tc: ml_collections.ConfigDict, opt: optax.GradientTransformation, fold: bool = False
+) -> optax.GradientTransformationExtraArgs:
+  """opt behind the global-norm clip of tc.grad_clip (none when it is 0 or unset), as an
+  optax chain that takes the extra arguments of make_optimizer's. fold: hand the clip to
+  opt as its ``grad_scale`` (CAME and CAME-8bit: :func:`clip_folded_into`) instead of
+  clipping the gradient before it."""
   if not (tc.grad_clip and tc.grad_clip > 0):
     return optax.chain(opt)
-  if tc.optimizer in ("came_8bit", "came"):
+  if fold:
     return clip_folded_into(tc.grad_clip, opt)
   return optax.chain(clip_by_global_norm(tc.grad_clip), opt)
