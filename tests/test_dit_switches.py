@@ -8,6 +8,7 @@ diffusers' attention; an all-zero caption mask against diffusers / the official 
 -10000 path (every token attended).
 """
 
+import os
 import re
 
 import flax.linen as nn
@@ -277,6 +278,7 @@ def test_dense_layers_merge_out_axes_only_on_cpu():
   """On a TPU topology's mesh (AOT compiles, tpu_plan.py) the out axes stay unmerged:
   the merge is an XLA:CPU measure."""
   pytest.importorskip("libtpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # test_tpu_plan may hold libtpu
   from jax.experimental import topologies
 
   from sana_jax import parallel
