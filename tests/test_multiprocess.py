@@ -34,6 +34,10 @@ from sana_jax.data import input_pipeline, latents_tfds
 from sana_jax.train import checkpoint, loop
 from tests import train_fixtures
 
+# Every test here on one xdist worker (the suite runs with --dist loadgroup): the module's
+# fixture runs once per worker, and it is the suite's longest (~3 minutes of CPU).
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY, N_EXAMPLES, BATCH = 6, 3, 24, 8  # 3 global batches per epoch: 2 epochs
 PROCESSES, LOCAL_DEVICES = 2, 2
