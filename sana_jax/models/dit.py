@@ -266,7 +266,8 @@ def merges_out_axes(names: tuple) -> bool:
   under flax's current logical axis rules no name maps onto an axis of size > 1 of the
   current mesh (`jax.set_mesh`). A merged sharded kernel made GSPMD gather it once more
   (its out axes: the merged axis is not a tiling; its in axis: the reshape is a value of its
-  own, gathered apart from the forward's). With no mesh set, the default backend decides."""
+  own, gathered apart from the forward's). A kernel sharded without those rules (by hand)
+  counts as unsharded. With no mesh set, the default backend decides."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return jax.default_backend() == "cpu"
