@@ -11,6 +11,10 @@ import pytest
 from tests.cli_contract import assert_refused, assert_unchanged, call_main, snapshot
 from sana_jax.experiments import came8, growth, inference_scaling, pruning
 
+# Every test here on one xdist worker (the suite runs with --dist loadgroup): quick_outputs
+# runs the four commands (~100 s) once per worker that gets one of these tests.
+pytestmark = pytest.mark.xdist_group("experiments")
+
 COMMANDS = {
   "growth": growth,
   "pruning": pruning,
