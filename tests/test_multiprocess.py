@@ -198,8 +198,7 @@ def _params(workdir, step=None):
 def _codes(workdir) -> dict[str, np.ndarray]:
   """{path: uint8 codes} of every 8-bit first moment in the latest checkpoint."""
   state, _ = checkpoint.restore_tree(workdir)
-  flat, _ = jax.tree_util.tree_flatten_with_path(state["opt_state"])
-  return {jax.tree_util.keystr(k): v for k, v in flat if v.dtype == np.uint8}
+  return train_fixtures.eight_bit_codes(state["opt_state"])
 
 
 def test_two_processes_equal_one_process_on_the_same_mesh(runs):

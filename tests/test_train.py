@@ -14,7 +14,6 @@ import pytest
 from sana_jax.configs import tiny
 from sana_jax.diffusion import flow
 from sana_jax.models import dit
-from sana_jax.optim import quant8
 from sana_jax.train import loop
 from tests import train_fixtures
 
@@ -85,14 +84,6 @@ def _run(config, workdir, steps):
   return jax.device_get(state)
 
 
-def _codes(state) -> list[np.ndarray]:
-  """The uint8 codes of every 8-bit first moment in a train state."""
-  quantized = jax.tree_util.tree_leaves(
-    state.opt_state, is_leaf=lambda x: isinstance(x, quant8.QuantizedArray)
-  )
-  return [np.asarray(x.q, np.int32) for x in quantized if isinstance(x, quant8.QuantizedArray)]
-
-
 @pytest.mark.parametrize("mesh", [dict(data=2, fsdp=4), dict(data=8, fsdp=1)])
 def test_sharding_is_invisible(data_dir, tmp_path, mesh):
   """Three steps on 8 simulated devices equal three single-device steps (CAME-8bit under
@@ -105,7 +96,7 @@ def test_sharding_is_invisible(data_dir, tmp_path, mesh):
   sharded.mesh.update(num_devices=8, **mesh)
   state = _run(sharded, tmp_path / "sharded", 3)
   assert int(state.step) == int(ref_state.step) == 3
-  assert not _codes(state)
+  assert not train_fixtures.eight_bit_codes(state.opt_state)
   train_fixtures.assert_same_training(state.params, ref_state.params, eight_bit=False)
 
 
@@ -122,9 +113,10 @@ def test_sharding_flips_few_compact_8bit_codes(data_dir, tmp_path):
   sharded = _config(data_dir, checkpoint_every=1000)
   sharded.mesh.update(num_devices=8, data=2, fsdp=4)
   state = _run(sharded, tmp_path / "sharded", 3)
-  codes, ref_codes = _codes(state), _codes(ref_state)
+  codes = train_fixtures.eight_bit_codes(state.opt_state)
+  ref_codes = train_fixtures.eight_bit_codes(ref_state.opt_state)
   assert len(codes) == len(ref_codes) == 12
-  flipped, levels = train_fixtures.code_flips(codes, ref_codes)
+  flipped, levels = train_fixtures.code_flips(list(codes.values()), list(ref_codes.values()))
   print(f"compact across meshes: {flipped:.4%} of the codes differ")
   assert levels <= 3  # one level per step at most
   assert flipped <= 1e-3

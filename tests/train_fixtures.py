@@ -97,6 +97,15 @@ def assert_same_training(params, reference, eight_bit: bool) -> float:
   return worst
 
 
+def eight_bit_codes(opt_state) -> dict[str, np.ndarray]:
+  """{path: uint8 codes} of every 8-bit first moment in an optimizer state: a live one
+  (QuantizedArray leaves) or one restored from a checkpoint (nested dicts of arrays)."""
+  import jax
+
+  flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat if v.dtype == np.uint8}
+
+
 def code_flips(codes, reference) -> tuple[float, int]:
   """(share of differing codes, most levels any differs by) between two lists of 8-bit
   code arrays (int), pairwise."""
