@@ -22,6 +22,9 @@ phase; torch on CPU is synchronous). Compile = lower + compile of the whole step
   python benchmarks/bench_train_step.py --geometries tiny --runs 1        # seconds (the test)
 
 Run the 0.6B / 1.6B geometries under `flock /tmp/heavy.lock` on the shared machine.
+The script restarts itself with the malloc setting of our commands (huge pages for large
+blocks, sana_jax/commands/huge_pages.py), for both sides; SANA_JAX_KEEP_MALLOC=1 keeps
+glibc's default.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if __name__ == "__main__":
+  # Both sides run with the malloc setting our commands run with (huge pages for large
+  # blocks: sana_jax/commands/huge_pages.py; SANA_JAX_KEEP_MALLOC=1 keeps glibc's default).
+  from sana_jax.commands import huge_pages
+
+  huge_pages.restart(None)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -681,7 +690,8 @@ def main(argv=None) -> list[dict]:
   print(
     f"jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cores), torch "
     f"{torch.__version__} ({torch.get_num_threads()} threads); {args.runs} alternating runs, "
-    f"each after {args.lead} untimed step(s) of its own side",
+    f"each after {args.lead} untimed step(s) of its own side; "
+    f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}",
     flush=True,
   )
   if args.compile:
