@@ -203,6 +203,23 @@ def test_depthwise_shift_gradients_equal_torch(shape):
     assert ref.rel_err(np.asarray(a, np.float64), theirs) <= 1e-6
 
 
+def test_depthwise_gradients_under_a_batch_sharding_move_only_the_partial_sums():
+  """With the batch over 8 devices the kernel gradient is a local sum and one all-reduce (the
+  row groups stay inside each image): no gathers or permutes, and the single-device values."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((16, 8, 6, 2, 5)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 2, 5)), jnp.float32)
+  grad = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(dit.depthwise_conv3x3(a, b))), (0, 1)))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  ks = jax.device_put(k, NamedSharding(mesh, P()))
+  hlo = grad.lower(xs, ks).compile().as_text()
+  assert _COLLECTIVES.findall(hlo) == []
+  assert len(re.findall(r"= \S+ all-reduce(-start)?\(", hlo)) == 1
+  for a, b in zip(grad(xs, ks), grad(x, k)):
+    assert ref.rel_err(np.asarray(a), np.asarray(b)) <= 1e-6
+
+
 DENSE_PRODUCTS = {
   "dense_matmul": dit.dense_matmul,
   "dense_matmul_unmerged": lambda x, k: dit.dense_matmul(x, k, False),
