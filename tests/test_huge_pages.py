@@ -58,6 +58,19 @@ def test_a_main_called_in_process_never_restarts(monkeypatch):
   huge_pages.restart(["--help"])
 
 
+@needs_thp
+def test_an_ipython_session_never_restarts(monkeypatch):
+  calls = []
+  monkeypatch.setattr(huge_pages.os, "execve", lambda *a: calls.append(a))
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.delenv(huge_pages.OPT_OUT, raising=False)
+  huge_pages.restart(None)  # this pytest process: not interactive, so it would restart
+  assert len(calls) == 1 and calls[0][2]["GLIBC_TUNABLES"] == huge_pages.SETTING
+  monkeypatch.setitem(sys.modules, "IPython", sys)
+  huge_pages.restart(None)
+  assert len(calls) == 1
+
+
 _SCRIPT = """
 import os
 from sana_jax.commands import huge_pages

@@ -14,7 +14,8 @@ re-executes the command with the tunable added to GLIBC_TUNABLES.
 
 Nothing is restarted when the process is not glibc's on Linux, when the kernel's
 transparent huge pages are off (`[never]`), when GLIBC_TUNABLES already sets
-glibc.malloc.hugetlb, or when SANA_JAX_KEEP_MALLOC is set (to any value).
+glibc.malloc.hugetlb, when SANA_JAX_KEEP_MALLOC is set (to any value), or in an
+interactive interpreter or a Jupyter / IPython kernel (whose process is not the command's).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def _thp_enabled() -> bool:
     return False
 
 
+def _interactive() -> bool:
+  """An interactive interpreter, or an IPython / Jupyter kernel: restarting would restart
+  the user's session, not a command."""
+  return bool(sys.flags.interactive) or hasattr(sys, "ps1") or "IPython" in sys.modules
+
+
 def restart_environment(environ, libc: str, thp_enabled: bool) -> dict | None:
   """The environment to restart with, or None where no restart is wanted: `environ` with
   SETTING appended to GLIBC_TUNABLES (its other tunables kept)."""
@@ -55,7 +62,7 @@ def restart(argv) -> None:
   """Re-execute this process's command line with the tunable, where wanted (see the
   module). Returns only where no restart is wanted. `argv` is a command's `main(argv)`
   argument: a main called in-process (argv given) never restarts."""
-  if argv is not None or not sys.platform.startswith("linux"):
+  if argv is not None or not sys.platform.startswith("linux") or _interactive():
     return
   env = restart_environment(os.environ, platform.libc_ver()[0], _thp_enabled())
   if env is None:
