@@ -134,9 +134,8 @@ def test_depthwise_conv_gradients_equal_shift():
 def test_depthwise_shift_gradient_equals_autodiff_of_the_shift_form(dtype):
   """The shift form's hand-written VJP (flipped-kernel correlation, the kernel gradient's
   partial sums) against jax.grad of the same nine multiply-adds: equal to rounding in fp32;
-  in bf16 the same
-  dtypes, and no further from the fp32 gradient than autodiff's (the kernel gradient is
-  accumulated in fp32, autodiff's in bf16)."""
+  in bf16 the same dtypes, and no further from the fp32 gradient than autodiff's (the
+  kernel gradient is accumulated in fp32, autodiff's in bf16)."""
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((2, 5, 7, 2, 3)), dtype)
   k = jnp.asarray(rng.standard_normal((3, 3, 2, 3)), jnp.float32)

@@ -3,14 +3,14 @@
 XLA:CPU allocates the temporaries of each run of a compiled program as one block (367 MB
 for the embedded model's train step). It is allocated on a worker thread, whose glibc arena
 grows by at most 64 MB, so glibc maps a block that large fresh whatever its mmap settings
-(M_MMAP_MAX=0 did not stop it), and unmaps it after the run: every
-step touches 94,000 new 4 KB pages (touching 385 MB of fresh pages took 172-184 ms in one
-thread on the project's 2-core machine). PyTorch's tensors are separate blocks under
+(M_MMAP_MAX=0 did not stop it), and unmaps it after the run: every step touches 94,000 new
+4 KB pages (touching 385 MB of fresh pages took 172-184 ms in one thread on the project's
+2-core machine). PyTorch's tensors are separate blocks under
 glibc's 32 MB mmap ceiling, which the heap serves again without faults. The glibc tunable
 `glibc.malloc.hugetlb=1` makes malloc advise transparent huge pages for its mappings: 2 MB
 pages, ~600 faults per step. The embedded model's train step took 241 ms instead of 278
-(docs/train_speed.md, "Session 12"). glibc reads tunables only at process start, so `restart()`
-re-executes the command with the tunable added to GLIBC_TUNABLES.
+(docs/train_speed.md, "Session 12"). glibc reads tunables only at process start, so
+`restart()` re-executes the command with the tunable added to GLIBC_TUNABLES.
 
 Nothing is restarted when the process is not glibc's on Linux, when the kernel's
 transparent huge pages are off (`[never]`), when GLIBC_TUNABLES already sets
