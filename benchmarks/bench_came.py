@@ -9,7 +9,8 @@
    variants, next to the official CAME-8bit's 1.019 B/param; plus a breakdown.
 2. Update time of came and came_8bit vs optax.adamw on the Sana 0.6B tree (allocated,
    jitted, params and state donated; the three alternate run by run, medians of --repeats
-   runs of wall and process-CPU time; the CPU time is steadier on a loaded box). On a small CPU box the full 0.6B tree with AdamW
+   runs of wall and process-CPU time; the CPU time is steadier on a loaded box; with our
+   commands' malloc settings, sana_jax/commands/malloc_settings.py). On a small CPU box the full 0.6B tree with AdamW
    state (about 12 GB live) does not fit next to other work, so --depth (default 7 of 28
    blocks, about 150M parameters) keeps the per-parameter mix of the real tree; the ratio
    is what is compared (goal <= 2x).
@@ -29,6 +30,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if __name__ == "__main__":
+  # The update timed as our commands run it (sana_jax/commands/malloc_settings.py: large
+  # blocks kept in the heap, huge pages, inline runs); SANA_JAX_KEEP_MALLOC=1 keeps the
+  # defaults.
+  from sana_jax.commands import malloc_settings
+
+  malloc_settings.restart(None)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -131,7 +139,8 @@ def time_update(depth, repeats):
   print(
     f"\nUpdate time on the Sana 0.6B tree ({n_full / 1e6:.1f}M params); timed on "
     f"{'depth %d: ' % depth if depth else ''}{n / 1e6:.1f}M params, fp32, "
-    f"{jax.devices()[0].platform}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
+    f"{jax.devices()[0].platform}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
+    f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
   )
   key = jax.random.key(0)
   keys = jax.random.split(key, len(jax.tree.leaves(abstract)))

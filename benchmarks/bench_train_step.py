@@ -22,9 +22,9 @@ phase; torch on CPU is synchronous). Compile = lower + compile of the whole step
   python benchmarks/bench_train_step.py --geometries tiny --runs 1        # seconds (the test)
 
 Run the 0.6B / 1.6B geometries under `flock /tmp/heavy.lock` on the shared machine.
-The script restarts itself with the malloc setting of our commands (huge pages for large
-blocks, sana_jax/commands/huge_pages.py), for both sides; SANA_JAX_KEEP_MALLOC=1 keeps
-glibc's default.
+The script restarts itself with the malloc settings of our commands (large blocks kept in
+the heap, huge pages, single-device programs run inline: sana_jax/commands/
+malloc_settings.py), for both sides; SANA_JAX_KEEP_MALLOC=1 keeps glibc's and JAX's defaults.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 if __name__ == "__main__":
-  # Both sides run with the malloc setting our commands run with (huge pages for large
-  # blocks: sana_jax/commands/huge_pages.py; SANA_JAX_KEEP_MALLOC=1 keeps glibc's default).
-  from sana_jax.commands import huge_pages
+  # Both sides run with the malloc settings our commands run with
+  # (sana_jax/commands/malloc_settings.py; SANA_JAX_KEEP_MALLOC=1 keeps the defaults).
+  from sana_jax.commands import malloc_settings
 
-  huge_pages.restart(None)
+  malloc_settings.restart(None)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -242,6 +242,7 @@ class Ours:
   def compile(self):
     import flax.linen as nn
 
+    from sana_jax import host_memory
     from sana_jax.train import update as update_lib
 
     original = update_lib.apply_gradients
@@ -252,6 +253,7 @@ class Ours:
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
         self.compiled = self.step.jitted.lower(self.state, self.batch, self.null).compile()
       self.compile_s = time.perf_counter() - t0
+      host_memory.release_freed()  # as the train loop does
     finally:
       update_lib.apply_gradients = original
     return self.compiled

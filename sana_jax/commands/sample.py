@@ -30,7 +30,7 @@ import uuid
 import warnings
 
 from sana_jax.cli import CommandParser, UsageError
-from sana_jax.commands import compile_cache, huge_pages
+from sana_jax.commands import compile_cache, malloc_settings
 
 MAX_UPSCALE = 2.0  # the largest resize factor from the sampled bin to the requested size
 MAX_SEED = 2**63 - 1
@@ -304,7 +304,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv=None) -> int:
   """Returns the exit status: 0, or 2 after an `error: ...` line for a bad argument."""
-  huge_pages.restart(argv)
+  malloc_settings.restart(argv)
   try:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     plan = check_args(args)

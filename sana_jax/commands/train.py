@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from sana_jax.cli import CommandParser, UsageError
-from sana_jax.commands import compile_cache, huge_pages
+from sana_jax.commands import compile_cache, malloc_settings
 from sana_jax.config_loader import packaged_config_names
 
 EXIT_PREEMPTED = 143
@@ -64,7 +64,7 @@ def _error(message: str) -> int:
 
 
 def main(argv=None) -> int:
-  huge_pages.restart(argv)
+  malloc_settings.restart(argv)
   from sana_jax.config_loader import load_config, split_config_args
 
   argv = list(sys.argv[1:] if argv is None else argv)

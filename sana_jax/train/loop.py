@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from sana_jax import parallel
+from sana_jax import host_memory, parallel
 from sana_jax.cli import UsageError
 from sana_jax.data import input_pipeline
 from sana_jax.diffusion import flow
@@ -558,6 +558,7 @@ def train(
   compiled = {}  # one executable per batch shape (aspect bucket)
   config_dict = config.to_dict()
   multi = jax.process_count() > 1
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
 
   preempted = {"flag": False}
   previous = signal.getsignal(signal.SIGTERM)
@@ -614,10 +615,13 @@ def train(
         )
         for k, v in local.items()
       }
+      if on_cpu:  # ready inputs let an inline CPU run stay on this thread (malloc_settings)
+        jax.block_until_ready(batch)
       shape = batch["latent"].shape
       if shape not in compiled:  # compile ahead, then start together (see parallel.barrier)
         with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
           compiled[shape] = step_fn.jitted.lower(state, batch, null_caption).compile()
+        host_memory.release_freed()  # the compiler's freed memory, not kept resident
         # then the collectives start
         parallel.barrier("sana_jax_train_step_compiled_" + "x".join(map(str, shape[1:3])))
       state, m = compiled[shape](state, batch, null_caption)
