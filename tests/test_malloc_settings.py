@@ -28,29 +28,41 @@ def _env(**extra):
 
 
 def test_restart_environment_adds_the_tunables_and_keeps_the_users():
-  env = ms.restart_environment({"A": "1"}, "glibc", True)
+  env = ms.restart_environment({"A": "1"}, "glibc", True, True)
   assert env == {"A": "1", "GLIBC_TUNABLES": ALL}
-  env = ms.restart_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc", True)
+  env = ms.restart_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc", True, True)
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + ALL
   # the user's own value of one of ours is kept; only the others are added
-  env = ms.restart_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc", True)
+  env = ms.restart_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc", True, True)
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0:" + ALL.rsplit(":", 1)[0]
   # without the kernel's huge pages, no hugetlb
-  env = ms.restart_environment({}, "glibc", False)
+  env = ms.restart_environment({}, "glibc", False, True)
   assert env["GLIBC_TUNABLES"] == ALL.rsplit(":", 1)[0]
+  # an accelerator: huge pages only, the heap left as glibc has it
+  env = ms.restart_environment({}, "glibc", True, False)
+  assert env["GLIBC_TUNABLES"] == "=".join(ms.HUGE_PAGES) and not ms.heap_kept(env)
 
 
 @pytest.mark.parametrize(
-  "environ, libc, thp",
+  "platforms, expected",
+  [("cpu", True), ("cuda", False), ("cuda,cpu", False), (" cpu ", True), ("tpu", False)],
+)
+def test_cpu_only_reads_jax_platforms(platforms, expected):
+  assert ms.cpu_only({"JAX_PLATFORMS": platforms}) is expected
+
+
+@pytest.mark.parametrize(
+  "environ, libc, thp, on_cpu",
   [
-    ({"GLIBC_TUNABLES": ALL}, "glibc", True),  # already restarted
-    ({"GLIBC_TUNABLES": ALL.replace("mmap_max=0", "mmap_max=7")}, "glibc", True),
-    ({ms.OPT_OUT: ""}, "glibc", True),
-    ({}, "", True),  # not glibc (musl, or unknown)
+    ({"GLIBC_TUNABLES": ALL}, "glibc", True, True),  # already restarted
+    ({"GLIBC_TUNABLES": ALL.replace("mmap_max=0", "mmap_max=7")}, "glibc", True, True),
+    ({ms.OPT_OUT: ""}, "glibc", True, True),
+    ({}, "", True, True),  # not glibc (musl, or unknown)
+    ({}, "glibc", False, False),  # an accelerator without the kernel's huge pages
   ],
 )
-def test_no_restart_where_not_wanted(environ, libc, thp):
-  assert ms.restart_environment(environ, libc, thp) is None
+def test_no_restart_where_not_wanted(environ, libc, thp, on_cpu):
+  assert ms.restart_environment(environ, libc, thp, on_cpu) is None
 
 
 def test_the_heap_counts_as_kept_only_with_mmap_max_0():
@@ -99,7 +111,7 @@ def _run(code, env, *args):
 def test_restart_runs_the_command_once_more_with_the_tunables_then_runs_inline():
   lines = _run(_SCRIPT, _env(GLIBC_TUNABLES="glibc.malloc.arena_max=4"))
   want = ms.restart_environment(
-    {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, "glibc", ms._thp_enabled()
+    {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, "glibc", ms._thp_enabled(), True
   )["GLIBC_TUNABLES"]
   assert lines[:3] == [
     "start glibc.malloc.arena_max=4",

@@ -22,6 +22,10 @@ The heap keeps memory freed during compilation too (a hole the step's block may 
 into), so the train loop hands freed memory back to the kernel after each compile
 (`sana_jax/host_memory.py`). Measured in docs/train_speed.md, "Session 13".
 
+The heap tunables (and so inline runs) are added only where JAX will compute on the CPU
+(`cpu_only`: JAX_PLATFORMS=cpu, or no accelerator plugin installed); with an accelerator
+only huge pages are, as before.
+
 Nothing is restarted or set when the process is not glibc's on Linux, when
 SANA_JAX_KEEP_MALLOC is set (to any value), in an interactive interpreter or a Jupyter /
 IPython kernel (whose process is not the command's), or for a `main(argv)` called
@@ -61,12 +65,29 @@ def _tunables(environ) -> dict:
   return {name: value for name, _, value in items}
 
 
-def restart_environment(environ, libc: str, thp_enabled: bool) -> dict | None:
+def cpu_only(environ) -> bool:
+  """Whether JAX will compute on the CPU, known without starting it: JAX_PLATFORMS names
+  only `cpu`, or it is unset and no accelerator plugin (a `jax_plugins` entry point, such
+  as CUDA's) nor libtpu is installed."""
+  platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return all(p == "cpu" for p in platforms)
+  import importlib.metadata
+  import importlib.util
+
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return False
+  return importlib.util.find_spec("libtpu") is None
+
+
+def restart_environment(environ, libc: str, thp_enabled: bool, on_cpu: bool) -> dict | None:
   """The environment to restart with, or None where no restart is wanted: `environ` with
-  the tunables it lacks appended to GLIBC_TUNABLES (its own tunables kept, values too)."""
+  the tunables it lacks appended to GLIBC_TUNABLES (its own tunables kept, values too). The
+  heap tunables only where JAX computes on the CPU (`on_cpu`): on an accelerator's host
+  they would only keep freed host memory (restored checkpoints, say) resident."""
   if libc != "glibc" or OPT_OUT in environ:
     return None
-  wanted = (*HEAP, HUGE_PAGES) if thp_enabled else HEAP
+  wanted = (HEAP if on_cpu else ()) + ((HUGE_PAGES,) if thp_enabled else ())
   have = _tunables(environ)
   missing = [f"{name}={value}" for name, value in wanted if name not in have]
   if not missing:
@@ -91,7 +112,9 @@ def restart(argv) -> None:
     return
   if OPT_OUT in os.environ:
     return
-  env = restart_environment(os.environ, platform.libc_ver()[0], _thp_enabled())
+  env = restart_environment(
+    os.environ, platform.libc_ver()[0], _thp_enabled(), cpu_only(os.environ)
+  )
   if env is not None:
     sys.stdout.flush()
     sys.stderr.flush()
