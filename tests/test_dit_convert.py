@@ -360,7 +360,10 @@ def test_official_pe_checkpoint_converts_without_config(tmp_path, interpolation=
   ours = jax.jit(dit.SanaDiT(got.diffusers_compatible()).apply)(
     {"params": params}, x, np.array([500.0], np.float32), y, m
   )
-  assert ref.rel_err(ours, ref.run_diffusers(model, x, [500.0], y, m)) <= 1e-5
+  # fp32 at the 1152 width: 1.003e-5 and 1.02e-5 on an AMD EPYC machine (2026-12-03, the
+  # code of 1240aa1 and of this session alike; torch's own output moves in the 7th digit
+  # between runs there), under 1e-5 on the earlier sessions' machine.
+  assert ref.rel_err(ours, ref.run_diffusers(model, x, [500.0], y, m)) <= 2e-5
 
 
 def test_pos_embed_inference_zero_bf16_and_refusals():
