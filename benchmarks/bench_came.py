@@ -10,10 +10,10 @@
 2. Update time of came and came_8bit vs optax.adamw on the Sana 0.6B tree (allocated,
    jitted, params and state donated; the three alternate run by run, medians of --repeats
    runs of wall and process-CPU time; the CPU time is steadier on a loaded box; with our
-   commands' malloc settings, sana_jax/commands/malloc_settings.py). On a small CPU box the full 0.6B tree with AdamW
-   state (about 12 GB live) does not fit next to other work, so --depth (default 7 of 28
-   blocks, about 150M parameters) keeps the per-parameter mix of the real tree; the ratio
-   is what is compared (goal <= 2x).
+   commands' malloc settings, sana_jax/commands/malloc_settings.py). On a small CPU box
+   the full 0.6B tree with AdamW state (about 12 GB live) does not fit next to other work,
+   so --depth (default 7 of 28 blocks, about 150M parameters) keeps the per-parameter mix
+   of the real tree; the ratio is what is compared (goal <= 2x).
 3. Tiny DiT: came vs came_8bit held-out loss after --dit_steps steps of distilling a random
    teacher DiT on fresh random inputs: came_8bit COMPACT (every m 8-bit), with fp32
    metadata, and the defaults (the official choices) with min_8bit_size lowered to 1024

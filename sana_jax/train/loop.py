@@ -558,7 +558,13 @@ def train(
   compiled = {}  # one executable per batch shape (aspect bucket)
   config_dict = config.to_dict()
   multi = jax.process_count() > 1
-  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  # A single-device CPU step run inline (sana_jax/commands/malloc_settings.py) stays on this
+  # thread only if its inputs are ready; elsewhere waiting for the batch would only cost.
+  wait_for_batch = (
+    mesh.devices.size == 1
+    and mesh.devices.flat[0].platform == "cpu"
+    and not jax.config.read("jax_cpu_enable_async_dispatch")
+  )
 
   preempted = {"flag": False}
   previous = signal.getsignal(signal.SIGTERM)
@@ -615,7 +621,7 @@ def train(
         )
         for k, v in local.items()
       }
-      if on_cpu:  # ready inputs let an inline CPU run stay on this thread (malloc_settings)
+      if wait_for_batch:
         jax.block_until_ready(batch)
       shape = batch["latent"].shape
       if shape not in compiled:  # compile ahead, then start together (see parallel.barrier)
