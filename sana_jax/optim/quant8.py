@@ -30,6 +30,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
   "QuantizedArray",
@@ -129,12 +130,21 @@ def _round_bf16(x: jax.Array, up: bool) -> jax.Array:
   return jax.lax.bitcast_convert_type(high, jnp.float32).astype(jnp.bfloat16)
 
 
+def _block_min_max(t: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """(min, max) of t over ``axes`` as one variadic reduction: one read of t, where
+  jnp.min and jnp.max are a pass each (XLA:CPU fuses neither with the other). The update of
+  the 7-block 0.6B tree took 0.92x the time of the two reductions (docs/came.md)."""
+  init = (jnp.array(np.inf, t.dtype), jnp.array(-np.inf, t.dtype))
+  pair = lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1]))
+  return jax.lax.reduce((t, t), init, pair, axes)
+
+
 def quantize_recomputed(
   make: Callable[[], jax.Array], tile: tuple[int, ...], meta_dtype=jnp.float32
 ) -> QuantizedArray:
-  """:func:`quantize` of ``make()``, calling ``make`` once for each of the three full-size
-  passes (block min, block max, codes), so that it can rebuild x from fresh inputs for
-  each pass instead of sharing one materialised value."""
+  """:func:`quantize` of ``make()``, calling ``make`` once for each of the two full-size
+  passes (block min and max, codes), so that it can rebuild x from fresh inputs for each
+  pass instead of sharing one materialised value."""
   tile = tuple(int(t) for t in tile)
   meta_dtype = jnp.dtype(meta_dtype)
   if meta_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
@@ -142,8 +152,7 @@ def quantize_recomputed(
   x = make()
   _check_tile(x.shape, tile)
   split, tile_axes = _split(x.shape, tile)
-  mn = jnp.min(x.astype(jnp.float32).reshape(split), axis=tile_axes)
-  mx = jnp.max(make().astype(jnp.float32).reshape(split), axis=tile_axes)
+  mn, mx = _block_min_max(x.astype(jnp.float32).reshape(split), tile_axes)
   if meta_dtype == jnp.bfloat16:
     mn_s = _round_bf16(mn, up=False)
     scale_s = _round_bf16((mx - mn_s.astype(jnp.float32)) / _LEVELS, up=True)
