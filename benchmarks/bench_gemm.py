@@ -35,6 +35,12 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+  # The malloc settings our commands and bench_train_step.py run with
+  # (sana_jax/commands/malloc_settings.py; SANA_JAX_KEEP_MALLOC=1 keeps the defaults).
+  from sana_jax.commands import malloc_settings
+
+  malloc_settings.restart(None)
 
 import jax  # noqa: E402
 import jax.extend.core  # noqa: E402
