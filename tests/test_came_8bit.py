@@ -122,6 +122,25 @@ def test_constant_block_is_exact_and_finite():
   assert z16.minimum.dtype == q16.minimum.dtype and z16.minimum.shape == q16.minimum.shape
 
 
+def test_block_min_and_max_are_numpys_including_nan_and_inf():
+  # quantize takes both from one variadic reduction; numpy's per-block min/max is the
+  # reference, also where a block holds a NaN (the step guard relies on it showing up),
+  # an inf, or only zeros.
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 12, 10)).astype(np.float32)
+  x[0, 0, 0], x[0, 5, 9], x[1, 4, 0], x[1, 8:12, 5:10] = np.nan, np.inf, -np.inf, -0.0
+  x[1, 8, 5] = 0.0
+  qa = quant8.quantize(jnp.asarray(x), (1, 4, 5))
+  blocks = x.reshape(2, 3, 4, 2, 5).transpose(0, 1, 3, 2, 4).reshape(2, 3, 2, 20)
+  np.testing.assert_array_equal(np.asarray(qa.minimum), blocks.min(-1))
+  with np.errstate(invalid="ignore"):
+    mx = np.asarray(qa.minimum) + 255 * np.asarray(qa.scale)
+  finite = np.isfinite(blocks).all(-1)
+  np.testing.assert_allclose(mx[finite], blocks.max(-1)[finite], rtol=1e-6)
+  assert np.isnan(qa.minimum[0, 0, 0]) and np.isnan(qa.scale[0, 0, 0])
+  assert not np.isfinite(qa.scale[0, 1, 1]) and not np.isfinite(qa.scale[1, 1, 0])
+
+
 def test_half_step_bound_is_tight_and_levels_used():
   """A uniform ramp uses all 256 levels and reaches (close to) the half-step bound, so
   the property test above checks a bound that is attained, not a loose one."""
