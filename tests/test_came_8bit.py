@@ -124,8 +124,8 @@ def test_constant_block_is_exact_and_finite():
 
 def test_block_min_and_max_are_numpys_including_nan_and_inf():
   # quantize takes both from one variadic reduction; numpy's per-block min/max is the
-  # reference, also where a block holds a NaN (the step guard relies on it showing up),
-  # an inf, or only zeros.
+  # reference, also where a block holds a NaN (it must stay visible in the state, not be
+  # skipped by the reduction), an inf, or only zeros.
   rng = np.random.default_rng(3)
   x = rng.standard_normal((2, 12, 10)).astype(np.float32)
   x[0, 0, 0], x[0, 5, 9], x[1, 4, 0], x[1, 8:12, 5:10] = np.nan, np.inf, -np.inf, -0.0
